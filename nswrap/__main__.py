@@ -1,0 +1,3 @@
+from nswrap.cli import main
+
+main()

@@ -1,0 +1,107 @@
+"""Carries out a Plan with an undo stack: the only module that changes the host.
+
+Each step pushes its undo *before* acting, and every undo treats "already gone" as success, so an
+interruption at any point (Ctrl-C, SIGTERM, a failed step) rolls back exactly what exists.
+Undo runs in reverse; a failing undo is logged and the rest still run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+from nswrap import netlink, nft
+from nswrap.plan import Plan, Step, render
+
+log = logging.getLogger("nswrap")
+
+
+def read_sysctl(key: str) -> str:
+    with open(f"/proc/sys/{key}") as f:
+        return f.read().strip()
+
+
+def write_sysctl(key: str, value: str) -> None:
+    with open(f"/proc/sys/{key}", "w") as f:
+        f.write(value)
+
+
+class Applier:
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.netns_fd: int | None = None
+        self._host: netlink.Netlink | None = None
+        self._server: netlink.Netlink | None = None
+        self._undo: list[tuple[str, Callable[[], None]]] = []
+
+    def apply(self) -> None:
+        self._host = netlink.Netlink()
+        for step in self.plan.steps():
+            log.info("%s", render(step, self.plan))
+            self._do(step)
+
+    def release_netns(self) -> None:
+        """Once the server holds its namespace, let go of ours: it then lives exactly as long as the server."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if self.netns_fd is not None:
+            os.close(self.netns_fd)
+            self.netns_fd = None
+
+    def rollback(self) -> None:
+        while self._undo:
+            what, undo = self._undo.pop()
+            log.info("%s", what)
+            try:
+                undo()
+            except Exception as e:  # keep going: one failed undo must not skip the others
+                log.warning("undo failed: %s: %s", what, e)
+        self.release_netns()
+        if self._host is not None:
+            self._host.close()
+            self._host = None
+
+    def _push(self, what: str, undo: Callable[[], None]) -> None:
+        self._undo.append((what, undo))
+
+    def _do(self, step: Step) -> None:
+        nl = self._server if step.ns == "server" else self._host
+        obj = step.obj
+        if step.kind == "netns":
+            self.netns_fd = netlink.new_netns()
+            self._server = netlink.Netlink(self.netns_fd)
+        elif step.kind == "veth":
+            host_if, peer, mtu = obj
+            self._push(f"ip link del {host_if}", lambda: self._host.link_del(host_if))
+            nl.veth_add(host_if, peer, self.netns_fd, mtu)
+        elif step.kind == "addr":
+            nl.addr_add(*obj)  # gone with its interface
+        elif step.kind == "up":
+            nl.link_up(obj)
+        elif step.kind == "route":
+            if step.ns == "host":
+                self._push(render(step, self.plan).replace(" add ", " del ", 1), lambda: nl.route_del(obj))
+            nl.route_add(obj)
+        elif step.kind == "rule":
+            self._push(render(step, self.plan).replace(" add ", " del ", 1), lambda: nl.rule_del(obj))
+            nl.rule_add(obj)
+        elif step.kind == "sysctl":
+            before = read_sysctl(obj.key)
+            if before != obj.value:
+                self._push(f"sysctl -w {obj.key.replace('/', '.')}={before}", lambda: _restore_sysctl(obj.key, before))
+                write_sysctl(obj.key, obj.value)
+        elif step.kind == "nft":
+            table = self.plan.nft_table
+            self._push(f"nft delete table inet {table}", lambda: nft.delete_table("inet", table))
+            nft.apply(obj)
+        else:
+            raise ValueError(step.kind)
+
+
+def _restore_sysctl(key: str, value: str) -> None:
+    try:
+        write_sysctl(key, value)
+    except FileNotFoundError:
+        pass  # its interface is gone, and the setting with it

@@ -1,0 +1,231 @@
+"""Netlink and namespaces: the only module that imports pyroute2 or calls setns/unshare.
+
+Reads links, addresses, routes and rules of the current (host) namespace, creates the server's
+network namespace, and carries out the link/address/route/rule steps of a plan, in the host
+namespace or inside the server namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import ipaddress
+import os
+import socket
+from collections.abc import Iterator
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from nswrap.errors import NswrapError
+
+CLONE_NEWNET = 0x40000000
+PR_SET_PDEATHSIG = 1
+RT_TABLE_MAIN = 254
+RT_SCOPE_UNIVERSE = 0
+RTN_UNICAST = 1
+GONE = {errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNOTAVAIL}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def setns(fd: int) -> None:
+    _check(_libc.setns(fd, CLONE_NEWNET), "setns")
+
+
+def new_netns() -> int:
+    """Create an anonymous network namespace; return an fd that holds it (the caller closes it).
+
+    Anonymous on purpose: once nswrap drops its fd, only the server's processes hold the namespace,
+    so it (and the server end of the veth, and with it the host end) vanishes with them even if
+    nswrap is SIGKILLed. The calling thread is back in its original namespace on return.
+    """
+    host = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+        try:
+            return os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            setns(host)
+    finally:
+        os.close(host)
+
+
+@contextlib.contextmanager
+def inside(netns_fd: int) -> Iterator[None]:
+    """Run the block in the namespace `netns_fd`; sockets opened there stay bound to it."""
+    host = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        setns(netns_fd)
+        try:
+            yield
+        finally:
+            setns(host)
+    finally:
+        os.close(host)
+
+
+def child_setup(netns_fd: int):
+    """preexec_fn for the server: enter its namespace; die with nswrap (set after any uid change)."""
+
+    def setup() -> None:
+        setns(netns_fd)
+        _libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)  # SIGKILL: no server outlives its wrapper
+
+    return setup
+
+
+def _nh_oifs(route) -> list[tuple[int, str | None]]:
+    """(oif, gateway) of each next hop, whether the route is single- or multipath."""
+    if route.get("multipath"):
+        return [(nh.get("oif") or nh["oif"], nh.get("gateway")) for nh in route.get("multipath")]
+    return [(route.get("oif"), route.get("gateway"))]
+
+
+class Netlink:
+    """One rtnetlink socket, bound to the namespace it was opened in."""
+
+    def __init__(self, netns_fd: int | None = None):
+        if netns_fd is None:
+            self._ipr = IPRoute()
+        else:
+            with inside(netns_fd):
+                self._ipr = IPRoute()
+
+    def close(self) -> None:
+        self._ipr.close()
+
+    def __enter__(self) -> Netlink:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- reading -------------------------------------------------------------------------
+
+    def links(self) -> list[dict]:
+        return [
+            {
+                "index": link["index"],
+                "ifname": link.get("ifname"),
+                "mtu": link.get("mtu"),
+                "kind": link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND"),
+            }
+            for link in self._ipr.get_links()
+        ]
+
+    def addresses(self) -> list[dict]:
+        return [
+            {
+                "index": a["index"],
+                "address": ipaddress.IPv4Interface(f"{a.get('address')}/{a['prefixlen']}"),
+                "scope": a["scope"],
+            }
+            for a in self._ipr.get_addr(family=socket.AF_INET)
+        ]
+
+    def routes(self) -> list[dict]:
+        """Unicast IPv4 routes of every table, one entry per next hop."""
+        out = []
+        for r in self._ipr.get_routes(family=socket.AF_INET):
+            if r["type"] != RTN_UNICAST:
+                continue
+            dst = ipaddress.IPv4Network(f"{r.get('dst') or '0.0.0.0'}/{r['dst_len']}")
+            for oif, gateway in _nh_oifs(r):
+                out.append(
+                    {
+                        "table": r.get("table") or r["table"],
+                        "dst": dst,
+                        "oif": oif,
+                        "gateway": ipaddress.IPv4Address(gateway) if gateway else None,
+                        "scope": r["scope"],
+                        "prefsrc": r.get("prefsrc"),
+                        "metric": r.get("priority") or 0,
+                    }
+                )
+        return out
+
+    def rules(self) -> list[dict]:
+        return [
+            {
+                "priority": r.get("priority") or 0,
+                "table": r.get("table") or r["table"],
+                "fwmark": r.get("fwmark") or 0,
+                "fwmask": r.get("fwmask") if r.get("fwmask") is not None else (0xFFFFFFFF if r.get("fwmark") else 0),
+                "protocol": r.get("protocol") or 0,
+            }
+            for r in self._ipr.get_rules(family=socket.AF_INET)
+        ]
+
+    def index(self, ifname: str) -> int:
+        found = self._ipr.link_lookup(ifname=ifname)
+        if not found:
+            raise NswrapError(f"no such interface: {ifname}")
+        return found[0]
+
+    # --- changing ------------------------------------------------------------------------
+
+    def veth_add(self, ifname: str, peer: str, peer_netns_fd: int, mtu: int) -> None:
+        self._ipr.link(
+            "add", ifname=ifname, kind="veth", mtu=mtu, peer={"ifname": peer, "net_ns_fd": peer_netns_fd, "mtu": mtu}
+        )
+
+    def link_up(self, ifname: str) -> None:
+        self._ipr.link("set", index=self.index(ifname), state="up")
+
+    def link_del(self, ifname: str) -> None:
+        with _gone_ok():
+            found = self._ipr.link_lookup(ifname=ifname)
+            if found:
+                self._ipr.link("del", index=found[0])
+
+    def addr_add(self, ifname: str, address: ipaddress.IPv4Interface) -> None:
+        self._ipr.addr("add", index=self.index(ifname), address=str(address.ip), prefixlen=address.network.prefixlen)
+
+    def _route_args(self, route) -> dict:
+        args = {"dst": str(route.dst), "table": route.table, "proto": route.proto, "scope": route.scope}
+        if route.dev:
+            args["oif"] = self.index(route.dev)
+        if route.gateway:
+            args["gateway"] = str(route.gateway)
+        if route.prefsrc:
+            args["prefsrc"] = str(route.prefsrc)
+        return args
+
+    def route_add(self, route) -> None:
+        self._ipr.route("add", **self._route_args(route))
+
+    def route_del(self, route) -> None:
+        with _gone_ok():
+            args = self._route_args(route)
+            self._ipr.route("del", **args)
+
+    def rule_add(self, rule) -> None:
+        self._ipr.rule(
+            "add", priority=rule.priority, fwmark=rule.fwmark, fwmask=rule.fwmask, table=rule.table, protocol=rule.proto
+        )
+
+    def rule_del(self, rule) -> None:
+        with _gone_ok():
+            self._ipr.rule(
+                "del", priority=rule.priority, fwmark=rule.fwmark, fwmask=rule.fwmask, table=rule.table, protocol=rule.proto
+            )
+
+
+@contextlib.contextmanager
+def _gone_ok() -> Iterator[None]:
+    """Undo treats 'already gone' as success: the object may have vanished with its namespace."""
+    try:
+        yield
+    except NetlinkError as e:
+        if e.code not in GONE:
+            raise
+    except NswrapError:
+        pass  # the interface a route or address hung on is already gone

@@ -1,0 +1,33 @@
+"""The only module that drives nftables: through the `nft` binary, one batch per call.
+
+The binary (not libnftables in-process) on purpose: each batch is atomic, and no netlink socket of
+ours can leak into the server we start afterwards.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+from nswrap.errors import NswrapError
+
+
+def _nft(args: list[str], text: str | None = None) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(["nft", *args], input=text, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise NswrapError("nft not found: install nftables") from None
+
+
+def apply(text: str) -> None:
+    """Load a ruleset batch atomically: all of it or nothing."""
+    done = _nft(["-f", "-"], text)
+    if done.returncode != 0:
+        first = next((line for line in done.stderr.splitlines() if line.strip()), "unknown error")
+        raise NswrapError(f"nft refused the ruleset: {first}")
+
+
+def delete_table(family: str, name: str) -> None:
+    """Delete our table; a table already gone is success."""
+    done = _nft(["delete", "table", family, name])
+    if done.returncode != 0 and "No such file or directory" not in done.stderr:
+        raise NswrapError(f"nft delete table {family} {name}: {done.stderr.strip()}")
