@@ -1,0 +1,51 @@
+"""The command line, black-box: exit codes and one-line errors. Nothing here changes the host."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+
+def nswrap(*args, user=None):
+    argv = [sys.executable, "-m", "nswrap", *args]
+    if user:
+        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", "--inh-caps=-all", *argv]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize(
+    "args, culprit",
+    [
+        (["--ports", "53,70000", "--", "true"], "70000"),
+        (["--ports", "5-3", "--", "true"], "5-3"),
+        (["--ports", "53/sctp", "--", "true"], "53/sctp"),
+        (["--ports", "53"], "no command"),
+        (["--", "true"], "no ports"),
+        (["--bogus", "--", "true"], "--bogus"),
+        (["-p", "53", "--uplink", "this-name-is-too-long", "--", "true"], "this-name-is-too-long"),
+        (["-p", "53", "--subnet", "198.18.0.1/30", "--", "true"], "198.18.0.1/30"),
+        (["-p", "53", "--mark-mask", "0x5", "--", "true"], "0x5"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(args, culprit):
+    done = nswrap(*args)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("nswrap: "), done.stderr
+    assert culprit in done.stderr
+    assert done.stdout == ""
+
+
+def test_run_subcommand_is_the_default():
+    assert nswrap("run", "--ports", "53,70000", "--", "true").returncode == 2
+    assert nswrap("--version").stdout.startswith("nswrap, version ")
+    assert "--ports" in nswrap("run", "--help").stdout
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
+def test_unprivileged_run_fails_with_125_and_no_traceback():
+    done = nswrap("--ports", "53", "--", "true", user="65534")
+    assert done.returncode == 125, done.stderr
+    assert done.stderr.strip().startswith("nswrap: not permitted") and "Traceback" not in done.stderr
