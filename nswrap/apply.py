@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 
 from nswrap import netlink, nft
+from nswrap.errors import NswrapError
 from nswrap.plan import Plan, Step, render
 
 log = logging.getLogger("nswrap")
@@ -38,8 +39,12 @@ class Applier:
     def apply(self) -> None:
         self._host = netlink.Netlink()
         for step in self.plan.steps():
-            log.info("%s", render(step, self.plan))
-            self._do(step)
+            line = render(step, self.plan)
+            log.info("%s", line)
+            try:
+                self._do(step)
+            except OSError as e:
+                raise NswrapError(f"{line.splitlines()[0]}: {e.strerror or e}") from e
 
     def release_netns(self) -> None:
         """Once the server holds its namespace, let go of ours: it then lives exactly as long as the server."""

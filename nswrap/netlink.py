@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import ipaddress
 import os
 import socket
@@ -87,6 +88,19 @@ def _nh_oifs(route) -> list[tuple[int, str | None]]:
     if route.get("multipath"):
         return [(nh.get("oif") or nh["oif"], nh.get("gateway")) for nh in route.get("multipath")]
     return [(route.get("oif"), route.get("gateway"))]
+
+
+def _as_oserror(method):
+    """Netlink errors leave this module as OSError, so callers need not know pyroute2."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except NetlinkError as e:
+            raise OSError(e.code, os.strerror(e.code)) from None
+
+    return wrapper
 
 
 class Netlink:
@@ -172,20 +186,24 @@ class Netlink:
 
     # --- changing ------------------------------------------------------------------------
 
+    @_as_oserror
     def veth_add(self, ifname: str, peer: str, peer_netns_fd: int, mtu: int) -> None:
         self._ipr.link(
             "add", ifname=ifname, kind="veth", mtu=mtu, peer={"ifname": peer, "net_ns_fd": peer_netns_fd, "mtu": mtu}
         )
 
+    @_as_oserror
     def link_up(self, ifname: str) -> None:
         self._ipr.link("set", index=self.index(ifname), state="up")
 
+    @_as_oserror
     def link_del(self, ifname: str) -> None:
         with _gone_ok():
             found = self._ipr.link_lookup(ifname=ifname)
             if found:
                 self._ipr.link("del", index=found[0])
 
+    @_as_oserror
     def addr_add(self, ifname: str, address: ipaddress.IPv4Interface) -> None:
         self._ipr.addr("add", index=self.index(ifname), address=str(address.ip), prefixlen=address.network.prefixlen)
 
@@ -199,19 +217,23 @@ class Netlink:
             args["prefsrc"] = str(route.prefsrc)
         return args
 
+    @_as_oserror
     def route_add(self, route) -> None:
         self._ipr.route("add", **self._route_args(route))
 
+    @_as_oserror
     def route_del(self, route) -> None:
         with _gone_ok():
             args = self._route_args(route)
             self._ipr.route("del", **args)
 
+    @_as_oserror
     def rule_add(self, rule) -> None:
         self._ipr.rule(
             "add", priority=rule.priority, fwmark=rule.fwmark, fwmask=rule.fwmask, table=rule.table, protocol=rule.proto
         )
 
+    @_as_oserror
     def rule_del(self, rule) -> None:
         with _gone_ok():
             self._ipr.rule(

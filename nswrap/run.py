@@ -21,7 +21,7 @@ from nswrap.apply import Applier
 from nswrap.config import Config
 from nswrap.errors import NswrapError
 from nswrap.facts import gather
-from nswrap.plan import make_plan, render_plan
+from nswrap.plan import Plan, make_plan, render_plan
 from nswrap.supervise import Interrupted, Supervisor, exit_status
 
 log = logging.getLogger("nswrap")
@@ -62,10 +62,16 @@ def setup_lock() -> Iterator[None]:
         sock.close()
 
 
-def dry_run(config: Config) -> int:
+def _plan(config: Config) -> Plan:
     with netlink.Netlink() as nl:
         plan = make_plan(config, gather(nl), secrets.token_hex(3))
-    sys.stdout.write(render_plan(plan))
+    for warning in plan.warnings:
+        log.warning("%s", warning)
+    return plan
+
+
+def dry_run(config: Config) -> int:
+    sys.stdout.write(render_plan(_plan(config)))
     return 0
 
 
@@ -78,10 +84,7 @@ def run(config: Config) -> int:
     applier = None
     try:
         with setup_lock():
-            with netlink.Netlink() as nl:
-                plan = make_plan(config, gather(nl), secrets.token_hex(3))
-            for warning in plan.warnings:
-                log.warning("%s", warning)
+            plan = _plan(config)
             applier = Applier(plan)
             applier.apply()
         log.info("serving %s on %s", ", ".join(map(str, plan.ports)), ", ".join(u.ifname for u in plan.uplinks))
