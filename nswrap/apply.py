@@ -14,23 +14,15 @@ from collections.abc import Callable
 from nswrap import netlink, nft
 from nswrap.errors import NswrapError
 from nswrap.plan import Plan, Step, render
+from nswrap.state import Journal, read_sysctl, write_sysctl
 
 log = logging.getLogger("nswrap")
 
 
-def read_sysctl(key: str) -> str:
-    with open(f"/proc/sys/{key}") as f:
-        return f.read().strip()
-
-
-def write_sysctl(key: str, value: str) -> None:
-    with open(f"/proc/sys/{key}", "w") as f:
-        f.write(value)
-
-
 class Applier:
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, journal: Journal):
         self.plan = plan
+        self.journal = journal
         self.netns_fd: int | None = None
         self._host: netlink.Netlink | None = None
         self._server: netlink.Netlink | None = None
@@ -92,21 +84,26 @@ class Applier:
         elif step.kind == "rule":
             self._push(render(step, self.plan).replace(" add ", " del ", 1), lambda: nl.rule_del(obj))
             nl.rule_add(obj)
+        elif step.kind == "sysctl" and step.ns == "server":
+            with netlink.inside(self.netns_fd):
+                write_sysctl(obj.key, obj.value)  # the namespace's own: gone with it
         elif step.kind == "sysctl":
             before = read_sysctl(obj.key)
             if before != obj.value:
-                self._push(f"sysctl -w {obj.key.replace('/', '.')}={before}", lambda: _restore_sysctl(obj.key, before))
+                # recorded before it changes, so even a SIGKILL right after leaves it restorable
+                self.journal.changing(obj.key, before)
+                self._push(f"restore {obj.key}", lambda: log.info("%s", self.journal.release(obj.key)))
                 write_sysctl(obj.key, obj.value)
         elif step.kind == "nft":
             table = self.plan.nft_table
+            self._push("# forget the flows of the published ports", lambda: netlink.flush_conntrack(published_ports(self.plan)))
             self._push(f"nft delete table inet {table}", lambda: nft.delete_table("inet", table))
             nft.apply(obj)
+        elif step.kind == "flush":
+            netlink.flush_conntrack(published_ports(self.plan))
         else:
             raise ValueError(step.kind)
 
 
-def _restore_sysctl(key: str, value: str) -> None:
-    try:
-        write_sysctl(key, value)
-    except FileNotFoundError:
-        pass  # its interface is gone, and the setting with it
+def published_ports(plan: Plan) -> list[tuple]:
+    return [(p.proto, p.outer_lo, p.outer_hi) for p in plan.ports]

@@ -43,13 +43,17 @@ def cli() -> None:
               help="Serve clients arriving on IFACE (repeatable). Default: every interface with a global IPv4 address.")
 @click.option("--subnet", metavar="CIDR", help="Internal subnet between host and server (default: a free /30 in 198.18.0.0/15).")
 @click.option("--mark-mask", default="0xf0000000", show_default=True, metavar="MASK", help="fwmark bits nswrap may use.")
+@click.option("--user", metavar="USER[:GROUP]", help="Run the server as this user (it may still bind ports below 1024).")
+@click.option("--stop-timeout", type=float, default=10.0, show_default=True, metavar="SECONDS",
+              help="After forwarding SIGTERM/SIGINT, SIGKILL the server's processes after this long (0: never).")
+@click.option("--ready-fd", type=int, metavar="N", help="Write a line to fd N once the rules are live and the server started.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (ip commands, sysctls, nft ruleset) and exit; change nothing.")
 @click.option("-v", "--verbose", count=True, help="-v: log each host change as a shell line; -vv: debug.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def run(ports, uplinks, subnet, mark_mask, dry_run, verbose, command) -> None:
+def run(ports, uplinks, subnet, mark_mask, user, stop_timeout, ready_fd, dry_run, verbose, command) -> None:
     """Run COMMAND in its own network namespace, publishing --ports on the uplinks."""
-    _setup_logging(verbose)
-    try:
+
+    def start() -> int:
         config = Config(
             command=tuple(command),
             ports=parse_ports(ports),
@@ -58,10 +62,40 @@ def run(ports, uplinks, subnet, mark_mask, dry_run, verbose, command) -> None:
             mark_mask=parse_mark_mask(mark_mask),
             dry_run=dry_run,
             verbosity=verbose,
+            user=user,
+            stop_timeout=stop_timeout,
+            ready_fd=ready_fd,
         )
         from nswrap.run import run as run_instance  # lazy: --help and usage errors stay fast
 
-        code = run_instance(config)
+        return run_instance(config)
+
+    _exit_with(start, verbose)
+
+
+@cli.command()
+@click.option("-v", "--verbose", count=True, help="-vv: debug output and tracebacks.")
+def cleanup(verbose) -> None:
+    """Remove what dead nswrap instances left behind (never touches a live one); idempotent."""
+    from nswrap.run import cleanup as run_cleanup
+
+    _exit_with(run_cleanup, verbose)
+
+
+@cli.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def list_(as_json) -> None:
+    """List the live nswrap instances on this host (network namespace)."""
+    from nswrap.run import list_instances
+
+    _exit_with(lambda: list_instances(as_json), 0)
+
+
+def _exit_with(action, verbose: int) -> None:
+    """Run a command's action; map every error to one line on stderr and its exit code."""
+    _setup_logging(verbose)
+    try:
+        code = action()
     except NswrapError as e:
         if verbose >= 2:
             traceback.print_exc()

@@ -148,12 +148,17 @@ class Config:
     mark_mask: int = DEFAULT_MARK_MASK
     dry_run: bool = False
     verbosity: int = 0
+    user: str | None = None  # USER[:GROUP] the server runs as
+    stop_timeout: float = 10.0  # after forwarding SIGTERM/SIGINT, SIGKILL the server's tree after this
+    ready_fd: int | None = None  # write a line here once the rules are live and the server started
 
     def __post_init__(self) -> None:
         if not self.ports:
             raise UsageError("no ports to publish: give --ports, e.g. --ports 53,53/tcp")
         if not self.command and not self.dry_run:
             raise UsageError("no command given: nswrap [OPTIONS] -- COMMAND [ARG...]")
+        if self.stop_timeout < 0:
+            raise UsageError(f"invalid stop timeout {self.stop_timeout}: must be 0 or more seconds")
         names = [u.ifname for u in self.uplinks]
         for name in names:
             if names.count(name) > 1:

@@ -37,6 +37,7 @@ class Route:
     scope: int = RT_SCOPE_UNIVERSE
     prefsrc: ipaddress.IPv4Address | None = None
     metric: int = 0
+    proto: int = 0
 
     @property
     def is_default(self) -> bool:
@@ -49,7 +50,7 @@ class Rule:
     table: int
     fwmark: int = 0
     fwmask: int = 0
-    protocol: int = 0
+    proto: int = 0
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ def gather(netlink) -> Facts:
             r["scope"],
             ipaddress.IPv4Address(r["prefsrc"]) if r["prefsrc"] else None,
             r["metric"],
+            r["proto"],
         )
         for r in netlink.routes()
     )

@@ -16,7 +16,7 @@ import os
 import socket
 from collections.abc import Iterator
 
-from pyroute2 import IPRoute
+from pyroute2 import Conntrack, IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from nswrap.errors import NswrapError
@@ -162,6 +162,7 @@ class Netlink:
                         "scope": r["scope"],
                         "prefsrc": r.get("prefsrc"),
                         "metric": r.get("priority") or 0,
+                        "proto": r["proto"],
                     }
                 )
         return out
@@ -239,6 +240,26 @@ class Netlink:
             self._ipr.rule(
                 "del", priority=rule.priority, fwmark=rule.fwmark, fwmask=rule.fwmask, table=rule.table, protocol=rule.proto
             )
+
+
+def flush_conntrack(ports) -> int:
+    """Delete the conntrack entries whose original destination port is published.
+
+    Flows created before our DNAT existed (a client that kept sending while the server restarted)
+    would bypass it until they expire; and at teardown no flow may keep going to a dead server.
+    `ports` holds (proto, first, last, ...) items, keyed by the host (outer) port.
+    """
+    numbers = {"udp": socket.IPPROTO_UDP, "tcp": socket.IPPROTO_TCP}
+    wanted = [(numbers[p[0]], p[1], p[2]) for p in ports]
+    deleted = 0
+    with Conntrack() as ct:
+        for entry in list(ct.dump_entries()):
+            t = entry.tuple_orig
+            if any(t.proto == proto and lo <= (t.dport or 0) <= hi for proto, lo, hi in wanted):
+                with _gone_ok():
+                    ct.entry("del", tuple_orig=t)
+                    deleted += 1
+    return deleted
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ ours can leak into the server we start afterwards.
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 from nswrap.errors import NswrapError
@@ -24,6 +25,14 @@ def apply(text: str) -> None:
     if done.returncode != 0:
         first = next((line for line in done.stderr.splitlines() if line.strip()), "unknown error")
         raise NswrapError(f"nft refused the ruleset: {first}")
+
+
+def tables() -> list[tuple[str, str]]:
+    """(family, name) of every nftables table in this namespace."""
+    done = _nft(["-j", "list", "tables"])
+    if done.returncode != 0:
+        raise NswrapError(f"nft list tables: {done.stderr.strip()}")
+    return [(t["table"]["family"], t["table"]["name"]) for t in json.loads(done.stdout)["nftables"] if "table" in t]
 
 
 def delete_table(family: str, name: str) -> None:

@@ -85,6 +85,7 @@ class Plan:
     mtu: int
     warnings: tuple[str, ...] = ()
     sysctls: tuple[Sysctl, ...] = field(default=())
+    unprivileged_ports: bool = False  # --user: the server may bind ports < 1024 without capabilities
 
     @property
     def host_if(self) -> str:
@@ -118,6 +119,9 @@ class Plan:
             Step("up", SERVER_IF, ns="server"),
             Step("route", server_default, ns="server"),
         ]
+        if self.unprivileged_ports:
+            why = "--user: ports below 1024 are a per-namespace setting; no capability needed"
+            steps.append(Step("sysctl", Sysctl("net/ipv4/ip_unprivileged_port_start", "0"), ns="server", why=why))
         for up in self.uplinks:
             why = f"uplink {up.ifname}: replies marked {up.mark:#x} leave through it, by table {up.table}"
             steps += [Step("route", r, why=why if i == 0 else "") for i, r in enumerate(up.routes)]
@@ -126,6 +130,8 @@ class Plan:
             why = "per-interface forwarding; src_valid_mark lets strict rp_filter judge by the mark" if i == 0 else ""
             steps.append(Step("sysctl", s, why=why))
         steps.append(Step("nft", nft_ruleset(self), why="one table, applied atomically: marks, DNAT, exposure"))
+        why = "forget flows that began before these rules: they would bypass the DNAT until they expire"
+        steps.append(Step("flush", self.ports, why=why))
         return steps
 
 
@@ -155,10 +161,19 @@ def render(step: Step, plan: Plan) -> str:
         parts = obj.key.split("/")
         if len(parts) == 5 and parts[2] == "conf":
             parts[3] = _ifname_for_sysctl(parts[3])
-        return f"sysctl -w {'.'.join(parts)}={obj.value}"
+        line = f"sysctl -w {'.'.join(parts)}={obj.value}"
+        return f"ip netns exec {plan.netns_name} {line}" if step.ns == "server" else line
     if step.kind == "nft":
         return f"nft -f - <<'EOF'\n{obj}EOF"
+    if step.kind == "flush":
+        return "\n".join(_conntrack_delete(p) for p in obj)
     raise ValueError(step.kind)
+
+
+def _conntrack_delete(p: PortRange) -> str:
+    if p.count == 1:
+        return f"conntrack -D -p {p.proto} --orig-port-dst {p.outer_lo}"
+    return f"for port in $(seq {p.outer_lo} {p.outer_hi}); do conntrack -D -p {p.proto} --orig-port-dst $port; done"
 
 
 def route_args(r: RouteSpec) -> str:
@@ -273,7 +288,7 @@ def allocate_marks(facts: Facts, mask: int, count: int) -> list[int]:
     for r in facts.rules:
         if not r.fwmask & mask:
             continue
-        if r.protocol == PROTO and r.fwmask == mask:
+        if r.proto == PROTO and r.fwmask == mask:
             taken.add(r.fwmark)  # another nswrap instance
         else:
             raise NswrapError(
@@ -360,4 +375,6 @@ def make_plan(config: Config, facts: Facts, instance: str) -> Plan:
         sysctls += [Sysctl(f"net/ipv4/conf/{ifname}/forwarding", "1"), Sysctl(f"net/ipv4/conf/{ifname}/src_valid_mark", "1")]
     sysctls.append(Sysctl(f"net/ipv4/conf/{host_if}/forwarding", "1"))
     mtu = max(facts.link(name).mtu for name, _ in chosen)
-    return Plan(instance, config.ports, tuple(uplinks), subnet, config.mark_mask, mtu, tuple(warnings), tuple(sysctls))
+    return Plan(
+        instance, config.ports, tuple(uplinks), subnet, config.mark_mask, mtu, tuple(warnings), tuple(sysctls), config.user is not None
+    )

@@ -1,33 +1,35 @@
-"""One instance from start to end: facts -> plan -> apply -> serve -> tear down.
+"""The commands, from start to end: run an instance, clean up after dead ones, list live ones.
 
-Runs in the host namespace; everything it changes goes through apply.py and is rolled back on
-exit, on a signal, or on any failure during setup.
+`run`: (sweep dead instances) -> facts -> plan -> record -> apply -> serve -> tear down. Everything
+it changes goes through apply.py and is rolled back on exit, on a signal, or on any failure during
+setup; allocation and teardown run under the setup lock, so parallel instances never collide.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
+import datetime
+import grp
+import json
 import logging
 import os
+import pwd
 import secrets
 import socket
 import sys
 import time
-from collections.abc import Iterator
 
 from nswrap import netlink
 from nswrap.apply import Applier
-from nswrap.config import Config
-from nswrap.errors import NswrapError
-from nswrap.facts import gather
+from nswrap.config import Config, PortRange
+from nswrap.errors import NswrapError, UsageError
+from nswrap.facts import Facts, gather
 from nswrap.plan import Plan, make_plan, render_plan
-from nswrap.supervise import Interrupted, Supervisor, exit_status
+from nswrap.state import Journal, Record, hold_instance, live_records, setup_lock, sweep
+from nswrap.supervise import Credentials, Interrupted, Supervisor, exit_status
 
 log = logging.getLogger("nswrap")
 
 CAP_NET_ADMIN, CAP_SYS_ADMIN = 12, 21
-LOCK_TIMEOUT = 30.0
 
 
 def _require_capabilities() -> None:
@@ -38,58 +40,101 @@ def _require_capabilities() -> None:
         raise NswrapError(f"not permitted: nswrap needs {' and '.join(missing)} (run it as root)")
 
 
-@contextlib.contextmanager
-def setup_lock() -> Iterator[None]:
-    """Serialise allocation between instances on this host namespace.
-
-    An abstract unix socket name is scoped to the network namespace and released by the kernel
-    when its holder dies, so a crashed instance can never leave the lock behind.
-    """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    deadline, pause = time.monotonic() + LOCK_TIMEOUT, 0.005
+def resolve_user(spec: str) -> Credentials:
+    """USER[:GROUP] (names or numbers) -> uid, gid and the user's supplementary groups."""
+    user, _, group = spec.partition(":")
     try:
-        while True:
-            try:
-                sock.bind("\0nswrap/setup-lock")
-                break
-            except OSError as e:
-                if e.errno != errno.EADDRINUSE or time.monotonic() > deadline:
-                    raise NswrapError(f"cannot take the setup lock: {e.strerror}") from None
-                time.sleep(pause)  # polling a lock another instance holds for milliseconds
-                pause = min(pause * 2, 0.1)
-        yield
-    finally:
-        sock.close()
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except KeyError:
+        raise UsageError(f"invalid user {spec!r}: no such user {user!r}") from None
+    gid = entry.pw_gid
+    if group:
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise UsageError(f"invalid user {spec!r}: no such group {group!r}") from None
+    return Credentials(entry.pw_uid, gid, tuple(os.getgrouplist(entry.pw_name, gid)))
 
 
-def _plan(config: Config) -> Plan:
-    with netlink.Netlink() as nl:
-        plan = make_plan(config, gather(nl), secrets.token_hex(3))
+def _plan(config: Config, facts: Facts) -> Plan:
+    plan = make_plan(config, facts, secrets.token_hex(3))
     for warning in plan.warnings:
         log.warning("%s", warning)
     return plan
 
 
 def dry_run(config: Config) -> int:
-    sys.stdout.write(render_plan(_plan(config)))
+    with netlink.Netlink() as nl:
+        sys.stdout.write(render_plan(_plan(config, gather(nl))))
     return 0
+
+
+def _refuse_published_twice(ports: tuple[PortRange, ...]) -> None:
+    for record in live_records():
+        for proto, lo, hi, _ in record.ports:
+            for p in ports:
+                if p.proto == proto and p.outer_lo <= hi and lo <= p.outer_hi:
+                    raise NswrapError(
+                        f"port {p} is already published by nswrap instance {record.id} "
+                        f"(pid {record.pid}: {' '.join(record.command)})"
+                    )
+
+
+def _record(config: Config, plan: Plan) -> Record:
+    return Record(
+        id=plan.instance,
+        pid=os.getpid(),
+        started=time.time(),
+        command=list(config.command),
+        ports=[[p.proto, p.outer_lo, p.outer_hi, p.inner_lo] for p in plan.ports],
+        uplinks=[u.ifname for u in plan.uplinks],
+        needs=[s.key for s in plan.sysctls],
+    )
+
+
+def _announce_ready(ready_fd: int | None) -> None:
+    if ready_fd is not None:
+        try:
+            os.write(ready_fd, b"READY\n")
+            os.close(ready_fd)
+        except OSError as e:
+            log.warning("--ready-fd %d: %s", ready_fd, e.strerror)
+    path = os.environ.get("NOTIFY_SOCKET")
+    if path:  # systemd Type=notify
+        address = "\0" + path[1:] if path.startswith("@") else path
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            try:
+                sock.sendto(f"READY=1\nMAINPID={os.getpid()}".encode(), address)
+            except OSError as e:
+                log.warning("NOTIFY_SOCKET %s: %s", path, e.strerror)
 
 
 def run(config: Config) -> int:
     if config.dry_run:
         return dry_run(config)
     _require_capabilities()
-    supervisor = Supervisor()
+    creds = resolve_user(config.user) if config.user else None
+    supervisor = Supervisor(config.stop_timeout)
     supervisor.install()
-    applier = None
+    applier = liveness = None
     try:
         with setup_lock():
-            plan = _plan(config)
-            applier = Applier(plan)
+            with netlink.Netlink() as nl:
+                for line in sweep(nl, gather(nl)):
+                    log.warning("removed a dead instance's leftover: %s", line)
+                facts = gather(nl)
+            _refuse_published_twice(config.ports)
+            plan = _plan(config, facts)
+            liveness = hold_instance(plan.instance)
+            journal = Journal(_record(config, plan))
+            journal.start()  # before the first host change: a crash from here on is recoverable
+            applier = Applier(plan, journal)
             applier.apply()
-        log.info("serving %s on %s", ", ".join(map(str, plan.ports)), ", ".join(u.ifname for u in plan.uplinks))
-        supervisor.start(config.command, netlink.child_setup(applier.netns_fd))
+        log.info("instance %s: serving %s on %s", plan.instance, ", ".join(map(str, plan.ports)), ", ".join(u.ifname for u in plan.uplinks))
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}  # readiness is ours to tell
+        supervisor.start(config.command, applier.netns_fd, env, creds)
         applier.release_netns()
+        _announce_ready(config.ready_fd)
         return supervisor.wait()
     except Interrupted as e:
         log.warning("%s during setup: rolling back", e)
@@ -97,4 +142,40 @@ def run(config: Config) -> int:
     finally:
         supervisor.tearing_down = True
         if applier is not None:
-            applier.rollback()
+            with setup_lock():
+                applier.rollback()
+                applier.journal.finish()
+        if liveness is not None:
+            liveness.close()
+
+
+def cleanup() -> int:
+    _require_capabilities()
+    with setup_lock(), netlink.Netlink() as nl:
+        removed = sweep(nl, gather(nl))
+    for line in removed:
+        print(line)
+    if not removed:
+        print("nothing to clean up")
+    return 0
+
+
+def list_instances(as_json: bool) -> int:
+    rows = [
+        {
+            "id": r.id,
+            "pid": r.pid,
+            "command": r.command,
+            "ports": [str(PortRange(*p)) for p in r.ports],
+            "uplinks": r.uplinks,
+            "started": datetime.datetime.fromtimestamp(r.started, datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        for r in live_records()
+    ]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'ID':8} {'PID':>7}  {'STARTED':25} {'PORTS':24} {'UPLINKS':20} COMMAND")
+    for row in rows:
+        print(f"{row['id']:8} {row['pid']:>7}  {row['started']:25} {','.join(row['ports']):24} {','.join(row['uplinks']):20} {' '.join(row['command'])}")
+    return 0

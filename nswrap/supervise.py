@@ -1,20 +1,39 @@
-"""Start the server in its namespace, forward signals to it, wait for it, map its exit status.
+"""Start the server, forward signals to it, reap, wait, and map its exit status.
 
-Signals have three phases. During setup a signal aborts it (the caller rolls back and exits
-128+N); while the server runs, SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2 are forwarded to it;
-during teardown they are ignored so teardown always completes.
+The server runs under a small init of ours, forked as PID 1 of a new PID namespace:
+
+    nswrap (host)  ──fork──▶  init (PID 1 of the server's PID namespace, in its network namespace)
+                                └──fork+exec──▶  the server, and whatever it starts
+
+- The init dies with nswrap (PR_SET_PDEATHSIG), and when the init of a PID namespace dies the
+  kernel kills every process in it: no server process, daemonised or not, outlives its wrapper,
+  even if nswrap is SIGKILLed. The network namespace and its veth then vanish with them.
+- The init reaps orphans and waits until the *last* process has exited, so servers that fork into
+  the background keep the instance alive; the exit status is the first process's (128+N for a signal).
+- Signals: nswrap forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 to the init, which
+  passes them to the server's first process while it lives, else to every process in the namespace.
+  After SIGTERM or SIGINT, nswrap waits --stop-timeout seconds, then SIGKILLs the whole namespace.
+- Setup phase: a signal aborts setup (the caller rolls back and exits 128+N). Teardown phase:
+  signals are ignored so teardown always completes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
+import select
 import signal
-import subprocess
+from dataclasses import dataclass
 
-from nswrap.errors import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, NswrapError
+from nswrap.errors import EXIT_FAILED, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, NswrapError
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+STOPPING = (signal.SIGTERM, signal.SIGINT)
+CLONE_NEWPID = 0x20000000
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class Interrupted(Exception):
@@ -23,50 +42,159 @@ class Interrupted(Exception):
         self.signum = signum
 
 
+@dataclass(frozen=True)
+class Credentials:
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+
+
 def exit_status(returncode: int) -> int:
     """The shell's convention: the server's own code, or 128+N if it died of signal N."""
     return 128 - returncode if returncode < 0 else returncode
 
 
+def _exec_error(command: str, err: int) -> NswrapError:
+    if err == errno.ENOENT:
+        return NswrapError(f"command not found: {command}", EXIT_NOT_FOUND)
+    return NswrapError(f"cannot execute {command}: {os.strerror(err)}", EXIT_NOT_EXECUTABLE)
+
+
 class Supervisor:
-    def __init__(self) -> None:
-        self.child: subprocess.Popen | None = None
+    def __init__(self, stop_timeout: float = 10.0):
+        self.stop_timeout = stop_timeout
+        self.init_pid: int | None = None
         self.tearing_down = False
 
     def install(self) -> None:
         for signum in FORWARDED:
             signal.signal(signum, self._on_signal)
+        signal.signal(signal.SIGALRM, self._on_stop_timeout)
 
     def _on_signal(self, signum: int, frame) -> None:
         if self.tearing_down:
             return
-        if self.child is None:
+        if self.init_pid is None:
             raise Interrupted(signum)
-        if self.child.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.init_pid, signum)
+        if signum in STOPPING and self.stop_timeout > 0:
+            signal.setitimer(signal.ITIMER_REAL, self.stop_timeout)
+
+    def _on_stop_timeout(self, signum: int, frame) -> None:
+        if self.init_pid is not None and not self.tearing_down:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.child.pid, signum)
+                os.kill(self.init_pid, signal.SIGKILL)  # the kernel then kills the whole namespace
 
-    def start(self, command: tuple[str, ...], enter_namespace) -> None:
-        """Start the server. Signals are held while it starts, so none is lost or half-handled."""
-
-        def child_setup() -> None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, set())
-            enter_namespace()
-
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+    def start(self, command: tuple[str, ...], netns_fd: int, env: dict[str, str], creds: Credentials | None) -> None:
+        """Fork the init into a new PID namespace; return once the server has been exec'd."""
+        report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)  # none lost, none half-handled
         try:
-            # Own process group: a terminal's Ctrl-C reaches nswrap only, which forwards it once.
-            self.child = subprocess.Popen(command, preexec_fn=child_setup, process_group=0)
-        except FileNotFoundError:
-            raise NswrapError(f"command not found: {command[0]}", EXIT_NOT_FOUND) from None
-        except PermissionError:
-            raise NswrapError(f"command not executable: {command[0]}", EXIT_NOT_EXECUTABLE) from None
-        except OSError as e:
-            raise NswrapError(f"cannot run {command[0]}: {e.strerror}", EXIT_NOT_EXECUTABLE) from None
+            if _libc.unshare(CLONE_NEWPID) != 0:
+                raise NswrapError(f"cannot create a PID namespace: {os.strerror(ctypes.get_errno())}")
+            try:
+                pid = os.fork()
+                if pid == 0:
+                    code = EXIT_FAILED
+                    try:
+                        os.close(report_r)
+                        code = _init(command, netns_fd, env, creds, report_w)
+                    finally:
+                        os._exit(code)
+            finally:
+                # later children (nft, at teardown) stay in our own PID namespace
+                _libc.setns(own_pidns, CLONE_NEWPID)
+            self.init_pid = pid
         finally:
+            os.close(own_pidns)
+            os.close(report_w)
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        with os.fdopen(report_r, "rb") as report:
+            outcome = report.read()
+        if outcome != b"ok":
+            self.wait()
+            if outcome.startswith(b"exec:"):
+                raise _exec_error(command[0], int(outcome[5:]))
+            raise NswrapError(f"the server's init failed: {outcome.decode(errors='replace') or 'no report'}")
 
     def wait(self) -> int:
-        returncode = self.child.wait()
-        self.tearing_down = True
-        return exit_status(returncode)
+        """Wait for the init, reaping anything else that ends up as our child (nswrap as PID 1)."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                return EXIT_FAILED
+            if pid == self.init_pid:
+                self.tearing_down = True
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                return exit_status(os.waitstatus_to_exitcode(status))
+
+
+# --- the init, PID 1 of the server's PID namespace (runs in the forked child only) ------------
+
+
+def _init(command, netns_fd: int, env, creds: Credentials | None, report_w: int) -> int:
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # nswrap, outside our PID namespace, shows as ppid 0: tell whether it died before PDEATHSIG
+    # was armed by its end of the report pipe (a closed read end makes ours poll POLLERR).
+    poller = select.poll()
+    poller.register(report_w, select.POLLOUT)
+    if any(events & select.POLLERR for _, events in poller.poll(0)):
+        return EXIT_FAILED
+    if _libc.setns(netns_fd, 0x40000000) != 0:  # CLONE_NEWNET
+        os.write(report_w, f"setns: {os.strerror(ctypes.get_errno())}".encode())
+        return EXIT_FAILED
+    running: list[int] = []  # the server's first process, until it is reaped
+
+    def forward(signum: int, frame) -> None:
+        target = running[0] if running else -1  # -1: every process in our namespace but us
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(target, signum)
+
+    for signum in FORWARDED:
+        signal.signal(signum, forward)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+    exec_r, exec_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(exec_r)
+            _exec_server(command, env, creds, exec_w)
+        except OSError as e:
+            os.write(exec_w, str(e.errno or errno.EIO).encode())
+        os._exit(EXIT_NOT_FOUND)
+    running.append(pid)
+    os.close(exec_w)
+    with os.fdopen(exec_r, "rb") as failure:
+        err = failure.read()
+    os.write(report_w, b"exec:" + err if err else b"ok")
+    os.close(report_w)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+    code = EXIT_FAILED
+    while True:
+        try:
+            reaped, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            return code  # the last process of the namespace is gone
+        if reaped == pid:
+            running.clear()
+            code = exit_status(os.waitstatus_to_exitcode(status))
+
+
+def _exec_server(command, env, creds: Credentials | None, report_fd: int) -> None:
+    for signum in (*FORWARDED, signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(signum, signal.SIG_DFL)
+    os.setpgid(0, 0)
+    if creds is not None:
+        os.setgroups(list(creds.groups))
+        os.setgid(creds.gid)
+        os.setuid(creds.uid)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    # Nothing of ours reaches the server (a --ready-fd, sockets); the report pipe closes on exec.
+    os.closerange(3, report_fd)
+    os.closerange(report_fd + 1, os.sysconf("SC_OPEN_MAX"))
+    os.execvpe(command[0], list(command), env)
