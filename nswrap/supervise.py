@@ -99,7 +99,7 @@ class Supervisor:
                 if pid == 0:
                     code = EXIT_FAILED
                     try:
-                        os.close(report_r)
+                        _close_all_but(netns_fd, report_w)  # nswrap's sockets, a --ready-fd: not the init's
                         code = _init(command, netns_fd, env, creds, report_w)
                     finally:
                         os._exit(code)
@@ -185,6 +185,14 @@ def _init(command, netns_fd: int, env, creds: Credentials | None, report_w: int)
             code = exit_status(os.waitstatus_to_exitcode(status))
 
 
+def _close_all_but(*keep: int) -> None:
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+
+
 def _exec_server(command, env, creds: Credentials | None, report_fd: int) -> None:
     for signum in (*FORWARDED, signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(signum, signal.SIG_DFL)
@@ -194,7 +202,5 @@ def _exec_server(command, env, creds: Credentials | None, report_fd: int) -> Non
         os.setgid(creds.gid)
         os.setuid(creds.uid)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
-    # Nothing of ours reaches the server (a --ready-fd, sockets); the report pipe closes on exec.
-    os.closerange(3, report_fd)
-    os.closerange(report_fd + 1, os.sysconf("SC_OPEN_MAX"))
+    _close_all_but(report_fd)  # which closes on exec
     os.execvpe(command[0], list(command), env)

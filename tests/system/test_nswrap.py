@@ -9,36 +9,17 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.lab import TEST_ANSWER, dig, unbound_conf, wait_answered, wait_until
+from tests.lab import TEST_ANSWER, dig, wait_answered, wait_until
+from tests.system.common import SIGECHO, nswrap, output, start, wait_ready
 
-NSWRAP = [sys.executable, "-m", "nswrap"]
-SIGECHO = [sys.executable, str(Path(__file__).with_name("sigecho.py"))]
 MARK_MASK = 0xF0000000
 
 
-def nswrap(lab, *args, timeout=60):
-    """Run nswrap to completion in the host namespace."""
-    return lab.exec(lab.host, [*NSWRAP, *args], check=False, timeout=timeout)
-
-
-def start(lab, tmp_path, *args):
-    """Start nswrap in the background; its stdout/stderr go to files in tmp_path."""
-    out, err = (tmp_path / "nswrap.out").open("w"), (tmp_path / "nswrap.err").open("w")
-    return lab.spawn(lab.host, [*NSWRAP, *args], stdout=out, stderr=err)
-
-
 def stderr_of(tmp_path) -> str:
-    return (tmp_path / "nswrap.err").read_text()
-
-
-@pytest.fixture
-def unbound(tmp_path):
-    return ["unbound", "-d", "-c", unbound_conf(tmp_path)]
+    return output(tmp_path, stream="err")
 
 
 def test_every_path_is_answered_from_the_asked_address_udp_and_tcp(lab, tmp_path, unbound):
@@ -64,7 +45,7 @@ def test_every_path_is_answered_from_the_asked_address_udp_and_tcp(lab, tmp_path
 
 def test_rules_and_table_exist_while_serving_and_only_then(lab, tmp_path):
     proc = start(lab, tmp_path, "--ports", "5353", "--", *SIGECHO)
-    wait_until(lambda: "ready" in (tmp_path / "nswrap.out").read_text(), 20, what="server ready")
+    wait_ready(tmp_path)
     rules = json.loads(lab.exec(lab.host, ["ip", "-json", "rule", "show"]).stdout)
     ours = [r for r in rules if r.get("protocol") == "110" or r.get("protocol") == 110]
     assert len(ours) == 3 and all(r["fwmask"] == "0xf0000000" for r in ours), rules
@@ -78,7 +59,7 @@ def test_rules_and_table_exist_while_serving_and_only_then(lab, tmp_path):
 def test_signals_are_forwarded_and_the_server_exit_code_returned(lab, tmp_path):
     proc = start(lab, tmp_path, "--ports", "5353", "--", *SIGECHO)
     out = tmp_path / "nswrap.out"
-    wait_until(lambda: "ready" in out.read_text(), 20, what="server ready")
+    wait_ready(tmp_path)
     for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT, signal.SIGQUIT):
         proc.send_signal(sig)
         wait_until(lambda: f"got {sig.name}" in out.read_text(), 10, what=f"{sig.name} forwarded")

@@ -1,0 +1,203 @@
+"""Lifecycle on the simulated host: crashes, restarts, many instances, PID 1, daemons, --user.
+
+The `lab` fixture checks after each test that the host namespace is exactly as before; these
+tests add what only SIGKILL, parallelism and process trees can show. Server processes are found
+by an independent oracle (psutil over /proc), never through nswrap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import tempfile
+
+import psutil
+import pytest
+
+from tests.lab import TEST_ANSWER, diff_states, dig, unbound_conf, wait_answered, wait_until
+from tests.system.common import NSWRAP, SIGECHO, UDPECHO, echo_answered, nswrap, output, start, wait_ready
+
+STEP_LINE = ("nswrap: ip ", "nswrap: sysctl ", "nswrap: nft ", "nswrap: conntrack ", "nswrap: for port ")
+
+
+def processes_running(marker: str) -> list[psutil.Process]:
+    """Live (non-zombie) processes whose command line mentions `marker`."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if p.info["status"] != psutil.STATUS_ZOMBIE and any(marker in arg for arg in p.info["cmdline"] or ()):
+            found.append(p)
+    return found
+
+
+def step_lines(directory) -> int:
+    return sum(line.startswith(STEP_LINE) for line in output(directory, stream="err").splitlines())
+
+
+def kill_hard(proc) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+
+
+def test_sigkill_at_every_setup_step_then_cleanup_restores_the_host(lab, tmp_path):
+    """Fault injection: SIGKILL right after each logged step, and while serving. After each,
+    `nswrap cleanup` restores the host exactly and no server process remains."""
+    before = lab.state()
+    marker = f"sigecho-{os.getpid()}"
+    total = None
+    for n in ["serving", *range(1, 100)]:
+        if total is not None and n > total:
+            break
+        proc = start(lab, tmp_path, "-v", "--ports", "5353,5353/tcp", "--", *SIGECHO, marker)
+        if n == "serving":
+            wait_ready(tmp_path)
+            total = step_lines(tmp_path)  # every step logged once, before it is carried out
+            assert total > 20
+        else:
+            wait_until(lambda: step_lines(tmp_path) >= n or proc.poll() is not None, 20, what=f"step {n}")
+        kill_hard(proc)
+        wait_until(lambda: not processes_running(marker), 10, what=f"no server left after SIGKILL at step {n}")
+        done = nswrap(lab, "cleanup")
+        assert done.returncode == 0, done.stderr
+        changes = diff_states(before, lab.state())
+        assert not changes, f"after SIGKILL at step {n} and cleanup:\n{changes}"
+    assert nswrap(lab, "cleanup").stdout.strip() == "nothing to clean up"  # idempotent
+
+
+def test_a_new_instance_starts_over_a_crashed_ones_leftovers(lab, tmp_path, unbound):
+    crashed = start(lab, tmp_path, "--ports", "53,53/tcp", "--", *unbound, name="crashed")
+    wait_answered(lab, lab.paths[0])
+    kill_hard(crashed)
+    proc = start(lab, tmp_path, "--ports", "53,53/tcp", "--", *unbound)
+    for path in lab.paths:
+        assert wait_answered(lab, path) == TEST_ANSWER, path.name
+    assert "removed a dead instance's leftover" in output(tmp_path, stream="err")
+    assert lab.stop(proc) == 0
+
+
+def test_ten_parallel_instances_serve_and_clean_up_exactly(lab, tmp_path):
+    ports = range(6000, 6010)
+    procs = [
+        start(lab, tmp_path, "--mark-mask", "0xff000000", "--ports", str(port), "--", *UDPECHO, "serve", str(port), name=f"i{port}")
+        for port in ports
+    ]
+    for port in ports:
+        wait_ready(tmp_path, name=f"i{port}", timeout=60)
+    listed = json.loads(nswrap(lab, "list", "--json").stdout)
+    assert sorted(p for row in listed for p in row["ports"]) == sorted(f"{port}/udp" for port in ports)
+    assert len({row["id"] for row in listed}) == 10
+    for port in ports:
+        for path in (lab.paths[1], lab.paths[2]):  # the paths that fail without nswrap
+            assert echo_answered(lab, path.client, path.address, port), f"{path.name}:{port}"
+    for proc in procs[::3]:  # stopping some never disturbs the others
+        assert lab.stop(proc) == 128 + signal.SIGTERM
+    for port, proc in zip(ports, procs):
+        if proc.poll() is None:
+            assert echo_answered(lab, lab.paths[2].client, lab.paths[2].address, port), port
+    for proc in procs:
+        lab.stop(proc)
+
+
+def test_publishing_a_port_twice_is_refused_naming_the_owner(lab, tmp_path):
+    first = start(lab, tmp_path, "--ports", "5353,53/tcp", "--", *SIGECHO)
+    wait_ready(tmp_path)
+    (owner,) = json.loads(nswrap(lab, "list", "--json").stdout)
+    assert owner["ports"] == ["53/tcp", "5353/udp"] and owner["command"][-1].endswith("sigecho.py")
+    second = nswrap(lab, "--ports", "5000-5400", "--", "true")
+    assert second.returncode == 125
+    assert f"already published by nswrap instance {owner['id']} (pid {owner['pid']}" in second.stderr
+    assert lab.stop(first) == 3
+    assert json.loads(nswrap(lab, "list", "--json").stdout) == []
+
+
+def test_as_pid_1_of_a_container_it_forwards_sigterm_and_reaps_orphans(lab, tmp_path):
+    server = ["sh", "-c", f'(sleep 0.3 &); exec {" ".join(SIGECHO)}']  # leaves an orphan behind
+    proc = lab.spawn(
+        lab.host,
+        ["unshare", "--pid", "--fork", "--mount-proc", *NSWRAP, "--ports", "5353", "--", *server],
+        stdout=(tmp_path / "nswrap.out").open("w"),
+        stderr=(tmp_path / "nswrap.err").open("w"),
+    )
+    wait_ready(tmp_path)
+    (pid1,) = psutil.Process(proc.pid).children()
+    tree = lambda: [pid1, *pid1.children(recursive=True)]  # noqa: E731
+    wait_until(lambda: not any("sleep" in p.name() for p in tree()), 10, what="the orphan exits and is reaped")
+    assert not [p for p in tree() if p.status() == psutil.STATUS_ZOMBIE]
+    pid1.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 3  # unshare passes on nswrap's status, which is the server's
+
+
+def test_stop_timeout_kills_a_server_that_ignores_sigterm(lab, tmp_path):
+    proc = start(lab, tmp_path, "--stop-timeout", "0.5", "--ports", "5353", "--", "sh", "-c", "trap '' TERM; echo ready; exec sleep 60")
+    wait_ready(tmp_path)
+    assert lab.stop(proc) == 128 + signal.SIGKILL
+
+
+def test_a_daemonizing_server_keeps_the_instance_until_it_exits(lab, tmp_path):
+    conf = unbound_conf(tmp_path)
+    with open(conf) as f:
+        text = f.read().replace("do-daemonize: no", "do-daemonize: yes")
+    with open(conf, "w") as f:
+        f.write(text)
+    proc = start(lab, tmp_path, "--ports", "53,53/tcp", "--", "unbound", "-c", conf)
+    for path in lab.paths:
+        assert wait_answered(lab, path) == TEST_ANSWER, path.name
+        assert dig(lab, path, tcp=True) == TEST_ANSWER, path.name
+    assert proc.poll() is None, "the first process exited, the daemon still serves"
+    assert [p for p in processes_running(conf) if p.name() == "unbound"]
+    assert lab.stop(proc) == 0
+    assert not processes_running(conf)
+
+
+@pytest.fixture
+def world_readable_dir():
+    """--user tests need a config the unprivileged server can read (pytest's tmp_path is 0700)."""
+    directory = tempfile.mkdtemp(prefix="nswrap-test-")
+    os.chmod(directory, 0o755)
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory)
+
+
+def test_user_nobody_serves_port_53_without_capabilities(lab, tmp_path, world_readable_dir):
+    conf = unbound_conf(world_readable_dir)
+    os.chmod(conf, 0o644)
+    proc = start(lab, tmp_path, "--user", "nobody", "--ports", "53,53/tcp", "--", "unbound", "-d", "-c", conf)
+    for path in lab.paths:
+        assert wait_answered(lab, path) == TEST_ANSWER, path.name
+    (server,) = [p for p in processes_running(conf) if p.name() == "unbound"]
+    assert server.uids().effective == 65534
+    capabilities = [line for line in open(f"/proc/{server.pid}/status") if line.startswith("CapEff:")]
+    assert capabilities == ["CapEff:\t0000000000000000\n"]
+    assert lab.stop(proc) == 0
+
+
+def test_readiness_on_a_fd_and_to_notify_socket(lab, tmp_path):
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(20)
+    ready_r, ready_w = os.pipe()
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")}
+    proc = start(lab, tmp_path, "--ready-fd", str(ready_w), "--ports", "5353", "--", *SIGECHO, pass_fds=(ready_w,), env=env)
+    os.close(ready_w)
+    with os.fdopen(ready_r) as ready:
+        assert ready.readline() == "READY\n"
+        assert ready.read() == "", "nswrap closes the fd; the server never got a copy"
+    assert notify.recv(256).startswith(b"READY=1")
+    notify.close()
+    wait_ready(tmp_path)  # READY means rules live and server started, not that it handles signals yet
+    assert lab.stop(proc) == 3
+
+
+def test_stale_conntrack_entries_do_not_bypass_a_new_instance(lab, tmp_path):
+    """A client that kept sending (fixed source port) while no server ran has a conntrack entry
+    without DNAT; nswrap deletes it at start, so the same flow reaches the new server."""
+    c2 = lab.paths[2]
+    assert not echo_answered(lab, c2.client, c2.address, 5353, sport=40000)
+    proc = start(lab, tmp_path, "--ports", "5353", "--", *UDPECHO, "serve", "5353")
+    wait_ready(tmp_path)
+    assert echo_answered(lab, c2.client, c2.address, 5353, sport=40000)
+    assert lab.stop(proc) == 128 + signal.SIGTERM
