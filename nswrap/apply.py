@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from nswrap import netlink, nft
+from nswrap import firewall, netlink, nft
 from nswrap.errors import NswrapError
 from nswrap.plan import Plan, Step, render
 from nswrap.state import Journal, read_sysctl, write_sysctl
@@ -99,6 +99,10 @@ class Applier:
             self._push("# forget the flows of the published ports", lambda: netlink.flush_conntrack(published_ports(self.plan)))
             self._push(f"nft delete table inet {table}", lambda: nft.delete_table("inet", table))
             nft.apply(obj)
+        elif step.kind == "iptables":
+            binary, chain, rule = obj
+            self._push(f"{binary} -D {chain} ...", lambda: firewall.iptables(binary, "-D", chain, list(rule)))
+            firewall.iptables(binary, "-I", chain, list(rule))
         elif step.kind == "flush":
             netlink.flush_conntrack(published_ports(self.plan))
         else:

@@ -9,7 +9,7 @@ import traceback
 import click
 
 from nswrap import __version__
-from nswrap.config import Config, parse_mark_mask, parse_ports, parse_subnet, parse_uplink
+from nswrap.config import Config, parse_address, parse_mark_mask, parse_ports, parse_subnet, parse_uplink
 from nswrap.errors import EXIT_FAILED, EXIT_USAGE, NswrapError
 
 log = logging.getLogger("nswrap")
@@ -43,6 +43,13 @@ def cli() -> None:
               help="Serve clients arriving on IFACE (repeatable). Default: every interface with a global IPv4 address.")
 @click.option("--subnet", metavar="CIDR", help="Internal subnet between host and server (default: a free /30 in 198.18.0.0/15).")
 @click.option("--mark-mask", default="0xf0000000", show_default=True, metavar="MASK", help="fwmark bits nswrap may use.")
+@click.option("-a", "--address", "addresses", multiple=True, metavar="ADDR",
+              help="Publish only on this host address (repeatable). Default: every address of the host, and 127.0.0.1.")
+@click.option("--firewall", type=click.Choice(["auto", "off"]), default="auto", show_default=True,
+              help="auto: where iptables (Docker, ufw) would drop the forwarded flows, add narrow accepts; off: refuse instead.")
+@click.option("--no-outbound", is_flag=True, help="The server may not open connections of its own.")
+@click.option("--helper", "helpers", multiple=True, type=click.Choice(["tftp"]),
+              help="Conntrack helper for a protocol whose server answers from a new port (tftp: udp 69 must be published).")
 @click.option("--user", metavar="USER[:GROUP]", help="Run the server as this user (it may still bind ports below 1024).")
 @click.option("--stop-timeout", type=float, default=10.0, show_default=True, metavar="SECONDS",
               help="After forwarding SIGTERM/SIGINT, SIGKILL the server's processes after this long (0: never).")
@@ -50,7 +57,8 @@ def cli() -> None:
 @click.option("--dry-run", is_flag=True, help="Print the plan (ip commands, sysctls, nft ruleset) and exit; change nothing.")
 @click.option("-v", "--verbose", count=True, help="-v: log each host change as a shell line; -vv: debug.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def run(ports, uplinks, subnet, mark_mask, user, stop_timeout, ready_fd, dry_run, verbose, command) -> None:
+def run(ports, uplinks, subnet, mark_mask, addresses, firewall, no_outbound, helpers, user, stop_timeout, ready_fd, dry_run,
+        verbose, command) -> None:
     """Run COMMAND in its own network namespace, publishing --ports on the uplinks."""
 
     def start() -> int:
@@ -65,6 +73,10 @@ def run(ports, uplinks, subnet, mark_mask, user, stop_timeout, ready_fd, dry_run
             user=user,
             stop_timeout=stop_timeout,
             ready_fd=ready_fd,
+            addresses=tuple(parse_address(a) for a in addresses),
+            firewall=firewall,
+            outbound=not no_outbound,
+            helpers=tuple(helpers),
         )
         from nswrap.run import run as run_instance  # lazy: --help and usage errors stay fast
 

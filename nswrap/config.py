@@ -15,7 +15,8 @@ from nswrap.errors import UsageError
 PROTOCOLS = ("udp", "tcp")
 IFNAMSIZ = 15  # the kernel's limit on interface names, without the NUL
 DEFAULT_POOL = ipaddress.IPv4Network("198.18.0.0/15")  # RFC 2544 benchmarking range: rarely routed
-DEFAULT_MARK_MASK = 0xF0000000  # free of kube-proxy, wg-quick, Tailscale, Cilium, mwan3, OpenWrt pbr
+DEFAULT_MARK_MASK = 0xF0000000
+HELPERS = ("tftp",)  # conntrack helpers nswrap can attach (the server answers from a new port)  # free of kube-proxy, wg-quick, Tailscale, Cilium, mwan3, OpenWrt pbr
 
 
 @dataclass(frozen=True, order=True)
@@ -116,6 +117,13 @@ def parse_uplink(text: str) -> UplinkSpec:
         raise UsageError(f"invalid uplink {text!r}: {gateway!r} is not an IPv4 gateway address") from None
 
 
+def parse_address(text: str) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(text)
+    except ValueError:
+        raise UsageError(f"invalid address {text!r}: expected an IPv4 address of this host") from None
+
+
 def parse_subnet(text: str) -> ipaddress.IPv4Network:
     try:
         net = ipaddress.IPv4Network(text, strict=True)
@@ -151,12 +159,21 @@ class Config:
     user: str | None = None  # USER[:GROUP] the server runs as
     stop_timeout: float = 10.0  # after forwarding SIGTERM/SIGINT, SIGKILL the server's tree after this
     ready_fd: int | None = None  # write a line here once the rules are live and the server started
+    addresses: tuple[ipaddress.IPv4Address, ...] = ()  # publish only on these host addresses
+    firewall: str = "auto"  # auto: make room in iptables FORWARD/DOCKER-USER; off: refuse if blocked
+    outbound: bool = True  # the server may open its own connections, masqueraded
+    helpers: tuple[str, ...] = ()  # conntrack helpers for protocols that open related flows
 
     def __post_init__(self) -> None:
         if not self.ports:
             raise UsageError("no ports to publish: give --ports, e.g. --ports 53,53/tcp")
         if not self.command and not self.dry_run:
             raise UsageError("no command given: nswrap [OPTIONS] -- COMMAND [ARG...]")
+        if self.firewall not in ("auto", "off"):
+            raise UsageError(f"invalid --firewall {self.firewall!r}: auto or off")
+        for helper in self.helpers:
+            if helper not in HELPERS:
+                raise UsageError(f"invalid --helper {helper!r}: one of {', '.join(HELPERS)}")
         if self.stop_timeout < 0:
             raise UsageError(f"invalid stop timeout {self.stop_timeout}: must be 0 or more seconds")
         names = [u.ifname for u in self.uplinks]

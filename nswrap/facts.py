@@ -7,7 +7,10 @@ one by hand and pin the plan without root.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from nswrap import firewall
+from nswrap.firewall import FirewallFacts
 
 RT_SCOPE_UNIVERSE = 0
 RT_TABLE_MAIN = 254
@@ -59,6 +62,9 @@ class Facts:
     addresses: tuple[Address, ...]
     routes: tuple[Route, ...]
     rules: tuple[Rule, ...]
+    forwarding: dict = field(default_factory=dict)  # ifname -> IPv4 forwarding before any nswrap
+    firewall: FirewallFacts = FirewallFacts(())
+    loopback_listeners: frozenset = frozenset()  # (proto, port) a host process serves on 127.0.0.1
 
     def link(self, ifname: str) -> Link | None:
         return next((link for link in self.links if link.ifname == ifname), None)
@@ -70,8 +76,35 @@ class Facts:
         return [r for r in self.routes if r.table == RT_TABLE_MAIN and r.dev == ifname]
 
 
-def gather(netlink) -> Facts:
-    """One dump each of links, addresses, routes (all tables) and rules."""
+def _forwarding(names) -> dict:
+    values = {}
+    for name in names:
+        try:
+            with open(f"/proc/sys/net/ipv4/conf/{name}/forwarding") as f:
+                values[name] = f.read().strip()
+        except OSError:
+            pass
+    return values
+
+
+def _loopback_listeners() -> frozenset:
+    """Ports a host process already serves on 127.0.0.1 (bound to it or to 0.0.0.0)."""
+    import psutil  # lazy: only a running instance needs it
+
+    found = set()
+    for kind, proto in (("udp4", "udp"), ("tcp4", "tcp")):
+        for conn in psutil.net_connections(kind=kind):
+            if conn.laddr and conn.laddr.ip in ("127.0.0.1", "0.0.0.0") and (proto == "udp" or conn.status == "LISTEN"):
+                found.add((proto, conn.laddr.port))
+    return frozenset(found)
+
+
+def gather(netlink, handed_over: dict | None = None) -> Facts:
+    """One dump each of links, addresses, routes (all tables) and rules, plus the firewall.
+
+    `handed_over`: sysctl values live instances recorded before they changed them, so that
+    "was forwarding on before nswrap?" has the host's answer, not another instance's.
+    """
     links = tuple(Link(l["index"], l["ifname"], l["mtu"], l["kind"]) for l in netlink.links())
     names = {link.index: link.ifname for link in links}
     addresses = tuple(Address(names.get(a["index"], "?"), a["address"], a["scope"]) for a in netlink.addresses())
@@ -89,4 +122,9 @@ def gather(netlink) -> Facts:
         for r in netlink.routes()
     )
     rules = tuple(Rule(r["priority"], r["table"], r["fwmark"], r["fwmask"], r["protocol"]) for r in netlink.rules())
-    return Facts(links, addresses, routes, rules)
+    forwarding = _forwarding(link.ifname for link in links)
+    for key, value in (handed_over or {}).items():
+        parts = key.split("/")
+        if len(parts) == 5 and parts[4] == "forwarding" and parts[3] in forwarding:
+            forwarding[parts[3]] = value
+    return Facts(links, addresses, routes, rules, forwarding, firewall.probe(), _loopback_listeners())

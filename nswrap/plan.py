@@ -14,8 +14,10 @@ the routing decision, so routing must key on the mark conntrack kept for the flo
 from __future__ import annotations
 
 import ipaddress
+import shlex
 from dataclasses import dataclass, field
 
+from nswrap import firewall
 from nswrap.config import DEFAULT_POOL, Config, PortRange
 from nswrap.errors import NswrapError
 from nswrap.facts import RT_SCOPE_UNIVERSE, Facts
@@ -86,6 +88,13 @@ class Plan:
     warnings: tuple[str, ...] = ()
     sysctls: tuple[Sysctl, ...] = field(default=())
     unprivileged_ports: bool = False  # --user: the server may bind ports < 1024 without capabilities
+    addresses: tuple[ipaddress.IPv4Address, ...] = ()  # publish only on these; () = every host address
+    local_clients: bool = True  # the host itself reaches the server through its own addresses
+    loopback_ports: tuple[PortRange, ...] = ()  # published on 127.0.0.1 too
+    outbound: bool = True
+    guarded: tuple[str, ...] = ()  # interfaces whose forwarding nswrap turns on: forward nothing else
+    firewall: tuple[tuple[str, str, tuple[str, ...]], ...] = ()  # (iptables binary, chain, rule)
+    helpers: tuple[str, ...] = ()
 
     @property
     def host_if(self) -> str:
@@ -129,6 +138,9 @@ class Plan:
         for i, s in enumerate(self.sysctls):
             why = "per-interface forwarding; src_valid_mark lets strict rp_filter judge by the mark" if i == 0 else ""
             steps.append(Step("sysctl", s, why=why))
+        for i, room in enumerate(self.firewall):
+            why = "another firewall drops forwarded traffic: a narrow accept for this instance's veth" if i == 0 else ""
+            steps.append(Step("iptables", room, why=why))
         steps.append(Step("nft", nft_ruleset(self), why="one table, applied atomically: marks, DNAT, exposure"))
         why = "forget flows that began before these rules: they would bypass the DNAT until they expire"
         steps.append(Step("flush", self.ports, why=why))
@@ -165,6 +177,9 @@ def render(step: Step, plan: Plan) -> str:
         return f"ip netns exec {plan.netns_name} {line}" if step.ns == "server" else line
     if step.kind == "nft":
         return f"nft -f - <<'EOF'\n{obj}EOF"
+    if step.kind == "iptables":
+        binary, chain, rule = obj
+        return f"{binary} -I {chain} {shlex.join(rule)}"
     if step.kind == "flush":
         return "\n".join(_conntrack_delete(p) for p in obj)
     raise ValueError(step.kind)
@@ -205,62 +220,110 @@ def render_plan(plan: Plan) -> str:
 # --- the nftables ruleset --------------------------------------------------------------------
 
 
-def _elements(items: list[str]) -> str:
+def _elements(items) -> str:
     return "{ " + ", ".join(items) + " }"
+
+
+def _port_elements(ports) -> list[str]:
+    return [f"{p.proto} . {p.outer_lo}" + (f"-{p.outer_hi}" if p.count > 1 else "") for p in ports]
+
+
+def _dnat(match: str, ports: tuple[PortRange, ...], server, set_name: str) -> list[str]:
+    """DNAT rules for `ports` after `match`: remapped ports through the per-protocol maps, the
+    others keeping their port. `set_name` is a set holding exactly `ports`."""
+    rules = []
+    for proto in ("udp", "tcp"):
+        if any(p.proto == proto and p.remapped for p in ports):
+            rules.append(f"{match} meta l4proto . th dport @{set_name} {proto} dport @{proto}_remap dnat ip to {server} : {proto} dport map @{proto}_remap")
+    if any(not p.remapped for p in ports):
+        rules.append(f"{match} meta l4proto . th dport @{set_name} meta l4proto . th dport @unchanged dnat ip to {server}")
+    return rules
+
+
+def _chain(name: str, hook: str, comment_and_rules: list[str]) -> list[str]:
+    return ["", f"\tchain {name} {{", f"\t\t{hook}", *(f"\t\t{line}" for line in comment_and_rules), "\t}"]
 
 
 def nft_ruleset(plan: Plan) -> str:
     mask, keep = plan.mark_mask, 0xFFFFFFFF & ~plan.mark_mask
+    veth, server = f'"{plan.host_if}"', plan.server_addr.ip
     uplinks = _elements(f'"{u.ifname}"' for u in plan.uplinks)
-    published = [f"{p.proto} . {p.outer_lo}" + (f"-{p.outer_hi}" if p.count > 1 else "") for p in plan.ports]
-    unchanged = [e for e, p in zip(published, plan.ports) if not p.remapped]
-    remaps = {
-        proto: [f"{p.outer_lo + i} : {p.inner_lo + i}" for p in plan.ports if p.proto == proto and p.remapped for i in range(p.count)]
-        for proto in ("udp", "tcp")
-    }
-    server = plan.server_addr.ip
-    to_published = f'iifname {uplinks} meta nfproto ipv4 fib daddr type local meta l4proto . th dport'
+    to_host = f"ip daddr {_elements(map(str, plan.addresses))}" if plan.addresses else "fib daddr type local"
+    arriving = f"iifname {uplinks} meta nfproto ipv4 {to_host}"
+
+    def set_mark(mark: int) -> str:
+        return f"meta mark set meta mark & {keep:#010x} | {mark:#010x}"
+
+    def has_mark(mark: int) -> str:
+        return f"ct mark & {mask:#010x} == {mark:#010x}"
 
     out = [f"table inet {plan.nft_table} {{"]
-    out += [f"\tset published {{ type inet_proto . inet_service; flags interval; elements = {_elements(published)} }}"]
+    out.append(f"\tset published {{ type inet_proto . inet_service; flags interval; elements = {_elements(_port_elements(plan.ports))} }}")
+    unchanged = [p for p in plan.ports if not p.remapped]
     if unchanged:
-        out += [f"\tset unchanged {{ type inet_proto . inet_service; flags interval; elements = {_elements(unchanged)} }}"]
-    for proto, pairs in remaps.items():
+        out.append(f"\tset unchanged {{ type inet_proto . inet_service; flags interval; elements = {_elements(_port_elements(unchanged))} }}")
+    for proto in ("udp", "tcp"):
+        pairs = [f"{p.outer_lo + i} : {p.inner_lo + i}" for p in plan.ports if p.proto == proto and p.remapped for i in range(p.count)]
         if pairs:
-            out += [f"\tmap {proto}_remap {{ type inet_service : inet_service; elements = {_elements(pairs)} }}"]
+            out.append(f"\tmap {proto}_remap {{ type inet_service : inet_service; elements = {_elements(pairs)} }}")
+    if plan.loopback_ports:
+        out.append(f"\tset loopback {{ type inet_proto . inet_service; flags interval; elements = {_elements(_port_elements(plan.loopback_ports))} }}")
+    if "tftp" in plan.helpers:
+        out.append('\tct helper tftp { type "tftp" protocol udp; l3proto ip; }')
 
-    out += ["", "\tchain remember_uplink {", "\t\ttype filter hook prerouting priority mangle; policy accept;"]
-    out += ["\t\t# a published flow remembers its uplink in the ct mark; the packet's mark lets strict"]
-    out += ["\t\t# rp_filter (with src_valid_mark) check the client against that uplink's table"]
-    for u in plan.uplinks:
-        setmark = f"meta mark set meta mark & {keep:#010x} | {u.mark:#010x} ct mark set ct mark & {keep:#010x} | {u.mark:#010x}"
-        out += [f'\t\tiifname "{u.ifname}" meta nfproto ipv4 fib daddr type local meta l4proto . th dport @published {setmark}']
-    out += ["\t\t# replies from the server are routed by the uplink their flow came in on"]
-    for u in plan.uplinks:
-        out += [
-            f'\t\tiifname "{plan.host_if}" ct direction reply ct mark & {mask:#010x} == {u.mark:#010x} '
-            f"meta mark set meta mark & {keep:#010x} | {u.mark:#010x}"
-        ]
-    out += ["\t}"]
+    rules = []
+    if "tftp" in plan.helpers:
+        rules += ["# TFTP answers from a new port: conntrack's helper expects that flow and NATs it",
+                  f'{arriving} udp dport 69 ct state new ct helper set "tftp"']
+    rules += ["# a published flow remembers its uplink in the ct mark; the packet's mark lets strict",
+              "# rp_filter (with src_valid_mark) check the client against that uplink's table"]
+    rules += [f'iifname "{u.ifname}" meta nfproto ipv4 {to_host} meta l4proto . th dport @published {set_mark(u.mark)} '
+              f"ct mark set ct mark & {keep:#010x} | {u.mark:#010x}" for u in plan.uplinks]
+    rules.append("# replies from the server are routed by the uplink their flow came in on")
+    rules += [f"iifname {veth} ct direction reply {has_mark(u.mark)} {set_mark(u.mark)}" for u in plan.uplinks]
+    if "tftp" in plan.helpers:
+        rules.append("# the helper's data flows inherit the ct mark: route them (and the client's acks) the same way")
+        rules += [f"iifname {veth} ct status expected {has_mark(u.mark)} {set_mark(u.mark)}" for u in plan.uplinks]
+        rules += [f'iifname "{u.ifname}" ct status expected {has_mark(u.mark)} {set_mark(u.mark)}' for u in plan.uplinks]
+    out += _chain("remember_uplink", "type filter hook prerouting priority mangle; policy accept;", rules)
 
-    out += ["", "\tchain publish {", "\t\ttype nat hook prerouting priority dstnat; policy accept;"]
-    for proto, pairs in remaps.items():
-        if pairs:
-            out += [
-                f"\t\tiifname {uplinks} meta nfproto ipv4 fib daddr type local {proto} dport @{proto}_remap "
-                f"dnat ip to {server} : {proto} dport map @{proto}_remap"
-            ]
-    if unchanged:
-        out += [f"\t\t{to_published} @unchanged dnat ip to {server}"]
-    out += ["\t}"]
+    out += _chain("publish", "type nat hook prerouting priority dstnat; policy accept;",
+                  _dnat(arriving, plan.ports, server, "published"))
 
-    out += ["", "\tchain guard {", "\t\ttype filter hook forward priority filter; policy accept;"]
-    out += [f"\t\t# routing is done: clear our mark bits so no other tool sees them"]
-    out += [f"\t\tmeta mark & {mask:#010x} != 0 meta mark set meta mark & {keep:#010x}"]
-    out += ["\t\t# only this instance's published flows enter or leave the server namespace"]
-    out += [f'\t\toifname "{plan.host_if}" ct status dnat accept', f'\t\toifname "{plan.host_if}" drop']
-    out += [f'\t\tiifname "{plan.host_if}" ct status dnat accept', f'\t\tiifname "{plan.host_if}" drop']
-    out += ["\t}", "}"]
+    local = []
+    if plan.local_clients:
+        own = f"ip daddr {_elements(map(str, plan.addresses))}" if plan.addresses else "fib daddr type local ip daddr != 127.0.0.0/8"
+        local += ["# the host itself, through its own addresses", *_dnat(f"meta nfproto ipv4 {own}", plan.ports, server, "published")]
+    if plan.loopback_ports:
+        local += ["# ... and through 127.0.0.1 (ports no host process serves there already)",
+                  *_dnat("meta nfproto ipv4 ip daddr 127.0.0.1", plan.loopback_ports, server, "loopback")]
+    if local:
+        out += _chain("publish_local", "type nat hook output priority -100; policy accept;", local)
+
+    snat = []
+    if plan.loopback_ports:
+        snat += ["# a loopback source cannot leave through the veth: use the host's end instead",
+                 f"oifname {veth} ip saddr 127.0.0.0/8 snat ip to {plan.host_addr.ip}"]
+    if plan.outbound:
+        snat += ["# the server's own connections leave through the host's routing, as the host",
+                 f"ip saddr {server} oifname != {veth} masquerade"]
+    if snat:
+        out += _chain("outbound", "type nat hook postrouting priority srcnat; policy accept;", snat)
+
+    guard = ["# routing is done: clear our mark bits so no other tool sees them",
+             f"meta mark & {mask:#010x} != 0 meta mark set meta mark & {keep:#010x}",
+             "# only this instance's flows cross the veth: published ones (and replies to the server's own)",
+             f"oifname {veth} ct status dnat accept"]
+    if "tftp" in plan.helpers:
+        guard += [f"oifname {veth} ct status expected accept", f"iifname {veth} ct status expected accept"]
+    if plan.outbound:
+        guard.append(f"oifname {veth} ct state established,related accept")
+    guard += [f"oifname {veth} drop", f"iifname {veth} ct status dnat accept", f"iifname {veth} {'accept' if plan.outbound else 'drop'}"]
+    if plan.guarded:
+        guard += ["# forwarding was off on these: the host routes nothing else that arrives on them",
+                  f'iifname {_elements(f"{chr(34)}{name}{chr(34)}" for name in plan.guarded)} meta nfproto ipv4 oifname != "{HOST_PREFIX}*" drop']
+    out += _chain("guard", "type filter hook forward priority filter; policy accept;", guard)
+    out.append("}")
     return "\n".join(out) + "\n"
 
 
@@ -357,6 +420,9 @@ def _uplink_routes(facts: Facts, ifname: str, gateway, table: int, subnet, host_
 
 def make_plan(config: Config, facts: Facts, instance: str) -> Plan:
     chosen = _select_uplinks(config, facts)
+    users = firewall.mark_users(facts.firewall, config.mark_mask, TABLE_PREFIX)
+    if users:
+        raise NswrapError(f"fwmark bits {config.mark_mask:#x} are already used by {users[0]}; choose others with --mark-mask")
     if facts.link(HOST_PREFIX + instance):
         raise NswrapError(f"interface {HOST_PREFIX + instance} already exists")
     subnet = allocate_subnet(facts, config.subnet)
@@ -373,8 +439,66 @@ def make_plan(config: Config, facts: Facts, instance: str) -> Plan:
         gw = next((r.gateway for r in routes if r.dst.prefixlen == 0), None)
         uplinks.append(UplinkPlan(ifname, gw, mark, table, routes, RuleSpec(priority, mark, config.mark_mask, table)))
         sysctls += [Sysctl(f"net/ipv4/conf/{ifname}/forwarding", "1"), Sysctl(f"net/ipv4/conf/{ifname}/src_valid_mark", "1")]
+    # IPv4 forwarding is decided by the ingress interface: replies to the server's own connections
+    # come back on the interfaces of the host's default routes.
+    forwarding = [name for name, _ in chosen]
+    if config.outbound:
+        extra = sorted({r.dev for r in facts.routes if r.table == 254 and r.is_default and r.dev and r.dev not in forwarding})
+        forwarding += extra
+        sysctls += [Sysctl(f"net/ipv4/conf/{name}/forwarding", "1") for name in extra]
     sysctls.append(Sysctl(f"net/ipv4/conf/{host_if}/forwarding", "1"))
+
+    addresses = _check_addresses(config, facts)
+    loopback = () if addresses and ipaddress.IPv4Address("127.0.0.1") not in addresses else _loopback_ports(config, facts, warnings)
+    if loopback:
+        sysctls.append(Sysctl(f"net/ipv4/conf/{host_if}/route_localnet", "1"))  # this interface only
+    if "tftp" in config.helpers and not any(p.proto == "udp" and p.outer_lo <= 69 <= p.outer_hi for p in config.ports):
+        raise NswrapError("--helper tftp needs udp port 69 published (e.g. --ports 69)", code=2)
     mtu = max(facts.link(name).mtu for name, _ in chosen)
     return Plan(
-        instance, config.ports, tuple(uplinks), subnet, config.mark_mask, mtu, tuple(warnings), tuple(sysctls), config.user is not None
+        instance, config.ports, tuple(uplinks), subnet, config.mark_mask, mtu, tuple(warnings), tuple(sysctls),
+        unprivileged_ports=config.user is not None,
+        addresses=addresses,
+        local_clients=not addresses or any(not a.is_loopback for a in addresses),
+        loopback_ports=loopback,
+        outbound=config.outbound,
+        guarded=tuple(name for name in forwarding if facts.forwarding.get(name) == "0"),
+        firewall=_make_room(config, facts, host_if, instance),
+        helpers=config.helpers,
     )
+
+
+def _check_addresses(config: Config, facts: Facts) -> tuple[ipaddress.IPv4Address, ...]:
+    local = {a.address.ip for a in facts.addresses}
+    for address in config.addresses:
+        if address not in local and not address.is_loopback:
+            raise NswrapError(f"address {address} is not on this host")
+    return tuple(config.addresses)
+
+
+def _loopback_ports(config: Config, facts: Facts, warnings: list[str]) -> tuple[PortRange, ...]:
+    """Published ports the host may reach on 127.0.0.1: never one a host process serves there."""
+    kept = []
+    for p in config.ports:
+        taken = sorted(port for proto, port in facts.loopback_listeners if proto == p.proto and p.outer_lo <= port <= p.outer_hi)
+        if taken:
+            warnings.append(f"127.0.0.1:{taken[0]}/{p.proto} is already served on this host: not redirecting {p} on loopback")
+        else:
+            kept.append(p)
+    return tuple(kept)
+
+
+def _make_room(config: Config, facts: Facts, host_if: str, instance: str) -> tuple:
+    """Who else would drop our forwarded flows, and the narrow accepts that make room there."""
+    rules = []
+    for blocker in firewall.blockers(facts.firewall, TABLE_PREFIX):
+        if blocker.backend is None:
+            raise NswrapError(firewall.how_to_fix(blocker))
+        if config.firewall == "off":
+            raise NswrapError(
+                f"forwarded flows of nswrap would be dropped by {blocker.where}, and --firewall off "
+                "forbids making room: use --firewall auto, or accept 'nsw-*' interfaces there yourself"
+            )
+        for rule in firewall.accept_rules(host_if, TABLE_PREFIX + instance):
+            rules.append((blocker.backend, blocker.chain, tuple(rule)))
+    return tuple(rules)

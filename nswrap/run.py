@@ -63,9 +63,16 @@ def _plan(config: Config, facts: Facts) -> Plan:
     return plan
 
 
+def _facts(nl) -> Facts:
+    handed_over = {}
+    for record in live_records():
+        handed_over.update(record.changed)  # what the host had before any live nswrap changed it
+    return gather(nl, handed_over)
+
+
 def dry_run(config: Config) -> int:
     with netlink.Netlink() as nl:
-        sys.stdout.write(render_plan(_plan(config, gather(nl))))
+        sys.stdout.write(render_plan(_plan(config, _facts(nl))))
     return 0
 
 
@@ -122,7 +129,7 @@ def run(config: Config) -> int:
             with netlink.Netlink() as nl:
                 for line in sweep(nl, gather(nl)):
                     log.warning("removed a dead instance's leftover: %s", line)
-                facts = gather(nl)
+                facts = _facts(nl)
             _refuse_published_twice(config.ports)
             plan = _plan(config, facts)
             liveness = hold_instance(plan.instance)

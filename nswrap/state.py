@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from nswrap import netlink, nft
+from nswrap import firewall, netlink, nft
 from nswrap.errors import NswrapError
 from nswrap.plan import HOST_PREFIX, PROTO, TABLE_PREFIX
 
@@ -209,6 +209,11 @@ def sweep(nl, facts) -> list[str]:
         record.remove()
         removed.append(f"rm {record.path}  # instance {record.id} (pid {record.pid}) is gone")
 
+    for binary in ("iptables-nft", "iptables-legacy"):
+        for chain, rule, tag in firewall.tagged_rules(binary, TABLE_PREFIX):
+            if not is_live(tag[len(TABLE_PREFIX):]):
+                firewall.iptables(binary, "-D", chain, rule)
+                removed.append(f"{binary} -D {chain} {' '.join(rule)}")
     for family, name in nft.tables():
         instance = _instance_of(name, TABLE_PREFIX)
         if instance and not is_live(instance):

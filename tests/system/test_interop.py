@@ -25,8 +25,7 @@ the host namespace is exactly as before.
 Servers run with their state in ``tmp_path`` (pid, drift, config files): nothing of this machine
 is used or left behind. Every client call is bounded in time and every wait polls.
 
-TFTP is expected to fail until nswrap grows the conntrack tftp helper (``--helper tftp``;
-marked ``xfail``).
+TFTP uses the conntrack tftp helper (``--helper tftp``): the server answers from a new port.
 """
 
 from __future__ import annotations
@@ -343,7 +342,6 @@ def tftp_get(lab: Lab, path: Path, name: str, dest: FsPath) -> bytes | None:
     return dest.read_bytes() or None
 
 
-@pytest.mark.xfail(reason="needs --helper tftp", strict=False)
 def test_tftpd_hpa(lab, tmp_path):
     """tftpd-hpa serving a file; tftp-hpa fetches it on every path.
 

@@ -125,7 +125,7 @@ def test_sysctls_are_per_interface_only():
     plan = make_plan(config(), host(), "abc123")
     keys = [s.key for s in plan.sysctls]
     assert "net/ipv4/ip_forward" not in keys and not any("/all/" in k or "/default/" in k for k in keys)
-    assert keys[-1] == "net/ipv4/conf/nsw-abc123/forwarding"
+    assert keys[-2:] == ["net/ipv4/conf/nsw-abc123/forwarding", "net/ipv4/conf/nsw-abc123/route_localnet"]
     assert {k.split("/")[3] for k in keys} == {"eth0", "eth1", "eth2", "nsw-abc123"}
 
 
