@@ -96,7 +96,7 @@ class Applier:
                 write_sysctl(obj.key, obj.value)
         elif step.kind == "nft":
             table = self.plan.nft_table
-            self._push("# forget the flows of the published ports", lambda: netlink.flush_conntrack(published_ports(self.plan)))
+            self._push("# forget the flows of the published ports", lambda: forget_flows(self.plan))
             self._push(f"nft delete table inet {table}", lambda: nft.delete_table("inet", table))
             nft.apply(obj)
         elif step.kind == "iptables":
@@ -111,3 +111,7 @@ class Applier:
 
 def published_ports(plan: Plan) -> list[tuple]:
     return [(p.proto, p.outer_lo, p.outer_hi) for p in plan.ports]
+
+
+def forget_flows(plan: Plan) -> None:
+    netlink.flush_conntrack(published_ports(plan), [u.mark for u in plan.uplinks], plan.mark_mask)

@@ -94,6 +94,32 @@ def cleanup(verbose) -> None:
     _exit_with(run_cleanup, verbose)
 
 
+@cli.command()
+@click.option("-p", "--ports", "ports", multiple=True, default=["53,53/tcp"], show_default=True, metavar="SPEC",
+              help="The ports you would publish.")
+@click.option("-u", "--uplink", "uplinks", multiple=True, metavar="IFACE[=GATEWAY]", help="The uplinks you would use.")
+@click.option("--mark-mask", default="0xf0000000", show_default=True, metavar="MASK")
+@click.option("--firewall", type=click.Choice(["auto", "off"]), default="auto", show_default=True)
+@click.option("-v", "--verbose", count=True, help="-vv: tracebacks.")
+def doctor(ports, uplinks, mark_mask, firewall, verbose) -> None:
+    """Check whether nswrap would work on this host, one verdict per line; exit 0 only if it would."""
+
+    def check() -> int:
+        config = Config(
+            command=(),
+            ports=parse_ports(ports),
+            uplinks=tuple(parse_uplink(u) for u in uplinks),
+            mark_mask=parse_mark_mask(mark_mask),
+            firewall=firewall,
+            dry_run=True,
+        )
+        from nswrap.doctor import doctor as run_doctor
+
+        return run_doctor(config)
+
+    _exit_with(check, verbose)
+
+
 @cli.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_(as_json) -> None:

@@ -50,10 +50,8 @@ def probe() -> FirewallFacts:
     ruleset = _run(["nft", "-j", "list", "ruleset"])
     items = tuple(json.loads(ruleset)["nftables"]) if ruleset else ()
     legacy = legacy_all = ""
-    if os.path.exists(LEGACY_TABLES):
-        with open(LEGACY_TABLES) as f:
-            loaded = f.read().split()
-        if loaded:  # reading them loads nothing new
+    loaded = _legacy_loaded()
+    if loaded:  # reading loaded tables loads nothing new
             legacy_all = _run(["iptables-legacy-save"])
             if "filter" in loaded:
                 legacy = _run(["iptables-legacy", "-t", "filter", "-S"])
@@ -157,8 +155,22 @@ def iptables(binary: str, action: str, chain: str, rule: list[str]) -> None:
         raise NswrapError(f"{binary} {action} {chain} {shlex.join(rule)}: {message}")
 
 
-def tagged_rules(binary: str, prefix: str) -> list[tuple[str, list[str], str]]:
-    """(chain, rule, tag) of every rule carrying one of our comments, for the sweep."""
+def _legacy_loaded() -> list[str]:
+    try:
+        with open(LEGACY_TABLES) as f:
+            return f.read().split()
+    except OSError:
+        return []
+
+
+def tagged_rules(binary: str, prefix: str, nft_tables) -> list[tuple[str, list[str], str]]:
+    """(chain, rule, tag) of every rule carrying one of our comments, for the sweep.
+
+    Only where a filter table already exists: listing iptables-legacy would load its table.
+    """
+    present = ("ip", "filter") in nft_tables if binary == "iptables-nft" else "filter" in _legacy_loaded()
+    if not present:
+        return []
     out = []
     for line in _run([binary, "-t", "filter", "-S"]).splitlines():
         words = shlex.split(line)

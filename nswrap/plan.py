@@ -349,8 +349,8 @@ def _free(start: int, taken: set[int], count: int, what: str) -> list[int]:
 def allocate_marks(facts: Facts, mask: int, count: int) -> list[int]:
     taken = set()
     for r in facts.rules:
-        if not r.fwmask & mask:
-            continue
+        if not r.fwmark & r.fwmask & mask:
+            continue  # their rule needs none of our bits set (wg-quick's fwmark 0xca6c, say)
         if r.proto == PROTO and r.fwmask == mask:
             taken.add(r.fwmark)  # another nswrap instance
         else:

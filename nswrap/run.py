@@ -96,6 +96,8 @@ def _record(config: Config, plan: Plan) -> Record:
         ports=[[p.proto, p.outer_lo, p.outer_hi, p.inner_lo] for p in plan.ports],
         uplinks=[u.ifname for u in plan.uplinks],
         needs=[s.key for s in plan.sysctls],
+        marks=[u.mark for u in plan.uplinks],
+        mark_mask=plan.mark_mask,
     )
 
 

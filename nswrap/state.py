@@ -97,6 +97,8 @@ class Record:
     needs: list[str] = field(default_factory=list)  # sysctl keys this instance relies on
     changed: dict[str, str] = field(default_factory=dict)  # sysctl key -> value to restore
     netns: str = ""
+    marks: list[int] = field(default_factory=list)  # one per uplink, under mark_mask
+    mark_mask: int = 0
 
     @property
     def path(self) -> Path:
@@ -205,16 +207,18 @@ def sweep(nl, facts) -> list[str]:
             continue
         for key, original in record.changed.items():
             removed.append(release_sysctl(record, key, original))
-        netlink.flush_conntrack([tuple(p) for p in record.ports])  # no flow may go on to a dead server
+        # no flow may go on to a dead server
+        netlink.flush_conntrack([tuple(p) for p in record.ports], record.marks, record.mark_mask)
         record.remove()
         removed.append(f"rm {record.path}  # instance {record.id} (pid {record.pid}) is gone")
 
+    tables = nft.tables()
     for binary in ("iptables-nft", "iptables-legacy"):
-        for chain, rule, tag in firewall.tagged_rules(binary, TABLE_PREFIX):
+        for chain, rule, tag in firewall.tagged_rules(binary, TABLE_PREFIX, tables):
             if not is_live(tag[len(TABLE_PREFIX):]):
                 firewall.iptables(binary, "-D", chain, rule)
                 removed.append(f"{binary} -D {chain} {' '.join(rule)}")
-    for family, name in nft.tables():
+    for family, name in tables:
         instance = _instance_of(name, TABLE_PREFIX)
         if instance and not is_live(instance):
             nft.delete_table(family, name)

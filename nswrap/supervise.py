@@ -11,7 +11,8 @@ The server runs under a small init of ours, forked as PID 1 of a new PID namespa
 - The init reaps orphans and waits until the *last* process has exited, so servers that fork into
   the background keep the instance alive; the exit status is the first process's (128+N for a signal).
 - Signals: nswrap forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 to the init, which
-  passes them to the server's first process while it lives, else to every process in the namespace.
+  passes them to the server's first process while it lives, else to every process in the namespace;
+  once a stop was asked for and the first process has exited, the rest get the stop signal too.
   After SIGTERM or SIGINT, nswrap waits --stop-timeout seconds, then SIGKILLs the whole namespace.
 - Setup phase: a signal aborts setup (the caller rolls back and exits 128+N). Teardown phase:
   signals are ignored so teardown always completes.
@@ -147,8 +148,11 @@ def _init(command, netns_fd: int, env, creds: Credentials | None, report_w: int)
         os.write(report_w, f"setns: {os.strerror(ctypes.get_errno())}".encode())
         return EXIT_FAILED
     running: list[int] = []  # the server's first process, until it is reaped
+    stopping: list[int] = []  # the stop signal we were asked to pass on, once one came
 
     def forward(signum: int, frame) -> None:
+        if signum in STOPPING:
+            stopping.append(signum)
         target = running[0] if running else -1  # -1: every process in our namespace but us
         with contextlib.suppress(ProcessLookupError):
             os.kill(target, signum)
@@ -183,6 +187,9 @@ def _init(command, netns_fd: int, env, creds: Credentials | None, report_w: int)
         if reaped == pid:
             running.clear()
             code = exit_status(os.waitstatus_to_exitcode(status))
+            if stopping:  # asked to stop and the server is gone: so is everything it left running
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(-1, stopping[-1])
 
 
 def _close_all_but(*keep: int) -> None:

@@ -448,8 +448,10 @@ class Lab:
         """Snapshot of the host namespace, for before/after comparisons.
 
         Links, addresses, IPv4/IPv6 policy rules and routes of all tables, the
-        nftables ruleset and the forwarding/rp_filter/src_valid_mark/
-        route_localnet sysctls. Two snapshots are equal when nothing changed.
+        nftables ruleset (counter values zeroed: traffic moves them, e.g. in
+        iptables-nft's rules), iptables-legacy's rules when its tables are
+        loaded, and the forwarding/rp_filter/src_valid_mark/route_localnet
+        sysctls. Two snapshots are equal when nothing changed.
         """
         def ip_json(*args: str) -> Any:
             return json.loads(self.exec(self.host, ["ip", "-json", *args]).stdout or "[]")
@@ -468,9 +470,13 @@ class Lab:
             "rule6": ip_json("-6", "rule", "show"),
             "route4": ip_json("-4", "route", "show", "table", "all"),
             "route6": ip_json("-6", "route", "show", "table", "all"),
-            "nft": json.loads(self.exec(self.host, ["nft", "-j", "list", "ruleset"]).stdout)[
-                "nftables"
-            ],
+            "nft": _zero_counters(
+                json.loads(self.exec(self.host, ["nft", "-j", "list", "ruleset"]).stdout)["nftables"]
+            ),
+            "iptables_legacy": self.exec(
+                self.host, ["sh", "-c", "grep -q . /proc/net/ip_tables_names && iptables-legacy-save -c"
+                            " | sed -e '/^#/d' -e 's/\\[[0-9]*:[0-9]*\\]/[0:0]/g' || true"]
+            ).stdout,
             "sysctl": sysctls,
         }
 
@@ -503,6 +509,17 @@ class Lab:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _zero_counters(node: Any) -> Any:
+    """The same JSON with every counter's packets/bytes set to 0."""
+    if isinstance(node, list):
+        return [_zero_counters(v) for v in node]
+    if isinstance(node, dict):
+        if set(node) == {"packets", "bytes"}:
+            return {"packets": 0, "bytes": 0}
+        return {k: _zero_counters(v) for k, v in node.items()}
+    return node
 
 
 def diff_states(before: dict[str, Any], after: dict[str, Any]) -> str:

@@ -1,0 +1,194 @@
+"""Other tools on the host: Docker/ufw-style iptables, other nft tables and fwmark rules, the host
+itself as a client, the server's own outbound connections, and what stays unreachable.
+
+Each test installs the foreign state in the lab host first and takes its own baseline *after*
+that; the foreign state must be byte-identical once nswrap has exited (nft counters aside, which
+traffic moves). Then the test removes the foreign state, and the `lab` fixture checks the host
+is back to how the lab built it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import signal
+
+import pytest
+
+from tests.lab import TEST_ANSWER, Lab, diff_states, dig, dig_from, unbound_conf, wait_answered
+from tests.system.common import UDPECHO, echo_answered, nswrap, output, start, wait_ready
+
+DOCKER = """
+iptables -P FORWARD DROP
+iptables -N DOCKER-USER
+iptables -A FORWARD -j DOCKER-USER
+iptables -A DOCKER-USER -j RETURN
+"""
+UFW = """
+iptables -P FORWARD DROP
+iptables -N ufw-before-forward
+iptables -A FORWARD -j ufw-before-forward
+iptables -A ufw-before-forward -p icmp -j ACCEPT
+"""
+OTHER_TOOLS = """
+nft add table inet othertool
+nft add chain inet othertool pre '{ type filter hook prerouting priority -300; }'
+nft add rule inet othertool pre meta mark and 0x4000 == 0x4000 counter
+ip rule add fwmark 0x4000/0x4000 lookup 100 priority 100
+ip rule add fwmark 0xca6c lookup 51820 priority 5210
+"""
+REMOVE_ALL = """
+nft delete table ip filter 2>/dev/null || true
+nft delete table inet othertool 2>/dev/null || true
+nft delete table inet mine 2>/dev/null || true
+ip rule del priority 100 2>/dev/null || true
+ip rule del priority 5210 2>/dev/null || true
+"""
+
+
+def sh(lab: Lab, script: str) -> None:
+    lab.exec(lab.host, ["sh", "-ec", script])
+
+
+@pytest.fixture
+def foreign(lab):
+    """install(script) -> the baseline state with that foreign state in place; removed afterwards."""
+
+    def install(script: str) -> dict:
+        sh(lab, script)
+        return lab.state()
+
+    yield install
+    sh(lab, REMOVE_ALL)
+
+
+def server_address(lab: Lab) -> str:
+    """The server's private address, read from the host's veth (ip -json), not from nswrap."""
+    addrs = json.loads(lab.exec(lab.host, ["ip", "-json", "-4", "addr", "show"]).stdout)
+    (host_end,) = [a["addr_info"][0]["local"] for a in addrs if a["ifname"].startswith("nsw-")]
+    return str(ipaddress.IPv4Address(host_end) + 1)
+
+
+def unbound_and_unpublished_echo(tmp_path) -> list[str]:
+    """unbound on 53 and, in the same namespace, an echo server on 7777 that is *not* published."""
+    echo = " ".join(UDPECHO)
+    return ["sh", "-c", f"{echo} serve 7777 & exec unbound -d -c {unbound_conf(tmp_path)}"]
+
+
+@pytest.mark.parametrize("firewall", [DOCKER, UFW], ids=["docker", "ufw"])
+def test_behind_a_drop_policy_every_path_is_answered_and_foreign_state_kept(lab, tmp_path, foreign, firewall):
+    baseline = foreign(firewall + OTHER_TOOLS)
+    proc = start(lab, tmp_path, "--ports", "53,53/tcp", "--", *unbound_and_unpublished_echo(tmp_path))
+    for path in lab.paths:
+        assert wait_answered(lab, path) == TEST_ANSWER, path.name
+        assert dig(lab, path, tcp=True) == TEST_ANSWER, path.name
+    chain = "DOCKER-USER" if "DOCKER-USER" in firewall else "FORWARD"
+    assert "--comment nswrap-" in lab.exec(lab.host, ["iptables", "-S", chain]).stdout
+
+    # nothing unpublished is reachable: not via the host's addresses, not straight at the server
+    c3 = lab.paths[3]
+    assert not echo_answered(lab, c3.client, c3.address, 7777)
+    assert not echo_answered(lab, c3.client, server_address(lab), 7777)
+
+    assert lab.stop(proc) == 0
+    assert not diff_states(baseline, lab.state()), diff_states(baseline, lab.state())
+
+
+def test_iptables_legacy_drop_policy(tmp_path):
+    """Legacy tables cannot be unloaded from a namespace again: own lab, own baseline."""
+    with Lab() as lab:
+        sh(lab, "iptables-legacy -P FORWARD DROP")
+        baseline = lab.state()
+        proc = start(lab, tmp_path, "--ports", "53", "--", "unbound", "-d", "-c", unbound_conf(tmp_path))
+        for path in lab.paths:
+            assert wait_answered(lab, path) == TEST_ANSWER, path.name
+        assert "nswrap-" in lab.exec(lab.host, ["iptables-legacy", "-S", "FORWARD"]).stdout
+        assert lab.stop(proc) == 0
+        assert not diff_states(baseline, lab.state()), diff_states(baseline, lab.state())
+
+
+def test_firewall_off_refuses_and_changes_nothing(lab, foreign):
+    baseline = foreign(DOCKER)
+    done = nswrap(lab, "--firewall", "off", "--ports", "53", "--", "true")
+    assert done.returncode == 125
+    assert "iptables-nft chain FORWARD (policy drop)" in done.stderr and "--firewall auto" in done.stderr
+    assert not diff_states(baseline, lab.state())
+
+
+def test_a_native_nft_drop_chain_is_named_not_edited(lab, tmp_path, foreign):
+    baseline = foreign("nft add table inet mine; nft add chain inet mine fw '{ type filter hook forward priority 0; policy drop; }'")
+    done = nswrap(lab, "--ports", "53", "--", "true")
+    assert done.returncode == 125
+    assert "nft chain inet mine fw (policy drop)" in done.stderr and "ct status dnat accept" in done.stderr
+    assert not diff_states(baseline, lab.state())
+    # firewalld's way (accepting DNATed flows) lets nswrap's flows through without any change
+    sh(lab, "nft insert rule inet mine fw ct status dnat accept")
+    proc = start(lab, tmp_path, "--ports", "53", "--", "unbound", "-d", "-c", unbound_conf(tmp_path))
+    assert wait_answered(lab, lab.paths[2]) == TEST_ANSWER
+    assert lab.stop(proc) == 0
+
+
+def test_a_foreign_rule_on_our_mark_bits_is_refused_by_name(lab, foreign):
+    foreign("nft add table inet othertool; nft add chain inet othertool pre '{ type filter hook prerouting priority 0; }';"
+            " nft add rule inet othertool pre meta mark set 0x10000000")
+    done = nswrap(lab, "--ports", "53", "--", "true")
+    assert done.returncode == 125 and "nft table inet othertool chain pre" in done.stderr, done.stderr
+    assert nswrap(lab, "--mark-mask", "0x0f000000", "--ports", "53", "--", "true").returncode == 0
+
+
+def test_the_host_reaches_the_server_on_its_own_addresses_and_loopback(lab, tmp_path, unbound):
+    proc = start(lab, tmp_path, "--ports", "53,53/tcp", "--", *unbound)
+    wait_answered(lab, lab.paths[0])
+    for address in ("192.0.2.10", "192.0.2.11", "198.51.100.10", "203.0.113.65", "127.0.0.1"):
+        assert dig_from(lab, lab.host, address) == TEST_ANSWER, address
+        assert dig_from(lab, lab.host, address, tcp=True) == TEST_ANSWER, f"{address} tcp"
+    assert lab.stop(proc) == 0
+
+
+def test_address_publishes_only_there(lab, tmp_path, unbound):
+    proc = start(lab, tmp_path, "--address", "192.0.2.11", "--ports", "53", "--", *unbound)
+    c1_secondary, c1_primary = lab.paths[1], lab.paths[0]
+    assert wait_answered(lab, c1_secondary) == TEST_ANSWER
+    assert dig(lab, c1_primary) is None
+    assert lab.stop(proc) == 0
+
+
+@pytest.mark.parametrize("outbound", [True, False], ids=["default", "no-outbound"])
+def test_the_server_reaches_upstream_unless_no_outbound(lab, tmp_path, outbound):
+    upstream = lab.spawn(lab.ns("c1"), [*UDPECHO, "serve", "7000"], stdout=(tmp_path / "up.out").open("w"))
+    wait_ready(tmp_path, name="up")
+    probe = f"{' '.join(UDPECHO)} ask 203.0.113.2 7000 && echo OUTBOUND-OK || echo OUTBOUND-BLOCKED; echo ready; exec sleep 60"
+    flags = [] if outbound else ["--no-outbound"]
+    proc = start(lab, tmp_path, *flags, "--ports", "5353", "--", "sh", "-c", probe)
+    wait_ready(tmp_path)
+    assert ("OUTBOUND-OK" if outbound else "OUTBOUND-BLOCKED") in output(tmp_path)
+    assert lab.stop(proc) == 128 + signal.SIGTERM
+    lab.stop(upstream)
+
+
+def test_the_host_does_not_start_routing_other_traffic(lab, tmp_path, foreign):
+    """eth2's forwarding was off: with nswrap on, a client that uses the host as its gateway
+    still gets nothing forwarded (counted by an observer table after our guard)."""
+    foreign("nft add table inet mine; nft add chain inet mine seen '{ type filter hook forward priority 10; }';"
+            " nft add rule inet mine seen iifname eth2 ip daddr 192.0.2.1 counter")
+    proc = start(lab, tmp_path, "--ports", "5353", "--", *UDPECHO, "serve", "5353")
+    wait_ready(tmp_path)
+    c3 = lab.paths[3]
+    assert echo_answered(lab, c3.client, c3.address, 5353)  # published: yes
+    assert not echo_answered(lab, c3.client, "192.0.2.1", 9)  # routed through the host: no
+    seen = json.loads(lab.exec(lab.host, ["nft", "-j", "list", "chain", "inet", "mine", "seen"]).stdout)
+    (counter,) = [e["counter"] for item in seen["nftables"] if "rule" in item for e in item["rule"]["expr"] if "counter" in e]
+    assert counter["packets"] == 0
+    assert lab.stop(proc) == 128 + signal.SIGTERM
+
+
+def test_doctor_says_whether_nswrap_would_work_and_changes_nothing(lab, foreign):
+    done = nswrap(lab, "doctor")
+    assert done.returncode == 0, done.stdout
+    assert done.stdout.splitlines()[-1] == "nswrap would work here"
+    assert all(line.startswith(("ok ", "note ", "nswrap would")) for line in done.stdout.splitlines())
+    baseline = foreign(DOCKER + "nft add table inet mine; nft add chain inet mine fw '{ type filter hook forward priority 0; policy drop; }'")
+    done = nswrap(lab, "doctor")
+    assert done.returncode == 1
+    assert any(line.startswith("FAIL") and "nft chain inet mine fw" in line for line in done.stdout.splitlines())
+    assert not diff_states(baseline, lab.state())
