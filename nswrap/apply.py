@@ -28,9 +28,10 @@ class Applier:
         self._server: netlink.Netlink | None = None
         self._undo: list[tuple[str, Callable[[], None]]] = []
 
-    def apply(self) -> None:
+    def apply(self, checkpoint: Callable[[], None] = lambda: None) -> None:
         self._host = netlink.Netlink()
         for step in self.plan.steps():
+            checkpoint()
             line = render(step, self.plan)
             log.info("%s", line)
             try:

@@ -1,18 +1,29 @@
-"""Command line: click only. Parse -> Config -> run; the one place that maps errors to exit codes."""
+"""Command line: click only. Parse -> Config -> run; the one place that maps errors to exit codes.
+
+Every option can also come from an ``NSWRAP_*`` environment variable and from a TOML file given
+with ``--config`` (or ``NSWRAP_CONFIG``); the command line wins over the environment, which wins
+over the file (click's own order: command line, envvar, ``default_map``).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import tomllib
 import traceback
 
 import click
+from click.core import ParameterSource
 
 from nswrap import __version__
 from nswrap.config import Config, parse_address, parse_mark_mask, parse_ports, parse_subnet, parse_uplink
-from nswrap.errors import EXIT_FAILED, EXIT_USAGE, NswrapError
+from nswrap.errors import EXIT_FAILED, EXIT_USAGE, NswrapError, UsageError
 
 log = logging.getLogger("nswrap")
+
+CONFIG_META = "nswrap.config"  # ctx.meta key: path of the config file the defaults came from
+COMMAND_META = "nswrap.command"  # ctx.meta key: the config file's `command`, if any
 
 
 class DefaultRun(click.Group):
@@ -22,6 +33,48 @@ class DefaultRun(click.Group):
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["run", *args]
         return super().parse_args(ctx, args)
+
+    def shell_complete(self, ctx: click.Context, incomplete: str) -> list:
+        """`nswrap --po<TAB>` completes run's options too: with nothing before the word being
+        completed, parse_args above has nothing to put `run` in front of."""
+        results = super().shell_complete(ctx, incomplete)
+        if incomplete.startswith("-"):
+            run_command = self.commands["run"]
+            run_ctx = click.Context(run_command, parent=ctx, info_name="run", resilient_parsing=True)
+            seen = {item.value for item in results}
+            results += [item for item in run_command.shell_complete(run_ctx, incomplete) if item.value not in seen]
+        return results
+
+
+def _complete_interfaces(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """--uplink values: this network namespace's interfaces."""
+    try:
+        names = sorted(os.listdir("/sys/class/net"))
+    except OSError:
+        return []
+    return [name for name in names if name.startswith(incomplete) and name != "lo"]
+
+
+def _env(name: str) -> dict:
+    return {"envvar": f"NSWRAP_{name}", "show_envvar": True}
+
+
+def _load_config(ctx: click.Context, param: click.Parameter, path: str | None) -> None:
+    """Eager callback of --config: the file's values become the command's defaults."""
+    if not path or ctx.resilient_parsing:
+        return
+    values = read_config(path)
+    ctx.meta[CONFIG_META] = path
+    if "command" in values:
+        ctx.meta[COMMAND_META] = tuple(values.pop("command"))
+    names = {p.name for p in ctx.command.params}
+    ctx.default_map = {**(ctx.default_map or {}), **{k: v for k, v in values.items() if k in names}}
+
+
+config_option = click.option(
+    "--config", type=click.Path(), metavar="FILE", is_eager=True, expose_value=False, callback=_load_config, **_env("CONFIG"),
+    help="Read options from this TOML file (keys named like the long options, plus `command`).",
+)
 
 
 @click.group(cls=DefaultRun, context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,47 +86,63 @@ def cli() -> None:
     \b
       nswrap --ports 53,53/tcp -- unbound -d
       nswrap --ports 123 --uplink eth0 --uplink eth1=198.51.100.1 -- chronyd -d
+      nswrap --config /etc/nswrap/dns.toml
     """
 
 
 @cli.command(context_settings={"allow_interspersed_args": False})
-@click.option("-p", "--ports", "ports", multiple=True, metavar="SPEC",
+@config_option
+@click.option("-p", "--ports", "ports", multiple=True, metavar="SPEC", **_env("PORTS"),
               help="Published ports: PORT, OUTER:INNER, A-B or A-B:C-D, each optionally /udp (default) or /tcp; comma-separated, repeatable.")
-@click.option("-u", "--uplink", "uplinks", multiple=True, metavar="IFACE[=GATEWAY]",
+@click.option("-u", "--uplink", "uplinks", multiple=True, metavar="IFACE[=GATEWAY]", **_env("UPLINK"),
+              shell_complete=_complete_interfaces,
               help="Serve clients arriving on IFACE (repeatable). Default: every interface with a global IPv4 address.")
-@click.option("--subnet", metavar="CIDR", help="Internal subnet between host and server (default: a free /30 in 198.18.0.0/15).")
-@click.option("--mark-mask", default="0xf0000000", show_default=True, metavar="MASK", help="fwmark bits nswrap may use.")
-@click.option("-a", "--address", "addresses", multiple=True, metavar="ADDR",
+@click.option("--subnet", metavar="CIDR", **_env("SUBNET"),
+              help="Internal subnet between host and server (default: a free /30 in 198.18.0.0/15).")
+@click.option("--mark-mask", default="0xf0000000", show_default=True, metavar="MASK", **_env("MARK_MASK"),
+              help="fwmark bits nswrap may use.")
+@click.option("-a", "--address", "addresses", multiple=True, metavar="ADDR", **_env("ADDRESS"),
               help="Publish only on this host address (repeatable). Default: every address of the host, and 127.0.0.1.")
-@click.option("--firewall", type=click.Choice(["auto", "off"]), default="auto", show_default=True,
+@click.option("--firewall", type=click.Choice(["auto", "off"]), default="auto", show_default=True, **_env("FIREWALL"),
               help="auto: where iptables (Docker, ufw) would drop the forwarded flows, add narrow accepts; off: refuse instead.")
-@click.option("--no-outbound", is_flag=True, help="The server may not open connections of its own.")
-@click.option("--helper", "helpers", multiple=True, type=click.Choice(["tftp"]),
+@click.option("--no-outbound", is_flag=True, **_env("NO_OUTBOUND"), help="The server may not open connections of its own.")
+@click.option("--helper", "helpers", multiple=True, type=click.Choice(["tftp"]), **_env("HELPER"),
               help="Conntrack helper for a protocol whose server answers from a new port (tftp: udp 69 must be published).")
-@click.option("--user", metavar="USER[:GROUP]", help="Run the server as this user (it may still bind ports below 1024).")
-@click.option("--stop-timeout", type=float, default=10.0, show_default=True, metavar="SECONDS",
+@click.option("--user", metavar="USER[:GROUP]", **_env("USER"),
+              help="Run the server as this user (it may still bind ports below 1024).")
+@click.option("--stop-timeout", type=float, default=10.0, show_default=True, metavar="SECONDS", **_env("STOP_TIMEOUT"),
               help="After forwarding SIGTERM/SIGINT, SIGKILL the server's processes after this long (0: never).")
-@click.option("--ready-fd", type=int, metavar="N", help="Write a line to fd N once the rules are live and the server started.")
-@click.option("--dry-run", is_flag=True, help="Print the plan (ip commands, sysctls, nft ruleset) and exit; change nothing.")
-@click.option("-v", "--verbose", count=True, help="-v: log each host change as a shell line; -vv: debug.")
+@click.option("--ready-fd", type=int, metavar="N", **_env("READY_FD"),
+              help="Write a line to fd N once the rules are live and the server started.")
+@click.option("--dry-run", is_flag=True, **_env("DRY_RUN"),
+              help="Print the plan (ip commands, sysctls, nft ruleset) and exit; change nothing.")
+@click.option("-v", "--verbose", count=True, **_env("VERBOSE"), help="-v: log each host change as a shell line; -vv: debug.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def run(ports, uplinks, subnet, mark_mask, addresses, firewall, no_outbound, helpers, user, stop_timeout, ready_fd, dry_run,
-        verbose, command) -> None:
-    """Run COMMAND in its own network namespace, publishing --ports on the uplinks."""
+@click.pass_context
+def run(ctx, ports, uplinks, subnet, mark_mask, addresses, firewall, no_outbound, helpers, user, stop_timeout, ready_fd,
+        dry_run, verbose, command) -> None:
+    """Run COMMAND in its own network namespace, publishing --ports on the uplinks.
+
+    Every option may also be set in the environment (NSWRAP_PORTS, ...; a repeatable option takes
+    whitespace-separated values there, e.g. NSWRAP_UPLINK="eth0 eth1=198.51.100.1") or in the
+    --config file; the command line wins over the environment, the environment over the file.
+    """
+    if not command:
+        command = ctx.meta.get(COMMAND_META, ())
 
     def start() -> int:
         config = Config(
             command=tuple(command),
-            ports=parse_ports(ports),
-            uplinks=tuple(parse_uplink(u) for u in uplinks),
-            subnet=parse_subnet(subnet) if subnet else None,
-            mark_mask=parse_mark_mask(mark_mask),
+            ports=_parsed(ctx, "ports", parse_ports, ports),
+            uplinks=_parsed(ctx, "uplinks", lambda us: tuple(parse_uplink(u) for u in us), uplinks),
+            subnet=_parsed(ctx, "subnet", parse_subnet, subnet) if subnet else None,
+            mark_mask=_parsed(ctx, "mark_mask", parse_mark_mask, mark_mask),
             dry_run=dry_run,
             verbosity=verbose,
             user=user,
             stop_timeout=stop_timeout,
             ready_fd=ready_fd,
-            addresses=tuple(parse_address(a) for a in addresses),
+            addresses=_parsed(ctx, "addresses", lambda a: tuple(map(parse_address, a)), addresses),
             firewall=firewall,
             outbound=not no_outbound,
             helpers=tuple(helpers),
@@ -86,7 +155,7 @@ def run(ports, uplinks, subnet, mark_mask, addresses, firewall, no_outbound, hel
 
 
 @cli.command()
-@click.option("-v", "--verbose", count=True, help="-vv: debug output and tracebacks.")
+@click.option("-v", "--verbose", count=True, **_env("VERBOSE"), help="-vv: debug output and tracebacks.")
 def cleanup(verbose) -> None:
     """Remove what dead nswrap instances left behind (never touches a live one); idempotent."""
     from nswrap.run import cleanup as run_cleanup
@@ -95,21 +164,29 @@ def cleanup(verbose) -> None:
 
 
 @cli.command()
+@config_option
 @click.option("-p", "--ports", "ports", multiple=True, default=["53,53/tcp"], show_default=True, metavar="SPEC",
-              help="The ports you would publish.")
-@click.option("-u", "--uplink", "uplinks", multiple=True, metavar="IFACE[=GATEWAY]", help="The uplinks you would use.")
-@click.option("--mark-mask", default="0xf0000000", show_default=True, metavar="MASK")
-@click.option("--firewall", type=click.Choice(["auto", "off"]), default="auto", show_default=True)
-@click.option("-v", "--verbose", count=True, help="-vv: tracebacks.")
-def doctor(ports, uplinks, mark_mask, firewall, verbose) -> None:
-    """Check whether nswrap would work on this host, one verdict per line; exit 0 only if it would."""
+              **_env("PORTS"), help="The ports you would publish.")
+@click.option("-u", "--uplink", "uplinks", multiple=True, metavar="IFACE[=GATEWAY]", **_env("UPLINK"),
+              shell_complete=_complete_interfaces,
+              help="The uplinks you would use.")
+@click.option("--mark-mask", default="0xf0000000", show_default=True, metavar="MASK", **_env("MARK_MASK"))
+@click.option("--firewall", type=click.Choice(["auto", "off"]), default="auto", show_default=True, **_env("FIREWALL"))
+@click.option("-v", "--verbose", count=True, **_env("VERBOSE"), help="-vv: tracebacks.")
+@click.pass_context
+def doctor(ctx, ports, uplinks, mark_mask, firewall, verbose) -> None:
+    """Check whether nswrap would work on this host, one verdict per line; exit 0 only if it would.
+
+    Reads the same NSWRAP_* variables and --config file as `run` (keys it has no use for are
+    ignored), so it checks what the service would do.
+    """
 
     def check() -> int:
         config = Config(
             command=(),
-            ports=parse_ports(ports),
-            uplinks=tuple(parse_uplink(u) for u in uplinks),
-            mark_mask=parse_mark_mask(mark_mask),
+            ports=_parsed(ctx, "ports", parse_ports, ports),
+            uplinks=_parsed(ctx, "uplinks", lambda us: tuple(parse_uplink(u) for u in us), uplinks),
+            mark_mask=_parsed(ctx, "mark_mask", parse_mark_mask, mark_mask),
             firewall=firewall,
             dry_run=True,
         )
@@ -127,6 +204,115 @@ def list_(as_json) -> None:
     from nswrap.run import list_instances
 
     _exit_with(lambda: list_instances(as_json), 0)
+
+
+# -- the config file ------------------------------------------------------------------------------
+
+
+def config_keys() -> dict[str, tuple[str, str]]:
+    """{TOML key: (parameter name, kind)}: every long option of `run` (but --config) and `command`.
+
+    kind: "list" (a list of strings, or one string), "str", "number", "int" or "bool".
+    """
+    keys = {"command": ("command", "list")}
+    for param in run.params:
+        if not isinstance(param, click.Option) or param.name == "config":
+            continue
+        long_name = next(o for o in param.opts if o.startswith("--"))[2:]
+        if param.multiple:
+            kind = "list"
+        elif param.is_flag and not param.count:
+            kind = "bool"
+        elif param.count or isinstance(param.type, click.types.IntParamType):
+            kind = "int"
+        elif isinstance(param.type, click.types.FloatParamType):
+            kind = "number"
+        else:
+            kind = "str"
+        keys[long_name] = (param.name, kind)
+    return keys
+
+
+_KIND_TEXT = {"list": "a list of strings", "str": "a string", "number": "a number", "int": "an integer",
+              "bool": "true or false"}
+
+
+def read_config(path: str) -> dict:
+    """The TOML file at *path* as {parameter name: value}; click.UsageError (one line naming the
+    file, and the key if one is at fault) when it cannot be read, is not TOML, has an unknown key or
+    a value of the wrong type."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise click.UsageError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise click.UsageError(f"config file {path}: not valid TOML: {e}") from None
+    keys = config_keys()
+    values = {}
+    for key, value in data.items():
+        if key not in keys:
+            raise click.UsageError(f"config file {path}: unknown key {key!r} (known: {', '.join(sorted(keys))})")
+        name, kind = keys[key]
+        if key in ("ports", "mark-mask"):  # TOML numbers are fine here: ports = [53], mark-mask = 0xf0000000
+            value = [_int_to_str(v) for v in value] if isinstance(value, list) else _int_to_str(value)
+        if kind == "list" and isinstance(value, str):
+            value = [value]
+        if not _has_kind(value, kind):
+            raise click.UsageError(
+                f"config file {path}: key {key!r} must be {_KIND_TEXT[kind]}, not {_toml_type(value)} {value!r}")
+        values[name] = value
+    return values
+
+
+def _int_to_str(value):
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _has_kind(value, kind: str) -> bool:
+    if kind == "list":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)  # number
+
+
+def _toml_type(value) -> str:
+    return {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}.get(
+        type(value), "date/time")
+
+
+def _origin(ctx: click.Context | None, name: str | None) -> str | None:
+    """Where a parameter's value came from when not from the command line: NSWRAP_X, or the key in
+    the config file; None for the command line (or when unknown)."""
+    if ctx is None or name is None:
+        return None
+    source = ctx.get_parameter_source(name)
+    param = next((p for p in ctx.command.params if p.name == name), None)
+    if source is ParameterSource.ENVIRONMENT and param is not None and isinstance(param.envvar, str):
+        return param.envvar
+    if source is ParameterSource.DEFAULT_MAP and param is not None:
+        key = next((o[2:] for o in param.opts if o.startswith("--")), name)
+        return f"key {key!r} in config file {ctx.meta.get(CONFIG_META)}"
+    return None
+
+
+def _parsed(ctx: click.Context, name: str, parse, value):
+    """parse(value), with a usage error naming the variable or file the value came from."""
+    try:
+        return parse(value)
+    except UsageError as e:
+        origin = _origin(ctx, name)
+        if not origin:
+            raise
+        raise UsageError(f"{e} (from {origin})") from None
+
+
+# -- running and exiting --------------------------------------------------------------------------
 
 
 def _exit_with(action, verbose: int) -> None:
@@ -163,5 +349,8 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         sys.exit(130)
     except click.ClickException as e:
+        if isinstance(e, click.BadParameter) and e.param is not None and e.param_hint is None:
+            # Name where the bad value came from: the option, NSWRAP_X or the config file's key.
+            e.param_hint = _origin(e.ctx, e.param.name) or " / ".join(repr(o) for o in e.param.opts)
         click.echo(f"nswrap: {e.format_message()}", err=True)
         sys.exit(EXIT_USAGE if isinstance(e, click.UsageError) else e.exit_code)

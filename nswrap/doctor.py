@@ -64,10 +64,7 @@ def _nft(ruleset: str) -> str:
 
 
 def _conntrack() -> str:
-    from pyroute2 import Conntrack
-
-    with Conntrack() as ct:
-        return f"{ct.count()} flows tracked now"
+    return f"{netlink.conntrack_count()} flows tracked now"
 
 
 def _rp_filter(facts: Facts, names: list[str]) -> str:

@@ -277,8 +277,9 @@ def nft_ruleset(plan: Plan) -> str:
                   f'{arriving} udp dport 69 ct state new ct helper set "tftp"']
     rules += ["# a published flow remembers its uplink in the ct mark; the packet's mark lets strict",
               "# rp_filter (with src_valid_mark) check the client against that uplink's table"]
-    rules += [f'iifname "{u.ifname}" meta nfproto ipv4 {to_host} meta l4proto . th dport @published {set_mark(u.mark)} '
-              f"ct mark set ct mark & {keep:#010x} | {u.mark:#010x}" for u in plan.uplinks]
+    for u in plan.uplinks:  # every packet: cheap matches first, the fib lookup last
+        rules.append(f'iifname "{u.ifname}" meta l4proto . th dport @published meta nfproto ipv4 {to_host} {set_mark(u.mark)} '
+                     f"ct mark set ct mark & {keep:#010x} | {u.mark:#010x}")
     rules.append("# replies from the server are routed by the uplink their flow came in on")
     rules += [f"iifname {veth} ct direction reply {has_mark(u.mark)} {set_mark(u.mark)}" for u in plan.uplinks]
     if "tftp" in plan.helpers:

@@ -129,16 +129,21 @@ def run(config: Config) -> int:
     try:
         with setup_lock():
             with netlink.Netlink() as nl:
-                for line in sweep(nl, gather(nl)):
-                    log.warning("removed a dead instance's leftover: %s", line)
                 facts = _facts(nl)
+                removed = sweep(nl, facts)
+                for line in removed:
+                    log.warning("removed a dead instance's leftover: %s", line)
+                if removed:
+                    facts = _facts(nl)
+            supervisor.checkpoint()
             _refuse_published_twice(config.ports)
             plan = _plan(config, facts)
             liveness = hold_instance(plan.instance)
             journal = Journal(_record(config, plan))
             journal.start()  # before the first host change: a crash from here on is recoverable
             applier = Applier(plan, journal)
-            applier.apply()
+            applier.apply(supervisor.checkpoint)
+        supervisor.checkpoint()
         log.info("instance %s: serving %s on %s", plan.instance, ", ".join(map(str, plan.ports)), ", ".join(u.ifname for u in plan.uplinks))
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}  # readiness is ours to tell
         supervisor.start(config.command, applier.netns_fd, env, creds)

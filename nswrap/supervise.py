@@ -14,8 +14,9 @@ The server runs under a small init of ours, forked as PID 1 of a new PID namespa
   passes them to the server's first process while it lives, else to every process in the namespace;
   once a stop was asked for and the first process has exited, the rest get the stop signal too.
   After SIGTERM or SIGINT, nswrap waits --stop-timeout seconds, then SIGKILLs the whole namespace.
-- Setup phase: a signal aborts setup (the caller rolls back and exits 128+N). Teardown phase:
-  signals are ignored so teardown always completes.
+- Setup phase: a signal is noted and setup stops at the next step boundary (`checkpoint`), never
+  in the middle of a netlink exchange or an nft batch; the caller rolls back and exits 128+N.
+  Teardown phase: signals are ignored so teardown always completes.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Supervisor:
         self.stop_timeout = stop_timeout
         self.init_pid: int | None = None
         self.tearing_down = False
+        self.pending: int | None = None  # a signal that arrived during setup
 
     def install(self) -> None:
         for signum in FORWARDED:
@@ -76,11 +78,17 @@ class Supervisor:
         if self.tearing_down:
             return
         if self.init_pid is None:
-            raise Interrupted(signum)
+            self.pending = self.pending or signum  # acted on at the next checkpoint
+            return
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.init_pid, signum)
         if signum in STOPPING and self.stop_timeout > 0:
             signal.setitimer(signal.ITIMER_REAL, self.stop_timeout)
+
+    def checkpoint(self) -> None:
+        """Between setup steps: give up (and roll back) if a signal asked us to."""
+        if self.pending is not None:
+            raise Interrupted(self.pending)
 
     def _on_stop_timeout(self, signum: int, frame) -> None:
         if self.init_pid is not None and not self.tearing_down:
@@ -93,6 +101,7 @@ class Supervisor:
         own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         held = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)  # none lost, none half-handled
         try:
+            self.checkpoint()  # a signal noted since the last step: do not start at all
             if _libc.unshare(CLONE_NEWPID) != 0:
                 raise NswrapError(f"cannot create a PID namespace: {os.strerror(ctypes.get_errno())}")
             try:
@@ -111,6 +120,8 @@ class Supervisor:
         finally:
             os.close(own_pidns)
             os.close(report_w)
+            if self.init_pid is None:
+                os.close(report_r)
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
         with os.fdopen(report_r, "rb") as report:
             outcome = report.read()

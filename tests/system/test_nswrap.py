@@ -110,7 +110,7 @@ def test_dry_run_prints_the_plan_and_changes_nothing(lab):
     assert "uplink eth2 has no gateway" in done.stderr
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.05, 0.1, 0.2, 0.4, 0.8])
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.6, 0.8])
 def test_sigterm_at_any_moment_leaves_the_host_exact(lab, tmp_path, delay):
     """Whether SIGTERM lands during setup (rolled back) or after (forwarded), the host ends exact."""
     proc = start(lab, tmp_path, "--ports", "53", "--", "sleep", "60")
