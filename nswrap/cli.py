@@ -32,6 +32,8 @@ class DefaultRun(click.Group):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["run", *args]
+        elif not args and os.environ.get("NSWRAP_CONFIG") and not ctx.resilient_parsing:
+            args = ["run"]  # a bare `nswrap` runs what the file says (e.g. a container's ENTRYPOINT)
         return super().parse_args(ctx, args)
 
     def shell_complete(self, ctx: click.Context, incomplete: str) -> list:

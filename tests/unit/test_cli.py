@@ -49,3 +49,44 @@ def test_unprivileged_run_fails_with_125_and_no_traceback():
     done = nswrap("--ports", "53", "--", "true", user="65534")
     assert done.returncode == 125, done.stderr
     assert done.stderr.strip().startswith("nswrap: not permitted") and "Traceback" not in done.stderr
+
+
+def complete(words: str, env=None) -> list[str]:
+    """What bash completion offers for the last word of *words* (click's bash_complete protocol)."""
+    split = words.split(" ")
+    done = subprocess.run(
+        [sys.executable, "-m", "nswrap"], capture_output=True, text=True, timeout=30,
+        env={**os.environ, **(env or {}), "_NSWRAP_COMPLETE": "bash_complete", "COMP_WORDS": words,
+             "COMP_CWORD": str(len(split) - 1)},
+    )
+    assert done.returncode == 0 and not done.stderr, done
+    return done.stdout.splitlines()
+
+
+@pytest.mark.parametrize(
+    "words, expected",
+    [
+        ("nswrap --po", ["plain,--ports"]),  # no `run` yet: the default command's options still complete
+        ("nswrap --no", ["plain,--no-outbound"]),
+        ("nswrap --ver", ["plain,--version", "plain,--verbose"]),
+        ("nswrap l", ["plain,list"]),
+        ("nswrap c", ["plain,cleanup"]),
+        ("nswrap -p 53 --up", ["plain,--uplink"]),
+        ("nswrap run --sto", ["plain,--stop-timeout"]),
+        ("nswrap --firewall ", ["plain,auto", "plain,off"]),
+        ("nswrap -p 53 --helper ", ["plain,tftp"]),
+        ("nswrap doctor --fi", ["plain,--firewall"]),
+        ("nswrap --config ", ["file,"]),
+    ],
+)
+def test_shell_completion(words, expected):
+    assert complete(words) == expected
+    assert complete(words, env={"NSWRAP_CONFIG": "/nonexistent.toml"}) == expected
+
+
+def test_shell_completion_scripts():
+    for shell, marker in (("bash", "complete -o nosort -F _nswrap_completion nswrap"), ("zsh", "#compdef nswrap"),
+                          ("fish", "complete --no-files --command nswrap")):
+        done = subprocess.run([sys.executable, "-m", "nswrap"], capture_output=True, text=True, timeout=30,
+                              env={**os.environ, "_NSWRAP_COMPLETE": f"{shell}_source"})
+        assert done.returncode == 0 and marker in done.stdout, (shell, done)
