@@ -65,6 +65,8 @@ class Facts:
     forwarding: dict = field(default_factory=dict)  # ifname -> IPv4 forwarding before any nswrap
     firewall: FirewallFacts = FirewallFacts(())
     loopback_listeners: frozenset = frozenset()  # (proto, port) a host process serves on 127.0.0.1
+    resolv_conf: str = ""  # the host's /etc/resolv.conf
+    resolved_upstreams: str = ""  # systemd-resolved's /run/systemd/resolve/resolv.conf, if any
 
     def link(self, ifname: str) -> Link | None:
         return next((link for link in self.links if link.ifname == ifname), None)
@@ -127,4 +129,15 @@ def gather(netlink, handed_over: dict | None = None) -> Facts:
         parts = key.split("/")
         if len(parts) == 5 and parts[4] == "forwarding" and parts[3] in forwarding:
             forwarding[parts[3]] = value
-    return Facts(links, addresses, routes, rules, forwarding, firewall.probe(), _loopback_listeners())
+    return Facts(
+        links, addresses, routes, rules, forwarding, firewall.probe(), _loopback_listeners(),
+        _read("/etc/resolv.conf"), _read("/run/systemd/resolve/resolv.conf"),
+    )
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""

@@ -95,6 +95,8 @@ class Plan:
     guarded: tuple[str, ...] = ()  # interfaces whose forwarding nswrap turns on: forward nothing else
     firewall: tuple[tuple[str, str, tuple[str, ...]], ...] = ()  # (iptables binary, chain, rule)
     helpers: tuple[str, ...] = ()
+    resolv_conf: str | None = None  # the server's own /etc/resolv.conf, when the host's is unusable there
+    resolver_stub: ipaddress.IPv4Address | None = None  # the host's loopback resolver, reached via our veth
 
     @property
     def host_if(self) -> str:
@@ -214,6 +216,9 @@ def render_plan(plan: Plan) -> str:
         if step.why:
             lines += ["", f"# {step.why}"]
         lines.append(render(step, plan))
+    if plan.resolv_conf:
+        lines += ["", "# the server's /etc/resolv.conf, bind-mounted in a private mount namespace:"]
+        lines += [f"#   {line}" for line in plan.resolv_conf.splitlines()]
     return "\n".join(lines) + "\n"
 
 
@@ -288,8 +293,11 @@ def nft_ruleset(plan: Plan) -> str:
         rules += [f'iifname "{u.ifname}" ct status expected {has_mark(u.mark)} {set_mark(u.mark)}' for u in plan.uplinks]
     out += _chain("remember_uplink", "type filter hook prerouting priority mangle; policy accept;", rules)
 
-    out += _chain("publish", "type nat hook prerouting priority dstnat; policy accept;",
-                  _dnat(arriving, plan.ports, server, "published"))
+    publish = _dnat(arriving, plan.ports, server, "published")
+    if plan.resolver_stub:
+        publish += ["# the server's resolv.conf names the host's end of the veth: on to the host's own resolver",
+                    f"iifname {veth} ip daddr {plan.host_addr.ip} meta l4proto {{ udp, tcp }} th dport 53 dnat ip to {plan.resolver_stub}"]
+    out += _chain("publish", "type nat hook prerouting priority dstnat; policy accept;", publish)
 
     local = []
     if plan.local_clients:
@@ -451,7 +459,9 @@ def make_plan(config: Config, facts: Facts, instance: str) -> Plan:
 
     addresses = _check_addresses(config, facts)
     loopback = () if addresses and ipaddress.IPv4Address("127.0.0.1") not in addresses else _loopback_ports(config, facts, warnings)
-    if loopback:
+    host_addr = ipaddress.IPv4Interface(f"{subnet[1]}/{subnet.prefixlen}")
+    resolv_conf, resolver_stub = server_resolv_conf(facts.resolv_conf, facts.resolved_upstreams, host_addr.ip)
+    if loopback or resolver_stub:
         sysctls.append(Sysctl(f"net/ipv4/conf/{host_if}/route_localnet", "1"))  # this interface only
     if "tftp" in config.helpers and not any(p.proto == "udp" and p.outer_lo <= 69 <= p.outer_hi for p in config.ports):
         raise NswrapError("--helper tftp needs udp port 69 published (e.g. --ports 69)", code=2)
@@ -466,7 +476,34 @@ def make_plan(config: Config, facts: Facts, instance: str) -> Plan:
         guarded=tuple(name for name in forwarding if facts.forwarding.get(name) == "0"),
         firewall=_make_room(config, facts, host_if, instance),
         helpers=config.helpers,
+        resolv_conf=resolv_conf,
+        resolver_stub=resolver_stub,
     )
+
+
+def _nameservers(text: str) -> list[str]:
+    return [line.split()[1] for line in text.splitlines() if line.split()[:1] == ["nameserver"] and len(line.split()) > 1]
+
+
+def server_resolv_conf(host: str, resolved: str, host_end) -> tuple[str | None, ipaddress.IPv4Address | None]:
+    """The server's /etc/resolv.conf: None keeps the host's (usable from the server's namespace).
+
+    A loopback resolver (systemd-resolved's 127.0.0.53, a local dnsmasq) is not reachable from
+    the server's namespace: use systemd-resolved's upstream list if there is one, else point the
+    server at the host's end of the veth, which nswrap DNATs to the host's resolver.
+    """
+    servers = _nameservers(host)
+    loopback = [s for s in servers if s.startswith("127.") or s == "::1"]
+    if not servers or len(loopback) < len(servers):
+        return None, None  # no resolver at all, or one the server can reach (outbound) itself
+    if any(not (s.startswith("127.") or s == "::1") for s in _nameservers(resolved)):
+        return resolved, None
+    options = [line for line in host.splitlines() if line.split()[:1] in (["search"], ["domain"], ["options"])]
+    stub = next((s for s in loopback if s.startswith("127.")), None)
+    if stub is None:
+        return None, None
+    text = f"# written by nswrap: the host's resolver {stub} is reached through the veth\nnameserver {host_end}\n"
+    return text + "".join(line + "\n" for line in options), ipaddress.IPv4Address(stub)
 
 
 def _check_addresses(config: Config, facts: Facts) -> tuple[ipaddress.IPv4Address, ...]:

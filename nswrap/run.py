@@ -24,7 +24,7 @@ from nswrap.config import Config, PortRange
 from nswrap.errors import NswrapError, UsageError
 from nswrap.facts import Facts, gather
 from nswrap.plan import Plan, make_plan, render_plan
-from nswrap.state import Journal, Record, hold_instance, live_records, setup_lock, sweep
+from nswrap.state import Journal, Record, hold_instance, live_records, setup_lock, sweep, write_resolv
 from nswrap.supervise import Credentials, Interrupted, Supervisor, exit_status
 
 log = logging.getLogger("nswrap")
@@ -146,7 +146,8 @@ def run(config: Config) -> int:
         supervisor.checkpoint()
         log.info("instance %s: serving %s on %s", plan.instance, ", ".join(map(str, plan.ports)), ", ".join(u.ifname for u in plan.uplinks))
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}  # readiness is ours to tell
-        supervisor.start(config.command, applier.netns_fd, env, creds)
+        resolv = write_resolv(plan.instance, plan.resolv_conf) if plan.resolv_conf else None
+        supervisor.start(config.command, applier.netns_fd, env, creds, resolv)
         applier.release_netns()
         _announce_ready(config.ready_fd)
         return supervisor.wait()

@@ -188,7 +188,22 @@ class Journal:
         self.record = self.record.reload()
         for key, original in list(self.record.changed.items()):
             log.info("%s", release_sysctl(self.record, key, original))
+        with contextlib.suppress(FileNotFoundError):
+            resolv_path(self.record.id).unlink()
         self.record.remove()
+
+
+def resolv_path(instance: str) -> Path:
+    """The server's own resolv.conf, when it needs one (see plan.server_resolv_conf)."""
+    return RUN_DIR / f"{instance}.resolv.conf"
+
+
+def write_resolv(instance: str, text: str) -> str:
+    RUN_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+    path = resolv_path(instance)
+    path.write_text(text)
+    path.chmod(0o644)  # a server running as --user must read it
+    return str(path)
 
 
 def _instance_of(name: str, prefix: str) -> str | None:
@@ -212,6 +227,10 @@ def sweep(nl, facts) -> list[str]:
         record.remove()
         removed.append(f"rm {record.path}  # instance {record.id} (pid {record.pid}) is gone")
 
+    for path in sorted(RUN_DIR.glob("*.resolv.conf")) if RUN_DIR.is_dir() else []:
+        if not is_live(path.name.split(".")[0]):
+            path.unlink(missing_ok=True)
+            removed.append(f"rm {path}")
     tables = nft.tables()
     for binary in ("iptables-nft", "iptables-legacy"):
         for chain, rule, tag in firewall.tagged_rules(binary, TABLE_PREFIX, tables):

@@ -34,6 +34,8 @@ from nswrap.errors import EXIT_FAILED, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, Nswr
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 STOPPING = (signal.SIGTERM, signal.SIGINT)
 CLONE_NEWPID = 0x20000000
+CLONE_NEWNS = 0x00020000
+MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
 PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -95,8 +97,11 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.init_pid, signal.SIGKILL)  # the kernel then kills the whole namespace
 
-    def start(self, command: tuple[str, ...], netns_fd: int, env: dict[str, str], creds: Credentials | None) -> None:
-        """Fork the init into a new PID namespace; return once the server has been exec'd."""
+    def start(self, command: tuple[str, ...], netns_fd: int, env: dict[str, str], creds: Credentials | None,
+              resolv_conf: str | None = None) -> None:
+        """Fork the init into a new PID namespace; return once the server has been exec'd.
+
+        `resolv_conf`: a file the server sees as /etc/resolv.conf, through a private mount namespace."""
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
         own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         held = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)  # none lost, none half-handled
@@ -110,7 +115,7 @@ class Supervisor:
                     code = EXIT_FAILED
                     try:
                         _close_all_but(netns_fd, report_w)  # nswrap's sockets, a --ready-fd: not the init's
-                        code = _init(command, netns_fd, env, creds, report_w)
+                        code = _init(command, netns_fd, env, creds, report_w, resolv_conf)
                     finally:
                         os._exit(code)
             finally:
@@ -147,7 +152,18 @@ class Supervisor:
 # --- the init, PID 1 of the server's PID namespace (runs in the forked child only) ------------
 
 
-def _init(command, netns_fd: int, env, creds: Credentials | None, report_w: int) -> int:
+def _private_resolv_conf(path: str) -> str | None:
+    """Bind `path` over /etc/resolv.conf in a mount namespace of our own; an error text or None."""
+    if _libc.unshare(CLONE_NEWNS) != 0:
+        return f"unshare(CLONE_NEWNS): {os.strerror(ctypes.get_errno())}"
+    if _libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:  # nothing propagates back to the host
+        return f"mount --make-rprivate /: {os.strerror(ctypes.get_errno())}"
+    if _libc.mount(path.encode(), b"/etc/resolv.conf", None, MS_BIND, None) != 0:
+        return f"bind-mount {path} on /etc/resolv.conf: {os.strerror(ctypes.get_errno())}"
+    return None
+
+
+def _init(command, netns_fd: int, env, creds: Credentials | None, report_w: int, resolv_conf: str | None) -> int:
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     # nswrap, outside our PID namespace, shows as ppid 0: tell whether it died before PDEATHSIG
     # was armed by its end of the report pipe (a closed read end makes ours poll POLLERR).
@@ -157,6 +173,10 @@ def _init(command, netns_fd: int, env, creds: Credentials | None, report_w: int)
         return EXIT_FAILED
     if _libc.setns(netns_fd, 0x40000000) != 0:  # CLONE_NEWNET
         os.write(report_w, f"setns: {os.strerror(ctypes.get_errno())}".encode())
+        return EXIT_FAILED
+    failure = _private_resolv_conf(resolv_conf) if resolv_conf else None
+    if failure:
+        os.write(report_w, failure.encode())
         return EXIT_FAILED
     running: list[int] = []  # the server's first process, until it is reaped
     stopping: list[int] = []  # the stop signal we were asked to pass on, once one came

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import shutil
 import signal
+from pathlib import Path
 
 import pytest
 
-from tests.lab import TEST_ANSWER, Lab, diff_states, dig, dig_from, unbound_conf, wait_answered
+from tests.lab import TEST_ANSWER, Lab, diff_states, dig, dig_from, unbound_conf, wait_answered, wait_until
 from tests.system.common import UDPECHO, echo_answered, nswrap, output, start, wait_ready
 
 DOCKER = """
@@ -192,3 +194,28 @@ def test_doctor_says_whether_nswrap_would_work_and_changes_nothing(lab, foreign)
     assert done.returncode == 1
     assert any(line.startswith("FAIL") and "nft chain inet mine fw" in line for line in done.stdout.splitlines())
     assert not diff_states(baseline, lab.state())
+
+
+def test_a_server_behind_a_loopback_stub_resolver_still_resolves(lab, tmp_path):
+    """The host's resolv.conf names 127.0.0.53 (systemd-resolved's stub), which the server's
+    namespace cannot reach: the server sees its own resolv.conf and still resolves names."""
+    stub_conf = unbound_conf(tmp_path).replace("unbound.conf", "stub.conf")
+    with open(unbound_conf(tmp_path)) as f:
+        text = f.read().replace("interface: 0.0.0.0", "interface: 127.0.0.53")
+    with open(stub_conf, "w") as f:
+        f.write(text)
+    stub = lab.spawn(lab.host, ["unbound", "-d", "-c", stub_conf])
+    etc = Path("/etc/netns") / lab.host  # `ip netns exec` shows these files in place of /etc's
+    etc.mkdir(parents=True)
+    try:
+        (etc / "resolv.conf").write_text("nameserver 127.0.0.53\n")
+        wait_until(lambda: dig_from(lab, lab.host, "127.0.0.53", timeout=1), 15, what="the host's stub answers")
+        probe = "cat /etc/resolv.conf; dig +short +tries=3 +time=1 test.example; echo ready; exec sleep 60"
+        proc = start(lab, tmp_path, "--ports", "5353", "--", "sh", "-c", probe)
+        wait_ready(tmp_path)
+        seen = output(tmp_path)
+        assert "nameserver 198.18." in seen and TEST_ANSWER in seen, seen
+        assert lab.stop(proc) == 128 + signal.SIGTERM
+    finally:
+        shutil.rmtree(etc)
+        lab.stop(stub)

@@ -150,3 +150,32 @@ def test_dry_run_text_is_pinned():
         golden.parent.mkdir(exist_ok=True)
         golden.write_text(text)
     assert text == golden.read_text()
+
+
+@pytest.mark.parametrize(
+    "host, resolved, expected",
+    [
+        ("nameserver 192.0.2.53\n", "", (None, None)),  # reachable from the server: keep the host's
+        ("nameserver 127.0.0.53\nnameserver 192.0.2.53\n", "", (None, None)),
+        ("", "", (None, None)),
+        ("nameserver 127.0.0.53\noptions edns0\n", "nameserver 198.51.100.53\n", ("nameserver 198.51.100.53\n", None)),
+        (
+            "nameserver 127.0.0.53\nsearch example\noptions edns0\n",
+            "",
+            ("# written by nswrap: the host's resolver 127.0.0.53 is reached through the veth\n"
+             "nameserver 198.18.0.1\nsearch example\noptions edns0\n", A("127.0.0.53")),
+        ),
+    ],
+)
+def test_the_server_gets_a_usable_resolv_conf(host, resolved, expected):
+    from nswrap.plan import server_resolv_conf
+
+    assert server_resolv_conf(host, resolved, A("198.18.0.1")) == expected
+
+
+def test_a_loopback_resolver_is_reached_through_the_veth():
+    plan = make_plan(config(), host(resolv_conf="nameserver 127.0.0.53\n"), "abc123")
+    assert plan.resolver_stub == A("127.0.0.53")
+    text = nft_ruleset(plan)
+    assert 'iifname "nsw-abc123" ip daddr 198.18.0.5 meta l4proto { udp, tcp } th dport 53 dnat ip to 127.0.0.53' in text
+    assert "net/ipv4/conf/nsw-abc123/route_localnet" in [s.key for s in plan.sysctls]
