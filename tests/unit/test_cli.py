@@ -1,9 +1,14 @@
 """The command line, black-box: exit codes and one-line errors. Nothing here changes the host."""
 
+import ast
+import importlib
 import os
+import pathlib
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 
 import pytest
 
@@ -90,3 +95,30 @@ def test_shell_completion_scripts():
         done = subprocess.run([sys.executable, "-m", "nswrap"], capture_output=True, text=True, timeout=30,
                               env={**os.environ, "_NSWRAP_COMPLETE": f"{shell}_source"})
         assert done.returncode == 0 and marker in done.stdout, (shell, done)
+
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_packaging_metadata():
+    """What `pip install .` / `pipx install .` build: the `nswrap` script entry point resolves to the
+    same main() `python -m nswrap` runs, every package is listed, every third-party module nswrap
+    imports is a declared dependency (offline: reads pyproject.toml, builds nothing)."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert project["project"]["scripts"] == {"nswrap": "nswrap.cli:main"}
+    assert callable(importlib.import_module("nswrap.cli").main)
+    assert "from nswrap.cli import main" in (REPO / "nswrap" / "__main__.py").read_text()
+
+    packages = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "nswrap").rglob("__init__.py")}
+    assert packages == set(project["tool"]["setuptools"]["packages"])
+
+    declared = {re.split(r"[<>=!~ \[;]", d, maxsplit=1)[0].lower() for d in project["project"]["dependencies"]}
+    imported = set()
+    for source in (REPO / "nswrap").rglob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"nswrap", "__future__"}
+    assert third_party <= declared, f"imported but not declared in pyproject.toml: {third_party - declared}"
