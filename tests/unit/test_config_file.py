@@ -239,3 +239,10 @@ def test_bad_values_from_the_environment_exit_2_naming_the_variable(env, culprit
 def test_a_bad_value_on_the_command_line_still_names_the_option():
     one_line_usage_error(nswrap("-p", "53", "--stop-timeout", "soon", "--", "true"), "'--stop-timeout'", "soon")
     one_line_usage_error(nswrap("-p", "53", "--stop-timeout", "-1", "--", "true"), "-1")
+
+
+def test_the_example_config_file(parsed):
+    example = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "dns.toml")
+    config = parsed("--config", example)
+    assert config.ports == parse_ports(["53", "53/tcp"]) and config.stop_timeout == 5.0
+    assert config.command == ("unbound", "-d", "-c", "/etc/unbound/unbound.conf")
