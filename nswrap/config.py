@@ -94,7 +94,7 @@ def parse_ports(specs: tuple[str, ...] | list[str]) -> tuple[PortRange, ...]:
 @dataclass(frozen=True)
 class UplinkSpec:
     ifname: str
-    gateway: ipaddress.IPv4Address | None = None
+    gateway: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
 
     def __str__(self) -> str:
         return self.ifname + (f"={self.gateway}" if self.gateway else "")
@@ -112,16 +112,16 @@ def parse_uplink(text: str) -> UplinkSpec:
     if not sep:
         return UplinkSpec(ifname)
     try:
-        return UplinkSpec(ifname, ipaddress.IPv4Address(gateway))
+        return UplinkSpec(ifname, ipaddress.ip_address(gateway))
     except ValueError:
-        raise UsageError(f"invalid uplink {text!r}: {gateway!r} is not an IPv4 gateway address") from None
+        raise UsageError(f"invalid uplink {text!r}: {gateway!r} is not a gateway address") from None
 
 
-def parse_address(text: str) -> ipaddress.IPv4Address:
+def parse_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     try:
-        return ipaddress.IPv4Address(text)
+        return ipaddress.ip_address(text)
     except ValueError:
-        raise UsageError(f"invalid address {text!r}: expected an IPv4 address of this host") from None
+        raise UsageError(f"invalid address {text!r}: expected an address of this host") from None
 
 
 def parse_subnet(text: str) -> ipaddress.IPv4Network:
@@ -159,7 +159,7 @@ class Config:
     user: str | None = None  # USER[:GROUP] the server runs as
     stop_timeout: float = 10.0  # after forwarding SIGTERM/SIGINT, SIGKILL the server's tree after this
     ready_fd: int | None = None  # write a line here once the rules are live and the server started
-    addresses: tuple[ipaddress.IPv4Address, ...] = ()  # publish only on these host addresses
+    addresses: tuple = ()  # publish only on these host addresses (IPv4 and IPv6)
     firewall: str = "auto"  # auto: make room in iptables FORWARD/DOCKER-USER; off: refuse if blocked
     outbound: bool = True  # the server may open its own connections, masqueraded
     helpers: tuple[str, ...] = ()  # conntrack helpers for protocols that open related flows
@@ -176,7 +176,9 @@ class Config:
                 raise UsageError(f"invalid --helper {helper!r}: one of {', '.join(HELPERS)}")
         if self.stop_timeout < 0:
             raise UsageError(f"invalid stop timeout {self.stop_timeout}: must be 0 or more seconds")
-        names = [u.ifname for u in self.uplinks]
-        for name in names:
-            if names.count(name) > 1:
-                raise UsageError(f"invalid uplink {name!r}: given twice")
+        seen = {}
+        for u in self.uplinks:  # once, or twice: with an IPv4 and with an IPv6 gateway
+            version = u.gateway.version if u.gateway else None
+            if u.ifname in seen and (version is None or seen[u.ifname] in (None, version)):
+                raise UsageError(f"invalid uplink {u.ifname!r}: given twice (twice is fine with one IPv4 and one IPv6 gateway)")
+            seen[u.ifname] = version

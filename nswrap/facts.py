@@ -7,6 +7,7 @@ one by hand and pin the plan without root.
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass, field
 
 from nswrap import firewall
@@ -27,18 +28,18 @@ class Link:
 @dataclass(frozen=True)
 class Address:
     ifname: str
-    address: ipaddress.IPv4Interface
+    address: ipaddress.IPv4Interface | ipaddress.IPv6Interface
     scope: int = RT_SCOPE_UNIVERSE
 
 
 @dataclass(frozen=True)
 class Route:
     table: int
-    dst: ipaddress.IPv4Network
+    dst: ipaddress.IPv4Network | ipaddress.IPv6Network
     dev: str | None
-    gateway: ipaddress.IPv4Address | None = None
+    gateway: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
     scope: int = RT_SCOPE_UNIVERSE
-    prefsrc: ipaddress.IPv4Address | None = None
+    prefsrc: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
     metric: int = 0
     proto: int = 0
 
@@ -54,6 +55,7 @@ class Rule:
     fwmark: int = 0
     fwmask: int = 0
     proto: int = 0
+    family: int = 4
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,8 @@ class Facts:
     routes: tuple[Route, ...]
     rules: tuple[Rule, ...]
     forwarding: dict = field(default_factory=dict)  # ifname -> IPv4 forwarding before any nswrap
+    forwarding6: dict = field(default_factory=dict)  # ifname -> IPv6 force_forwarding; "all" -> global
+    ipv6_per_interface: bool = True  # Linux >= 6.17: per-interface IPv6 forwarding (force_forwarding)
     firewall: FirewallFacts = FirewallFacts(())
     loopback_listeners: frozenset = frozenset()  # (proto, port) a host process serves on 127.0.0.1
     resolv_conf: str = ""  # the host's /etc/resolv.conf
@@ -71,18 +75,20 @@ class Facts:
     def link(self, ifname: str) -> Link | None:
         return next((link for link in self.links if link.ifname == ifname), None)
 
-    def global_addresses(self, ifname: str) -> list[ipaddress.IPv4Interface]:
-        return [a.address for a in self.addresses if a.ifname == ifname and a.scope == RT_SCOPE_UNIVERSE]
+    def global_addresses(self, ifname: str, version: int = 4) -> list:
+        return [
+            a.address for a in self.addresses if a.ifname == ifname and a.scope == RT_SCOPE_UNIVERSE and a.address.version == version
+        ]
 
     def main_routes(self, ifname: str) -> list[Route]:
         return [r for r in self.routes if r.table == RT_TABLE_MAIN and r.dev == ifname]
 
 
-def _forwarding(names) -> dict:
+def _sysctls(pattern: str, names) -> dict:
     values = {}
     for name in names:
         try:
-            with open(f"/proc/sys/net/ipv4/conf/{name}/forwarding") as f:
+            with open(pattern.format(name)) as f:
                 values[name] = f.read().strip()
         except OSError:
             pass
@@ -94,9 +100,9 @@ def _loopback_listeners() -> frozenset:
     import psutil  # lazy: only a running instance needs it
 
     found = set()
-    for kind, proto in (("udp4", "udp"), ("tcp4", "tcp")):
+    for kind, proto in (("udp", "udp"), ("tcp", "tcp")):
         for conn in psutil.net_connections(kind=kind):
-            if conn.laddr and conn.laddr.ip in ("127.0.0.1", "0.0.0.0") and (proto == "udp" or conn.status == "LISTEN"):
+            if conn.laddr and conn.laddr.ip in ("127.0.0.1", "0.0.0.0", "::1", "::") and (proto == "udp" or conn.status == "LISTEN"):
                 found.add((proto, conn.laddr.port))
     return frozenset(found)
 
@@ -117,21 +123,35 @@ def gather(netlink, handed_over: dict | None = None) -> Facts:
             names.get(r["oif"]),
             r["gateway"],
             r["scope"],
-            ipaddress.IPv4Address(r["prefsrc"]) if r["prefsrc"] else None,
+            ipaddress.ip_address(r["prefsrc"]) if r["prefsrc"] else None,
             r["metric"],
             r["proto"],
         )
         for r in netlink.routes()
     )
-    rules = tuple(Rule(r["priority"], r["table"], r["fwmark"], r["fwmask"], r["protocol"]) for r in netlink.rules())
-    forwarding = _forwarding(link.ifname for link in links)
+    rules = tuple(Rule(r["priority"], r["table"], r["fwmark"], r["fwmask"], r["protocol"], r["family"]) for r in netlink.rules())
+    names = [link.ifname for link in links]
+    forwarding = _sysctls("/proc/sys/net/ipv4/conf/{}/forwarding", names)
+    forwarding6 = _sysctls("/proc/sys/net/ipv6/conf/{}/force_forwarding", names)
+    forwarding6.update(_sysctls("/proc/sys/net/ipv6/conf/{}/forwarding", ["all"]))
     for key, value in (handed_over or {}).items():
         parts = key.split("/")
-        if len(parts) == 5 and parts[4] == "forwarding" and parts[3] in forwarding:
+        if len(parts) == 5 and parts[1] == "ipv4" and parts[4] == "forwarding" and parts[3] in forwarding:
             forwarding[parts[3]] = value
+        if len(parts) == 5 and parts[1] == "ipv6" and parts[4] == "force_forwarding" and parts[3] in forwarding6:
+            forwarding6[parts[3]] = value
     return Facts(
-        links, addresses, routes, rules, forwarding, firewall.probe(), _loopback_listeners(),
-        _read("/etc/resolv.conf"), _read("/run/systemd/resolve/resolv.conf"),
+        links=links,
+        addresses=addresses,
+        routes=routes,
+        rules=rules,
+        forwarding=forwarding,
+        forwarding6=forwarding6,
+        ipv6_per_interface=os.path.exists("/proc/sys/net/ipv6/conf/lo/force_forwarding"),
+        firewall=firewall.probe(),
+        loopback_listeners=_loopback_listeners(),
+        resolv_conf=_read("/etc/resolv.conf"),
+        resolved_upstreams=_read("/run/systemd/resolve/resolv.conf"),
     )
 
 

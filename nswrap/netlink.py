@@ -43,6 +43,8 @@ PR_SET_PDEATHSIG = 1
 RT_TABLE_MAIN = 254
 RT_SCOPE_UNIVERSE = 0
 RTN_UNICAST = 1
+IFA_F_NODAD = 0x02  # our addresses are unique by construction: usable at once, never "tentative"
+FAMILIES = (socket.AF_INET, socket.AF_INET6)
 GONE = {errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNOTAVAIL}
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -157,26 +159,34 @@ class Netlink:
         return [
             {
                 "index": a["index"],
-                "address": ipaddress.IPv4Interface(f"{a.get('address')}/{a['prefixlen']}"),
+                "address": ipaddress.ip_interface(f"{a.get('address')}/{a['prefixlen']}"),
                 "scope": a["scope"],
             }
-            for a in self._ipr.get_addr(family=socket.AF_INET)
+            for family in FAMILIES
+            for a in self._ipr.get_addr(family=family)
         ]
 
     def routes(self) -> list[dict]:
-        """Unicast IPv4 routes of every table, one entry per next hop."""
+        """Unicast IPv4 and IPv6 routes of every table, one entry per next hop."""
         out = []
-        for r in self._ipr.get_routes(family=socket.AF_INET):
+        for family in FAMILIES:
+            out += self._routes(family)
+        return out
+
+    def _routes(self, family: int) -> list[dict]:
+        out = []
+        anywhere = "0.0.0.0" if family == socket.AF_INET else "::"
+        for r in self._ipr.get_routes(family=family):
             if r["type"] != RTN_UNICAST:
                 continue
-            dst = ipaddress.IPv4Network(f"{r.get('dst') or '0.0.0.0'}/{r['dst_len']}")
+            dst = ipaddress.ip_network(f"{r.get('dst') or anywhere}/{r['dst_len']}")
             for oif, gateway in _nh_oifs(r):
                 out.append(
                     {
                         "table": r.get("table") or r["table"],
                         "dst": dst,
                         "oif": oif,
-                        "gateway": ipaddress.IPv4Address(gateway) if gateway else None,
+                        "gateway": ipaddress.ip_address(gateway) if gateway else None,
                         "scope": r["scope"],
                         "prefsrc": r.get("prefsrc"),
                         "metric": r.get("priority") or 0,
@@ -188,13 +198,15 @@ class Netlink:
     def rules(self) -> list[dict]:
         return [
             {
+                "family": 4 if family == socket.AF_INET else 6,
                 "priority": r.get("priority") or 0,
                 "table": r.get("table") or r["table"],
                 "fwmark": r.get("fwmark") or 0,
                 "fwmask": r.get("fwmask") if r.get("fwmask") is not None else (0xFFFFFFFF if r.get("fwmark") else 0),
                 "protocol": r.get("protocol") or 0,
             }
-            for r in self._ipr.get_rules(family=socket.AF_INET)
+            for family in FAMILIES
+            for r in self._ipr.get_rules(family=family)
         ]
 
     def index(self, ifname: str) -> int:
@@ -226,11 +238,14 @@ class Netlink:
                 self._ipr.link("del", index=found[0])
 
     @_as_oserror
-    def addr_add(self, ifname: str, address: ipaddress.IPv4Interface) -> None:
-        self._ipr.addr("add", index=self.index(ifname), address=str(address.ip), prefixlen=address.network.prefixlen)
+    def addr_add(self, ifname: str, address) -> None:
+        self._ipr.addr(
+            "add", index=self.index(ifname), address=str(address.ip), prefixlen=address.network.prefixlen, flags=IFA_F_NODAD
+        )
 
     def _route_args(self, route) -> dict:
         args = {"dst": str(route.dst), "table": route.table, "proto": route.proto, "scope": route.scope}
+        args["family"] = socket.AF_INET6 if route.dst.version == 6 else socket.AF_INET
         if route.dev:
             args["oif"] = self.index(route.dev)
         if route.gateway:
@@ -251,16 +266,23 @@ class Netlink:
 
     @_as_oserror
     def rule_add(self, rule) -> None:
-        self._ipr.rule(
-            "add", priority=rule.priority, fwmark=rule.fwmark, fwmask=rule.fwmask, table=rule.table, protocol=rule.proto
-        )
+        self._ipr.rule("add", **_rule_args(rule))
 
     @_as_oserror
     def rule_del(self, rule) -> None:
         with _gone_ok():
-            self._ipr.rule(
-                "del", priority=rule.priority, fwmark=rule.fwmark, fwmask=rule.fwmask, table=rule.table, protocol=rule.proto
-            )
+            self._ipr.rule("del", **_rule_args(rule))
+
+
+def _rule_args(rule) -> dict:
+    return {
+        "family": socket.AF_INET6 if rule.family == 6 else socket.AF_INET,
+        "priority": rule.priority,
+        "fwmark": rule.fwmark,
+        "fwmask": rule.fwmask,
+        "table": rule.table,
+        "protocol": rule.proto,
+    }
 
 
 def conntrack_count() -> int:

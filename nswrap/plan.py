@@ -34,11 +34,11 @@ TABLE_PREFIX = "nswrap-"  # nftables table: nswrap-<id>
 @dataclass(frozen=True)
 class RouteSpec:
     table: int
-    dst: ipaddress.IPv4Network
+    dst: ipaddress.IPv4Network | ipaddress.IPv6Network
     dev: str
-    gateway: ipaddress.IPv4Address | None = None
+    gateway: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
     scope: int = RT_SCOPE_UNIVERSE
-    prefsrc: ipaddress.IPv4Address | None = None
+    prefsrc: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
     proto: int = PROTO
 
 
@@ -49,6 +49,7 @@ class RuleSpec:
     fwmask: int
     table: int
     proto: int = PROTO
+    family: int = 4
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,17 @@ class UplinkPlan:
     gateway: ipaddress.IPv4Address | None
     mark: int
     table: int
-    routes: tuple[RouteSpec, ...]
-    rule: RuleSpec
+    routes: tuple[RouteSpec, ...]  # both families, in the same table number
+    rules: tuple[RuleSpec, ...]  # one per family the uplink serves
+    gateway6: ipaddress.IPv6Address | None = None
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        return tuple(r.family for r in self.rules)
+
+    @property
+    def rule(self) -> RuleSpec:
+        return self.rules[0]
 
 
 @dataclass(frozen=True)
@@ -97,6 +107,9 @@ class Plan:
     helpers: tuple[str, ...] = ()
     resolv_conf: str | None = None  # the server's own /etc/resolv.conf, when the host's is unusable there
     resolver_stub: ipaddress.IPv4Address | None = None  # the host's loopback resolver, reached via our veth
+    subnet6: ipaddress.IPv6Network | None = None  # ULA /64 between host and server; None: IPv4 only
+    guarded6: tuple[str, ...] = ()
+    loopback_families: tuple[int, ...] = (4,)
 
     @property
     def host_if(self) -> str:
@@ -118,6 +131,14 @@ class Plan:
     def server_addr(self) -> ipaddress.IPv4Interface:
         return ipaddress.IPv4Interface(f"{self.subnet[2]}/{self.subnet.prefixlen}")
 
+    @property
+    def host_addr6(self) -> ipaddress.IPv6Interface:
+        return ipaddress.IPv6Interface(f"{self.subnet6[1]}/{self.subnet6.prefixlen}")
+
+    @property
+    def server_addr6(self) -> ipaddress.IPv6Interface:
+        return ipaddress.IPv6Interface(f"{self.subnet6[2]}/{self.subnet6.prefixlen}")
+
     def steps(self) -> list[Step]:
         server_default = RouteSpec(0, ipaddress.IPv4Network("0.0.0.0/0"), SERVER_IF, self.host_addr.ip, proto=0)
         steps = [
@@ -130,13 +151,20 @@ class Plan:
             Step("up", SERVER_IF, ns="server"),
             Step("route", server_default, ns="server"),
         ]
+        if self.subnet6:
+            server_default6 = RouteSpec(0, ipaddress.IPv6Network("::/0"), SERVER_IF, self.host_addr6.ip, proto=0)
+            steps += [
+                Step("addr", (self.host_if, self.host_addr6), why="IPv6: a ULA /64 on the same veth"),
+                Step("addr", (SERVER_IF, self.server_addr6), ns="server"),
+                Step("route", server_default6, ns="server"),
+            ]
         if self.unprivileged_ports:
             why = "--user: ports below 1024 are a per-namespace setting; no capability needed"
             steps.append(Step("sysctl", Sysctl("net/ipv4/ip_unprivileged_port_start", "0"), ns="server", why=why))
         for up in self.uplinks:
             why = f"uplink {up.ifname}: replies marked {up.mark:#x} leave through it, by table {up.table}"
             steps += [Step("route", r, why=why if i == 0 else "") for i, r in enumerate(up.routes)]
-            steps.append(Step("rule", up.rule))
+            steps += [Step("rule", rule) for rule in up.rules]
         for i, s in enumerate(self.sysctls):
             why = "per-interface forwarding; src_valid_mark lets strict rp_filter judge by the mark" if i == 0 else ""
             steps.append(Step("sysctl", s, why=why))
@@ -164,13 +192,13 @@ def render(step: Step, plan: Plan) -> str:
         return f"ip link add {host} mtu {mtu} type veth peer name {peer} mtu {mtu} netns {plan.netns_name}"
     if step.kind == "addr":
         ifname, address = obj
-        return f"{prefix}addr add {address} dev {ifname}"
+        return f"{prefix}addr add {address} dev {ifname}" + (" nodad" if address.version == 6 else "")
     if step.kind == "up":
         return f"{prefix}link set {obj} up"
     if step.kind == "route":
-        return prefix + "route add " + route_args(obj)
+        return prefix + ("-6 " if obj.dst.version == 6 else "") + "route add " + route_args(obj)
     if step.kind == "rule":
-        return f"ip rule add fwmark {obj.fwmark:#x}/{obj.fwmask:#x} lookup {obj.table} priority {obj.priority} protocol {obj.proto}"
+        return f"ip {'-6 ' if obj.family == 6 else ''}rule add fwmark {obj.fwmark:#x}/{obj.fwmask:#x} lookup {obj.table} priority {obj.priority} protocol {obj.proto}"
     if step.kind == "sysctl":
         parts = obj.key.split("/")
         if len(parts) == 5 and parts[2] == "conf":
@@ -233,15 +261,16 @@ def _port_elements(ports) -> list[str]:
     return [f"{p.proto} . {p.outer_lo}" + (f"-{p.outer_hi}" if p.count > 1 else "") for p in ports]
 
 
-def _dnat(match: str, ports: tuple[PortRange, ...], server, set_name: str) -> list[str]:
+def _dnat(match: str, ports: tuple[PortRange, ...], to: str, set_name: str) -> list[str]:
     """DNAT rules for `ports` after `match`: remapped ports through the per-protocol maps, the
-    others keeping their port. `set_name` is a set holding exactly `ports`."""
+    others keeping their port. `set_name` is a set holding exactly `ports`; `to` is e.g.
+    "ip to 198.18.0.2" or "ip6 to [fd6e:7377:7261::2]"."""
     rules = []
     for proto in ("udp", "tcp"):
         if any(p.proto == proto and p.remapped for p in ports):
-            rules.append(f"{match} meta l4proto . th dport @{set_name} {proto} dport @{proto}_remap dnat ip to {server} : {proto} dport map @{proto}_remap")
+            rules.append(f"{match} meta l4proto . th dport @{set_name} {proto} dport @{proto}_remap dnat {to} : {proto} dport map @{proto}_remap")
     if any(not p.remapped for p in ports):
-        rules.append(f"{match} meta l4proto . th dport @{set_name} meta l4proto . th dport @unchanged dnat ip to {server}")
+        rules.append(f"{match} meta l4proto . th dport @{set_name} meta l4proto . th dport @unchanged dnat {to}")
     return rules
 
 
@@ -249,12 +278,26 @@ def _chain(name: str, hook: str, comment_and_rules: list[str]) -> list[str]:
     return ["", f"\tchain {name} {{", f"\t\t{hook}", *(f"\t\t{line}" for line in comment_and_rules), "\t}"]
 
 
+IP = {4: "ip", 6: "ip6"}
+NFPROTO = {4: "meta nfproto ipv4", 6: "meta nfproto ipv6"}
+LOOPBACK = {4: ipaddress.ip_address("127.0.0.1"), 6: ipaddress.ip_address("::1")}
+
+
 def nft_ruleset(plan: Plan) -> str:
     mask, keep = plan.mark_mask, 0xFFFFFFFF & ~plan.mark_mask
-    veth, server = f'"{plan.host_if}"', plan.server_addr.ip
+    veth = f'"{plan.host_if}"'
+    families = (4, 6) if plan.subnet6 else (4,)
+    server = {4: f"{plan.server_addr.ip}"}
+    if plan.subnet6:
+        server[6] = f"[{plan.server_addr6.ip}]"
     uplinks = _elements(f'"{u.ifname}"' for u in plan.uplinks)
-    to_host = f"ip daddr {_elements(map(str, plan.addresses))}" if plan.addresses else "fib daddr type local"
-    arriving = f"iifname {uplinks} meta nfproto ipv4 {to_host}"
+
+    def to_host(version: int) -> str | None:
+        """Packets for the host's own addresses (or only --address ones) of this family."""
+        if not plan.addresses:
+            return f"{NFPROTO[version]} fib daddr type local"
+        mine = [str(a) for a in plan.addresses if a.version == version and not a.is_loopback]
+        return f"{NFPROTO[version]} {IP[version]} daddr {_elements(mine)}" if mine else None
 
     def set_mark(mark: int) -> str:
         return f"meta mark set meta mark & {keep:#010x} | {mark:#010x}"
@@ -277,14 +320,16 @@ def nft_ruleset(plan: Plan) -> str:
         out.append('\tct helper tftp { type "tftp" protocol udp; l3proto ip; }')
 
     rules = []
-    if "tftp" in plan.helpers:
+    if "tftp" in plan.helpers and to_host(4):
         rules += ["# TFTP answers from a new port: conntrack's helper expects that flow and NATs it",
-                  f'{arriving} udp dport 69 ct state new ct helper set "tftp"']
+                  f'iifname {uplinks} {to_host(4)} udp dport 69 ct state new ct helper set "tftp"']
     rules += ["# a published flow remembers its uplink in the ct mark; the packet's mark lets strict",
               "# rp_filter (with src_valid_mark) check the client against that uplink's table"]
     for u in plan.uplinks:  # every packet: cheap matches first, the fib lookup last
-        rules.append(f'iifname "{u.ifname}" meta l4proto . th dport @published meta nfproto ipv4 {to_host} {set_mark(u.mark)} '
-                     f"ct mark set ct mark & {keep:#010x} | {u.mark:#010x}")
+        for version in u.families:
+            if to_host(version):
+                rules.append(f'iifname "{u.ifname}" meta l4proto . th dport @published {to_host(version)} {set_mark(u.mark)} '
+                             f"ct mark set ct mark & {keep:#010x} | {u.mark:#010x}")
     rules.append("# replies from the server are routed by the uplink their flow came in on")
     rules += [f"iifname {veth} ct direction reply {has_mark(u.mark)} {set_mark(u.mark)}" for u in plan.uplinks]
     if "tftp" in plan.helpers:
@@ -293,29 +338,38 @@ def nft_ruleset(plan: Plan) -> str:
         rules += [f'iifname "{u.ifname}" ct status expected {has_mark(u.mark)} {set_mark(u.mark)}' for u in plan.uplinks]
     out += _chain("remember_uplink", "type filter hook prerouting priority mangle; policy accept;", rules)
 
-    publish = _dnat(arriving, plan.ports, server, "published")
+    publish = []
+    for version in families:
+        if to_host(version):
+            publish += _dnat(f"iifname {uplinks} {to_host(version)}", plan.ports, f"{IP[version]} to {server[version]}", "published")
     if plan.resolver_stub:
         publish += ["# the server's resolv.conf names the host's end of the veth: on to the host's own resolver",
                     f"iifname {veth} ip daddr {plan.host_addr.ip} meta l4proto {{ udp, tcp }} th dport 53 dnat ip to {plan.resolver_stub}"]
     out += _chain("publish", "type nat hook prerouting priority dstnat; policy accept;", publish)
 
     local = []
-    if plan.local_clients:
-        own = f"ip daddr {_elements(map(str, plan.addresses))}" if plan.addresses else "fib daddr type local ip daddr != 127.0.0.0/8"
-        local += ["# the host itself, through its own addresses", *_dnat(f"meta nfproto ipv4 {own}", plan.ports, server, "published")]
-    if plan.loopback_ports:
-        local += ["# ... and through 127.0.0.1 (ports no host process serves there already)",
-                  *_dnat("meta nfproto ipv4 ip daddr 127.0.0.1", plan.loopback_ports, server, "loopback")]
+    for version in families:
+        if plan.local_clients and to_host(version):
+            own = to_host(version) + ("" if plan.addresses else f" {IP[version]} daddr != {'127.0.0.0/8' if version == 4 else '::1'}")
+            local += [f"# the host itself, through its own addresses ({IP[version]})",
+                      *_dnat(own, plan.ports, f"{IP[version]} to {server[version]}", "published")]
+        if plan.loopback_ports and version in plan.loopback_families:
+            local += [f"# ... and through {LOOPBACK[version]} (ports no host process serves there already)",
+                      *_dnat(f"{NFPROTO[version]} {IP[version]} daddr {LOOPBACK[version]}", plan.loopback_ports,
+                             f"{IP[version]} to {server[version]}", "loopback")]
     if local:
         out += _chain("publish_local", "type nat hook output priority -100; policy accept;", local)
 
     snat = []
-    if plan.loopback_ports:
-        snat += ["# a loopback source cannot leave through the veth: use the host's end instead",
-                 f"oifname {veth} ip saddr 127.0.0.0/8 snat ip to {plan.host_addr.ip}"]
-    if plan.outbound:
-        snat += ["# the server's own connections leave through the host's routing, as the host",
-                 f"ip saddr {server} oifname != {veth} masquerade"]
+    for version in families:
+        if plan.loopback_ports and version in plan.loopback_families:
+            host_end = plan.host_addr.ip if version == 4 else plan.host_addr6.ip
+            source = "127.0.0.0/8" if version == 4 else "::1"
+            snat += [f"# a loopback source cannot leave through the veth: use the host's end instead ({IP[version]})",
+                     f"oifname {veth} {IP[version]} saddr {source} snat {IP[version]} to {host_end}"]
+        if plan.outbound:
+            snat += [f"# the server's own connections leave through the host's routing, as the host ({IP[version]})",
+                     f"{IP[version]} saddr {server[version].strip('[]')} oifname != {veth} masquerade"]
     if snat:
         out += _chain("outbound", "type nat hook postrouting priority srcnat; policy accept;", snat)
 
@@ -328,9 +382,10 @@ def nft_ruleset(plan: Plan) -> str:
     if plan.outbound:
         guard.append(f"oifname {veth} ct state established,related accept")
     guard += [f"oifname {veth} drop", f"iifname {veth} ct status dnat accept", f"iifname {veth} {'accept' if plan.outbound else 'drop'}"]
-    if plan.guarded:
-        guard += ["# forwarding was off on these: the host routes nothing else that arrives on them",
-                  f'iifname {_elements(f"{chr(34)}{name}{chr(34)}" for name in plan.guarded)} meta nfproto ipv4 oifname != "{HOST_PREFIX}*" drop']
+    for version, names in ((4, plan.guarded), (6, plan.guarded6)):
+        if names:
+            guard += [f"# forwarding was off on these: the host routes nothing else that arrives on them ({IP[version]})",
+                      f'iifname {_elements(f"{chr(34)}{n}{chr(34)}" for n in names)} {NFPROTO[version]} oifname != "{HOST_PREFIX}*" drop']
     out += _chain("guard", "type filter hook forward priority filter; policy accept;", guard)
     out.append("}")
     return "\n".join(out) + "\n"
@@ -374,7 +429,8 @@ def allocate_marks(facts: Facts, mask: int, count: int) -> list[int]:
 
 
 def allocate_subnet(facts: Facts, wanted: ipaddress.IPv4Network | None) -> ipaddress.IPv4Network:
-    used = [a.address.network for a in facts.addresses] + [r.dst for r in facts.routes if r.dst.prefixlen > 0]
+    used = [a.address.network for a in facts.addresses if a.address.version == 4]
+    used += [r.dst for r in facts.routes if r.dst.prefixlen > 0 and r.dst.version == 4]
     if wanted is not None:
         clash = next((u for u in used if u.overlaps(wanted)), None)
         if clash:
@@ -386,49 +442,81 @@ def allocate_subnet(facts: Facts, wanted: ipaddress.IPv4Network | None) -> ipadd
     raise NswrapError(f"no free /30 left in {DEFAULT_POOL}; give one with --subnet")
 
 
-def _select_uplinks(config: Config, facts: Facts) -> list[tuple[str, ipaddress.IPv4Address | None]]:
+@dataclass(frozen=True)
+class _Chosen:
+    ifname: str
+    families: tuple[int, ...]
+    gateways: dict  # version -> gateway given with --uplink
+
+
+def _families(facts: Facts, ifname: str, ipv6: bool) -> tuple[int, ...]:
+    return tuple(v for v in (4, 6) if (v == 4 or ipv6) and facts.global_addresses(ifname, v))
+
+
+def _select_uplinks(config: Config, facts: Facts, ipv6: bool) -> list[_Chosen]:
     if config.uplinks:
-        chosen = []
+        chosen: dict[str, _Chosen] = {}
         for spec in config.uplinks:
             if facts.link(spec.ifname) is None:
                 raise NswrapError(f"no such uplink: {spec.ifname}")
-            if not facts.global_addresses(spec.ifname):
-                raise NswrapError(f"uplink {spec.ifname} has no global IPv4 address")
-            chosen.append((spec.ifname, spec.gateway))
-        return chosen
-    names = [
-        link.ifname
+            families = _families(facts, spec.ifname, ipv6)
+            if not families:
+                raise NswrapError(f"uplink {spec.ifname} has no global IPv4{' or IPv6' if ipv6 else ''} address")
+            gateways = dict(chosen[spec.ifname].gateways) if spec.ifname in chosen else {}
+            if spec.gateway:
+                gateways[spec.gateway.version] = spec.gateway
+            chosen[spec.ifname] = _Chosen(spec.ifname, families, gateways)
+        return list(chosen.values())
+    found = [
+        _Chosen(link.ifname, _families(facts, link.ifname, ipv6), {})
         for link in sorted(facts.links, key=lambda l: l.index)
-        if link.ifname != "lo" and not link.ifname.startswith(HOST_PREFIX) and facts.global_addresses(link.ifname)
+        if link.ifname != "lo" and not link.ifname.startswith(HOST_PREFIX)
     ]
-    if not names:
-        raise NswrapError("no uplink found: no interface has a global IPv4 address (give one with --uplink)")
-    return [(name, None) for name in names]
+    found = [c for c in found if c.families]
+    if not found:
+        raise NswrapError("no uplink found: no interface has a global address (give one with --uplink)")
+    return found
 
 
 def _uplink_routes(facts: Facts, ifname: str, gateway, table: int, subnet, host_if: str) -> tuple[tuple[RouteSpec, ...], str | None]:
-    """Table k: the uplink's default route, its other main-table routes, and the way to the server."""
-    main = facts.main_routes(ifname)
+    """Table k, for the family of `subnet`: the uplink's default route, its other main-table
+    routes, and the way to the server."""
+    version = subnet.version
+    main = [r for r in facts.main_routes(ifname) if r.dst.version == version]
     defaults = sorted((r for r in main if r.is_default), key=lambda r: r.metric)
     routes, warning = [], None
-    anywhere = ipaddress.IPv4Network("0.0.0.0/0")
+    anywhere = ipaddress.ip_network("0.0.0.0/0" if version == 4 else "::/0")
     if gateway is not None:
         routes.append(RouteSpec(table, anywhere, ifname, gateway))
-    elif defaults and defaults[0].gateway:
+    elif defaults and defaults[0].gateway:  # IPv6: often link-local (fe80::1), hence the device
         routes.append(RouteSpec(table, anywhere, ifname, defaults[0].gateway))
     elif defaults:
         routes.append(RouteSpec(table, anywhere, ifname, scope=SCOPE_LINK))  # point-to-point link
     else:
-        warning = f"uplink {ifname} has no gateway: it serves only clients on its own subnets"
+        family = "" if version == 4 else "IPv6 "
+        warning = f"uplink {ifname} has no {family}gateway: it serves only {family}clients on its own subnets"
     for r in main:
         if not r.is_default:
             routes.append(RouteSpec(table, r.dst, ifname, r.gateway, r.scope, r.prefsrc))
-    routes.append(RouteSpec(table, subnet, host_if, scope=SCOPE_LINK))
+    routes.append(RouteSpec(table, subnet, host_if, scope=SCOPE_LINK if version == 4 else RT_SCOPE_UNIVERSE))
     return tuple(routes), warning
 
 
+ULA = ipaddress.IPv6Network("fd6e:7377:7261::/48")  # nswrap's: one /64 per instance, same slot as its /30
+
+
+def ula_subnet(subnet: ipaddress.IPv4Network) -> ipaddress.IPv6Network:
+    slot = (int(subnet.network_address) >> 2) & 0xFFFF
+    return ipaddress.IPv6Network((int(ULA.network_address) | slot << 64, 64))
+
+
 def make_plan(config: Config, facts: Facts, instance: str) -> Plan:
-    chosen = _select_uplinks(config, facts)
+    warnings: list[str] = []
+    ipv6 = facts.ipv6_per_interface
+    if not ipv6 and any(a.address.version == 6 and a.scope == RT_SCOPE_UNIVERSE for a in facts.addresses):
+        warnings.append("IPv6 clients are not served: this kernel has no per-interface IPv6 forwarding "
+                        "(force_forwarding, Linux >= 6.17), and nswrap never turns on the global switch")
+    chosen = _select_uplinks(config, facts, ipv6)
     users = firewall.mark_users(facts.firewall, config.mark_mask, TABLE_PREFIX)
     if users:
         raise NswrapError(f"fwmark bits {config.mark_mask:#x} are already used by {users[0]}; choose others with --mark-mask")
@@ -440,40 +528,61 @@ def make_plan(config: Config, facts: Facts, instance: str) -> Plan:
     tables = _free(FIRST_TABLE, {r.table for r in facts.routes} | {r.table for r in facts.rules}, len(chosen), "routing table")
     host_if = HOST_PREFIX + instance
 
-    uplinks, warnings, sysctls = [], [], []
-    for (ifname, gateway), mark, table, priority in zip(chosen, marks, tables, priorities):
-        routes, warning = _uplink_routes(facts, ifname, gateway, table, subnet, host_if)
-        if warning:
-            warnings.append(warning)
-        gw = next((r.gateway for r in routes if r.dst.prefixlen == 0), None)
-        uplinks.append(UplinkPlan(ifname, gw, mark, table, routes, RuleSpec(priority, mark, config.mark_mask, table)))
-        sysctls += [Sysctl(f"net/ipv4/conf/{ifname}/forwarding", "1"), Sysctl(f"net/ipv4/conf/{ifname}/src_valid_mark", "1")]
-    # IPv4 forwarding is decided by the ingress interface: replies to the server's own connections
-    # come back on the interfaces of the host's default routes.
-    forwarding = [name for name, _ in chosen]
+    subnet6 = ula_subnet(subnet) if any(6 in c.families for c in chosen) else None
+    uplinks, sysctls = [], []
+    for c, mark, table, priority in zip(chosen, marks, tables, priorities):
+        routes, rules = [], []
+        for version in c.families:
+            r, warning = _uplink_routes(facts, c.ifname, c.gateways.get(version), table, subnet if version == 4 else subnet6, host_if)
+            routes += r
+            rules.append(RuleSpec(priority, mark, config.mark_mask, table, family=version))
+            if warning:
+                warnings.append(warning)
+        gateway = {v: next((r.gateway for r in routes if r.dst.prefixlen == 0 and r.dst.version == v), None) for v in (4, 6)}
+        uplinks.append(UplinkPlan(c.ifname, gateway[4], mark, table, tuple(routes), tuple(rules), gateway[6]))
+        if 4 in c.families:
+            sysctls += [Sysctl(f"net/ipv4/conf/{c.ifname}/forwarding", "1"), Sysctl(f"net/ipv4/conf/{c.ifname}/src_valid_mark", "1")]
+        if 6 in c.families:  # IPv6 has no rp_filter to satisfy; forwarding for this interface only
+            sysctls.append(Sysctl(f"net/ipv6/conf/{c.ifname}/force_forwarding", "1"))
+    # Forwarding is decided by the ingress interface: replies to the server's own connections come
+    # back on the interfaces of the host's default routes.
+    forwarding = [c.ifname for c in chosen if 4 in c.families]
+    forwarding6 = [c.ifname for c in chosen if 6 in c.families]
     if config.outbound:
-        extra = sorted({r.dev for r in facts.routes if r.table == 254 and r.is_default and r.dev and r.dev not in forwarding})
-        forwarding += extra
-        sysctls += [Sysctl(f"net/ipv4/conf/{name}/forwarding", "1") for name in extra]
+        for version, names, key in ((4, forwarding, "net/ipv4/conf/{}/forwarding"), (6, forwarding6, "net/ipv6/conf/{}/force_forwarding")):
+            if version == 6 and not subnet6:
+                continue
+            extra = sorted({r.dev for r in facts.routes if r.table == 254 and r.is_default and r.dst.version == version
+                            and r.dev and r.dev not in names})
+            names += extra
+            sysctls += [Sysctl(key.format(name), "1") for name in extra]
     sysctls.append(Sysctl(f"net/ipv4/conf/{host_if}/forwarding", "1"))
+    if subnet6:
+        sysctls.append(Sysctl(f"net/ipv6/conf/{host_if}/force_forwarding", "1"))
 
     addresses = _check_addresses(config, facts)
-    loopback = () if addresses and ipaddress.IPv4Address("127.0.0.1") not in addresses else _loopback_ports(config, facts, warnings)
+    # IPv4 only: IPv6 never routes ::1 off lo (RFC 4291; no route_localnet), so the kernel drops a
+    # reply un-NATed to ::1 on our veth. Host-local IPv6 clients use the host's own addresses.
+    loopback_families = (4,) if not addresses or LOOPBACK[4] in addresses else ()
+    loopback = _loopback_ports(config, facts, warnings) if loopback_families else ()
     host_addr = ipaddress.IPv4Interface(f"{subnet[1]}/{subnet.prefixlen}")
     resolv_conf, resolver_stub = server_resolv_conf(facts.resolv_conf, facts.resolved_upstreams, host_addr.ip)
     if loopback or resolver_stub:
         sysctls.append(Sysctl(f"net/ipv4/conf/{host_if}/route_localnet", "1"))  # this interface only
     if "tftp" in config.helpers and not any(p.proto == "udp" and p.outer_lo <= 69 <= p.outer_hi for p in config.ports):
         raise NswrapError("--helper tftp needs udp port 69 published (e.g. --ports 69)", code=2)
-    mtu = max(facts.link(name).mtu for name, _ in chosen)
+    mtu = max(facts.link(c.ifname).mtu for c in chosen)
     return Plan(
         instance, config.ports, tuple(uplinks), subnet, config.mark_mask, mtu, tuple(warnings), tuple(sysctls),
         unprivileged_ports=config.user is not None,
         addresses=addresses,
         local_clients=not addresses or any(not a.is_loopback for a in addresses),
         loopback_ports=loopback,
+        loopback_families=loopback_families,
         outbound=config.outbound,
         guarded=tuple(name for name in forwarding if facts.forwarding.get(name) == "0"),
+        guarded6=tuple(name for name in forwarding6 if facts.forwarding6.get(name) == "0" and facts.forwarding6.get("all") == "0"),
+        subnet6=subnet6,
         firewall=_make_room(config, facts, host_if, instance),
         helpers=config.helpers,
         resolv_conf=resolv_conf,

@@ -145,7 +145,8 @@ def run(config: Config) -> int:
             applier.apply(supervisor.checkpoint)
         supervisor.checkpoint()
         log.info("instance %s: serving %s on %s", plan.instance, ", ".join(map(str, plan.ports)), ", ".join(u.ifname for u in plan.uplinks))
-        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}  # readiness is ours to tell
+        # readiness is ours to tell; our own settings are not the server's
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET" and not k.startswith("NSWRAP_")}
         resolv = write_resolv(plan.instance, plan.resolv_conf) if plan.resolv_conf else None
         supervisor.start(config.command, applier.netns_fd, env, creds, resolv)
         applier.release_netns()

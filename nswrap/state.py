@@ -227,7 +227,7 @@ def sweep(nl, facts) -> list[str]:
         record.remove()
         removed.append(f"rm {record.path}  # instance {record.id} (pid {record.pid}) is gone")
 
-    for path in sorted(RUN_DIR.glob("*.resolv.conf")) if RUN_DIR.is_dir() else []:
+    for path in sorted([*RUN_DIR.glob("*.resolv.conf"), *RUN_DIR.glob("*.tmp")]) if RUN_DIR.is_dir() else []:
         if not is_live(path.name.split(".")[0]):
             path.unlink(missing_ok=True)
             removed.append(f"rm {path}")

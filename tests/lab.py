@@ -94,6 +94,13 @@ _PATHS = (
     ("c2", "198.51.100.10", "eth1", "eth1"),
     ("c3", "203.0.113.65", "eth2", "eth2, same subnet"),
 )
+# The same for IPv6 (Lab.paths6): eth0's IPv6 gateway is link-local (fe80::1), as with RAs.
+_PATHS6 = (
+    ("c1", "2001:db8:1::10", "eth0", "eth0"),
+    ("c1", "2001:db8:1::11", "eth0", "eth0, secondary"),
+    ("c2", "2001:db8:2::10", "eth1", "eth1"),
+    ("c3", "2001:db8:3::65", "eth2", "eth2, same subnet"),
+)
 
 # veth pairs: (namespace role creating it, its ifname, peer role, peer ifname)
 _LINKS = (
@@ -117,6 +124,12 @@ _IP_CONFIG = {
         addr add 203.0.113.65/26 dev eth2
         route add default via 192.0.2.1 dev eth0 metric 100
         route add default via 198.51.100.1 dev eth1 metric 200
+        addr add 2001:db8:1::10/64 dev eth0
+        addr add 2001:db8:1::11/64 dev eth0
+        addr add 2001:db8:2::10/64 dev eth1
+        addr add 2001:db8:3::65/64 dev eth2
+        route add ::/0 via fe80::1 dev eth0 metric 100
+        route add ::/0 via 2001:db8:2::1 dev eth1 metric 200
     """,
     "r1": """
         link set lo up
@@ -124,6 +137,9 @@ _IP_CONFIG = {
         link set eth1 up
         addr add 192.0.2.1/24 dev eth0
         addr add 203.0.113.1/26 dev eth1
+        addr add fe80::1/64 dev eth0
+        addr add 2001:db8:1::1/64 dev eth0
+        addr add 2001:db8:a::1/64 dev eth1
     """,
     "r2": """
         link set lo up
@@ -131,24 +147,32 @@ _IP_CONFIG = {
         link set eth1 up
         addr add 198.51.100.1/24 dev eth0
         addr add 203.0.113.129/26 dev eth1
+        addr add 2001:db8:2::1/64 dev eth0
+        addr add 2001:db8:b::1/64 dev eth1
     """,
     "c1": """
         link set lo up
         link set eth0 up
         addr add 203.0.113.2/26 dev eth0
         route add default via 203.0.113.1 dev eth0
+        addr add 2001:db8:a::2/64 dev eth0
+        route add ::/0 via 2001:db8:a::1 dev eth0
     """,
     "c2": """
         link set lo up
         link set eth0 up
         addr add 203.0.113.130/26 dev eth0
         route add default via 203.0.113.129 dev eth0
+        addr add 2001:db8:b::2/64 dev eth0
+        route add ::/0 via 2001:db8:b::1 dev eth0
     """,
     "c3": """
         link set lo up
         link set eth0 up
         addr add 203.0.113.66/26 dev eth0
         route add default via 203.0.113.65 dev eth0
+        addr add 2001:db8:3::66/64 dev eth0
+        route add ::/0 via 2001:db8:3::65 dev eth0
     """,
 }
 
@@ -161,6 +185,7 @@ _SYSCTL_EARLY = {
     },
     "router": {
         "net.ipv4.ip_forward": "1",
+        "net.ipv6.conf.all.forwarding": "1",
         "net.ipv4.conf.all.rp_filter": "0",
         "net.ipv4.conf.default.rp_filter": "0",
     },
@@ -180,14 +205,15 @@ _SYSCTL_HOST_UPLINKS = {
 }
 
 _ANTISPOOF = """
-table ip antispoof {{
+table inet antispoof {{
     chain forward {{
         type filter hook forward priority filter; policy accept;
         iifname "eth0" ip saddr != {subnet} counter drop
+        iifname "eth0" ip6 saddr != {subnet6} counter drop
     }}
 }}
 """
-_ROUTER_SUBNETS = {"r1": "192.0.2.0/24", "r2": "198.51.100.0/24"}
+_ROUTER_SUBNETS = {"r1": ("192.0.2.0/24", "2001:db8:1::/64"), "r2": ("198.51.100.0/24", "2001:db8:2::/64")}
 
 # Sysctls reported by Lab.state() (globs relative to the host namespace).
 _STATE_SYSCTLS = (
@@ -196,7 +222,8 @@ _STATE_SYSCTLS = (
     "/proc/sys/net/ipv4/conf/*/src_valid_mark",
     "/proc/sys/net/ipv4/conf/*/route_localnet",
     "/proc/sys/net/ipv4/ip_forward",
-    "/proc/sys/net/ipv6/conf/all/forwarding",
+    "/proc/sys/net/ipv6/conf/*/forwarding",
+    "/proc/sys/net/ipv6/conf/*/force_forwarding",
 )
 
 
@@ -293,14 +320,12 @@ class Lab:
         self._procs: list[subprocess.Popen] = []
         self._closed = False
         self.host = self._ns["host"]
-        self.paths = tuple(
-            Path(
-                name=f"{client} -> {address} ({desc})",
-                client=self._ns[client],
-                address=address,
-                uplink=uplink,
+        self.paths, self.paths6 = (
+            tuple(
+                Path(name=f"{client} -> {address} ({desc})", client=self._ns[client], address=address, uplink=uplink)
+                for client, address, uplink, desc in table
             )
-            for client, address, uplink, desc in _PATHS
+            for table in (_PATHS, _PATHS6)
         )
         try:
             self._build()
@@ -331,8 +356,8 @@ class Lab:
         for role, script in _IP_CONFIG.items():
             lines = "\n".join(line.strip() for line in script.strip().splitlines())
             self.exec(self._ns[role], ["ip", "-batch", "-"], input=lines + "\n")
-        for role, subnet in _ROUTER_SUBNETS.items():
-            self.exec(self._ns[role], ["nft", "-f", "-"], input=_ANTISPOOF.format(subnet=subnet))
+        for role, (subnet, subnet6) in _ROUTER_SUBNETS.items():
+            self.exec(self._ns[role], ["nft", "-f", "-"], input=_ANTISPOOF.format(subnet=subnet, subnet6=subnet6))
         wait_until(self._settled, timeout=10, what=f"{self.host}: links did not come up")
 
     def _settled(self) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tests.lab import wait_until
+from tests.lab import unbound_conf, wait_until
 
 HERE = Path(__file__).parent
 NSWRAP = [sys.executable, "-m", "nswrap"]
@@ -36,3 +36,18 @@ def wait_ready(directory: Path, name="nswrap", timeout=20) -> None:
 def echo_answered(lab, client: str, address: str, port: int, sport: int = 0) -> bool:
     argv = [*UDPECHO, "ask", address, str(port)] + ([str(sport)] if sport else [])
     return lab.exec(client, argv, check=False, timeout=30).returncode == 0
+
+
+BIG = [f"big.example. TXT \"{i:02d}{'x' * 198}\"" for i in range(18)]  # ~3.7 KB, under EDNS 4096: fragments on a 1500 MTU
+
+
+def dual_stack_unbound(tmp_path, port: int) -> list[str]:
+    with open(unbound_conf(tmp_path)) as f:
+        text = f.read()
+    text = text.replace("interface: 0.0.0.0", "interface: 0.0.0.0\n    interface: ::0").replace("do-ip6: no", "do-ip6: yes")
+    text = text.replace("port: 53", f"port: {port}").replace("access-control: 0.0.0.0/0 allow", "access-control: 0.0.0.0/0 allow\n    access-control: ::/0 allow")
+    extra = "    max-udp-size: 4096\n    edns-buffer-size: 4096\n" + "".join(f"    local-data: '{record}'\n" for record in BIG)
+    text = text.replace("remote-control:", extra + "\nremote-control:")
+    conf = tmp_path / "dual.conf"
+    conf.write_text(text)
+    return ["unbound", "-d", "-c", str(conf)]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.lab import TEST_ANSWER, Lab, diff_states, dig, dig_from, unbound_conf, wait_answered, wait_until
-from tests.system.common import UDPECHO, echo_answered, nswrap, output, start, wait_ready
+from tests.system.common import UDPECHO, dual_stack_unbound, echo_answered, nswrap, output, start, wait_ready
 
 DOCKER = """
 iptables -P FORWARD DROP
@@ -138,10 +138,11 @@ def test_a_foreign_rule_on_our_mark_bits_is_refused_by_name(lab, foreign):
     assert nswrap(lab, "--mark-mask", "0x0f000000", "--ports", "53", "--", "true").returncode == 0
 
 
-def test_the_host_reaches_the_server_on_its_own_addresses_and_loopback(lab, tmp_path, unbound):
-    proc = start(lab, tmp_path, "--ports", "53,53/tcp", "--", *unbound)
+def test_the_host_reaches_the_server_on_its_own_addresses_and_loopback(lab, tmp_path):
+    proc = start(lab, tmp_path, "--ports", "53,53/tcp", "--", *dual_stack_unbound(tmp_path, 53))
     wait_answered(lab, lab.paths[0])
-    for address in ("192.0.2.10", "192.0.2.11", "198.51.100.10", "203.0.113.65", "127.0.0.1"):
+    # not ::1: IPv6 never routes the loopback address off lo, so no kernel NAT can reach the server
+    for address in ("192.0.2.10", "192.0.2.11", "198.51.100.10", "203.0.113.65", "127.0.0.1", "2001:db8:1::11", "2001:db8:2::10"):
         assert dig_from(lab, lab.host, address) == TEST_ANSWER, address
         assert dig_from(lab, lab.host, address, tcp=True) == TEST_ANSWER, f"{address} tcp"
     assert lab.stop(proc) == 0

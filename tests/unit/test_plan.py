@@ -179,3 +179,39 @@ def test_a_loopback_resolver_is_reached_through_the_veth():
     text = nft_ruleset(plan)
     assert 'iifname "nsw-abc123" ip daddr 198.18.0.5 meta l4proto { udp, tcp } th dport 53 dnat ip to 127.0.0.53' in text
     assert "net/ipv4/conf/nsw-abc123/route_localnet" in [s.key for s in plan.sysctls]
+
+
+def dual_stack_host(**overrides) -> Facts:
+    base = host()
+    return host(
+        addresses=base.addresses + (Address("eth0", ipaddress.IPv6Interface("2001:db8:1::10/64")), Address("eth1", ipaddress.IPv6Interface("2001:db8:2::10/64"))),
+        routes=base.routes + (
+            Route(254, ipaddress.IPv6Network("::/0"), "eth0", ipaddress.IPv6Address("fe80::1"), metric=100),
+            Route(254, ipaddress.IPv6Network("2001:db8:1::/64"), "eth0"),
+            Route(254, ipaddress.IPv6Network("2001:db8:2::/64"), "eth1"),
+        ),
+        **overrides,
+    )
+
+
+def test_ipv6_uplinks_get_rules_routes_and_forwarding_per_interface():
+    plan = make_plan(config(), dual_stack_host(), "abc123")
+    eth0, eth1, eth2 = plan.uplinks
+    assert eth0.families == (4, 6) and eth1.families == (4, 6) and eth2.families == (4,)
+    assert [(r.family, r.priority, r.table) for r in eth0.rules] == [(4, 5000, 5001), (6, 5000, 5001)]
+    assert eth0.gateway6 == ipaddress.IPv6Address("fe80::1")  # link-local, with its device
+    assert ("::/0", "fe80::1", "eth0") in [(str(r.dst), str(r.gateway), r.dev) for r in eth0.routes]
+    assert plan.subnet6.prefixlen == 64 and plan.subnet6.subnet_of(ipaddress.IPv6Network("fd6e:7377:7261::/48"))
+    keys = [s.key for s in plan.sysctls]
+    assert "net/ipv6/conf/eth0/force_forwarding" in keys and "net/ipv6/conf/nsw-abc123/force_forwarding" in keys
+    assert not any(k.startswith("net/ipv6/conf/all") or k.endswith("ipv6/conf/eth0/forwarding") for k in keys)
+    assert "uplink eth1 has no IPv6 gateway" in " ".join(plan.warnings)
+    text = nft_ruleset(plan)
+    assert f"dnat ip6 to [{plan.server_addr6.ip}]" in text
+    assert "ip6 daddr ::1" not in text  # IPv6 never routes ::1 off lo
+
+
+def test_ipv6_needs_per_interface_forwarding():
+    plan = make_plan(config(), dual_stack_host(ipv6_per_interface=False), "abc123")
+    assert plan.subnet6 is None and all(u.families == (4,) for u in plan.uplinks)
+    assert any("IPv6 clients are not served" in w for w in plan.warnings)
