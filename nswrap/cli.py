@@ -208,6 +208,19 @@ def list_(as_json) -> None:
     _exit_with(lambda: list_instances(as_json), 0)
 
 
+@cli.command("exec", context_settings={"allow_interspersed_args": False})
+@click.argument("instance", metavar="ID")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def exec_(instance, command) -> None:
+    """Run COMMAND inside instance ID's server namespace (e.g. tcpdump -ni eth0, ss -ulpn)."""
+    from nswrap.run import exec_in
+
+    command = tuple(command)
+    if command[:1] == ("--",):  # `nswrap exec ID -- COMMAND`: click passes the separator on
+        command = command[1:]
+    _exit_with(lambda: exec_in(instance, command), 0)
+
+
 # -- the config file ------------------------------------------------------------------------------
 
 

@@ -274,6 +274,48 @@ class Netlink:
             self._ipr.rule("del", **_rule_args(rule))
 
 
+class Monitor:
+    """Readable whenever links, addresses, routes, rules or per-interface settings change here.
+
+    A plain rtnetlink socket subscribed to those multicast groups: nswrap recomputes its plan from
+    a fresh dump on any event, so the events need no parsing. Overflow (ENOBUFS) counts as one.
+    """
+
+    GROUPS = (
+        0x1  # RTMGRP_LINK
+        | 0x10 | 0x40 | 0x80  # IPv4: addresses, routes, rules
+        | 0x100 | 0x400  # IPv6: addresses, routes
+        | 1 << (19 - 1)  # RTNLGRP_IPV6_RULE
+        | 1 << (24 - 1) | 1 << (25 - 1)  # RTNLGRP_IPV4_NETCONF, RTNLGRP_IPV6_NETCONF (forwarding)
+    )
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, 0)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        self._sock.bind((0, self.GROUPS))
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def drain(self) -> bool:
+        """Read whatever is queued; True if anything was."""
+        seen = False
+        while True:
+            try:
+                if not self._sock.recv(65536):
+                    return seen
+                seen = True
+            except BlockingIOError:
+                return seen
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:
+                    raise
+                seen = True
+
+    def close(self) -> None:
+        self._sock.close()
+
+
 def _rule_args(rule) -> dict:
     return {
         "family": socket.AF_INET6 if rule.family == 6 else socket.AF_INET,
@@ -285,9 +327,18 @@ def _rule_args(rule) -> dict:
     }
 
 
-def conntrack_count() -> int:
+def conntrack_count(mark: int | None = None, mask: int = 0xFFFFFFFF) -> int:
+    """Tracked flows: all of them, or those whose ct mark under `mask` is `mark` (kernel-filtered)."""
     with Conntrack() as ct:
-        return ct.count()
+        if mark is None:
+            return ct.count()
+        return sum(1 for _ in ct.dump_entries(mark=mark, mark_mask=mask))
+
+
+def enter(namespace_fds) -> None:
+    """preexec_fn of `nswrap exec`: join an instance's network and mount namespaces."""
+    for fd, flag in zip(namespace_fds, (CLONE_NEWNET, 0x00020000)):  # CLONE_NEWNS
+        _check(_libc.setns(fd, flag), "setns")
 
 
 def flush_conntrack(ports, marks=(), mask: int = 0) -> int:

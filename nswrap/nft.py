@@ -27,6 +27,27 @@ def apply(text: str) -> None:
         raise NswrapError(f"nft refused the ruleset: {first}")
 
 
+def replace(family: str, name: str, text: str) -> None:
+    """Swap our table for a new definition in one transaction: no packet sees a half table."""
+    apply(f"table {family} {name} {{}}\ndelete table {family} {name}\n{text}")
+
+
+def counters(family: str, name: str, chain: str) -> dict[str, tuple[int, int]]:
+    """Packets and bytes counted in `chain`, summed per input interface its rules match."""
+    done = _nft(["-j", "list", "chain", family, name, chain])
+    found: dict[str, tuple[int, int]] = {}
+    if done.returncode != 0:
+        return found
+    for item in json.loads(done.stdout)["nftables"]:
+        exprs = item.get("rule", {}).get("expr", [])
+        iifname = next((e["match"]["right"] for e in exprs if "match" in e and e["match"].get("left") == {"meta": {"key": "iifname"}}), None)
+        counter = next((e["counter"] for e in exprs if "counter" in e), None)
+        if isinstance(iifname, str) and counter:
+            packets, octets = found.get(iifname, (0, 0))
+            found[iifname] = (packets + counter["packets"], octets + counter["bytes"])
+    return found
+
+
 def tables() -> list[tuple[str, str]]:
     """(family, name) of every nftables table in this namespace."""
     done = _nft(["-j", "list", "tables"])

@@ -328,7 +328,7 @@ def nft_ruleset(plan: Plan) -> str:
     for u in plan.uplinks:  # every packet: cheap matches first, the fib lookup last
         for version in u.families:
             if to_host(version):
-                rules.append(f'iifname "{u.ifname}" meta l4proto . th dport @published {to_host(version)} {set_mark(u.mark)} '
+                rules.append(f'iifname "{u.ifname}" meta l4proto . th dport @published {to_host(version)} counter {set_mark(u.mark)} '
                              f"ct mark set ct mark & {keep:#010x} | {u.mark:#010x}")
     rules.append("# replies from the server are routed by the uplink their flow came in on")
     rules += [f"iifname {veth} ct direction reply {has_mark(u.mark)} {set_mark(u.mark)}" for u in plan.uplinks]
@@ -453,19 +453,25 @@ def _families(facts: Facts, ifname: str, ipv6: bool) -> tuple[int, ...]:
     return tuple(v for v in (4, 6) if (v == 4 or ipv6) and facts.global_addresses(ifname, v))
 
 
-def _select_uplinks(config: Config, facts: Facts, ipv6: bool) -> list[_Chosen]:
+def _select_uplinks(config: Config, facts: Facts, ipv6: bool, following: bool = False) -> list[_Chosen]:
+    """The uplinks and their families. While `following` a running instance, an explicit uplink
+    that vanished or lost its addresses is left out (it comes back when they do)."""
     if config.uplinks:
         chosen: dict[str, _Chosen] = {}
         for spec in config.uplinks:
+            families = _families(facts, spec.ifname, ipv6) if facts.link(spec.ifname) else ()
+            if following and not families:
+                continue
             if facts.link(spec.ifname) is None:
                 raise NswrapError(f"no such uplink: {spec.ifname}")
-            families = _families(facts, spec.ifname, ipv6)
             if not families:
                 raise NswrapError(f"uplink {spec.ifname} has no global IPv4{' or IPv6' if ipv6 else ''} address")
             gateways = dict(chosen[spec.ifname].gateways) if spec.ifname in chosen else {}
             if spec.gateway:
                 gateways[spec.gateway.version] = spec.gateway
             chosen[spec.ifname] = _Chosen(spec.ifname, families, gateways)
+        if not chosen:
+            raise NswrapError("none of the given uplinks has an address now")
         return list(chosen.values())
     found = [
         _Chosen(link.ifname, _families(facts, link.ifname, ipv6), {})
@@ -510,25 +516,37 @@ def ula_subnet(subnet: ipaddress.IPv4Network) -> ipaddress.IPv6Network:
     return ipaddress.IPv6Network((int(ULA.network_address) | slot << 64, 64))
 
 
-def make_plan(config: Config, facts: Facts, instance: str) -> Plan:
+def make_plan(config: Config, facts: Facts, instance: str, previous: Plan | None = None) -> Plan:
+    """The plan for `config` on this host. With `previous` (the running instance's plan), the
+    same instance follows the host: uplinks it keeps keep their mark, table and priority (their
+    flows stay routed), new ones get free ones, and the subnets never change."""
     warnings: list[str] = []
-    ipv6 = facts.ipv6_per_interface
+    ipv6 = facts.ipv6_per_interface and (previous is None or previous.subnet6 is not None)
     if not ipv6 and any(a.address.version == 6 and a.scope == RT_SCOPE_UNIVERSE for a in facts.addresses):
         warnings.append("IPv6 clients are not served: this kernel has no per-interface IPv6 forwarding "
                         "(force_forwarding, Linux >= 6.17), and nswrap never turns on the global switch")
-    chosen = _select_uplinks(config, facts, ipv6)
+    chosen = _select_uplinks(config, facts, ipv6, following=previous is not None)
     users = firewall.mark_users(facts.firewall, config.mark_mask, TABLE_PREFIX)
     if users:
         raise NswrapError(f"fwmark bits {config.mark_mask:#x} are already used by {users[0]}; choose others with --mark-mask")
-    if facts.link(HOST_PREFIX + instance):
+    if facts.link(HOST_PREFIX + instance) and previous is None:
         raise NswrapError(f"interface {HOST_PREFIX + instance} already exists")
-    subnet = allocate_subnet(facts, config.subnet)
-    marks = allocate_marks(facts, config.mark_mask, len(chosen))
-    priorities = _free(FIRST_PRIORITY, {r.priority for r in facts.rules}, len(chosen), "rule priority")
-    tables = _free(FIRST_TABLE, {r.table for r in facts.routes} | {r.table for r in facts.rules}, len(chosen), "routing table")
+    subnet = previous.subnet if previous else allocate_subnet(facts, config.subnet)
+    kept = {u.ifname: u for u in previous.uplinks} if previous else {}
+    fresh = len([c for c in chosen if c.ifname not in kept])  # our own rules and tables count as taken
+    new_marks = iter(allocate_marks(facts, config.mark_mask, fresh))
+    new_priorities = iter(_free(FIRST_PRIORITY, {r.priority for r in facts.rules}, fresh, "rule priority"))
+    new_tables = iter(_free(FIRST_TABLE, {r.table for r in facts.routes} | {r.table for r in facts.rules}, fresh, "routing table"))
+    marks, tables, priorities = [], [], []
+    for c in chosen:
+        old = kept.get(c.ifname)
+        marks.append(old.mark if old else next(new_marks))
+        tables.append(old.table if old else next(new_tables))
+        priorities.append(old.rule.priority if old else next(new_priorities))
     host_if = HOST_PREFIX + instance
 
-    subnet6 = ula_subnet(subnet) if any(6 in c.families for c in chosen) else None
+    # fixed for the instance's life: the server namespace got (or did not get) its IPv6 address at start
+    subnet6 = previous.subnet6 if previous else (ula_subnet(subnet) if any(6 in c.families for c in chosen) else None)
     uplinks, sysctls = [], []
     for c, mark, table, priority in zip(chosen, marks, tables, priorities):
         routes, rules = [], []

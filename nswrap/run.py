@@ -15,15 +15,16 @@ import os
 import pwd
 import secrets
 import socket
+import subprocess
 import sys
 import time
 
-from nswrap import netlink
+from nswrap import netlink, nft
 from nswrap.apply import Applier
 from nswrap.config import Config, PortRange
 from nswrap.errors import NswrapError, UsageError
 from nswrap.facts import Facts, gather
-from nswrap.plan import Plan, make_plan, render_plan
+from nswrap.plan import PROTO, TABLE_PREFIX, Plan, make_plan, render_plan
 from nswrap.state import Journal, Record, hold_instance, live_records, setup_lock, sweep, write_resolv
 from nswrap.supervise import Credentials, Interrupted, Supervisor, exit_status
 
@@ -150,8 +151,13 @@ def run(config: Config) -> int:
         resolv = write_resolv(plan.instance, plan.resolv_conf) if plan.resolv_conf else None
         supervisor.start(config.command, applier.netns_fd, env, creds, resolv)
         applier.release_netns()
+        applier.journal.started(supervisor.init_pid)
         _announce_ready(config.ready_fd)
-        return supervisor.wait()
+        monitor = netlink.Monitor()
+        try:
+            return supervisor.wait(monitor, lambda: _follow(config, applier))
+        finally:
+            monitor.close()
     except Interrupted as e:
         log.warning("%s during setup: rolling back", e)
         return exit_status(-e.signum)
@@ -165,6 +171,21 @@ def run(config: Config) -> int:
             liveness.close()
 
 
+def _follow(config: Config, applier: Applier) -> None:
+    """Links, addresses, routes or rules changed: bring the instance in line with the host."""
+    try:
+        with setup_lock(), netlink.Netlink() as nl:
+            facts = _facts(nl)
+            new = make_plan(config, facts, applier.plan.instance, previous=applier.plan)
+            for warning in set(new.warnings) - set(applier.plan.warnings):
+                log.warning("%s", warning)
+            for line in applier.update(new, facts):
+                log.warning("following the host: %s", line)
+            applier.journal.follow(new)
+    except (NswrapError, OSError) as e:
+        log.warning("following the host: %s (keeping the current setup)", e)
+
+
 def cleanup() -> int:
     _require_capabilities()
     with setup_lock(), netlink.Netlink() as nl:
@@ -176,22 +197,69 @@ def cleanup() -> int:
     return 0
 
 
+def _uplink_rows(record: Record, facts: Facts) -> list[dict]:
+    """Per uplink: its addresses, the gateways in its table, the published traffic that came in on
+    it (the nft counters of its mark rules) and its live flows (conntrack entries with its mark)."""
+    counted = nft.counters("inet", TABLE_PREFIX + record.id, "remember_uplink")
+    rows = []
+    for name, mark in zip(record.uplinks, record.marks):
+        tables = {r.table for r in facts.rules if r.proto == PROTO and r.fwmark == mark and r.fwmask == record.mark_mask}
+        packets, octets = counted.get(name, (0, 0))
+        rows.append({
+            "name": name,
+            "addresses": [str(a) for v in (4, 6) for a in facts.global_addresses(name, v)],
+            "gateways": sorted({str(r.gateway) for r in facts.routes if r.table in tables and r.is_default and r.gateway}),
+            "packets": packets,
+            "bytes": octets,
+            "flows": netlink.conntrack_count(mark, record.mark_mask),
+        })
+    return rows
+
+
 def list_instances(as_json: bool) -> int:
+    with netlink.Netlink() as nl:
+        facts = gather(nl)
     rows = [
         {
             "id": r.id,
             "pid": r.pid,
             "command": r.command,
             "ports": [str(PortRange(*p)) for p in r.ports],
-            "uplinks": r.uplinks,
             "started": datetime.datetime.fromtimestamp(r.started, datetime.timezone.utc).isoformat(timespec="seconds"),
+            "uplinks": _uplink_rows(r, facts),
         }
         for r in live_records()
     ]
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'ID':8} {'PID':>7}  {'STARTED':25} {'PORTS':24} {'UPLINKS':20} COMMAND")
     for row in rows:
-        print(f"{row['id']:8} {row['pid']:>7}  {row['started']:25} {','.join(row['ports']):24} {','.join(row['uplinks']):20} {' '.join(row['command'])}")
+        print(f"{row['id']}  pid {row['pid']}  since {row['started']}  ports {','.join(row['ports'])}  {' '.join(row['command'])}")
+        for u in row["uplinks"]:
+            via = ",".join(u["gateways"]) or "no gateway"
+            print(f"    {u['name']:15} {' '.join(u['addresses']):40} via {via:28} {u['packets']:>9} pkts {u['bytes']:>11} bytes {u['flows']:>7} flows")
     return 0
+
+
+def exec_in(instance: str, command: tuple[str, ...]) -> int:
+    """Run `command` in a live instance's network (and mount) namespace, e.g. tcpdump or ss."""
+    found = [r for r in live_records() if r.id.startswith(instance)]
+    if len(found) != 1:
+        raise NswrapError(f"no live nswrap instance {instance!r}" if not found else f"instance id {instance!r} is ambiguous")
+    if not command:
+        raise UsageError("no command given: nswrap exec ID -- COMMAND [ARG...]")
+    target = found[0].init_pid
+    try:
+        namespaces = [os.open(f"/proc/{target}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC) for ns in ("net", "mnt")]
+    except OSError as e:
+        raise NswrapError(f"instance {found[0].id}: cannot open its namespaces: {e.strerror}") from None
+    try:
+        done = subprocess.run(command, preexec_fn=lambda: netlink.enter(namespaces))
+    except FileNotFoundError:
+        raise NswrapError(f"command not found: {command[0]}", 127) from None
+    except PermissionError:
+        raise NswrapError(f"command not executable: {command[0]}", 126) from None
+    finally:
+        for fd in namespaces:
+            os.close(fd)
+    return exit_status(done.returncode)

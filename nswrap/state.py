@@ -98,6 +98,7 @@ class Record:
     changed: dict[str, str] = field(default_factory=dict)  # sysctl key -> value to restore
     netns: str = ""
     marks: list[int] = field(default_factory=list)  # one per uplink, under mark_mask
+    init_pid: int = 0  # PID 1 of the server's namespaces (in ours): `nswrap exec` enters them
     mark_mask: int = 0
 
     @property
@@ -172,6 +173,19 @@ class Journal:
 
     def changing(self, key: str, original: str) -> None:
         self.record.changed.setdefault(key, original)
+        self.record.save()
+
+    def started(self, init_pid: int) -> None:
+        self.record = self.record.reload()
+        self.record.init_pid = init_pid
+        self.record.save()
+
+    def follow(self, plan) -> None:
+        """The running instance moved to `plan` (uplinks came or went): keep the record true."""
+        self.record = self.record.reload()
+        self.record.uplinks = [u.ifname for u in plan.uplinks]
+        self.record.marks = [u.mark for u in plan.uplinks]
+        self.record.needs = [s.key for s in plan.sysctls]
         self.record.save()
 
     def release(self, key: str) -> str:

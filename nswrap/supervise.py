@@ -27,6 +27,7 @@ import errno
 import os
 import select
 import signal
+import time
 from dataclasses import dataclass
 
 from nswrap.errors import EXIT_FAILED, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, NswrapError
@@ -136,17 +137,46 @@ class Supervisor:
                 raise _exec_error(command[0], int(outcome[5:]))
             raise NswrapError(f"the server's init failed: {outcome.decode(errors='replace') or 'no report'}")
 
-    def wait(self) -> int:
-        """Wait for the init, reaping anything else that ends up as our child (nswrap as PID 1)."""
+    def wait(self, monitor=None, on_change=None, settle: float = 0.1) -> int:
+        """Wait for the init, reaping anything else that ends up as our child (nswrap as PID 1).
+
+        With a `monitor` (something with fileno() and drain()), call `on_change()` once things
+        have been quiet for `settle` seconds after an event: uplinks are followed while serving.
+        """
+        pidfd = os.pidfd_open(self.init_pid)
+        changed_at = first_change = None
+        try:
+            while True:
+                due = None if changed_at is None else min(changed_at + settle, first_change + 10 * settle)
+                timeout = 1.0 if due is None else max(0.0, due - time.monotonic())
+                fds = [pidfd] + ([monitor.fileno()] if monitor else [])
+                ready, _, _ = select.select(fds, [], [], timeout)
+                status = self._reap()
+                if status is not None:
+                    self.tearing_down = True
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    return exit_status(os.waitstatus_to_exitcode(status))
+                now = time.monotonic()
+                if monitor and monitor.fileno() in ready and monitor.drain():
+                    changed_at = now  # settle first: one change often comes as a burst of events
+                    first_change = first_change or now
+                if due is not None and now >= due:  # quiet for `settle`, or busy for 10x that
+                    changed_at = first_change = None
+                    on_change()
+        finally:
+            os.close(pidfd)
+
+    def _reap(self) -> int | None:
+        """Reap every child that exited (orphans, when nswrap is PID 1); the init's status, if it did."""
         while True:
             try:
-                pid, status = os.waitpid(-1, 0)
+                pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return EXIT_FAILED
+                return EXIT_FAILED << 8
+            if pid == 0:
+                return None
             if pid == self.init_pid:
-                self.tearing_down = True
-                signal.setitimer(signal.ITIMER_REAL, 0)
-                return exit_status(os.waitstatus_to_exitcode(status))
+                return status
 
 
 # --- the init, PID 1 of the server's PID namespace (runs in the forked child only) ------------

@@ -33,8 +33,8 @@ def wait_ready(directory: Path, name="nswrap", timeout=20) -> None:
     wait_until(lambda: "ready" in output(directory, name), timeout, what=f"{name}: server ready")
 
 
-def echo_answered(lab, client: str, address: str, port: int, sport: int = 0) -> bool:
-    argv = [*UDPECHO, "ask", address, str(port)] + ([str(sport)] if sport else [])
+def echo_answered(lab, client: str, address: str, port: int, sport: int = 0, source: str | None = None) -> bool:
+    argv = [*UDPECHO, "ask", address, str(port)] + ([str(sport)] if sport or source else []) + ([source] if source else [])
     return lab.exec(client, argv, check=False, timeout=30).returncode == 0
 
 
