@@ -13,7 +13,6 @@ own table cannot rescue a flow another table drops.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import subprocess

@@ -5,12 +5,26 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import psutil
+
 from tests.lab import unbound_conf, wait_until
 
 HERE = Path(__file__).parent
 NSWRAP = [sys.executable, "-m", "nswrap"]
 SIGECHO = [sys.executable, str(HERE / "sigecho.py")]  # prints "ready", echoes signals, exits 3 on SIGTERM
 UDPECHO = [sys.executable, str(HERE / "udpecho.py")]
+
+
+def processes_running(marker: str, name: str | None = None) -> list[psutil.Process]:
+    """Live (non-zombie) processes whose command line mentions `marker` (a unique tmp path, say),
+    optionally only those called `name`. Unlike `pgrep -x NAME`, never someone else's server."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status", "name"]):
+        if p.info["status"] == psutil.STATUS_ZOMBIE or (name and p.info["name"] != name):
+            continue
+        if any(marker in arg for arg in p.info["cmdline"] or ()):
+            found.append(p)
+    return found
 
 
 def nswrap(lab, *args, timeout=60):

@@ -35,7 +35,7 @@ import psutil
 import pytest
 
 from tests.lab import TEST_ANSWER, TEST_NAME, unbound_conf, wait_until
-from tests.system.common import NSWRAP
+from tests.system.common import NSWRAP, processes_running
 
 # name: (gateway/client-side address, client address on the gateway's lo, container address, container ifname)
 NETWORKS = {
@@ -72,14 +72,6 @@ def dig_from_client(lab, gateway_ns: str, source: str, address: str, tcp: bool =
         return None
     answer = [line for line in done.stdout.splitlines() if line.strip() and not line.startswith(";")]
     return "\n".join(answer) if done.returncode == 0 and answer else None
-
-
-def container_processes(marker: str) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline", "status"]):
-        if p.info["status"] != psutil.STATUS_ZOMBIE and any(marker in arg for arg in p.info["cmdline"] or ()):
-            found.append(p)
-    return found
 
 
 def attach_networks(lab, pid: int, namespaces: dict[str, str]) -> None:
@@ -206,7 +198,7 @@ def test_a_container_on_two_networks_answers_both(lab, networks, tmp_path, varia
     assert time.monotonic() - started < 5, "the container took more than 5 s to stop"
     assert status == 0, f"unshare passes on PID 1's status, the server's; stderr: {err()}"
     lab.stop(proc)  # nothing of its process group is left
-    assert not container_processes(conf)
+    assert not processes_running(conf)
     # The container's network namespace died with its processes, and with it the veths' peers.
     for ns in networks.values():
         wait_until(lambda ns=ns: "eth0" not in lab.exec(ns, ["ip", "-o", "link", "show"]).stdout, 10,

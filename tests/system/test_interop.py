@@ -138,26 +138,8 @@ table ip {table} {{
 
 
 def processes(name: str, marker: str) -> list[int]:
-    """Pids of live processes called *name* with *marker* (a unique tmp path) in their arguments.
-
-    Unlike ``pgrep -x NAME`` this never counts the same server run by someone else on this
-    machine (nor nswrap itself, whose command line holds the server's).
-    """
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                stat = f.read()
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                argv = f.read().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        comm, state = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2]
-        if comm == name and state != "Z" and any(marker in arg for arg in argv):
-            pids.append(int(entry.name))
-    return pids
+    """Pids of live processes called *name* with *marker* (a unique tmp path) in their arguments."""
+    return [p.pid for p in common.processes_running(marker, name)]
 
 
 # -- DNS: dnsmasq ---------------------------------------------------------------------------------

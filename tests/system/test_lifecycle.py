@@ -18,18 +18,9 @@ import psutil
 import pytest
 
 from tests.lab import TEST_ANSWER, diff_states, dig, unbound_conf, wait_answered, wait_until
-from tests.system.common import NSWRAP, SIGECHO, UDPECHO, echo_answered, nswrap, output, start, wait_ready
+from tests.system.common import NSWRAP, SIGECHO, UDPECHO, processes_running, echo_answered, nswrap, output, start, wait_ready
 
 STEP_LINE = ("nswrap: ip ", "nswrap: sysctl ", "nswrap: nft ", "nswrap: conntrack ", "nswrap: for port ")
-
-
-def processes_running(marker: str) -> list[psutil.Process]:
-    """Live (non-zombie) processes whose command line mentions `marker`."""
-    found = []
-    for p in psutil.process_iter(["cmdline", "status"]):
-        if p.info["status"] != psutil.STATUS_ZOMBIE and any(marker in arg for arg in p.info["cmdline"] or ()):
-            found.append(p)
-    return found
 
 
 def step_lines(directory) -> int:
