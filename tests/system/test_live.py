@@ -12,6 +12,7 @@ import json
 import secrets
 import signal
 import subprocess
+import time
 
 from tests.lab import wait_until
 from tests.system.common import UDPECHO, echo_answered, nswrap, output, start, wait_ready
@@ -39,7 +40,9 @@ def test_uplinks_are_followed_while_serving(lab, tmp_path):
         assert not answered(lab, c3, "203.0.113.65", source="203.0.113.200")
         # ... until a default route appears for eth2
         sh(lab, host, "ip route add default via 203.0.113.66 dev eth2 metric 300")
+        began = time.monotonic()
         wait_until(lambda: answered(lab, c3, "203.0.113.65", source="203.0.113.200"), 10, what="eth2's new gateway followed")
+        print(f"eth2's new gateway served after {time.monotonic() - began:.2f} s")  # pytest -s shows it
         assert answered(lab, lab.paths[2].client, "198.51.100.10"), "other uplinks undisturbed"
 
         # 2. a new uplink comes up, with an address and a gateway
@@ -66,6 +69,13 @@ def test_uplinks_are_followed_while_serving(lab, tmp_path):
         wait_until(lambda: ours[0] in json.loads(lab.exec(host, ["ip", "-json", "rule", "show"]).stdout), 10, what="deleted rule put back")
         assert output(tmp_path, stream="err").count("put back") > said, "and nswrap said so"
         assert answered(lab, lab.paths[0].client, "192.0.2.10")
+
+        # 5. someone writes net.ipv4.ip_forward, which rewrites every interface's forwarding:
+        # nswrap's per-interface settings are put back (the global switch stays as they left it)
+        forwarding = "/proc/sys/net/ipv4/conf/eth1/forwarding"
+        sh(lab, host, "sysctl -qw net.ipv4.ip_forward=1; sysctl -qw net.ipv4.ip_forward=0")
+        wait_until(lambda: lab.exec(host, ["cat", forwarding]).stdout.strip() == "1", 10, what="eth1 forwarding put back")
+        assert answered(lab, lab.paths[2].client, "198.51.100.10")
     finally:
         assert lab.stop(proc) == 128 + signal.SIGTERM
         lab.exec(host, ["ip", "route", "del", "default", "via", "203.0.113.66", "dev", "eth2"], check=False)
