@@ -36,9 +36,19 @@ RUN_DIR = Path("/run/nswrap")
 LOCK_TIMEOUT = 30.0
 
 
+SO_NETNS_COOKIE = 71
+
+
 def netns_key() -> str:
-    """Identity of the network namespace we run in: records of other namespaces are not ours."""
-    return str(os.stat("/proc/thread-self/ns/net").st_ino)
+    """Identity of the network namespace we run in: records of other namespaces are not ours.
+
+    The namespace cookie (Linux >= 5.14) is never reused; an inode is, once its namespace is gone.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            return "cookie:" + str(int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little"))
+        except OSError:
+            return "inode:" + str(os.stat("/proc/thread-self/ns/net").st_ino)
 
 
 def _abstract(name: str) -> socket.socket:
