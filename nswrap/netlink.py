@@ -35,6 +35,7 @@ _load_pyroute2_lazily()
 from pyroute2.conntrack import Conntrack  # noqa: E402
 from pyroute2.iproute.linux import IPRoute  # noqa: E402
 from pyroute2.netlink.exceptions import NetlinkError  # noqa: E402
+from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple  # noqa: E402
 
 from nswrap.errors import NswrapError
 
@@ -329,10 +330,46 @@ def _rule_args(rule) -> dict:
 
 def conntrack_count(mark: int | None = None, mask: int = 0xFFFFFFFF) -> int:
     """Tracked flows: all of them, or those whose ct mark under `mask` is `mark` (kernel-filtered)."""
-    with Conntrack() as ct:
-        if mark is None:
+    if mark is None:
+        with Conntrack() as ct:
             return ct.count()
-        return sum(1 for _ in ct.dump_entries(mark=mark, mark_mask=mask))
+    total = 0
+    for family in FAMILIES:  # ctnetlink dumps one address family per request
+        with Conntrack(nfgen_family=family) as ct:
+            total += sum(1 for _ in ct.dump_entries(mark=mark, mark_mask=mask))
+    return total
+
+
+def flush_conntrack(ports, marks=(), mask: int = 0) -> int:
+    """Delete the conntrack entries whose original destination port is published.
+
+    Flows created before our DNAT existed (a client that kept sending while the server restarted)
+    would bypass it until they expire; and at teardown no flow may keep going to a dead server.
+    `ports` holds (proto, first, last, ...) items, keyed by the host (outer) port. Flows carrying
+    one of `marks` (this instance's, under `mask`) are flushed by the kernel in one message each;
+    the rest are found by dumps the kernel filters by protocol and port (Linux >= 5.8; older
+    kernels return everything and the port check below still holds), so a busy conntrack table
+    never travels through Python. Every request covers one address family: ctnetlink's way.
+    """
+    numbers = {"udp": socket.IPPROTO_UDP, "tcp": socket.IPPROTO_TCP}
+    deleted = 0
+    for family in FAMILIES:
+        with Conntrack(nfgen_family=family) as ct:
+            for mark in marks:
+                with _gone_ok():
+                    ct.flush(mark=mark, mark_mask=mask)
+            for proto, lo, hi, *_ in ports:
+                number = numbers[proto]
+                wanted = range(lo, hi + 1) if hi - lo < 64 else [None]  # a wide range: by protocol
+                for port in wanted:
+                    match = NFCTAttrTuple(family=family, proto=number, dport=port) if port else NFCTAttrTuple(family=family, proto=number)
+                    for entry in list(ct.dump_entries(tuple_orig=match)):
+                        t = entry.tuple_orig
+                        if t.proto == number and lo <= (t.dport or 0) <= hi:
+                            with _gone_ok():
+                                ct.entry("del", tuple_orig=t)
+                                deleted += 1
+    return deleted
 
 
 def enter(namespace_fds) -> None:

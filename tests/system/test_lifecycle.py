@@ -183,10 +183,11 @@ def test_readiness_on_a_fd_and_to_notify_socket(lab, tmp_path):
     assert lab.stop(proc) == 3
 
 
-def test_stale_conntrack_entries_do_not_bypass_a_new_instance(lab, tmp_path):
+@pytest.mark.parametrize("family", [4, 6])
+def test_stale_conntrack_entries_do_not_bypass_a_new_instance(lab, tmp_path, family):
     """A client that kept sending (fixed source port) while no server ran has a conntrack entry
     without DNAT; nswrap deletes it at start, so the same flow reaches the new server."""
-    c2 = lab.paths[2]
+    c2 = lab.paths[2] if family == 4 else lab.paths6[2]
     assert not echo_answered(lab, c2.client, c2.address, 5353, sport=40000)
     proc = start(lab, tmp_path, "--ports", "5353", "--", *UDPECHO, "serve", "5353")
     wait_ready(tmp_path)

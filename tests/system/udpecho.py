@@ -4,7 +4,8 @@
     udpecho.py ask ADDR PORT [SPORT [SADDR]]  exit 0 once an echo came back *from ADDR:PORT*, else 1
     udpecho.py count ADDR PORT N          send N datagrams one at a time, each answered; exit 0 if all were
 
-The server is the kind nswrap exists for: no IP_PKTINFO, the kernel picks the reply's source. The
+The server is the kind nswrap exists for: no IP_PKTINFO, the kernel picks the reply's source (one
+dual-stack socket on ::, IPv4 clients arriving as ::ffff:a.b.c.d). The
 client uses a connected socket, so a reply from any other address is never seen. Bounded: at most
 ATTEMPTS tries of WAIT seconds.
 """
@@ -16,16 +17,17 @@ ATTEMPTS, WAIT = 5, 0.5
 
 
 def serve(port: int) -> None:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("0.0.0.0", port))
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # IPv4 too, as ::ffff:a.b.c.d
+    sock.bind(("::", port))
     print("ready", flush=True)
     while True:
         data, peer = sock.recvfrom(65535)
         sock.sendto(data, peer)
 
 
-def ask(address: str, port: int, sport: int = 0, saddr: str = "0.0.0.0") -> int:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def ask(address: str, port: int, sport: int = 0, saddr: str = "") -> int:
+    sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((saddr, sport))
     sock.connect((address, port))
