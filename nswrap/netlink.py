@@ -378,31 +378,6 @@ def enter(namespace_fds) -> None:
         _check(_libc.setns(fd, flag), "setns")
 
 
-def flush_conntrack(ports, marks=(), mask: int = 0) -> int:
-    """Delete the conntrack entries whose original destination port is published.
-
-    Flows created before our DNAT existed (a client that kept sending while the server restarted)
-    would bypass it until they expire; and at teardown no flow may keep going to a dead server.
-    `ports` holds (proto, first, last, ...) items, keyed by the host (outer) port. Flows carrying
-    one of `marks` (this instance's, under `mask`) are flushed by the kernel in one message each,
-    however many there are; only the rest are walked here.
-    """
-    numbers = {"udp": socket.IPPROTO_UDP, "tcp": socket.IPPROTO_TCP}
-    wanted = [(numbers[p[0]], p[1], p[2]) for p in ports]
-    deleted = 0
-    with Conntrack() as ct:
-        for mark in marks:
-            with _gone_ok():
-                ct.flush(mark=mark, mark_mask=mask)
-        for entry in list(ct.dump_entries()):
-            t = entry.tuple_orig
-            if any(t.proto == proto and lo <= (t.dport or 0) <= hi for proto, lo, hi in wanted):
-                with _gone_ok():
-                    ct.entry("del", tuple_orig=t)
-                    deleted += 1
-    return deleted
-
-
 @contextlib.contextmanager
 def _gone_ok() -> Iterator[None]:
     """Undo treats 'already gone' as success: the object may have vanished with its namespace."""

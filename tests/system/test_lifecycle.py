@@ -187,9 +187,18 @@ def test_readiness_on_a_fd_and_to_notify_socket(lab, tmp_path):
 def test_stale_conntrack_entries_do_not_bypass_a_new_instance(lab, tmp_path, family):
     """A client that kept sending (fixed source port) while no server ran has a conntrack entry
     without DNAT; nswrap deletes it at start, so the same flow reaches the new server."""
-    c2 = lab.paths[2] if family == 4 else lab.paths6[2]
-    assert not echo_answered(lab, c2.client, c2.address, 5353, sport=40000)
-    proc = start(lab, tmp_path, "--ports", "5353", "--", *UDPECHO, "serve", "5353")
-    wait_ready(tmp_path)
-    assert echo_answered(lab, c2.client, c2.address, 5353, sport=40000)
-    assert lab.stop(proc) == 128 + signal.SIGTERM
+    # IPv4 on eth2 (c2's packets would be dropped by strict rp_filter before conntrack keeps them)
+    c2 = lab.paths[3] if family == 4 else lab.paths6[2]
+    # a host tracks connections as soon as any firewall uses conntrack; a fresh namespace does not
+    tracker = "table inet tracker {\n chain in {\n type filter hook input priority 0;\n ct state new counter\n }\n}\n"
+    lab.exec(lab.host, ["nft", "-f", "-"], input=tracker)
+    try:
+        assert not echo_answered(lab, c2.client, c2.address, 5353, sport=40000)
+        stale = lab.exec(lab.host, ["conntrack", "-L", "-f", f"ipv{family}", "-p", "udp", "--orig-port-dst", "5353"]).stdout
+        assert "sport=40000" in stale, "the stale flow exists before nswrap starts"
+        proc = start(lab, tmp_path, "--ports", "5353", "--", *UDPECHO, "serve", "5353")
+        wait_ready(tmp_path)
+        assert echo_answered(lab, c2.client, c2.address, 5353, sport=40000)
+        assert lab.stop(proc) == 128 + signal.SIGTERM
+    finally:
+        lab.exec(lab.host, ["nft", "delete", "table", "inet", "tracker"], check=False)
