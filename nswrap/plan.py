@@ -87,6 +87,16 @@ class Step:
     why: str = ""  # a comment printed above the step in --dry-run
 
 
+def host_end(subnet):
+    """The host's end of the veth: the subnet's first address."""
+    return ipaddress.ip_interface(f"{subnet[1]}/{subnet.prefixlen}")
+
+
+def server_end(subnet):
+    """The server's end of the veth: the subnet's second address."""
+    return ipaddress.ip_interface(f"{subnet[2]}/{subnet.prefixlen}")
+
+
 @dataclass(frozen=True)
 class Plan:
     instance: str
@@ -125,19 +135,19 @@ class Plan:
 
     @property
     def host_addr(self) -> ipaddress.IPv4Interface:
-        return ipaddress.IPv4Interface(f"{self.subnet[1]}/{self.subnet.prefixlen}")
+        return host_end(self.subnet)
 
     @property
     def server_addr(self) -> ipaddress.IPv4Interface:
-        return ipaddress.IPv4Interface(f"{self.subnet[2]}/{self.subnet.prefixlen}")
+        return server_end(self.subnet)
 
     @property
     def host_addr6(self) -> ipaddress.IPv6Interface:
-        return ipaddress.IPv6Interface(f"{self.subnet6[1]}/{self.subnet6.prefixlen}")
+        return host_end(self.subnet6)
 
     @property
     def server_addr6(self) -> ipaddress.IPv6Interface:
-        return ipaddress.IPv6Interface(f"{self.subnet6[2]}/{self.subnet6.prefixlen}")
+        return server_end(self.subnet6)
 
     def steps(self) -> list[Step]:
         server_default = RouteSpec(0, ipaddress.IPv4Network("0.0.0.0/0"), SERVER_IF, self.host_addr.ip, proto=0)
@@ -583,8 +593,7 @@ def make_plan(config: Config, facts: Facts, instance: str, previous: Plan | None
     # reply un-NATed to ::1 on our veth. Host-local IPv6 clients use the host's own addresses.
     loopback_families = (4,) if not addresses or LOOPBACK[4] in addresses else ()
     loopback = _loopback_ports(config, facts, warnings) if loopback_families else ()
-    host_addr = ipaddress.IPv4Interface(f"{subnet[1]}/{subnet.prefixlen}")
-    resolv_conf, resolver_stub = server_resolv_conf(facts.resolv_conf, facts.resolved_upstreams, host_addr.ip)
+    resolv_conf, resolver_stub = server_resolv_conf(facts.resolv_conf, facts.resolved_upstreams, host_end(subnet).ip)
     if loopback or resolver_stub:
         sysctls.append(Sysctl(f"net/ipv4/conf/{host_if}/route_localnet", "1"))  # this interface only
     if "tftp" in config.helpers and not any(p.proto == "udp" and p.outer_lo <= 69 <= p.outer_hi for p in config.ports):

@@ -95,11 +95,8 @@ def _record(config: Config, plan: Plan) -> Record:
         started=time.time(),
         command=list(config.command),
         ports=[[p.proto, p.outer_lo, p.outer_hi, p.inner_lo] for p in plan.ports],
-        uplinks=[u.ifname for u in plan.uplinks],
-        needs=[s.key for s in plan.sysctls],
-        marks=[u.mark for u in plan.uplinks],
-        mark_mask=plan.mark_mask,
-    )
+        uplinks=[],
+    ).describe(plan)
 
 
 def _announce_ready(ready_fd: int | None) -> None:

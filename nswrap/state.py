@@ -115,6 +115,14 @@ class Record:
     def path(self) -> Path:
         return RUN_DIR / f"{self.id}.json"
 
+    def describe(self, plan) -> Record:
+        """Take what the record says about uplinks, marks and needed sysctls from `plan`."""
+        self.uplinks = [u.ifname for u in plan.uplinks]
+        self.marks = [u.mark for u in plan.uplinks]
+        self.mark_mask = plan.mark_mask
+        self.needs = [s.key for s in plan.sysctls]
+        return self
+
     def save(self) -> None:
         RUN_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
@@ -193,9 +201,7 @@ class Journal:
     def follow(self, plan) -> None:
         """The running instance moved to `plan` (uplinks came or went): keep the record true."""
         self.record = self.record.reload()
-        self.record.uplinks = [u.ifname for u in plan.uplinks]
-        self.record.marks = [u.mark for u in plan.uplinks]
-        self.record.needs = [s.key for s in plan.sysctls]
+        self.record.describe(plan)
         self.record.save()
 
     def release(self, key: str) -> str:
