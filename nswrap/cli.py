@@ -10,14 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tomllib
 import traceback
 
 import click
 from click.core import ParameterSource
 
 from nswrap import __version__
-from nswrap.config import Config, parse_address, parse_mark_mask, parse_ports, parse_subnet, parse_uplink
+from nswrap import configfile
+from nswrap.config import Config, check_stop_timeout, parse_address, parse_mark_mask, parse_ports, parse_subnet, parse_uplink
 from nswrap.errors import EXIT_FAILED, EXIT_USAGE, NswrapError, UsageError
 
 log = logging.getLogger("nswrap")
@@ -133,6 +133,8 @@ def run(ctx, ports, uplinks, subnet, mark_mask, addresses, firewall, no_outbound
         command = ctx.meta.get(COMMAND_META, ())
 
     def start() -> int:
+        if user is None and "NSWRAP_USER" in os.environ:  # click takes an empty variable for unset
+            raise UsageError("invalid NSWRAP_USER '': empty user name (unset it to run the server as root)")
         config = Config(
             command=tuple(command),
             ports=_parsed(ctx, "ports", parse_ports, ports),
@@ -140,16 +142,19 @@ def run(ctx, ports, uplinks, subnet, mark_mask, addresses, firewall, no_outbound
             subnet=_parsed(ctx, "subnet", parse_subnet, subnet) if subnet else None,
             mark_mask=_parsed(ctx, "mark_mask", parse_mark_mask, mark_mask),
             dry_run=dry_run,
-            verbosity=verbose,
             user=user,
-            stop_timeout=stop_timeout,
+            stop_timeout=_parsed(ctx, "stop_timeout", check_stop_timeout, stop_timeout),
             ready_fd=ready_fd,
             addresses=_parsed(ctx, "addresses", lambda a: tuple(map(parse_address, a)), addresses),
             firewall=firewall,
             outbound=not no_outbound,
             helpers=tuple(helpers),
         )
-        from nswrap.run import run as run_instance  # lazy: --help and usage errors stay fast
+        if config.dry_run:
+            from nswrap.commands import dry_run as print_plan
+
+            return print_plan(config)
+        from nswrap.instance import run as run_instance  # lazy: --help and usage errors stay fast
 
         return run_instance(config)
 
@@ -160,7 +165,7 @@ def run(ctx, ports, uplinks, subnet, mark_mask, addresses, firewall, no_outbound
 @click.option("-v", "--verbose", count=True, **_env("VERBOSE"), help="-vv: debug output and tracebacks.")
 def cleanup(verbose) -> None:
     """Remove what dead nswrap instances left behind (never touches a live one); idempotent."""
-    from nswrap.run import cleanup as run_cleanup
+    from nswrap.commands import cleanup as run_cleanup
 
     _exit_with(run_cleanup, verbose)
 
@@ -203,7 +208,7 @@ def doctor(ctx, ports, uplinks, mark_mask, firewall, verbose) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_(as_json) -> None:
     """List the live nswrap instances on this host (network namespace)."""
-    from nswrap.run import list_instances
+    from nswrap.commands import list_instances
 
     _exit_with(lambda: list_instances(as_json), 0)
 
@@ -213,7 +218,7 @@ def list_(as_json) -> None:
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def exec_(instance, command) -> None:
     """Run COMMAND inside instance ID's server namespace (e.g. tcpdump -ni eth0, ss -ulpn)."""
-    from nswrap.run import exec_in
+    from nswrap.commands import exec_in
 
     command = tuple(command)
     if command[:1] == ("--",):  # `nswrap exec ID -- COMMAND`: click passes the separator on
@@ -248,57 +253,12 @@ def config_keys() -> dict[str, tuple[str, str]]:
     return keys
 
 
-_KIND_TEXT = {"list": "a list of strings", "str": "a string", "number": "a number", "int": "an integer",
-              "bool": "true or false"}
-
-
 def read_config(path: str) -> dict:
-    """The TOML file at *path* as {parameter name: value}; click.UsageError (one line naming the
-    file, and the key if one is at fault) when it cannot be read, is not TOML, has an unknown key or
-    a value of the wrong type."""
+    """The TOML file at *path* as {parameter name: value}; click.UsageError (one line) if bad."""
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        raise click.UsageError(f"cannot read config file {path}: {e.strerror or e}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise click.UsageError(f"config file {path}: not valid TOML: {e}") from None
-    keys = config_keys()
-    values = {}
-    for key, value in data.items():
-        if key not in keys:
-            raise click.UsageError(f"config file {path}: unknown key {key!r} (known: {', '.join(sorted(keys))})")
-        name, kind = keys[key]
-        if key in ("ports", "mark-mask"):  # TOML numbers are fine here: ports = [53], mark-mask = 0xf0000000
-            value = [_int_to_str(v) for v in value] if isinstance(value, list) else _int_to_str(value)
-        if kind == "list" and isinstance(value, str):
-            value = [value]
-        if not _has_kind(value, kind):
-            raise click.UsageError(
-                f"config file {path}: key {key!r} must be {_KIND_TEXT[kind]}, not {_toml_type(value)} {value!r}")
-        values[name] = value
-    return values
-
-
-def _int_to_str(value):
-    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
-
-
-def _has_kind(value, kind: str) -> bool:
-    if kind == "list":
-        return isinstance(value, list) and all(isinstance(v, str) for v in value)
-    if kind == "str":
-        return isinstance(value, str)
-    if kind == "bool":
-        return isinstance(value, bool)
-    if kind == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, (int, float)) and not isinstance(value, bool)  # number
-
-
-def _toml_type(value) -> str:
-    return {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}.get(
-        type(value), "date/time")
+        return configfile.read(path, config_keys())
+    except UsageError as e:
+        raise click.UsageError(str(e)) from None
 
 
 def _origin(ctx: click.Context | None, name: str | None) -> str | None:

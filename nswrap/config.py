@@ -1,22 +1,25 @@
 """What the user asked for, validated. Pure: no I/O, no host access.
 
-Every check that can fail on bad input lives here, so bad input is refused before nswrap looks
-at (let alone changes) the host.
+Every check that can fail on bad input lives here, so bad input is refused (exit 2, one line)
+before nswrap looks at, let alone changes, the host.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from dataclasses import dataclass
 
 from nswrap.errors import UsageError
+from nswrap.objects import IPAddress
 
 PROTOCOLS = ("udp", "tcp")
 IFNAMSIZ = 15  # the kernel's limit on interface names, without the NUL
-DEFAULT_POOL = ipaddress.IPv4Network("198.18.0.0/15")  # RFC 2544 benchmarking range: rarely routed
-DEFAULT_MARK_MASK = 0xF0000000
-HELPERS = ("tftp",)  # conntrack helpers nswrap can attach (the server answers from a new port)  # free of kube-proxy, wg-quick, Tailscale, Cilium, mwan3, OpenWrt pbr
+HELPERS = ("tftp",)  # conntrack helpers nswrap can attach (the server answers from a new port)
+DEFAULT_MARK_MASK = 0xF0000000  # free of kube-proxy, wg-quick, Tailscale, Cilium, mwan3, OpenWrt pbr
+MAX_STOP_TIMEOUT = 86400.0
+MAX_ID = 0xFFFFFFFE  # uid/gid: (uid_t)-1 means "unchanged" to the kernel
 
 
 @dataclass(frozen=True, order=True)
@@ -36,11 +39,17 @@ class PortRange:
     def remapped(self) -> bool:
         return self.inner_lo != self.outer_lo
 
+    @property
+    def inner_hi(self) -> int:
+        return self.inner_lo + self.count - 1
+
+    def overlaps(self, other: PortRange) -> bool:
+        return self.proto == other.proto and self.outer_lo <= other.outer_hi and other.outer_lo <= self.outer_hi
+
     def __str__(self) -> str:
         outer = _span(self.outer_lo, self.outer_hi)
         if self.remapped:
-            inner_hi = self.inner_lo + self.count - 1
-            outer += ":" + _span(self.inner_lo, inner_hi)
+            outer += ":" + _span(self.inner_lo, self.inner_hi)
         return f"{outer}/{self.proto}"
 
 
@@ -48,7 +57,8 @@ def _span(lo: int, hi: int) -> str:
     return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
-_ITEM = re.compile(r"^(?P<outer>\d+(?:-\d+)?)(?::(?P<inner>\d+(?:-\d+)?))?(?:/(?P<proto>[a-z]+))?$")
+_PORT = r"[0-9]{1,5}"  # ASCII digits only (\d would take Arabic-Indic ones), and never 5000 of them
+_ITEM = re.compile(rf"^(?P<outer>{_PORT}(?:-{_PORT})?)(?::(?P<inner>{_PORT}(?:-{_PORT})?))?(?:/(?P<proto>[a-z]+))?$")
 
 
 def _parse_span(text: str, item: str) -> tuple[int, int]:
@@ -85,8 +95,8 @@ def parse_ports(specs: tuple[str, ...] | list[str]) -> tuple[PortRange, ...]:
                 raise UsageError(f"invalid port spec {spec!r}: empty item")
             items.append(parse_port_item(item))
     ranges = sorted(items)
-    for before, after in zip(ranges, ranges[1:]):
-        if before.proto == after.proto and after.outer_lo <= before.outer_hi:
+    for before, after in zip(ranges, ranges[1:], strict=False):
+        if before.overlaps(after):
             raise UsageError(f"invalid port spec: {before} and {after} publish the same port twice")
     return tuple(ranges)
 
@@ -94,15 +104,23 @@ def parse_ports(specs: tuple[str, ...] | list[str]) -> tuple[PortRange, ...]:
 @dataclass(frozen=True)
 class UplinkSpec:
     ifname: str
-    gateway: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    gateway: IPAddress | None = None
 
     def __str__(self) -> str:
         return self.ifname + (f"={self.gateway}" if self.gateway else "")
 
 
+_IFNAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,15}$")
+
+
+def valid_ifname(name: str) -> bool:
+    """Names nswrap can quote safely in nft and shell lines (the kernel allows more: quotes, say)."""
+    return bool(_IFNAME.match(name)) and name not in (".", "..")
+
+
 def check_ifname(name: str, what: str = "interface name") -> str:
-    if not name or len(name) > IFNAMSIZ or name in (".", "..") or re.search(r"[\s/:]", name):
-        raise UsageError(f"invalid {what} {name!r}: 1-{IFNAMSIZ} characters, no '/', ':' or spaces")
+    if not valid_ifname(name):
+        raise UsageError(f"invalid {what} {name!r}: 1-{IFNAMSIZ} characters of A-Z a-z 0-9 _ . @ + -")
     return name
 
 
@@ -117,7 +135,7 @@ def parse_uplink(text: str) -> UplinkSpec:
         raise UsageError(f"invalid uplink {text!r}: {gateway!r} is not a gateway address") from None
 
 
-def parse_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+def parse_address(text: str) -> IPAddress:
     try:
         return ipaddress.ip_address(text)
     except ValueError:
@@ -129,16 +147,15 @@ def parse_subnet(text: str) -> ipaddress.IPv4Network:
         net = ipaddress.IPv4Network(text, strict=True)
     except ValueError as e:
         raise UsageError(f"invalid subnet {text!r}: {e}") from None
-    if net.prefixlen > 30:
-        raise UsageError(f"invalid subnet {text!r}: needs at least a /30 (two addresses)")
+    if net.prefixlen != 30:
+        raise UsageError(f"invalid subnet {text!r}: must be a /30 (the host's end and the server's)")
     return net
 
 
 def parse_mark_mask(text: str) -> int:
-    try:
-        mask = int(text, 0)
-    except ValueError:
-        raise UsageError(f"invalid mark mask {text!r}: expected a number such as 0xf0000000") from None
+    if not re.fullmatch(r"(0[xX][0-9a-fA-F]{1,8}|[0-9]{1,10})", text.strip()):
+        raise UsageError(f"invalid mark mask {text!r}: expected a number such as 0xf0000000")
+    mask = int(text, 0)
     if not 0 < mask <= 0xFFFFFFFF:
         raise UsageError(f"invalid mark mask {text!r}: must be a non-zero 32-bit value")
     low = mask & -mask
@@ -147,19 +164,37 @@ def parse_mark_mask(text: str) -> int:
     return mask
 
 
+def parse_user(spec: str) -> tuple[str, str]:
+    """USER[:GROUP], names or numbers; the lookup itself happens at start (it reads /etc/passwd)."""
+    user, sep, group = spec.partition(":")
+    for what, value in (("user", user), ("group", group)):
+        if not value and (what == "user" or sep):
+            raise UsageError(f"invalid --user {spec!r}: empty {what} name")
+        if value.isascii() and value.isdigit() and int(value) > MAX_ID:
+            raise UsageError(f"invalid --user {spec!r}: {what} id {value} is out of range")
+        if value and not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*\$?", value):
+            raise UsageError(f"invalid --user {spec!r}: {value!r} is not a {what} name or number")
+    return user, group
+
+
+def check_stop_timeout(value: float) -> float:
+    if not math.isfinite(value) or not 0 <= value <= MAX_STOP_TIMEOUT:
+        raise UsageError(f"invalid --stop-timeout {value}: 0 to {MAX_STOP_TIMEOUT:g} seconds")
+    return value
+
+
 @dataclass(frozen=True)
 class Config:
     command: tuple[str, ...]
     ports: tuple[PortRange, ...]
     uplinks: tuple[UplinkSpec, ...] = ()  # empty: every interface with a global address
-    subnet: ipaddress.IPv4Network | None = None  # None: allocate inside DEFAULT_POOL
+    subnet: ipaddress.IPv4Network | None = None  # None: allocate inside the pool
     mark_mask: int = DEFAULT_MARK_MASK
     dry_run: bool = False
-    verbosity: int = 0
     user: str | None = None  # USER[:GROUP] the server runs as
     stop_timeout: float = 10.0  # after forwarding SIGTERM/SIGINT, SIGKILL the server's tree after this
-    ready_fd: int | None = None  # write a line here once the rules are live and the server started
-    addresses: tuple = ()  # publish only on these host addresses (IPv4 and IPv6)
+    ready_fd: int | None = None  # write a line here once every published path forwards
+    addresses: tuple[IPAddress, ...] = ()  # publish only on these host addresses (IPv4 and IPv6)
     firewall: str = "auto"  # auto: make room in iptables FORWARD/DOCKER-USER; off: refuse if blocked
     outbound: bool = True  # the server may open its own connections, masqueraded
     helpers: tuple[str, ...] = ()  # conntrack helpers for protocols that open related flows
@@ -174,9 +209,14 @@ class Config:
         for helper in self.helpers:
             if helper not in HELPERS:
                 raise UsageError(f"invalid --helper {helper!r}: one of {', '.join(HELPERS)}")
-        if self.stop_timeout < 0:
-            raise UsageError(f"invalid stop timeout {self.stop_timeout}: must be 0 or more seconds")
-        seen = {}
+        if "tftp" in self.helpers and not any(p.proto == "udp" and p.outer_lo <= 69 <= p.outer_hi for p in self.ports):
+            raise UsageError("--helper tftp needs udp port 69 published (e.g. --ports 69)")
+        check_stop_timeout(self.stop_timeout)
+        if self.user is not None:
+            parse_user(self.user)
+        if self.ready_fd is not None and not 0 <= self.ready_fd < 1 << 20:
+            raise UsageError(f"invalid --ready-fd {self.ready_fd}: not a file descriptor number")
+        seen: dict[str, int | None] = {}
         for u in self.uplinks:  # once, or twice: with an IPv4 and with an IPv6 gateway
             version = u.gateway.version if u.gateway else None
             if u.ifname in seen and (version is None or seen[u.ifname] in (None, version)):

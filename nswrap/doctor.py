@@ -1,38 +1,33 @@
 """`nswrap doctor`: would nswrap work here? One verdict per line; changes nothing on the host.
 
 Each check uses the real machinery on throwaway objects: a new network namespace with a veth pair
-inside it, `nft -c` (check only, nothing committed) on the very ruleset a start would load, and
-the plan computed from this host's facts.
+inside it, `nft -c` (check only, nothing committed) on the very table a start would load, and
+the datapath computed from this host's facts.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from collections.abc import Callable
 
-from nswrap import firewall, netlink
+from nswrap import namespaces, netlink, nft, ruleset, sync
+from nswrap.changes import read_only_message
 from nswrap.config import Config
+from nswrap.datapath import Instance, allocate_subnet, check_uplinks, datapath, free_priority, ula_subnet, Allocation
 from nswrap.errors import NswrapError
 from nswrap.facts import Facts, gather
-from nswrap.plan import TABLE_PREFIX, make_plan, nft_ruleset
+from nswrap.instance import require_capabilities
 
 RP_FILTER = {"0": "off", "1": "strict", "2": "loose"}
 
 
-def _capabilities() -> str:
-    from nswrap.run import _require_capabilities
-
-    _require_capabilities()
-    return "CAP_NET_ADMIN and CAP_SYS_ADMIN"
-
-
 def _namespaces_and_veth() -> str:
-    fd = netlink.new_netns()
+    fd = namespaces.new_netns()
     try:
-        with netlink.Netlink(fd) as inside:
-            inside.veth_add("nswrap-probe0", "nswrap-probe1", fd, 1500)  # both ends inside: gone with it
+        with namespaces.inside(fd):
+            routing = netlink.Routing()
+        with routing:  # both ends inside the throwaway namespace: gone with it
+            routing.do(routing.veth("nswrap-probe0", "nswrap-probe1", fd, 1500, ("02:00:00:00:00:01", "02:00:00:00:00:02")))
     finally:
         os.close(fd)
     return "a throwaway namespace with a veth pair was created and removed"
@@ -41,30 +36,28 @@ def _namespaces_and_veth() -> str:
 def _pid_namespaces() -> str:
     pid = os.fork()
     if pid == 0:
-        os._exit(0 if _unshare_pid() else 1)
+        try:
+            namespaces.unshare_pid()
+            os._exit(0)
+        except OSError:
+            os._exit(1)
     _, status = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise NswrapError("cannot create a PID namespace")
     return "available"
 
 
-def _unshare_pid() -> bool:
-    from nswrap.supervise import CLONE_NEWPID, _libc
-
-    return _libc.unshare(CLONE_NEWPID) == 0
-
-
-def _nft(ruleset: str) -> str:
-    if not shutil.which("nft"):
-        raise NswrapError("nft not found: install nftables")
-    done = subprocess.run(["nft", "-c", "-f", "-"], input=ruleset, capture_output=True, text=True, timeout=30)
-    if done.returncode != 0:
-        raise NswrapError(next((line for line in done.stderr.splitlines() if line.strip()), "nft -c failed"))
-    return "the kernel accepts the ruleset (NAT, conntrack marks, fib, maps): checked, not loaded"
-
-
 def _conntrack() -> str:
-    return f"{netlink.conntrack_count()} flows tracked now"
+    use = {}
+    for key in ("count", "max"):
+        try:
+            with open(f"/proc/sys/net/netfilter/nf_conntrack_{key}") as f:
+                use[key] = f.read().strip()
+        except OSError:
+            use[key] = "?"
+    with netlink.Conntrack() as ct:
+        ct.flows(4, orig_proto=17, orig_dport=1)  # the kernel answers filtered dumps
+    return f"{use['count']} of {use['max']} entries in use; filtered dumps work"
 
 
 def _rp_filter(facts: Facts, names: list[str]) -> str:
@@ -78,11 +71,20 @@ def _rp_filter(facts: Facts, names: list[str]) -> str:
     return ", ".join(f"{name} {mode(name)}" for name in names) + " (all modes work: marks carry the uplink)"
 
 
+def _sysctls(keys: list[str]) -> str:
+    if not keys:
+        return "nothing to change (the needed values are already in effect)"
+    st = os.statvfs("/proc/sys")
+    if st.f_flag & os.ST_RDONLY:
+        raise NswrapError(read_only_message(keys))
+    return f"{len(keys)} to set ({', '.join(k.replace('/', '.') for k in keys[:4])}{', ...' if len(keys) > 4 else ''}); /proc/sys is writable"
+
+
 def doctor(config: Config) -> int:
     """Print one verdict per check; 0 only when nswrap would work here."""
     failed = 0
 
-    def check(what: str, probe: Callable[[], str]) -> object:
+    def check(what: str, probe: Callable[[], str]) -> str | None:
         nonlocal failed
         try:
             detail = probe()
@@ -93,28 +95,44 @@ def doctor(config: Config) -> int:
         print(f"ok    {what}: {detail}")
         return detail
 
-    check("privileges", _capabilities)
+    def privileges() -> str:
+        require_capabilities()
+        return "CAP_NET_ADMIN and CAP_SYS_ADMIN"
+
+    if check("privileges", privileges) is None:
+        print("1 check(s) failed: nswrap would not work here (doctor needs root to look further)")
+        return 1
     check("network namespaces and veth", _namespaces_and_veth)
     check("PID namespaces", _pid_namespaces)
     check("conntrack", _conntrack)
-    with netlink.Netlink() as nl:
-        facts = gather(nl)
-    plan = [None]
+    with netlink.Routing() as routing:
+        facts = gather(routing)
+    found: dict = {}
 
     def planning() -> str:
-        plan[0] = make_plan(config, facts, "doctor")
-        p = plan[0]
-        uplinks = ", ".join(f"{u.ifname}" + (f" via {u.gateway}" if u.gateway else " (no gateway)") for u in p.uplinks)
-        return f"uplinks {uplinks}; internal subnet {p.subnet}; marks under {p.mark_mask:#x} are free"
+        subnet = allocate_subnet(facts, (), config.subnet)
+        instance = Instance("d0d0d0", config.ports, subnet, ula_subnet(subnet) if facts.ipv6_per_interface else None,
+                            config.uplinks, config.addresses, (), config.outbound, config.helpers)
+        check_uplinks(facts, instance)
+        dp = datapath(facts, Allocation(config.mark_mask, free_priority(facts)), (instance,))
+        found["dp"] = dp
+        uplinks = ", ".join(u.ifname for u in dp.allocation.uplinks)
+        return f"uplinks {uplinks}; internal subnet {subnet}; marks under {config.mark_mask:#x} are free"
 
-    check("plan (uplinks, addresses, marks, subnet, forward path)", planning)
-    if plan[0] is not None:
-        p = plan[0]
-        check("nftables", lambda: _nft(nft_ruleset(p)))
-        check("reverse-path filtering", lambda: _rp_filter(facts, [u.ifname for u in p.uplinks]))
-        blockers = firewall.blockers(facts.firewall, TABLE_PREFIX)
-        check("other firewalls", lambda: "; ".join(f"{b.where}: nswrap adds narrow accepts there" for b in blockers) or "nothing drops forwarded flows")
-        for warning in p.warnings:
+    check("plan (uplinks, addresses, marks, subnet)", planning)
+    dp = found.get("dp")
+    if dp is not None:
+        check("nftables", lambda: (nft.check(ruleset.table_text(dp)),
+                                   "the kernel accepts the table (NAT, maps, conntrack marks, timeouts): checked, not loaded")[1])
+        check("sysctls", lambda: _sysctls(sorted(dp.sysctls)))
+        check("reverse-path filtering", lambda: _rp_filter(facts, [u.ifname for u in dp.allocation.uplinks]))
+
+        def firewalls() -> str:
+            rooms = sync.wanted_rooms(sync.probe_firewall(), config.firewall, config.mark_mask)
+            return "; ".join(f"iptables {r.binary} {r.chain}: nswrap adds narrow accepts there" for r in rooms[::2]) or "nothing drops forwarded flows"
+
+        check("other firewalls and marks", firewalls)
+        for warning in dp.warnings:
             print(f"note  {warning}")
     print("nswrap would work here" if not failed else f"{failed} check(s) failed: nswrap would not work here")
     return 0 if not failed else 1

@@ -1,163 +1,146 @@
 """Read-only probes of the host namespace, as plain frozen data.
 
-Nothing here changes the host. `Facts` is what the plan is computed from, so unit tests can build
-one by hand and pin the plan without root.
+Nothing here changes the host. `Facts` is what the datapath is computed from, so unit tests build
+one by hand and pin the datapath without root. Probes that cannot run raise (NswrapError or
+OSError): "could not look" is never reported as "nothing found".
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
+import socket
 from dataclasses import dataclass, field
 
-from nswrap import firewall
-from nswrap.firewall import FirewallFacts
+from nswrap.objects import FAMILIES, RT_TABLE_MAIN, SCOPE_UNIVERSE, Address, IPAddress, Link, Route, Rule
 
-RT_SCOPE_UNIVERSE = 0
-RT_TABLE_MAIN = 254
-
-
-@dataclass(frozen=True)
-class Link:
-    index: int
-    ifname: str
-    mtu: int
-    kind: str | None = None
-
-
-@dataclass(frozen=True)
-class Address:
-    ifname: str
-    address: ipaddress.IPv4Interface | ipaddress.IPv6Interface
-    scope: int = RT_SCOPE_UNIVERSE
-
-
-@dataclass(frozen=True)
-class Route:
-    table: int
-    dst: ipaddress.IPv4Network | ipaddress.IPv6Network
-    dev: str | None
-    gateway: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
-    scope: int = RT_SCOPE_UNIVERSE
-    prefsrc: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
-    metric: int = 0
-    proto: int = 0
-
-    @property
-    def is_default(self) -> bool:
-        return self.dst.prefixlen == 0
-
-
-@dataclass(frozen=True)
-class Rule:
-    priority: int
-    table: int
-    fwmark: int = 0
-    fwmask: int = 0
-    proto: int = 0
-    family: int = 4
+HOST_PREFIX = "nsw-"  # host end of an instance's veth: nsw-<id>
+PROC_SYS = "/proc/sys"
 
 
 @dataclass(frozen=True)
 class Facts:
-    links: tuple[Link, ...]
-    addresses: tuple[Address, ...]
-    routes: tuple[Route, ...]
-    rules: tuple[Rule, ...]
-    forwarding: dict = field(default_factory=dict)  # ifname -> IPv4 forwarding before any nswrap
-    forwarding6: dict = field(default_factory=dict)  # ifname -> IPv6 force_forwarding; "all" -> global
+    links: tuple[Link, ...] = ()
+    addresses: tuple[Address, ...] = ()
+    routes: tuple[Route, ...] = ()
+    rules: tuple[Rule, ...] = ()
+    sysctls: dict[str, str] = field(default_factory=dict)  # key under /proc/sys -> value, for the keys that matter
     ipv6_per_interface: bool = True  # Linux >= 6.17: per-interface IPv6 forwarding (force_forwarding)
-    firewall: FirewallFacts = FirewallFacts(())
-    loopback_listeners: frozenset = frozenset()  # (proto, port) a host process serves on 127.0.0.1
-    resolv_conf: str = ""  # the host's /etc/resolv.conf
-    resolved_upstreams: str = ""  # systemd-resolved's /run/systemd/resolve/resolv.conf, if any
+    loopback_listeners: frozenset[tuple[str, int]] = frozenset()  # (proto, port) a host process serves on 127.0.0.1
+    resolver_stub: IPAddress | None = None  # the host's only resolver, on its loopback (127.0.0.53, 127.0.0.11)
 
     def link(self, ifname: str) -> Link | None:
         return next((link for link in self.links if link.ifname == ifname), None)
 
-    def global_addresses(self, ifname: str, version: int = 4) -> list:
-        return [
-            a.address for a in self.addresses if a.ifname == ifname and a.scope == RT_SCOPE_UNIVERSE and a.address.version == version
-        ]
+    def global_addresses(self, ifname: str, version: int) -> list:
+        return [a.address for a in self.addresses
+                if a.ifname == ifname and a.scope == SCOPE_UNIVERSE and a.version == version]
 
-    def main_routes(self, ifname: str) -> list[Route]:
-        return [r for r in self.routes if r.table == RT_TABLE_MAIN and r.dev == ifname]
+    def main_routes(self, ifname: str, version: int) -> list[Route]:
+        return [r for r in self.routes if r.table == RT_TABLE_MAIN and r.dev == ifname and r.version == version]
+
+    def sysctl(self, key: str) -> str | None:
+        return self.sysctls.get(key)
 
 
-def _sysctls(pattern: str, names) -> dict:
-    values = {}
+def sysctl_keys(names: list[str]) -> list[str]:
+    """The settings the datapath depends on, for these interfaces."""
+    keys = ["net/ipv4/conf/all/src_valid_mark", "net/ipv4/conf/all/route_localnet", "net/ipv6/conf/all/forwarding"]
     for name in names:
-        try:
-            with open(pattern.format(name)) as f:
-                values[name] = f.read().strip()
-        except OSError:
-            pass
-    return values
+        keys += [f"net/ipv4/conf/{_sysctl_name(name)}/forwarding", f"net/ipv4/conf/{_sysctl_name(name)}/src_valid_mark",
+                 f"net/ipv6/conf/{_sysctl_name(name)}/force_forwarding"]
+    return keys
 
 
-def _loopback_listeners() -> frozenset:
-    """Ports a host process already serves on 127.0.0.1 (bound to it or to 0.0.0.0)."""
-    import psutil  # lazy: only a running instance needs it
+def _sysctl_name(ifname: str) -> str:
+    return ifname.replace(".", "/")  # /proc/sys shows a VLAN's eth0.100 as eth0/100
 
+
+def sysctl_key(family: int, ifname: str, setting: str) -> str:
+    return f"net/ipv{family}/conf/{_sysctl_name(ifname)}/{setting}"
+
+
+def read_sysctl(key: str) -> str | None:
+    try:
+        with open(f"{PROC_SYS}/{key}") as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
+
+
+def _loopback_listeners() -> frozenset[tuple[str, int]]:
+    """Ports a host process already serves on 127.0.0.1 (bound to it or to a wildcard): read from
+    /proc/net, where a socket listening on 0.0.0.0 shows as 00000000."""
     found = set()
-    for kind, proto in (("udp", "udp"), ("tcp", "tcp")):
-        for conn in psutil.net_connections(kind=kind):
-            if conn.laddr and conn.laddr.ip in ("127.0.0.1", "0.0.0.0", "::1", "::") and (proto == "udp" or conn.status == "LISTEN"):
-                found.add((proto, conn.laddr.port))
+    loopback = ("0100007F", "00000000", "00000000000000000000000000000000", "00000000000000000000000001000000")
+    for proto, path in (("udp", "udp"), ("udp", "udp6"), ("tcp", "tcp"), ("tcp", "tcp6")):
+        try:
+            with open(f"/proc/net/{path}") as f:
+                lines = f.readlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            address, port = fields[1].split(":")
+            listening = proto == "udp" or fields[3] == "0A"  # TCP_LISTEN
+            if listening and address in loopback:
+                found.add((proto, int(port, 16)))
     return frozenset(found)
 
 
-def gather(netlink, handed_over: dict | None = None) -> Facts:
-    """One dump each of links, addresses, routes (all tables) and rules, plus the firewall.
+def _resolver_stub() -> IPAddress | None:
+    """The host's resolver, when every nameserver in /etc/resolv.conf is on IPv4 loopback: the
+    server's namespace has a loopback of its own, so it needs a way to the host's."""
+    import ipaddress
 
-    `handed_over`: sysctl values live instances recorded before they changed them, so that
-    "was forwarding on before nswrap?" has the host's answer, not another instance's.
-    """
-    links = tuple(Link(l["index"], l["ifname"], l["mtu"], l["kind"]) for l in netlink.links())
+    try:
+        with open("/etc/resolv.conf") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    servers = []
+    for line in lines:
+        words = line.split()
+        if words[:1] == ["nameserver"] and len(words) > 1:
+            try:
+                servers.append(ipaddress.ip_address(words[1].split("%")[0]))
+            except ValueError:
+                continue
+    if servers and all(s.is_loopback for s in servers):
+        return next((s for s in servers if s.version == 4), None)
+    return None
+
+
+def gather(routing) -> Facts:
+    """One dump each of links, addresses, routes (every table) and rules, and the sysctls."""
+    infos = routing.links()
+    links = tuple(info.link for info in infos)
     names = {link.index: link.ifname for link in links}
-    addresses = tuple(Address(names.get(a["index"], "?"), a["address"], a["scope"]) for a in netlink.addresses())
-    routes = tuple(
-        Route(
-            r["table"],
-            r["dst"],
-            names.get(r["oif"]),
-            r["gateway"],
-            r["scope"],
-            ipaddress.ip_address(r["prefsrc"]) if r["prefsrc"] else None,
-            r["metric"],
-            r["proto"],
-        )
-        for r in netlink.routes()
-    )
-    rules = tuple(Rule(r["priority"], r["table"], r["fwmark"], r["fwmask"], r["protocol"], r["family"]) for r in netlink.rules())
-    names = [link.ifname for link in links]
-    forwarding = _sysctls("/proc/sys/net/ipv4/conf/{}/forwarding", names)
-    forwarding6 = _sysctls("/proc/sys/net/ipv6/conf/{}/force_forwarding", names)
-    forwarding6.update(_sysctls("/proc/sys/net/ipv6/conf/{}/forwarding", ["all"]))
-    for key, value in (handed_over or {}).items():
-        parts = key.split("/")
-        if len(parts) == 5 and parts[1] == "ipv4" and parts[4] == "forwarding" and parts[3] in forwarding:
-            forwarding[parts[3]] = value
-        if len(parts) == 5 and parts[1] == "ipv6" and parts[4] == "force_forwarding" and parts[3] in forwarding6:
-            forwarding6[parts[3]] = value
+    sysctls = {}
+    for key in sysctl_keys([link.ifname for link in links if link.ifname != "lo" and not link.ifname.startswith(HOST_PREFIX)]):
+        value = read_sysctl(key)
+        if value is not None:
+            sysctls[key] = value
     return Facts(
         links=links,
-        addresses=addresses,
-        routes=routes,
-        rules=rules,
-        forwarding=forwarding,
-        forwarding6=forwarding6,
-        ipv6_per_interface=os.path.exists("/proc/sys/net/ipv6/conf/lo/force_forwarding"),
-        firewall=firewall.probe(),
+        addresses=tuple(routing.addresses(names)),
+        routes=tuple(routing.routes(names)),
+        rules=tuple(routing.rules()),
+        sysctls=sysctls,
+        ipv6_per_interface=os.path.exists(f"{PROC_SYS}/net/ipv6/conf/lo/force_forwarding"),
         loopback_listeners=_loopback_listeners(),
-        resolv_conf=_read("/etc/resolv.conf"),
-        resolved_upstreams=_read("/run/systemd/resolve/resolv.conf"),
+        resolver_stub=_resolver_stub(),
     )
 
 
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return ""
+def netns_id() -> str:
+    """Identity of the network namespace we run in, for the state directory: the namespace
+    cookie (never reused, Linux >= 5.14), else the inode of its nsfs file."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            cookie = int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, 71, 8), "little")  # SO_NETNS_COOKIE
+            return f"c{cookie}"
+        except OSError:
+            return f"i{os.stat('/proc/thread-self/ns/net').st_ino}"
+
+
+__all__ = ["FAMILIES", "Facts", "gather", "netns_id", "read_sysctl", "sysctl_key"]

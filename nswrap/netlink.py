@@ -1,390 +1,635 @@
-"""Netlink and namespaces: the only module that imports pyroute2 or calls setns/unshare.
+"""Netlink: the only module that speaks it.
 
-Reads links, addresses, routes and rules of the current (host) namespace, creates the server's
-network namespace, and carries out the link/address/route/rule steps of a plan, in the host
-namespace or inside the server namespace.
+rtnetlink for links, addresses, routes, rules and neighbours; ctnetlink for conntrack; nfnetlink
+for nftables' events. A small codec over `socket` and `struct` instead of pyroute2: importing
+pyroute2 cost ~330 ms and every request went through an asyncio loop, which dominated nswrap's
+start (docs/design.md, "Why our own netlink"). Requests can be batched into one `sendmsg`.
+
+Every kernel error leaves this module as `OSError(errno, message)`; callers treat ENOENT-like
+errors ("already gone") as success where that is right, never here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import errno
-import functools
 import ipaddress
 import os
 import socket
-from collections.abc import Iterator
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
+from nswrap.objects import (
+    FAMILIES,
+    FR_ACT_TO_TBL,
+    PROTO,
+    RT_TABLE_MAIN,
+    Address,
+    Link,
+    Neighbour,
+    Route,
+    Rule,
+)
 
-def _load_pyroute2_lazily() -> None:
-    """pyroute2's package __init__ imports every module it has (IPDB, NDB, WireGuard, Plan 9...),
-    about 40 ms of a 400 ms start. Register the package without running it, so importing the
-    submodules below loads only what nswrap uses. Harmless if pyroute2 is already imported."""
-    import importlib.util
-    import sys
+NETLINK_ROUTE, NETLINK_NETFILTER = 0, 12
+NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
+NLM_F_DUMP = 0x300
+NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLA_F_NESTED = 0x8000
 
-    if "pyroute2" not in sys.modules:
-        spec = importlib.util.find_spec("pyroute2")
-        if spec is not None and spec.submodule_search_locations:
-            sys.modules["pyroute2"] = importlib.util.module_from_spec(spec)
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_SETLINK = 16, 17, 18, 19
+RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
+RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
+RTM_NEWNEIGH = 28
+RTM_NEWRULE, RTM_DELRULE, RTM_GETRULE = 32, 33, 34
+RTM_NEWNETCONF = 80
 
-
-_load_pyroute2_lazily()
-
-from pyroute2.conntrack import Conntrack  # noqa: E402
-from pyroute2.iproute.linux import IPRoute  # noqa: E402
-from pyroute2.netlink.exceptions import NetlinkError  # noqa: E402
-from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple  # noqa: E402
-
-from nswrap.errors import NswrapError
-
-CLONE_NEWNET = 0x40000000
-PR_SET_PDEATHSIG = 1
-RT_TABLE_MAIN = 254
-RT_SCOPE_UNIVERSE = 0
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_NET_NS_FD, IFLA_AF_SPEC = 1, 3, 4, 18, 28, 26
+IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
+IFLA_INET_CONF, IFLA_INET6_ADDR_GEN_MODE = 1, 8
+IN6_ADDR_GEN_MODE_NONE = 1
+IFF_UP = 0x1
+IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
+IFA_F_NODAD, IFA_F_TENTATIVE = 0x02, 0x40
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_PREFSRC, RTA_MULTIPATH, RTA_TABLE = 1, 4, 5, 6, 7, 9, 15
 RTN_UNICAST = 1
-IFA_F_NODAD = 0x02  # our addresses are unique by construction: usable at once, never "tentative"
-FAMILIES = (socket.AF_INET, socket.AF_INET6)
-GONE = {errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNOTAVAIL}
+FRA_DST, FRA_PRIORITY, FRA_FWMARK, FRA_SUPPRESS_PREFIXLEN, FRA_TABLE, FRA_FWMASK, FRA_PROTOCOL = 1, 6, 10, 14, 15, 16, 21
+NDA_DST, NDA_LLADDR = 1, 2
+NUD_PERMANENT = 0x80
 
-_libc = ctypes.CDLL(None, use_errno=True)
+# IPv4 per-interface settings (include/uapi/linux/ip.h): index into IFLA_INET_CONF, 1-based
+IPV4_DEVCONF = {"forwarding": 1, "rp_filter": 8, "src_valid_mark": 24, "route_localnet": 26}
 
+# nfnetlink
+NFNL_SUBSYS_CTNETLINK, NFNL_SUBSYS_NFTABLES = 1, 10
+IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 1, 2
+CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_MARK, CTA_MARK_MASK, CTA_FILTER = 1, 2, 8, 21, 25
+CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
+CTA_IP_SRC = {4: 1, 6: 3}
+CTA_IP_DST = {4: 2, 6: 4}
+CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
+CTA_FILTER_ORIG_FLAGS, CTA_FILTER_REPLY_FLAGS = 1, 2
+FILTER_IP_SRC, FILTER_IP_DST, FILTER_PROTO_NUM, FILTER_DST_PORT = 1 << 0, 1 << 1, 1 << 3, 1 << 5
+NFT_MSG = {0: "newtable", 2: "deltable", 3: "newchain", 5: "delchain", 6: "newrule", 8: "delrule", 9: "newset",
+           11: "delset", 12: "newsetelem", 14: "delsetelem", 15: "newgen", 18: "newobj", 20: "delobj"}
+NFNLGRP_NFTABLES = 7
 
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
-def setns(fd: int) -> None:
-    _check(_libc.setns(fd, CLONE_NEWNET), "setns")
-
-
-def new_netns() -> int:
-    """Create an anonymous network namespace; return an fd that holds it (the caller closes it).
-
-    Anonymous on purpose: once nswrap drops its fd, only the server's processes hold the namespace,
-    so it (and the server end of the veth, and with it the host end) vanishes with them even if
-    nswrap is SIGKILLed. The calling thread is back in its original namespace on return.
-    """
-    host = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
-        try:
-            return os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        finally:
-            setns(host)
-    finally:
-        os.close(host)
+_HDR = struct.Struct("=IHHII")
+_NFGEN = struct.Struct("=BBH")  # family, version, res_id (big endian on the wire; always 0 here)
 
 
-@contextlib.contextmanager
-def inside(netns_fd: int) -> Iterator[None]:
-    """Run the block in the namespace `netns_fd`; sockets opened there stay bound to it."""
-    host = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        setns(netns_fd)
-        try:
-            yield
-        finally:
-            setns(host)
-    finally:
-        os.close(host)
+class NetlinkError(OSError):
+    pass
 
 
-def child_setup(netns_fd: int):
-    """preexec_fn for the server: enter its namespace; die with nswrap (set after any uid change)."""
-
-    def setup() -> None:
-        setns(netns_fd)
-        _libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)  # SIGKILL: no server outlives its wrapper
-
-    return setup
+# --- attributes ------------------------------------------------------------------------------
 
 
-def _nh_oifs(route) -> list[tuple[int, str | None]]:
-    """(oif, gateway) of each next hop, whether the route is single- or multipath."""
-    if route.get("multipath"):
-        return [(nh.get("oif") or nh["oif"], nh.get("gateway")) for nh in route.get("multipath")]
-    return [(route.get("oif"), route.get("gateway"))]
+def _align(n: int) -> int:
+    return (n + 3) & ~3
 
 
-def _as_oserror(method):
-    """Netlink errors leave this module as OSError, so callers need not know pyroute2."""
-
-    @functools.wraps(method)
-    def wrapper(*args, **kwargs):
-        try:
-            return method(*args, **kwargs)
-        except NetlinkError as e:
-            raise OSError(e.code, os.strerror(e.code)) from None
-
-    return wrapper
+def attr(kind: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return struct.pack("=HH", length, kind) + payload + b"\0" * (_align(length) - length)
 
 
-class Netlink:
-    """One rtnetlink socket, bound to the namespace it was opened in."""
+def nested(kind: int, *children: bytes) -> bytes:
+    return attr(kind | NLA_F_NESTED, b"".join(children))
 
-    def __init__(self, netns_fd: int | None = None):
-        self._indexes: dict[str, int] = {}  # each lookup is a netlink round trip: ask once per name
-        if netns_fd is None:
-            self._ipr = IPRoute()
-        else:
-            with inside(netns_fd):
-                self._ipr = IPRoute()
+
+def u8(kind: int, value: int) -> bytes:
+    return attr(kind, struct.pack("=B", value))
+
+
+def u32(kind: int, value: int) -> bytes:
+    return attr(kind, struct.pack("=I", value))
+
+
+def be16(kind: int, value: int) -> bytes:
+    return attr(kind, struct.pack("!H", value))
+
+
+def be32(kind: int, value: int) -> bytes:
+    return attr(kind, struct.pack("!I", value))
+
+
+def text(kind: int, value: str) -> bytes:
+    return attr(kind, value.encode() + b"\0")
+
+
+def parse_attrs(data: bytes, offset: int = 0) -> dict[int, bytes]:
+    """{type: payload} of the attributes in data[offset:] (nesting flags stripped; last wins)."""
+    found = {}
+    while offset + 4 <= len(data):
+        length, kind = struct.unpack_from("=HH", data, offset)
+        if length < 4:
+            break
+        found[kind & 0x3FFF] = data[offset + 4 : offset + length]
+        offset += _align(length)
+    return found
+
+
+def _str(payload: bytes | None) -> str:
+    return payload.split(b"\0", 1)[0].decode(errors="replace") if payload else ""
+
+
+def _u32(payload: bytes | None, default: int = 0) -> int:
+    return struct.unpack("=I", payload[:4])[0] if payload else default
+
+
+def _ip(payload: bytes | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    return ipaddress.ip_address(payload) if payload else None
+
+
+# --- the socket ------------------------------------------------------------------------------
+
+
+@dataclass
+class Message:
+    kind: int
+    flags: int
+    body: bytes  # everything after the netlink header
+
+
+class Socket:
+    """One netlink socket, bound to the network namespace the calling thread is in."""
+
+    def __init__(self, protocol: int = NETLINK_ROUTE, groups: int = 0):
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+        self._sock.bind((0, groups))
+        self._seq = 0
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
 
     def close(self) -> None:
-        self._ipr.close()
+        self._sock.close()
 
-    def __enter__(self) -> Netlink:
+    def __enter__(self) -> Socket:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # --- reading -------------------------------------------------------------------------
+    def subscribe(self, group: int) -> None:
+        self._sock.setsockopt(270, 1, group)  # SOL_NETLINK, NETLINK_ADD_MEMBERSHIP
 
-    def links(self) -> list[dict]:
-        return [
-            {
-                "index": link["index"],
-                "ifname": link.get("ifname"),
-                "mtu": link.get("mtu"),
-                "kind": link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND"),
-            }
-            for link in self._ipr.get_links()
-        ]
+    def _pack(self, kind: int, flags: int, body: bytes) -> tuple[int, bytes]:
+        self._seq += 1
+        return self._seq, _HDR.pack(_HDR.size + len(body), kind, flags, self._seq, 0) + body
 
-    def addresses(self) -> list[dict]:
-        return [
-            {
-                "index": a["index"],
-                "address": ipaddress.ip_interface(f"{a.get('address')}/{a['prefixlen']}"),
-                "scope": a["scope"],
-            }
-            for family in FAMILIES
-            for a in self._ipr.get_addr(family=family)
-        ]
+    def _receive(self) -> Iterator[tuple[int, Message]]:
+        data = self._sock.recv(1 << 20)
+        offset = 0
+        while offset + _HDR.size <= len(data):
+            length, kind, flags, seq, _ = _HDR.unpack_from(data, offset)
+            yield seq, Message(kind, flags, data[offset + _HDR.size : offset + length])
+            offset += _align(length)
 
-    def routes(self) -> list[dict]:
-        """Unicast IPv4 and IPv6 routes of every table, one entry per next hop."""
+    def dump(self, kind: int, body: bytes) -> list[Message]:
+        """A dump request; every part of the answer."""
+        seq, packet = self._pack(kind, NLM_F_REQUEST | NLM_F_DUMP, body)
+        self._sock.send(packet)
         out = []
-        for family in FAMILIES:
-            out += self._routes(family)
-        return out
+        while True:
+            for got, message in self._receive():
+                if got != seq:
+                    continue
+                if message.kind == NLMSG_DONE:
+                    return out
+                if message.kind == NLMSG_ERROR:
+                    _raise(message)
+                out.append(message)
 
-    def _routes(self, family: int) -> list[dict]:
-        out = []
-        anywhere = "0.0.0.0" if family == socket.AF_INET else "::"
-        for r in self._ipr.get_routes(family=family):
-            if r["type"] != RTN_UNICAST:
-                continue
-            dst = ipaddress.ip_network(f"{r.get('dst') or anywhere}/{r['dst_len']}")
-            for oif, gateway in _nh_oifs(r):
-                out.append(
-                    {
-                        "table": r.get("table") or r["table"],
-                        "dst": dst,
-                        "oif": oif,
-                        "gateway": ipaddress.ip_address(gateway) if gateway else None,
-                        "scope": r["scope"],
-                        "prefsrc": r.get("prefsrc"),
-                        "metric": r.get("priority") or 0,
-                        "proto": r["proto"],
-                    }
-                )
-        return out
+    def request(self, kind: int, flags: int, body: bytes) -> None:
+        self.batch([(kind, flags, body)])
 
-    def rules(self) -> list[dict]:
-        return [
-            {
-                "family": 4 if family == socket.AF_INET else 6,
-                "priority": r.get("priority") or 0,
-                "table": r.get("table") or r["table"],
-                "fwmark": r.get("fwmark") or 0,
-                "fwmask": r.get("fwmask") if r.get("fwmask") is not None else (0xFFFFFFFF if r.get("fwmark") else 0),
-                "protocol": r.get("protocol") or 0,
-            }
-            for family in FAMILIES
-            for r in self._ipr.get_rules(family=family)
-        ]
+    def batch(self, requests: Iterable[tuple[int, int, bytes]], ignore: frozenset[int] = frozenset()) -> list[int]:
+        """Send requests in as few writes as possible, each acknowledged; raise the first error
+        not in `ignore`. Returns the errno of each request (0: done), in order."""
+        packets = [self._pack(kind, flags | NLM_F_REQUEST | NLM_F_ACK, body) for kind, flags, body in requests]
+        index = {seq: i for i, (seq, _) in enumerate(packets)}
+        results = [0] * len(packets)
+        for chunk in _chunks(packets, 1 << 16):
+            self._sock.sendall(b"".join(packet for _, packet in chunk))
+            waiting = {seq for seq, _ in chunk}
+            while waiting:
+                for seq, message in self._receive():
+                    if message.kind == NLMSG_ERROR and seq in waiting:
+                        waiting.discard(seq)
+                        results[index[seq]] = -struct.unpack_from("=i", message.body)[0]
+        for code in results:
+            if code and code not in ignore:
+                raise NetlinkError(code, os.strerror(code))
+        return results
 
-    def index(self, ifname: str) -> int:
-        if ifname not in self._indexes:
-            found = self._ipr.link_lookup(ifname=ifname)
-            if not found:
-                raise NswrapError(f"no such interface: {ifname}")
-            self._indexes[ifname] = found[0]
-        return self._indexes[ifname]
-
-    # --- changing ------------------------------------------------------------------------
-
-    @_as_oserror
-    def veth_add(self, ifname: str, peer: str, peer_netns_fd: int, mtu: int) -> None:
-        self._ipr.link(
-            "add", ifname=ifname, kind="veth", mtu=mtu, peer={"ifname": peer, "net_ns_fd": peer_netns_fd, "mtu": mtu}
-        )
-
-    @_as_oserror
-    def link_up(self, ifname: str) -> None:
-        self._ipr.link("set", index=self.index(ifname), state="up")
-
-    @_as_oserror
-    def link_del(self, ifname: str) -> None:
-        with _gone_ok():
-            self._indexes.pop(ifname, None)
-            found = self._ipr.link_lookup(ifname=ifname)
-            if found:
-                self._ipr.link("del", index=found[0])
-
-    @_as_oserror
-    def addr_add(self, ifname: str, address) -> None:
-        self._ipr.addr(
-            "add", index=self.index(ifname), address=str(address.ip), prefixlen=address.network.prefixlen, flags=IFA_F_NODAD
-        )
-
-    def _route_args(self, route) -> dict:
-        args = {"dst": str(route.dst), "table": route.table, "proto": route.proto, "scope": route.scope}
-        args["family"] = socket.AF_INET6 if route.dst.version == 6 else socket.AF_INET
-        if route.dev:
-            args["oif"] = self.index(route.dev)
-        if route.gateway:
-            args["gateway"] = str(route.gateway)
-        if route.prefsrc:
-            args["prefsrc"] = str(route.prefsrc)
-        return args
-
-    @_as_oserror
-    def route_add(self, route) -> None:
-        self._ipr.route("add", **self._route_args(route))
-
-    @_as_oserror
-    def route_del(self, route) -> None:
-        with _gone_ok():
-            args = self._route_args(route)
-            self._ipr.route("del", **args)
-
-    @_as_oserror
-    def rule_add(self, rule) -> None:
-        self._ipr.rule("add", **_rule_args(rule))
-
-    @_as_oserror
-    def rule_del(self, rule) -> None:
-        with _gone_ok():
-            self._ipr.rule("del", **_rule_args(rule))
-
-
-class Monitor:
-    """Readable whenever links, addresses, routes, rules or per-interface settings change here.
-
-    A plain rtnetlink socket subscribed to those multicast groups: nswrap recomputes its plan from
-    a fresh dump on any event, so the events need no parsing. Overflow (ENOBUFS) counts as one.
-    """
-
-    GROUPS = (
-        0x1  # RTMGRP_LINK
-        | 0x10 | 0x40 | 0x80  # IPv4: addresses, routes, rules
-        | 0x100 | 0x400  # IPv6: addresses, routes
-        | 1 << (19 - 1)  # RTNLGRP_IPV6_RULE
-        | 1 << (24 - 1) | 1 << (25 - 1)  # RTNLGRP_IPV4_NETCONF, RTNLGRP_IPV6_NETCONF (forwarding)
-    )
-
-    def __init__(self) -> None:
-        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, 0)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        self._sock.bind((0, self.GROUPS))
-
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-    def drain(self) -> bool:
-        """Read whatever is queued; True if anything was."""
-        seen = False
+    def events(self) -> Iterator[Message]:
+        """Messages queued on a subscribed socket (non-blocking); ENOBUFS yields an empty one."""
         while True:
             try:
-                if not self._sock.recv(65536):
-                    return seen
-                seen = True
+                for _, message in self._receive_nowait():
+                    yield message
             except BlockingIOError:
-                return seen
+                return
             except OSError as e:
                 if e.errno != errno.ENOBUFS:
                     raise
-                seen = True
+                yield Message(0, 0, b"")  # events were lost: the caller must look again
+
+    def _receive_nowait(self) -> Iterator[tuple[int, Message]]:
+        data = self._sock.recv(1 << 20, socket.MSG_DONTWAIT)
+        offset = 0
+        while offset + _HDR.size <= len(data):
+            length, kind, flags, seq, _ = _HDR.unpack_from(data, offset)
+            yield seq, Message(kind, flags, data[offset + _HDR.size : offset + length])
+            offset += _align(length)
+
+
+def _chunks(packets: list[tuple[int, bytes]], size: int) -> Iterator[list[tuple[int, bytes]]]:
+    chunk: list[tuple[int, bytes]] = []
+    length = 0
+    for item in packets:
+        if chunk and length + len(item[1]) > size:
+            yield chunk
+            chunk, length = [], 0
+        chunk.append(item)
+        length += len(item[1])
+    if chunk:
+        yield chunk
+
+
+def _raise(message: Message) -> None:
+    code = -struct.unpack_from("=i", message.body)[0]
+    if code:
+        raise NetlinkError(code, os.strerror(code))
+
+
+# --- rtnetlink -------------------------------------------------------------------------------
+
+_IFINFO = struct.Struct("=BxHiII")
+_IFADDR = struct.Struct("=BBBBI")
+_RTMSG = struct.Struct("=BBBBBBBBI")
+_RULE = struct.Struct("=BBBBBBBBI")
+_NDMSG = struct.Struct("=BxxxiHBB")
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    """A link as read, with its IPv4 per-interface settings (name -> value)."""
+
+    link: Link
+    inet: dict[str, int]
+
+
+class Routing:
+    """rtnetlink in one namespace: reads and writes links, addresses, routes, rules, neighbours."""
+
+    def __init__(self) -> None:
+        self.sock = Socket(NETLINK_ROUTE)
+        self._index: dict[str, int] = {}
 
     def close(self) -> None:
-        self._sock.close()
+        self.sock.close()
+
+    def __enter__(self) -> Routing:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # reading
+
+    def links(self) -> list[LinkInfo]:
+        out = []
+        for m in self.sock.dump(RTM_GETLINK, _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
+            _family, _type, index, flags, _ = _IFINFO.unpack_from(m.body)
+            a = parse_attrs(m.body, _IFINFO.size)
+            mac = ":".join(f"{b:02x}" for b in a.get(IFLA_ADDRESS, b""))
+            link = Link(index, _str(a.get(IFLA_IFNAME)), _u32(a.get(IFLA_MTU), 1500), mac, bool(flags & IFF_UP))
+            self._index[link.ifname] = index
+            out.append(LinkInfo(link, _inet_conf(a.get(IFLA_AF_SPEC))))
+        return out
+
+    def addresses(self, names: dict[int, str]) -> list[Address]:
+        out = []
+        for m in self.sock.dump(RTM_GETADDR, _IFADDR.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
+            family, prefixlen, flags, scope, index = _IFADDR.unpack_from(m.body)
+            a = parse_attrs(m.body, _IFADDR.size)
+            raw = a.get(IFA_LOCAL) or a.get(IFA_ADDRESS)
+            if raw is None or family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            flags = _u32(a.get(IFA_FLAGS), flags)
+            address = ipaddress.ip_interface((ipaddress.ip_address(raw), prefixlen))
+            out.append(Address(names.get(index, "?"), address, scope, bool(flags & IFA_F_TENTATIVE)))
+        return out
+
+    def routes(self, names: dict[int, str]) -> list[Route]:
+        """Unicast routes of every table, both families, one entry per next hop."""
+        out = []
+        for family in FAMILIES.values():
+            for m in self.sock.dump(RTM_GETROUTE, _RTMSG.pack(family.af, 0, 0, 0, 0, 0, 0, 0, 0)):
+                _f, dst_len, _s, _t, table, proto, scope, kind, _ = _RTMSG.unpack_from(m.body)
+                if kind != RTN_UNICAST:
+                    continue
+                a = parse_attrs(m.body, _RTMSG.size)
+                dst = ipaddress.ip_network((_ip(a.get(RTA_DST)) or family.anywhere.network_address, dst_len))
+                table = _u32(a.get(RTA_TABLE), table)
+                metric, prefsrc = _u32(a.get(RTA_PRIORITY)), _ip(a.get(RTA_PREFSRC))
+                for oif, gateway in _next_hops(a):
+                    out.append(Route(dst, names.get(oif), gateway, table, scope, prefsrc, metric, proto))
+        return out
+
+    def rules(self) -> list[Rule]:
+        out = []
+        for family in FAMILIES.values():
+            for m in self.sock.dump(RTM_GETRULE, _RULE.pack(family.af, 0, 0, 0, 0, 0, 0, 0, 0)):
+                _f, dst_len, _s, _tos, table, _r1, _r2, action, _flags = _RULE.unpack_from(m.body)
+                a = parse_attrs(m.body, _RULE.size)
+                dst = ipaddress.ip_network((_ip(a[FRA_DST]), dst_len)) if FRA_DST in a else None
+                fwmark = _u32(a.get(FRA_FWMARK))
+                fwmask = _u32(a.get(FRA_FWMASK), 0xFFFFFFFF if fwmark else 0)
+                suppress = struct.unpack("=i", a[FRA_SUPPRESS_PREFIXLEN])[0] if FRA_SUPPRESS_PREFIXLEN in a else -1
+                out.append(Rule(family.version, _u32(a.get(FRA_PRIORITY)), _u32(a.get(FRA_TABLE), table), fwmark,
+                                fwmask, dst, suppress, action, a[FRA_PROTOCOL][0] if FRA_PROTOCOL in a else 0))
+        return out
+
+    def index(self, ifname: str) -> int:
+        if ifname not in self._index:
+            for info in self.links():
+                self._index[info.link.ifname] = info.link.index
+        if ifname not in self._index:
+            raise NetlinkError(errno.ENODEV, f"no such interface: {ifname}")
+        return self._index[ifname]
+
+    def forget(self, ifname: str) -> None:
+        self._index.pop(ifname, None)
+
+    # writing: each returns the request, so callers can batch them
+
+    def veth(self, ifname: str, peer: str, peer_netns_fd: int, mtu: int, macs: tuple[str, str]) -> tuple:
+        """A veth pair, the peer moved into `peer_netns_fd` (settings come after: `configure`)."""
+        peer_info = (_IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + text(IFLA_IFNAME, peer) + u32(IFLA_MTU, mtu)
+                     + attr(IFLA_ADDRESS, _mac(macs[1])) + u32(IFLA_NET_NS_FD, peer_netns_fd))
+        body = (_IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + text(IFLA_IFNAME, ifname) + u32(IFLA_MTU, mtu)
+                + attr(IFLA_ADDRESS, _mac(macs[0]))
+                + nested(IFLA_LINKINFO, text(IFLA_INFO_KIND, "veth"), nested(IFLA_INFO_DATA, nested(VETH_INFO_PEER, peer_info))))
+        return RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body
+
+    def configure(self, ifname: str, inet: dict[str, int], up: bool = True) -> tuple:
+        """Settings of a new interface, by netlink (so a read-only /proc/sys does not matter): IPv4
+        per-interface settings, no IPv6 link-local address (nothing waits for duplicate address
+        detection), and up."""
+        spec = nested(socket.AF_INET6, u8(IFLA_INET6_ADDR_GEN_MODE, IN6_ADDR_GEN_MODE_NONE))
+        if inet:
+            spec = _inet_conf_attr(inet) + spec
+        flags = IFF_UP if up else 0
+        body = _IFINFO.pack(socket.AF_UNSPEC, 0, self.index(ifname), flags, IFF_UP) + nested(IFLA_AF_SPEC, spec)
+        return RTM_NEWLINK, 0, body
+
+    def link_up(self, ifname: str) -> tuple:
+        return RTM_NEWLINK, 0, _IFINFO.pack(socket.AF_UNSPEC, 0, self.index(ifname), IFF_UP, IFF_UP)
+
+    def link_del(self, ifname: str) -> tuple:
+        return RTM_DELLINK, 0, _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + text(IFLA_IFNAME, ifname)
+
+    def set_inet(self, ifname: str, inet: dict[str, int]) -> tuple:
+        """IPv4 per-interface settings by netlink: works where /proc/sys is read-only."""
+        body = _IFINFO.pack(socket.AF_UNSPEC, 0, self.index(ifname), 0, 0) + nested(IFLA_AF_SPEC, _inet_conf_attr(inet))
+        return RTM_NEWLINK, 0, body
+
+    def address(self, verb: str, address: Address) -> tuple:
+        family = FAMILIES[address.version]
+        body = _IFADDR.pack(family.af, address.address.network.prefixlen, IFA_F_NODAD, address.scope, self.index(address.ifname))
+        body += attr(IFA_LOCAL, address.address.ip.packed) + attr(IFA_ADDRESS, address.address.ip.packed)
+        body += u32(IFA_FLAGS, IFA_F_NODAD)
+        return (RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, body) if verb == "add" else (RTM_DELADDR, 0, body)
+
+    def route(self, verb: str, route: Route) -> tuple:
+        family = FAMILIES[route.version]
+        table = route.table or RT_TABLE_MAIN
+        adding = verb == "add"  # a delete matches any scope and type, as `ip route del` does
+        body = _RTMSG.pack(family.af, route.dst.prefixlen, 0, 0, table if table < 256 else 252, route.proto,
+                           route.scope if adding else 255, RTN_UNICAST if adding else 0, 0)
+        body += u32(RTA_TABLE, table)
+        if route.dst.prefixlen:
+            body += attr(RTA_DST, route.dst.network_address.packed)
+        if route.dev:
+            body += u32(RTA_OIF, self.index(route.dev))
+        if route.gateway:
+            body += attr(RTA_GATEWAY, route.gateway.packed)
+        if route.prefsrc and verb == "add":
+            body += attr(RTA_PREFSRC, route.prefsrc.packed)
+        if route.metric:
+            body += u32(RTA_PRIORITY, route.metric)
+        return (RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body) if verb == "add" else (RTM_DELROUTE, 0, body)
+
+    def rule(self, verb: str, rule: Rule) -> tuple:
+        family = FAMILIES[rule.version]
+        table = rule.table if rule.action == FR_ACT_TO_TBL else 0
+        body = _RULE.pack(family.af, rule.dst.prefixlen if rule.dst else 0, 0, 0, table if table < 256 else 252, 0, 0, rule.action, 0)
+        body += u32(FRA_PRIORITY, rule.priority) + u8(FRA_PROTOCOL, rule.proto)
+        if table:
+            body += u32(FRA_TABLE, table)
+        if rule.dst is not None:
+            body += attr(FRA_DST, rule.dst.network_address.packed)
+        if rule.fwmask:
+            body += u32(FRA_FWMARK, rule.fwmark) + u32(FRA_FWMASK, rule.fwmask)
+        if rule.suppress_prefixlength >= 0:
+            body += attr(FRA_SUPPRESS_PREFIXLEN, struct.pack("=i", rule.suppress_prefixlength))
+        return (RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL, body) if verb == "add" else (RTM_DELRULE, 0, body)
+
+    def neighbour(self, neighbour: Neighbour) -> tuple:
+        family = FAMILIES[neighbour.address.version]
+        body = _NDMSG.pack(family.af, self.index(neighbour.ifname), NUD_PERMANENT, 0, 0)
+        body += attr(NDA_DST, neighbour.address.packed) + attr(NDA_LLADDR, _mac(neighbour.mac))
+        return RTM_NEWNEIGH, NLM_F_CREATE | 0x100, body  # NLM_F_REPLACE
+
+    def do(self, *requests: tuple, ignore: frozenset[int] = frozenset()) -> list[int]:
+        return self.sock.batch(requests, ignore)
 
 
-def _rule_args(rule) -> dict:
-    return {
-        "family": socket.AF_INET6 if rule.family == 6 else socket.AF_INET,
-        "priority": rule.priority,
-        "fwmark": rule.fwmark,
-        "fwmask": rule.fwmask,
-        "table": rule.table,
-        "protocol": rule.proto,
-    }
+def _next_hops(a: dict[int, bytes]) -> list[tuple[int, object]]:
+    if RTA_MULTIPATH not in a:
+        return [(_u32(a.get(RTA_OIF)), _ip(a.get(RTA_GATEWAY)))]
+    hops, data, offset = [], a[RTA_MULTIPATH], 0
+    while offset + 8 <= len(data):
+        length, _flags, _hops, oif = struct.unpack_from("=HBBi", data, offset)
+        sub = parse_attrs(data[offset + 8 : offset + length])
+        hops.append((oif, _ip(sub.get(RTA_GATEWAY))))
+        offset += _align(length)
+    return hops
 
 
-def conntrack_count(mark: int | None = None, mask: int = 0xFFFFFFFF) -> int:
-    """Tracked flows: all of them, or those whose ct mark under `mask` is `mark` (kernel-filtered)."""
-    if mark is None:
-        with Conntrack() as ct:
-            return ct.count()
-    total = 0
-    for family in FAMILIES:  # ctnetlink dumps one address family per request
-        with Conntrack(nfgen_family=family) as ct:
-            total += sum(1 for _ in ct.dump_entries(mark=mark, mark_mask=mask))
-    return total
+def _inet_conf(af_spec: bytes | None) -> dict[str, int]:
+    """IPv4 settings from a link dump: IFLA_INET_CONF is an array of u32, index = id - 1."""
+    if not af_spec:
+        return {}
+    inet = parse_attrs(parse_attrs(af_spec).get(socket.AF_INET, b"")).get(IFLA_INET_CONF)
+    if not inet:
+        return {}
+    values = struct.unpack(f"={len(inet) // 4}I", inet[: len(inet) // 4 * 4])
+    return {name: values[i - 1] for name, i in IPV4_DEVCONF.items() if i <= len(values)}
 
 
-def flush_conntrack(ports, marks=(), mask: int = 0) -> int:
-    """Delete the conntrack entries whose original destination port is published.
-
-    Flows created before our DNAT existed (a client that kept sending while the server restarted)
-    would bypass it until they expire; and at teardown no flow may keep going to a dead server.
-    `ports` holds (proto, first, last, ...) items, keyed by the host (outer) port. Flows carrying
-    one of `marks` (this instance's, under `mask`) are flushed by the kernel in one message each;
-    the rest are found by dumps the kernel filters by protocol and port (Linux >= 5.8; older
-    kernels return everything and the port check below still holds), so a busy conntrack table
-    never travels through Python. Every request covers one address family: ctnetlink's way.
-    """
-    numbers = {"udp": socket.IPPROTO_UDP, "tcp": socket.IPPROTO_TCP}
-    deleted = 0
-    for family in FAMILIES:
-        with Conntrack(nfgen_family=family) as ct:
-            for mark in marks:
-                with _gone_ok():
-                    ct.flush(mark=mark, mark_mask=mask)
-            for proto, lo, hi, *_ in ports:
-                number = numbers[proto]
-                wanted = range(lo, hi + 1) if hi - lo < 64 else [None]  # a wide range: by protocol
-                for port in wanted:
-                    match = NFCTAttrTuple(family=family, proto=number, dport=port) if port else NFCTAttrTuple(family=family, proto=number)
-                    for entry in list(ct.dump_entries(tuple_orig=match)):
-                        t = entry.tuple_orig
-                        if t.proto == number and lo <= (t.dport or 0) <= hi:
-                            with _gone_ok():
-                                ct.entry("del", tuple_orig=t)
-                                deleted += 1
-    return deleted
+def _inet_conf_attr(inet: dict[str, int]) -> bytes:
+    return nested(socket.AF_INET, nested(IFLA_INET_CONF, *(u32(IPV4_DEVCONF[k], v) for k, v in inet.items())))
 
 
-def enter(namespace_fds) -> None:
-    """preexec_fn of `nswrap exec`: join an instance's network and mount namespaces."""
-    for fd, flag in zip(namespace_fds, (CLONE_NEWNET, 0x00020000)):  # CLONE_NEWNS
-        _check(_libc.setns(fd, flag), "setns")
+def _mac(text_mac: str) -> bytes:
+    return bytes(int(part, 16) for part in text_mac.split(":"))
 
 
-@contextlib.contextmanager
-def _gone_ok() -> Iterator[None]:
-    """Undo treats 'already gone' as success: the object may have vanished with its namespace."""
-    try:
-        yield
-    except NetlinkError as e:
-        if e.code not in GONE:
-            raise
-    except NswrapError:
-        pass  # the interface a route or address hung on is already gone
+# --- conntrack -------------------------------------------------------------------------------
+
+PROTO_NUMBERS = {"udp": socket.IPPROTO_UDP, "tcp": socket.IPPROTO_TCP}
+
+
+def _ct(kind: int) -> int:
+    return NFNL_SUBSYS_CTNETLINK << 8 | kind
+
+
+def _tuple(version: int, src=None, dst=None, proto: int | None = None, dport: int | None = None) -> bytes:
+    ip = b""
+    if src is not None:
+        ip += attr(CTA_IP_SRC[version], src.packed)
+    if dst is not None:
+        ip += attr(CTA_IP_DST[version], dst.packed)
+    l4 = (u8(CTA_PROTO_NUM, proto) if proto is not None else b"") + (be16(CTA_PROTO_DST_PORT, dport) if dport is not None else b"")
+    return nested(CTA_TUPLE_IP, ip) + (nested(CTA_TUPLE_PROTO, l4) if l4 else b"")
+
+
+@dataclass(frozen=True)
+class Flow:
+    orig: bytes  # the CTA_TUPLE_ORIG attribute as the kernel sent it: enough to delete the entry
+    mark: int
+
+
+class Conntrack:
+    """ctnetlink: dumps the kernel filters (Linux >= 5.8), deletions batched, flushes by mark."""
+
+    def __init__(self) -> None:
+        self.sock = Socket(NETLINK_NETFILTER)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Conntrack:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def flows(self, version: int, *, orig_proto: int | None = None, orig_dport: int | None = None, orig_dst=None,
+              reply_src=None, port_range: tuple[int, int] | None = None) -> list[Flow]:
+        """Entries of one family, filtered in the kernel by the original protocol, port and
+        destination, or by the reply's source; `port_range` filters the original destination
+        port here (the kernel matches one port)."""
+        af = FAMILIES[version].af
+        body = _NFGEN.pack(af, 0, 0)
+        orig_flags = reply_flags = 0
+        if orig_proto is not None or orig_dst is not None:
+            body += nested(CTA_TUPLE_ORIG, _tuple(version, dst=orig_dst, proto=orig_proto, dport=orig_dport))
+            orig_flags = ((FILTER_PROTO_NUM if orig_proto is not None else 0) | (FILTER_DST_PORT if orig_dport is not None else 0)
+                          | (FILTER_IP_DST if orig_dst is not None else 0))
+        if reply_src is not None:
+            body += nested(CTA_TUPLE_REPLY, _tuple(version, src=reply_src))
+            reply_flags = FILTER_IP_SRC
+        if orig_flags or reply_flags:
+            body += nested(CTA_FILTER, u32(CTA_FILTER_ORIG_FLAGS, orig_flags), u32(CTA_FILTER_REPLY_FLAGS, reply_flags))
+        out = []
+        for m in self.sock.dump(_ct(IPCTNL_MSG_CT_GET), body):
+            a = parse_attrs(m.body, _NFGEN.size)
+            if port_range is not None:
+                l4 = parse_attrs(parse_attrs(a.get(CTA_TUPLE_ORIG, b"")).get(CTA_TUPLE_PROTO, b""))
+                port = struct.unpack("!H", l4[CTA_PROTO_DST_PORT])[0] if CTA_PROTO_DST_PORT in l4 else -1
+                if not port_range[0] <= port <= port_range[1]:
+                    continue
+            mark = struct.unpack("!I", a[CTA_MARK])[0] if CTA_MARK in a else 0
+            out.append(Flow(attr(CTA_TUPLE_ORIG | NLA_F_NESTED, a[CTA_TUPLE_ORIG]), mark))
+        return out
+
+    def delete(self, version: int, flows: Iterable[Flow]) -> int:
+        """Delete entries (already gone is fine); how many were deleted."""
+        af = FAMILIES[version].af
+        requests = [(_ct(IPCTNL_MSG_CT_DELETE), 0, _NFGEN.pack(af, 0, 0) + f.orig) for f in flows]
+        results = self.sock.batch(requests, ignore=frozenset({errno.ENOENT})) if requests else []
+        return sum(1 for code in results if code == 0)
+
+    def flush_mark(self, mark: int, mask: int) -> None:
+        """Delete every entry, of both families, whose ct mark under `mask` is `mark` (in the kernel)."""
+        if not mark & mask:
+            raise ValueError("refusing to flush by an empty mark")
+        body = _NFGEN.pack(socket.AF_UNSPEC, 0, 0) + be32(CTA_MARK, mark) + be32(CTA_MARK_MASK, mask)
+        self.sock.batch([(_ct(IPCTNL_MSG_CT_DELETE), 0, body)], ignore=frozenset({errno.ENOENT}))
+
+
+# --- events ----------------------------------------------------------------------------------
+
+RTMGRP = (0x1  # links
+          | 0x10 | 0x40 | 0x80  # IPv4 addresses, routes, rules
+          | 0x100 | 0x400  # IPv6 addresses, routes
+          | 1 << (19 - 1)  # IPv6 rules
+          | 1 << (24 - 1) | 1 << (25 - 1))  # IPv4 / IPv6 netconf (forwarding)
+
+
+@dataclass(frozen=True)
+class Event:
+    """What changed, as much as is needed to tell nswrap's own objects from the host's."""
+
+    what: str  # link, addr, route, rule, netconf, nft, lost
+    deleted: bool = False
+    ifindex: int = 0
+    ifname: str = ""
+    proto: int = 0  # routes and rules: the rtnetlink protocol tag
+    table: str = ""  # nft events: the table's name
+
+
+def parse_event(m: Message) -> Event:
+    kind = m.kind
+    if kind == 0:
+        return Event("lost")
+    if kind in (RTM_NEWLINK, RTM_DELLINK):
+        index = _IFINFO.unpack_from(m.body)[2]
+        return Event("link", kind == RTM_DELLINK, index, _str(parse_attrs(m.body, _IFINFO.size).get(IFLA_IFNAME)))
+    if kind in (RTM_NEWADDR, RTM_DELADDR):
+        return Event("addr", kind == RTM_DELADDR, _IFADDR.unpack_from(m.body)[4])
+    if kind in (RTM_NEWROUTE, RTM_DELROUTE):
+        oif = _u32(parse_attrs(m.body, _RTMSG.size).get(RTA_OIF))
+        return Event("route", kind == RTM_DELROUTE, oif, proto=_RTMSG.unpack_from(m.body)[5])
+    if kind in (RTM_NEWRULE, RTM_DELRULE):
+        a = parse_attrs(m.body, _RULE.size)
+        return Event("rule", kind == RTM_DELRULE, proto=a[FRA_PROTOCOL][0] if FRA_PROTOCOL in a else 0)
+    if kind == RTM_NEWNETCONF:
+        a = parse_attrs(m.body, 4)
+        index = struct.unpack("=i", a[1])[0] if 1 in a else 0  # NETCONFA_IFINDEX
+        return Event("netconf", ifindex=index)
+    if kind >> 8 == NFNL_SUBSYS_NFTABLES:
+        name = NFT_MSG.get(kind & 0xFF, "")
+        table = _str(parse_attrs(m.body, _NFGEN.size).get(1))  # NFTA_*_TABLE / NFTA_TABLE_NAME
+        return Event("nft", name.startswith("del"), table=table, ifname=name)
+    return Event("other")
+
+
+class Monitor:
+    """Readable whenever links, addresses, routes, rules, forwarding settings or nftables change."""
+
+    def __init__(self) -> None:
+        self.route = Socket(NETLINK_ROUTE, RTMGRP)
+        self.nft = Socket(NETLINK_NETFILTER)
+        self.nft.subscribe(NFNLGRP_NFTABLES)
+
+    def filenos(self) -> list[int]:
+        return [self.route.fileno(), self.nft.fileno()]
+
+    def events(self) -> list[Event]:
+        return [parse_event(m) for sock in (self.route, self.nft) for m in sock.events()]
+
+    def close(self) -> None:
+        self.route.close()
+        self.nft.close()
+
+
+__all__ = ["PROTO", "Conntrack", "Event", "Monitor", "Routing", "Socket", "NetlinkError"]

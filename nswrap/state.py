@@ -1,295 +1,405 @@
-"""Instance records under /run/nswrap, liveness, and recovery from instances that died.
+"""nswrap's state on disk: records, the shared allocation, locks and liveness. Only root can touch it.
 
-Touches: files under RUN_DIR; sysctls (restoring recorded values); and, in `sweep`, host objects
-tagged as nswrap's (nft tables `nswrap-<id>`, links `nsw-<id>`, rules and routes of `protocol
-110`) whose instance is dead. Everything here runs under the setup lock.
+    /run/nswrap/                 0700, root's; refused if it is a symlink or someone else's
+      <netns>/                   one per network namespace (its cookie): records are scoped to it
+        lock                     the setup lock (flock): allocation, start, stop, following
+        follow                   held by the one instance that follows the host for all
+        datapath.json            the shared part: uplinks' marks and tables, changed sysctls, rooms
+        <id>.json                an instance's record (0600, written atomically)
+        <id>.live                flock'ed by the instance for its whole life: the kernel releases
+                                 it when the process dies, and no other user can open it
 
-Liveness: each running instance binds the abstract unix socket `nswrap/instance/<id>`. Abstract
-names belong to the network namespace and are released by the kernel when the holder dies, so
-"can I bind it?" answers "is that instance dead?" without trusting pids or files.
-
-Sysctls shared by instances (two instances on one uplink both need its forwarding on): an
-instance restores a value it changed only if no live instance still needs that key; otherwise it
-hands the original value over to that instance's record, and the last one restores it.
+Files are opened without following links and without blocking (a FIFO planted there cannot hang
+nswrap), and are never trusted: every record is validated against a strict schema before
+anything acts on it; an invalid one is reported and skipped, never fatal.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
+import fcntl
+import ipaddress
 import json
 import logging
 import os
-import socket
-import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+import re
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
-from nswrap import firewall, netlink, nft
-from nswrap.errors import NswrapError
-from nswrap.plan import HOST_PREFIX, PROTO, TABLE_PREFIX
+from nswrap.config import HELPERS, PortRange, parse_port_item, parse_uplink, valid_ifname
+from nswrap.datapath import POOL6, Allocation, Instance, Room, SysctlChange, Uplink, mark_capacity
+from nswrap.errors import NswrapError, UsageError
 
 log = logging.getLogger("nswrap")
 
-RUN_DIR = Path("/run/nswrap")
-LOCK_TIMEOUT = 30.0
+RUN_DIR = "/run/nswrap"
+MAX_FILE = 1 << 16
+ID = re.compile(r"^[0-9a-f]{6}$")
+_IFPART = r"[A-Za-z0-9_@+-]{1,15}(?:/[A-Za-z0-9_@+-]{1,15})?"
+SYSCTL_KEY = re.compile(rf"^net/ipv4/conf/{_IFPART}/(forwarding|src_valid_mark)$|^net/ipv6/conf/{_IFPART}/force_forwarding$")
+SYSCTL_VALUE = re.compile(r"^[0-2]$")
 
 
-SO_NETNS_COOKIE = 71
+class InvalidState(ValueError):
+    pass
 
 
-def netns_key() -> str:
-    """Identity of the network namespace we run in: records of other namespaces are not ours.
-
-    The namespace cookie (Linux >= 5.14) is never reused; an inode is, once its namespace is gone.
-    """
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        try:
-            return "cookie:" + str(int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little"))
-        except OSError:
-            return "inode:" + str(os.stat("/proc/thread-self/ns/net").st_ino)
+# --- the directories -------------------------------------------------------------------------
 
 
-def _abstract(name: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+def _check_dir(fd: int, path: str) -> None:
+    st = os.fstat(fd)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise NswrapError(f"{path} is not a directory of this user (root): refusing to use it")
+    if st.st_mode & 0o077:
+        os.fchmod(fd, 0o700)  # ours, but too open (an older nswrap made it 0755): close it
+
+
+def _open_dir(path: str, parent: int | None = None, name: str | None = None) -> int:
+    where = name if parent is not None else path
     try:
-        sock.bind("\0nswrap/" + name)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def hold_instance(instance: str) -> socket.socket:
-    return _abstract(f"instance/{instance}")
-
-
-def is_live(instance: str) -> bool:
+        os.mkdir(where, 0o700, dir_fd=parent)
+    except FileExistsError:
+        pass
     try:
-        _abstract(f"instance/{instance}").close()
+        fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
     except OSError as e:
-        return e.errno == errno.EADDRINUSE
-    return False
+        raise NswrapError(f"{path}: {e.strerror} (a symlink?): refusing to use it") from None
+    _check_dir(fd, path)
+    return fd
 
 
-@contextlib.contextmanager
-def setup_lock() -> Iterator[None]:
-    """Serialise allocation and teardown between instances in this network namespace.
+class StateDir:
+    """The state directory of this network namespace, opened safely."""
 
-    An abstract socket: scoped to the namespace and released when its holder dies, so a crashed
-    instance can never leave the lock behind.
-    """
-    deadline, pause = time.monotonic() + LOCK_TIMEOUT, 0.002
-    while True:
+    def __init__(self, netns: str, root: str = RUN_DIR):
+        self.root = root
+        self.netns = netns
+        self.path = f"{root}/{netns}"
+        self._root_fd = _open_dir(root)
+        self.fd = _open_dir(self.path, self._root_fd, netns)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        os.close(self._root_fd)
+
+    # files
+
+    def read(self, name: str) -> bytes | None:
+        """A regular file's content, or None if absent; a link, FIFO or huge file is refused."""
         try:
-            sock = _abstract("setup-lock")
-            break
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self.fd)
+        except FileNotFoundError:
+            return None
         except OSError as e:
-            if e.errno != errno.EADDRINUSE or time.monotonic() > deadline:
-                raise NswrapError(f"cannot take the setup lock: {e.strerror}") from None
-            time.sleep(pause)  # another instance holds it for milliseconds
-            pause = min(pause * 2, 0.05)
-    try:
-        yield
-    finally:
-        sock.close()
+            raise InvalidState(f"cannot open: {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise InvalidState("not a regular file")
+            if st.st_size > MAX_FILE:
+                raise InvalidState(f"larger than {MAX_FILE} bytes")
+            return os.read(fd, MAX_FILE + 1)
+        finally:
+            os.close(fd)
+
+    def write(self, name: str, data: bytes) -> None:
+        """Atomically: a reader sees the old file or the new one, never half of one."""
+        tmp = f".{name}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.fd)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+
+    def remove(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=self.fd)
+
+    def names(self) -> list[str]:
+        return sorted(os.listdir(self.fd))
+
+    # locks
+
+    def _lock_fd(self, name: str) -> int:
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600, dir_fd=self.fd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise NswrapError(f"{self.path}/{name} is not a regular file: refusing to use it")
+        return fd
+
+    def acquire(self, name: str, waiting: Callable[[], None] = lambda: None) -> int:
+        """A lock, held until the returned fd is closed. Waiting for it is normal (`waiting`
+        says so once); a signal handler that raises interrupts the wait."""
+        fd = self._lock_fd(name)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                waiting()
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @contextlib.contextmanager
+    def lock(self, waiting: Callable[[], None] = lambda: None) -> Iterator[None]:
+        """The setup lock: allocation, starts, stops and syncs of this namespace, one at a time."""
+        fd = self.acquire("lock", waiting)
+        try:
+            yield
+        finally:
+            os.close(fd)
+
+    def try_lock(self, name: str) -> int | None:
+        """A lock held for as long as the returned fd is open, or None if someone holds it."""
+        fd = self._lock_fd(name)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def is_live(self, instance: str) -> bool:
+        """Does a process hold the instance's liveness lock? (The kernel drops it at its death.)"""
+        try:
+            fd = os.open(f"{instance}.live", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self.fd)
+        except OSError:
+            return False
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return False
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+
+# --- records ---------------------------------------------------------------------------------
 
 
 @dataclass
 class Record:
+    """What an instance publishes and where its server lives; the input of the datapath."""
+
     id: str
     pid: int
     started: float
     command: list[str]
-    ports: list[list]  # [proto, outer_lo, outer_hi, inner_lo]
-    uplinks: list[str]
-    needs: list[str] = field(default_factory=list)  # sysctl keys this instance relies on
-    changed: dict[str, str] = field(default_factory=dict)  # sysctl key -> value to restore
-    netns: str = ""
-    marks: list[int] = field(default_factory=list)  # one per uplink, under mark_mask
+    instance: Instance
+    mark_mask: int
     init_pid: int = 0  # PID 1 of the server's namespaces (in ours): `nswrap exec` enters them
-    mark_mask: int = 0
 
-    @property
-    def path(self) -> Path:
-        return RUN_DIR / f"{self.id}.json"
-
-    def describe(self, plan) -> Record:
-        """Take what the record says about uplinks, marks and needed sysctls from `plan`."""
-        self.uplinks = [u.ifname for u in plan.uplinks]
-        self.marks = [u.mark for u in plan.uplinks]
-        self.mark_mask = plan.mark_mask
-        self.needs = [s.key for s in plan.sysctls]
-        return self
-
-    def save(self) -> None:
-        RUN_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        tmp.replace(self.path)  # atomic: a reader never sees half a record
-
-    def reload(self) -> Record:
-        """The record as on disk: other instances may have handed sysctls over to us."""
-        return load(self.path) or self
-
-    def remove(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+    def to_json(self) -> bytes:
+        i = self.instance
+        return json.dumps({
+            "version": 1, "id": self.id, "pid": self.pid, "started": self.started, "command": self.command,
+            "ports": [str(p) for p in i.ports], "uplinks": [str(u) for u in i.uplinks],
+            "addresses": [str(a) for a in i.addresses], "loopback_ports": [str(p) for p in i.loopback_ports],
+            "outbound": i.outbound, "helpers": list(i.helpers), "subnet": str(i.subnet),
+            "subnet6": str(i.subnet6) if i.subnet6 else None, "init_pid": self.init_pid, "mark_mask": self.mark_mask,
+        }, indent=1).encode()
 
 
-def load(path: Path) -> Record | None:
+def _need(data: dict, key: str, kind: type | tuple[type, ...]):
+    value = data.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise InvalidState(f"{key!r} is missing or not a {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def _list_of(data: dict, key: str, limit: int = 4096) -> list[str]:
+    value = _need(data, key, list)
+    if len(value) > limit or not all(isinstance(v, str) and len(v) < 4096 for v in value):
+        raise InvalidState(f"{key!r} must be a list of strings")
+    return value
+
+
+def _ports(items: list[str]) -> tuple[PortRange, ...]:
     try:
-        return Record(**json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError):
-        return None
+        return tuple(parse_port_item(p) for p in items)
+    except UsageError as e:
+        raise InvalidState(str(e)) from None
 
 
-def records() -> list[Record]:
-    """Records of instances in this network namespace, live or dead."""
-    here = netns_key()
-    found = [load(p) for p in sorted(RUN_DIR.glob("*.json"))] if RUN_DIR.is_dir() else []
-    return [r for r in found if r is not None and r.netns == here]
+def parse_record(raw: bytes, name: str) -> Record:
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidState(f"not JSON: {e}") from None
+    if not isinstance(data, dict) or data.get("version") != 1:
+        raise InvalidState("not a version 1 record")
+    rid = _need(data, "id", str)
+    if not ID.match(rid) or f"{rid}.json" != name:
+        raise InvalidState(f"id {rid!r} is not 6 hex digits matching the file name")
+    try:
+        uplinks = tuple(parse_uplink(u) for u in _list_of(data, "uplinks", 64))
+        addresses = tuple(ipaddress.ip_address(a) for a in _list_of(data, "addresses", 256))
+        subnet = ipaddress.IPv4Network(_need(data, "subnet", str))
+        subnet6_text = data.get("subnet6")
+        subnet6 = ipaddress.IPv6Network(subnet6_text) if subnet6_text is not None else None
+    except (ValueError, TypeError, UsageError) as e:
+        raise InvalidState(str(e)) from None
+    if subnet.prefixlen != 30:
+        raise InvalidState("subnet is not a /30")
+    if subnet6 is not None and (subnet6.prefixlen != 64 or not subnet6.subnet_of(POOL6)):
+        raise InvalidState(f"subnet6 is not a /64 of {POOL6}")
+    helpers = tuple(_list_of(data, "helpers", 4))
+    if any(h not in HELPERS for h in helpers):
+        raise InvalidState("unknown helper")
+    mask = _need(data, "mark_mask", int)
+    if not 0 < mask <= 0xFFFFFFFF or (mask + (mask & -mask)) & mask:
+        raise InvalidState("mark_mask is not one contiguous run of bits")
+    pid, init_pid = _need(data, "pid", int), _need(data, "init_pid", int)
+    if pid <= 0 or init_pid < 0:
+        raise InvalidState("bad pid")
+    instance = Instance(
+        id=rid, ports=_ports(_list_of(data, "ports", 65536)), subnet=subnet, subnet6=subnet6, uplinks=uplinks,
+        addresses=addresses, loopback_ports=_ports(_list_of(data, "loopback_ports", 65536)),
+        outbound=_need(data, "outbound", bool), helpers=helpers,
+    )
+    if not instance.ports:
+        raise InvalidState("no ports")
+    return Record(rid, pid, float(_need(data, "started", (int, float))), _list_of(data, "command"), instance, mask, init_pid)
 
 
-def live_records() -> list[Record]:
-    return [r for r in records() if is_live(r.id)]
+# --- the shared allocation ---------------------------------------------------------------------
+
+ALLOCATION = "datapath.json"
 
 
-def write_sysctl(key: str, value: str) -> None:
-    with open(f"/proc/sys/{key}", "w") as f:
-        f.write(value)
+def allocation_to_json(a: Allocation) -> bytes:
+    return json.dumps({
+        "version": 1, "mark_mask": a.mark_mask, "priority": a.priority,
+        "uplinks": [{"ifname": u.ifname, "index": u.index, "table": u.table} for u in a.uplinks],
+        "sysctls": [{"key": s.key, "original": s.original, "ours": s.ours} for s in a.sysctls],
+        "rooms": [{"binary": r.binary, "chain": r.chain, "rule": list(r.rule)} for r in a.rooms],
+    }, indent=1).encode()
 
 
-def read_sysctl(key: str) -> str:
-    with open(f"/proc/sys/{key}") as f:
-        return f.read().strip()
+def _known_rooms() -> set[tuple[str, ...]]:
+    from nswrap.firewall import Blocker, rooms
+
+    return {r.rule for r in rooms(Blocker("", "iptables-nft"))}
 
 
-def release_sysctl(owner: Record, key: str, original: str) -> str:
-    """Restore `key` unless a live instance still needs it; then hand the original over."""
-    for other in live_records():
-        if other.id != owner.id and key in other.needs:
-            other = other.reload()
-            other.changed.setdefault(key, original)
-            other.save()
-            return f"# {key}={original}: handed over to instance {other.id}, which still needs it"
-    with contextlib.suppress(FileNotFoundError):  # gone with its interface
-        write_sysctl(key, original)
-    return f"sysctl -w {key.replace('/', '.')}={original}"
+def parse_allocation(raw: bytes) -> Allocation:
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidState(f"not JSON: {e}") from None
+    if not isinstance(data, dict) or data.get("version") != 1:
+        raise InvalidState("not a version 1 allocation")
+    mask, priority = _need(data, "mark_mask", int), _need(data, "priority", int)
+    if not 0 < mask <= 0xFFFFFFFF or (mask + (mask & -mask)) & mask:
+        raise InvalidState("mark_mask is not one contiguous run of bits")
+    if not 1 <= priority <= 32000:
+        raise InvalidState("priority out of range")
+    uplinks, sysctls, rooms = [], [], []
+    for u in _need(data, "uplinks", list):
+        if not isinstance(u, dict) or not valid_ifname(str(u.get("ifname"))):
+            raise InvalidState("bad uplink")
+        index, table = u.get("index"), u.get("table")
+        if not isinstance(index, int) or not 1 <= index <= mark_capacity(mask):
+            raise InvalidState("uplink index outside the mark mask")
+        if not isinstance(table, int) or not 1 <= table < 1 << 31 or table in (253, 254, 255):
+            raise InvalidState("bad routing table")
+        uplinks.append(Uplink(u["ifname"], index, table))
+    for s in _need(data, "sysctls", list):
+        if not isinstance(s, dict) or not SYSCTL_KEY.match(str(s.get("key"))) or ".." in str(s.get("key")):
+            raise InvalidState(f"sysctl key {s.get('key') if isinstance(s, dict) else s!r} is not one nswrap sets")
+        if not SYSCTL_VALUE.match(str(s.get("original"))) or s.get("ours") != "1":
+            raise InvalidState("bad sysctl value")
+        sysctls.append(SysctlChange(s["key"], s["original"], s["ours"]))
+    known = _known_rooms()
+    for r in _need(data, "rooms", list):
+        if (not isinstance(r, dict) or r.get("binary") not in ("iptables-nft", "iptables-legacy")
+                or r.get("chain") not in ("FORWARD", "DOCKER-USER") or tuple(r.get("rule", ())) not in known):
+            raise InvalidState("an iptables rule that is not nswrap's")
+        rooms.append(Room(r["binary"], r["chain"], tuple(r["rule"])))
+    return Allocation(mask, priority, tuple(uplinks), tuple(sysctls), tuple(rooms))
 
 
-class Journal:
-    """The live instance's record, kept on disk before each change it describes."""
-
-    def __init__(self, record: Record):
-        self.record = record
-
-    def start(self) -> None:
-        self.record.netns = netns_key()
-        self.record.save()
-
-    def changing(self, key: str, original: str) -> None:
-        self.record.changed.setdefault(key, original)
-        self.record.save()
-
-    def started(self, init_pid: int) -> None:
-        self.record = self.record.reload()
-        self.record.init_pid = init_pid
-        self.record.save()
-
-    def follow(self, plan) -> None:
-        """The running instance moved to `plan` (uplinks came or went): keep the record true."""
-        self.record = self.record.reload()
-        self.record.describe(plan)
-        self.record.save()
-
-    def release(self, key: str) -> str:
-        self.record = self.record.reload()
-        original = self.record.changed.pop(key, None)
-        if original is None:
-            return f"# {key}: nothing to restore"
-        said = release_sysctl(self.record, key, original)
-        self.record.save()
-        return said
-
-    def finish(self) -> None:
-        """Hand over or restore whatever other instances handed to us, then drop the record."""
-        self.record = self.record.reload()
-        for key, original in list(self.record.changed.items()):
-            log.info("%s", release_sysctl(self.record, key, original))
-        with contextlib.suppress(FileNotFoundError):
-            resolv_path(self.record.id).unlink()
-        self.record.remove()
+# --- this namespace's state, as one object ----------------------------------------------------
 
 
-def resolv_path(instance: str) -> Path:
-    """The server's own resolv.conf, when it needs one (see plan.server_resolv_conf)."""
-    return RUN_DIR / f"{instance}.resolv.conf"
+@dataclass
+class State:
+    dir: StateDir
+    problems: list[str] = field(default_factory=list)  # invalid files found (reported, skipped)
 
+    def records(self) -> list[Record]:
+        """Valid records of this namespace, live or dead."""
+        found = []
+        for name in self.dir.names():
+            if not name.endswith(".json") or name == ALLOCATION or name.startswith("."):
+                continue
+            try:
+                raw = self.dir.read(name)
+                if raw is not None:
+                    found.append(parse_record(raw, name))
+            except InvalidState as e:
+                self._problem(f"{self.dir.path}/{name}: {e}")
+        return found
 
-def write_resolv(instance: str, text: str) -> str:
-    RUN_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
-    path = resolv_path(instance)
-    path.write_text(text)
-    path.chmod(0o644)  # a server running as --user must read it
-    return str(path)
+    def live(self) -> list[Record]:
+        return [r for r in self.records() if self.dir.is_live(r.id)]
 
+    def allocation(self) -> Allocation | None:
+        try:
+            raw = self.dir.read(ALLOCATION)
+            return parse_allocation(raw) if raw is not None else None
+        except InvalidState as e:
+            self._problem(f"{self.dir.path}/{ALLOCATION}: {e}")
+            return None
 
-def _instance_of(name: str, prefix: str) -> str | None:
-    return name[len(prefix):] if name.startswith(prefix) else None
-
-
-def sweep(nl, facts) -> list[str]:
-    """Remove what dead instances left in this namespace; return one line per removal.
-
-    Found by record (which also knows the sysctls to restore) and by tag, so it works when a
-    record is lost. A routing table is live iff it routes to the veth of a live instance.
-    """
-    removed: list[str] = []
-    for record in records():
-        if is_live(record.id):
-            continue
-        for key, original in record.changed.items():
-            removed.append(release_sysctl(record, key, original))
-        # no flow may go on to a dead server
-        netlink.flush_conntrack([tuple(p) for p in record.ports], record.marks, record.mark_mask)
-        record.remove()
-        removed.append(f"rm {record.path}  # instance {record.id} (pid {record.pid}) is gone")
-
-    for path in sorted([*RUN_DIR.glob("*.resolv.conf"), *RUN_DIR.glob("*.tmp")]) if RUN_DIR.is_dir() else []:
-        if not is_live(path.name.split(".")[0]):
-            path.unlink(missing_ok=True)
-            removed.append(f"rm {path}")
-    tables = nft.tables()
-    for binary in ("iptables-nft", "iptables-legacy"):
-        for chain, rule, tag in firewall.tagged_rules(binary, TABLE_PREFIX, tables):
-            if not is_live(tag[len(TABLE_PREFIX):]):
-                firewall.iptables(binary, "-D", chain, rule)
-                removed.append(f"{binary} -D {chain} {' '.join(rule)}")
-    for family, name in tables:
-        instance = _instance_of(name, TABLE_PREFIX)
-        if instance and not is_live(instance):
-            nft.delete_table(family, name)
-            removed.append(f"nft delete table {family} {name}")
-    live_links = set()
-    for link in facts.links:
-        instance = _instance_of(link.ifname, HOST_PREFIX)
-        if instance is None:
-            continue
-        if is_live(instance):
-            live_links.add(link.ifname)
+    def save_allocation(self, allocation: Allocation | None) -> None:
+        if allocation is None:
+            self.dir.remove(ALLOCATION)
         else:
-            nl.link_del(link.ifname)
-            removed.append(f"ip link del {link.ifname}")
-    live_tables = {r.table for r in facts.routes if r.dev in live_links}
-    for rule in facts.rules:
-        if rule.proto == PROTO and rule.table not in live_tables:
-            nl.rule_del(rule)
-            removed.append(f"ip rule del priority {rule.priority} fwmark {rule.fwmark:#x}/{rule.fwmask:#x} lookup {rule.table}")
-    for route in facts.routes:
-        # routes through a dead instance's veth went with it
-        if route.proto == PROTO and route.table not in live_tables and not (route.dev or "").startswith(HOST_PREFIX):
-            nl.route_del(route)
-            removed.append(f"ip route del {route.dst} table {route.table}")
-    return removed
+            self.dir.write(ALLOCATION, allocation_to_json(allocation))
+
+    def save(self, record: Record) -> None:
+        self.dir.write(f"{record.id}.json", record.to_json())
+
+    def forget(self, instance: str) -> None:
+        self.dir.remove(f"{instance}.json")
+        self.dir.remove(f"{instance}.live")
+
+    def _problem(self, text: str) -> None:
+        if text not in self.problems:
+            self.problems.append(text)
+            log.warning("ignoring %s", text)
+
+
+def hold(state: State, instance: str) -> int:
+    """Take the instance's liveness lock for the life of this process; the fd is close-on-exec."""
+    fd = state.dir.try_lock(f"{instance}.live")
+    if fd is None:
+        raise NswrapError(f"instance id {instance} is taken")
+    return fd
+
+
+def new_id(state: State, taken: set[str]) -> str:
+    while True:
+        candidate = os.urandom(3).hex()
+        if candidate not in taken and state.dir.read(f"{candidate}.json") is None:
+            return candidate
+
+
+def readable() -> bool:
+    """Can this process see nswrap's state at all (root's 0700 directory)?"""
+    try:
+        os.listdir(RUN_DIR)
+    except FileNotFoundError:
+        pass
+    except PermissionError:
+        return False
+    return True

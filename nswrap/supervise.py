@@ -2,8 +2,8 @@
 
 The server runs under a small init of ours, forked as PID 1 of a new PID namespace:
 
-    nswrap (host)  ──fork──▶  init (PID 1 of the server's PID namespace, in its network namespace)
-                                └──fork+exec──▶  the server, and whatever it starts
+    nswrap (host)  --fork-->  init (PID 1 of the server's PID namespace, in its network namespace)
+                                 `--fork+exec-->  the server, and whatever it starts
 
 - The init dies with nswrap (PR_SET_PDEATHSIG), and when the init of a PID namespace dies the
   kernel kills every process in it: no server process, daemonised or not, outlives its wrapper,
@@ -13,32 +13,31 @@ The server runs under a small init of ours, forked as PID 1 of a new PID namespa
 - Signals: nswrap forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 to the init, which
   passes them to the server's first process while it lives, else to every process in the namespace;
   once a stop was asked for and the first process has exited, the rest get the stop signal too.
-  After SIGTERM or SIGINT, nswrap waits --stop-timeout seconds, then SIGKILLs the whole namespace.
-- Setup phase: a signal is noted and setup stops at the next step boundary (`checkpoint`), never
-  in the middle of a netlink exchange or an nft batch; the caller rolls back and exits 128+N.
+  After SIGTERM or SIGINT, nswrap waits --stop-timeout seconds (and says so), then SIGKILLs.
+- Setup phase: a signal is noted and setup stops at the next step (`checkpoint`), never in the
+  middle of a netlink exchange or an nft batch; waiting for the setup lock is interrupted at once.
   Teardown phase: signals are ignored so teardown always completes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
+import logging
 import os
 import select
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from nswrap import namespaces
 from nswrap.errors import EXIT_FAILED, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, NswrapError
+
+log = logging.getLogger("nswrap")
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 STOPPING = (signal.SIGTERM, signal.SIGINT)
-CLONE_NEWPID = 0x20000000
-CLONE_NEWNS = 0x00020000
-MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
-PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class Interrupted(Exception):
@@ -59,6 +58,19 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def describe_exit(waitstatus_code: int) -> str | None:
+    """One line for a server that did not exit 0, or None."""
+    if waitstatus_code < 0:
+        try:
+            name = signal.Signals(-waitstatus_code).name
+        except ValueError:
+            name = f"signal {-waitstatus_code}"
+        return f"the server was killed by {name}"
+    if waitstatus_code:
+        return f"the server exited with status {waitstatus_code}"
+    return None
+
+
 def _exec_error(command: str, err: int) -> NswrapError:
     if err == errno.ENOENT:
         return NswrapError(f"command not found: {command}", EXIT_NOT_FOUND)
@@ -71,6 +83,9 @@ class Supervisor:
         self.init_pid: int | None = None
         self.tearing_down = False
         self.pending: int | None = None  # a signal that arrived during setup
+        self.interruptible = False  # raise at once (waiting for the lock)
+        self.stop_asked: float | None = None  # when a stop signal was forwarded
+        self._said_waiting = False
 
     def install(self) -> None:
         for signum in FORWARDED:
@@ -82,11 +97,25 @@ class Supervisor:
             return
         if self.init_pid is None:
             self.pending = self.pending or signum  # acted on at the next checkpoint
+            if self.interruptible:
+                raise Interrupted(signum)
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.init_pid, signum)
-        if signum in STOPPING and self.stop_timeout > 0:
-            signal.setitimer(signal.ITIMER_REAL, self.stop_timeout)
+        if signum in STOPPING and self.stop_asked is None:
+            self.stop_asked = time.monotonic()
+            if self.stop_timeout > 0:
+                signal.setitimer(signal.ITIMER_REAL, self.stop_timeout)
+
+    @contextlib.contextmanager
+    def waiting(self):
+        """A blocking wait that a stop signal must interrupt at once."""
+        self.checkpoint()
+        self.interruptible = True
+        try:
+            yield
+        finally:
+            self.interruptible = False
 
     def checkpoint(self) -> None:
         """Between setup steps: give up (and roll back) if a signal asked us to."""
@@ -95,33 +124,32 @@ class Supervisor:
 
     def _on_stop_timeout(self, signum: int, frame) -> None:
         if self.init_pid is not None and not self.tearing_down:
+            log.warning("the server did not exit within --stop-timeout %gs: killing it", self.stop_timeout)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.init_pid, signal.SIGKILL)  # the kernel then kills the whole namespace
 
-    def start(self, command: tuple[str, ...], netns_fd: int, env: dict[str, str], creds: Credentials | None,
-              resolv_conf: str | None = None) -> None:
-        """Fork the init into a new PID namespace; return once the server has been exec'd.
-
-        `resolv_conf`: a file the server sees as /etc/resolv.conf, through a private mount namespace."""
+    def start(self, command: tuple[str, ...], netns_fd: int, env: dict[str, str], creds: Credentials | None) -> None:
+        """Fork the init into a new PID namespace; return once the server has been exec'd."""
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
-        own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        own_pidns = namespaces.own("pid")
         held = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)  # none lost, none half-handled
         try:
             self.checkpoint()  # a signal noted since the last step: do not start at all
-            if _libc.unshare(CLONE_NEWPID) != 0:
-                raise NswrapError(f"cannot create a PID namespace: {os.strerror(ctypes.get_errno())}")
+            try:
+                namespaces.unshare_pid()
+            except OSError as e:
+                raise NswrapError(f"cannot create a PID namespace: {e.strerror}") from None
             try:
                 pid = os.fork()
                 if pid == 0:
                     code = EXIT_FAILED
                     try:
-                        _close_all_but(netns_fd, report_w)  # nswrap's sockets, a --ready-fd: not the init's
-                        code = _init(command, netns_fd, env, creds, report_w, resolv_conf)
+                        _close_all_but(netns_fd, report_w)  # nswrap's sockets, locks, a --ready-fd: not the init's
+                        code = _init(command, netns_fd, env, creds, report_w)
                     finally:
                         os._exit(code)
             finally:
-                # later children (nft, at teardown) stay in our own PID namespace
-                _libc.setns(own_pidns, CLONE_NEWPID)
+                namespaces.enter_pid(own_pidns)  # later children (nft, at teardown) stay in ours
             self.init_pid = pid
         finally:
             os.close(own_pidns)
@@ -137,34 +165,46 @@ class Supervisor:
                 raise _exec_error(command[0], int(outcome[5:]))
             raise NswrapError(f"the server's init failed: {outcome.decode(errors='replace') or 'no report'}")
 
-    def wait(self, monitor=None, on_change=None, settle: float = 0.1) -> int:
+    def wait(self, fds: list[int] | None = None, on_ready: Callable[[list[int]], float | None] | None = None) -> int:
         """Wait for the init, reaping anything else that ends up as our child (nswrap as PID 1).
 
-        With a `monitor` (something with fileno() and drain()), call `on_change()` once things
-        have been quiet for `settle` seconds after an event: uplinks are followed while serving.
-        """
+        `on_ready(ready_fds)` is called when one of `fds` is readable, or when the time it last
+        returned (seconds from now) has passed; it returns the next such time, or None."""
+        assert self.init_pid is not None
         pidfd = os.pidfd_open(self.init_pid)
-        changed_at = first_change = None
+        due: float | None = None
         try:
             while True:
-                due = None if changed_at is None else min(changed_at + settle, first_change + 10 * settle)
-                timeout = 1.0 if due is None else max(0.0, due - time.monotonic())
-                fds = [pidfd] + ([monitor.fileno()] if monitor else [])
-                ready, _, _ = select.select(fds, [], [], timeout)
+                now = time.monotonic()
+                timeout = 1.0 if due is None else max(0.0, min(1.0, due - now))
+                self._say_still_waiting(now)
+                ready, _, _ = select.select([pidfd, *(fds or [])], [], [], timeout)
                 status = self._reap()
                 if status is not None:
                     self.tearing_down = True
                     signal.setitimer(signal.ITIMER_REAL, 0)
-                    return exit_status(os.waitstatus_to_exitcode(status))
-                now = time.monotonic()
-                if monitor and monitor.fileno() in ready and monitor.drain():
-                    changed_at = now  # settle first: one change often comes as a burst of events
-                    first_change = first_change or now
-                if due is not None and now >= due:  # quiet for `settle`, or busy for 10x that
-                    changed_at = first_change = None
-                    on_change()
+                    code = os.waitstatus_to_exitcode(status)
+                    said = describe_exit(code)
+                    if said:
+                        log.warning("%s", said)
+                    return exit_status(code)
+                ready = [fd for fd in ready if fd != pidfd]
+                if on_ready and (ready or (due is not None and time.monotonic() >= due)):
+                    next_in = on_ready(ready)
+                    due = None if next_in is None else time.monotonic() + next_in
         finally:
             os.close(pidfd)
+
+    def _say_still_waiting(self, now: float) -> None:
+        """A server slow to stop (dnsmasq -k ignores SIGINT): say once what nswrap waits for."""
+        if self.stop_asked is None or self._said_waiting or now - self.stop_asked < 1.0:
+            return
+        self._said_waiting = True
+        if self.stop_timeout > 0:
+            left = max(0.0, self.stop_timeout - (now - self.stop_asked))
+            log.warning("waiting for the server to exit: SIGKILL in %.0f s (--stop-timeout %g)", left, self.stop_timeout)
+        else:
+            log.warning("waiting for the server to exit (--stop-timeout 0: never killed)")
 
     def _reap(self) -> int | None:
         """Reap every child that exited (orphans, when nswrap is PID 1); the init's status, if it did."""
@@ -178,35 +218,33 @@ class Supervisor:
             if pid == self.init_pid:
                 return status
 
+    def alive(self) -> bool:
+        return self.init_pid is not None and not self.tearing_down
+
+    def kill(self, signum: int = signal.SIGTERM) -> None:
+        if self.init_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.init_pid, signum)
+            if signum in STOPPING and self.stop_asked is None and self.stop_timeout > 0:
+                self.stop_asked = time.monotonic()
+                signal.setitimer(signal.ITIMER_REAL, self.stop_timeout)
+
 
 # --- the init, PID 1 of the server's PID namespace (runs in the forked child only) ------------
 
 
-def _private_resolv_conf(path: str) -> str | None:
-    """Bind `path` over /etc/resolv.conf in a mount namespace of our own; an error text or None."""
-    if _libc.unshare(CLONE_NEWNS) != 0:
-        return f"unshare(CLONE_NEWNS): {os.strerror(ctypes.get_errno())}"
-    if _libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:  # nothing propagates back to the host
-        return f"mount --make-rprivate /: {os.strerror(ctypes.get_errno())}"
-    if _libc.mount(path.encode(), b"/etc/resolv.conf", None, MS_BIND, None) != 0:
-        return f"bind-mount {path} on /etc/resolv.conf: {os.strerror(ctypes.get_errno())}"
-    return None
-
-
-def _init(command, netns_fd: int, env, creds: Credentials | None, report_w: int, resolv_conf: str | None) -> int:
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def _init(command, netns_fd: int, env, creds: Credentials | None, report_w: int) -> int:
+    namespaces.die_with_parent(signal.SIGKILL)
     # nswrap, outside our PID namespace, shows as ppid 0: tell whether it died before PDEATHSIG
     # was armed by its end of the report pipe (a closed read end makes ours poll POLLERR).
     poller = select.poll()
     poller.register(report_w, select.POLLOUT)
     if any(events & select.POLLERR for _, events in poller.poll(0)):
         return EXIT_FAILED
-    if _libc.setns(netns_fd, 0x40000000) != 0:  # CLONE_NEWNET
-        os.write(report_w, f"setns: {os.strerror(ctypes.get_errno())}".encode())
-        return EXIT_FAILED
-    failure = _private_resolv_conf(resolv_conf) if resolv_conf else None
-    if failure:
-        os.write(report_w, failure.encode())
+    try:
+        namespaces.enter_net(netns_fd)
+    except OSError as e:
+        os.write(report_w, f"setns: {e.strerror}".encode())
         return EXIT_FAILED
     running: list[int] = []  # the server's first process, until it is reaped
     stopping: list[int] = []  # the stop signal we were asked to pass on, once one came

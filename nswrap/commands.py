@@ -1,0 +1,217 @@
+"""The commands besides `run`: `--dry-run`, `cleanup`, `list` and `exec`.
+
+`cleanup` is the sweep: the shared datapath brought in line with the live instances (dead ones'
+elements go, and everything goes when none is alive), dead records removed, and what an older
+nswrap left (legacy.py). It removes only what a valid record or the allocation proves is
+nswrap's. `list` reads; `exec` enters an instance's namespaces.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+from nswrap import legacy, namespaces, netlink, nft, sync
+from nswrap.apply import Kernel, Transaction
+from nswrap.changes import DeleteLink, ServerNetwork
+from nswrap.config import DEFAULT_MARK_MASK, Config
+from nswrap.datapath import Instance, allocate_subnet, check_uplinks, instance_uplinks, ula_subnet
+from nswrap.errors import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, NswrapError, UsageError
+from nswrap.facts import Facts, gather, netns_id
+from nswrap.instance import loopback_ports, require_capabilities
+from nswrap.state import Record, State, StateDir, readable
+from nswrap.supervise import exit_status
+
+log = logging.getLogger("nswrap")
+
+LIST_FLOWS_SECONDS = 1.0  # counting live flows on a full conntrack table: bounded
+
+
+def _needs_root(what: str) -> None:
+    if os.geteuid() != 0 or not readable():
+        raise NswrapError(f"{what} needs root: nswrap's state (/run/nswrap) and the kernel's tables are root's only", 1)
+
+
+def dry_run(config: Config) -> int:
+    """What a start would do here, as shell lines; nothing is changed."""
+    _needs_root("--dry-run")
+    state = State(StateDir(netns_id()))
+    with netlink.Routing() as routing:
+        facts = gather(routing)
+    live = [r for r in state.records() if state.dir.is_live(r.id)]
+    subnet = allocate_subnet(facts, tuple(r.instance for r in live), config.subnet)
+    instance = Instance("d0d0d0", config.ports, subnet, ula_subnet(subnet) if facts.ipv6_per_interface else None,
+                        config.uplinks, config.addresses, loopback_ports(config, facts), config.outbound, config.helpers)
+    check_uplinks(facts, instance)
+    table = nft.read_table()
+    rooms = sync.wanted_rooms(sync.probe_firewall(), config.firewall, config.mark_mask) if table is None or not live else None
+    plan = sync.plan(facts, table, state.allocation(), (*(r.instance for r in live), instance), config.mark_mask, rooms)
+    for warning in plan.datapath.warnings:
+        log.warning("%s", warning)
+    out = [f"# nswrap, dry run: ports {', '.join(map(str, config.ports))}; uplinks "
+           + ", ".join(sorted({u for v in instance.families for u in instance_uplinks(facts, instance, v)})),
+           "", "# the server's own network: a veth pair, one end in its (anonymous) namespace",
+           ServerNetwork(instance, -1, 1500, str(facts.resolver_stub) if facts.resolver_stub else None,
+                         config.user is not None, facts.sysctl("net/ipv6/conf/all/forwarding") != "1").render(),
+           "", "# the shared datapath: what changes for this instance (all of it for the first one)"]
+    out += [change.render() for change in plan.changes]
+    sys.stdout.write("\n".join(out) + "\n")
+    return 0
+
+
+def cleanup() -> int:
+    require_capabilities()
+    state = State(StateDir(netns_id()))
+    said: list[str] = []
+    with state.dir.lock(), Kernel() as kernel:
+        facts = gather(kernel.routing)
+        records = state.records()
+        live = [r for r in records if state.dir.is_live(r.id)]
+        dead = [r for r in records if r not in live]
+        allocation = state.allocation()
+        table = nft.read_table()
+        changes: list = []
+        after = allocation
+        if allocation is not None or table is not None or dead:
+            mask = allocation.mark_mask if allocation else (live[0].mark_mask if live else DEFAULT_MARK_MASK)
+            plan = sync.plan(facts, table, allocation, tuple(r.instance for r in live), mask)
+            changes, after = plan.changes, plan.after
+        changes += [DeleteLink(r.instance.veth) for r in dead if facts.link(r.instance.veth)]
+        changes += legacy.sweep(facts)
+        tx = Transaction(kernel, say=said.append)
+        for change in changes:  # best effort: what fails is said, the rest still runs
+            try:
+                tx.run(change)
+            except (NswrapError, OSError) as e:
+                log.warning("%s: %s", change.render().splitlines()[0], e)
+        tx.commit()
+        state.save_allocation(after)
+        for record in dead:
+            state.forget(record.id)
+            said.append(f"rm {state.dir.path}/{record.id}.json  # instance {record.id} (pid {record.pid}) is gone")
+        said += legacy.forget(legacy.dead_records())
+    for line in said:
+        print(line)
+    if not said:
+        print("nothing to clean up")
+    return 0
+
+
+def _flows(record: Record, marks: dict[int, str], deadline: float) -> tuple[dict[str, int], bool]:
+    """Live flows of an instance per uplink (by their ct mark), and whether counting finished."""
+    counts: dict[str, int] = {}
+    with netlink.Conntrack() as ct:
+        for version in record.instance.families:
+            if time.monotonic() > deadline:
+                return counts, False
+            for flow in ct.flows(version, reply_src=record.instance.server(version)):
+                name = marks.get(flow.mark & record.mark_mask, "local")
+                counts[name] = counts.get(name, 0) + 1
+    return counts, True
+
+
+def _conntrack_use() -> dict[str, int]:
+    use = {}
+    for key in ("count", "max"):
+        try:
+            with open(f"/proc/sys/net/netfilter/nf_conntrack_{key}") as f:
+                use[key] = int(f.read())
+        except (OSError, ValueError):
+            pass
+    return use
+
+
+def _rows(state: State, facts: Facts) -> list[dict]:
+    allocation = state.allocation()
+    marks = {allocation.mark(u.index): u.ifname for u in allocation.uplinks} if allocation else {}
+    table = nft.read_table()
+    deadline = time.monotonic() + LIST_FLOWS_SECONDS
+    rows = []
+    for record in state.live():
+        started: dict[str, int] = {}
+        for (name, element), (packets, _) in (table.counters.items() if table else ()):
+            if element.comment == record.id and name.startswith(("keep", "remap")):
+                uplink = element.key[0].strip('"')
+                started[uplink] = started.get(uplink, 0) + packets
+        flows, complete = _flows(record, marks, deadline)
+        uplinks = []
+        for version in record.instance.families:
+            for name in instance_uplinks(facts, record.instance, version):
+                if any(u["name"] == name for u in uplinks):
+                    continue
+                tables = {u.table for u in allocation.uplinks if u.ifname == name} if allocation else set()
+                uplinks.append({
+                    "name": name,
+                    "addresses": [str(a) for v in (4, 6) for a in facts.global_addresses(name, v)],
+                    "gateways": sorted({str(r.gateway) for r in facts.routes if r.table in tables and r.is_default and r.gateway}),
+                    "flows_started": started.get(name, 0),
+                    "flows": flows.get(name, 0),
+                })
+        rows.append({
+            "id": record.id, "pid": record.pid, "command": record.command,
+            "ports": [str(p) for p in record.instance.ports],
+            "started": datetime.datetime.fromtimestamp(record.started, datetime.timezone.utc).isoformat(timespec="seconds"),
+            "local_flows_started": started.get("lo", 0),
+            "flows_counted": complete,
+            "uplinks": uplinks,
+        })
+    return rows
+
+
+def list_instances(as_json: bool) -> int:
+    _needs_root("nswrap list")
+    state = State(StateDir(netns_id()))
+    with netlink.Routing() as routing:
+        facts = gather(routing)
+    rows = _rows(state, facts)
+    use = _conntrack_use()
+    if as_json:
+        print(json.dumps({"instances": rows, "conntrack": use}, indent=2))
+        return 0
+    if not rows:
+        print("no nswrap instances in this network namespace")
+        return 0
+    print(f"{'ID':8} {'PID':>8}  {'SINCE':25}  {'PORTS':20} COMMAND")
+    for row in rows:
+        print(f"{row['id']:8} {row['pid']:>8}  {row['started']:25}  {','.join(row['ports']):20} {' '.join(row['command'])}")
+        for u in row["uplinks"]:
+            via = ",".join(u["gateways"]) or "no gateway"
+            more = "" if row["flows_counted"] else "+"
+            print(f"    {u['name']:15} {' '.join(u['addresses']):38} via {via:28} "
+                  f"{u['flows_started']:>9} flows started {u['flows']:>7}{more} live")
+    if use:
+        print(f"conntrack: {use.get('count', '?')} of {use.get('max', '?')} entries in use")
+    return 0
+
+
+def exec_in(instance: str, command: tuple[str, ...]) -> int:
+    """Run `command` in a live instance's network namespace, e.g. tcpdump or ss."""
+    _needs_root("nswrap exec")
+    if not command:
+        raise UsageError("no command given: nswrap exec ID -- COMMAND [ARG...]")
+    state = State(StateDir(netns_id()))
+    found = [r for r in state.live() if r.id.startswith(instance)] if instance else []
+    if len(found) != 1:
+        raise NswrapError(f"no live nswrap instance {instance!r}" if not found else f"instance id {instance!r} is ambiguous")
+    target = found[0].init_pid
+    try:
+        net = os.open(f"/proc/{target}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise NswrapError(f"instance {found[0].id}: cannot open its namespace: {e.strerror}") from None
+    try:
+        done = subprocess.run(command, preexec_fn=lambda: namespaces.enter(net), pass_fds=(net,))
+    except FileNotFoundError:
+        raise NswrapError(f"command not found: {command[0]}", EXIT_NOT_FOUND) from None
+    except PermissionError:
+        raise NswrapError(f"command not executable: {command[0]}", EXIT_NOT_EXECUTABLE) from None
+    finally:
+        os.close(net)
+    return exit_status(done.returncode)
+
+
+

@@ -1,0 +1,524 @@
+"""Pure: the datapath every nswrap instance of a network namespace shares, as data.
+
+    datapath(facts, allocation, instances) -> Datapath
+
+computes, from the host (facts), what the shared part already uses (allocation: the uplinks'
+marks and routing tables, the rule priorities, the sysctls nswrap changed and their original
+values) and the live instances, everything the kernel must hold: routing rules, the uplinks'
+routing tables, the sysctls, and the contents of the one nftables table (ruleset.py renders it).
+
+The packet path (docs/design.md):
+  in:   uplink k --(dnat: published (uplink, address, proto, port) -> server)--> first packet:
+        ct mark := k; every packet: meta mark := k (strict rp_filter judges it by table k)
+        --> "to <internal range> lookup main" --> the instance's veth --> the server
+  out:  server --> veth --(meta mark := ct mark)--(fwmark k -> table k)--> uplink k, the source
+        rewritten back to the address asked by conntrack.
+Marks name uplinks, not instances: uplink k has one mark, one routing table and one rule per
+family whatever the number of instances; an instance is a set of map elements. So the per-packet
+cost does not grow with the number of instances.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field, replace
+
+from nswrap.config import PortRange, UplinkSpec
+from nswrap.errors import NswrapError
+from nswrap.facts import HOST_PREFIX, Facts, sysctl_key
+from nswrap.objects import (
+    FAMILIES,
+    FR_ACT_UNREACHABLE,
+    PROTO,
+    RT_TABLE_MAIN,
+    SCOPE_LINK,
+    IPAddress,
+    IPNetwork,
+    Route,
+    Rule,
+)
+
+POOL4 = ipaddress.IPv4Network("198.18.0.0/15")  # RFC 2544 benchmarking range: rarely routed
+POOL6 = ipaddress.IPv6Network("fd6e:7377:7261::/48")  # nswrap's ULA: one /64 per instance
+FIRST_PRIORITY = 5000  # before Tailscale's 5210-5270, after Cilium's (docs/design.md)
+FIRST_TABLE = 5000
+PRIORITIES = 3  # "to internal lookup main", "to internal unreachable", the uplinks' fwmark rules
+LOOPBACK4 = ipaddress.IPv4Address("127.0.0.1")
+
+
+# --- inputs ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Instance:
+    """A live instance, as its record says (state.py validates records before they get here)."""
+
+    id: str
+    ports: tuple[PortRange, ...]
+    subnet: ipaddress.IPv4Network  # a /30: the host's end .1, the server .2
+    subnet6: ipaddress.IPv6Network | None = None  # a /64 of POOL6, or None (no per-interface IPv6 forwarding)
+    uplinks: tuple[UplinkSpec, ...] = ()  # () = every uplink
+    addresses: tuple[IPAddress, ...] = ()  # () = every address of the host, and 127.0.0.1
+    loopback_ports: tuple[PortRange, ...] = ()  # also published on 127.0.0.1 (decided at start)
+    outbound: bool = True
+    helpers: tuple[str, ...] = ()
+
+    @property
+    def veth(self) -> str:
+        return HOST_PREFIX + self.id
+
+    def subnet_of(self, version: int) -> IPNetwork | None:
+        return self.subnet if version == 4 else self.subnet6
+
+    def host_end(self, version: int) -> IPAddress:
+        net = self.subnet_of(version)
+        assert net is not None
+        return net[1]
+
+    def server(self, version: int) -> IPAddress | None:
+        net = self.subnet_of(version)
+        return net[2] if net is not None else None
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        return (4, 6) if self.subnet6 is not None else (4,)
+
+
+@dataclass(frozen=True)
+class Uplink:
+    """An uplink of the shared datapath: its mark index (mark = index << the mask's shift) and table."""
+
+    ifname: str
+    index: int
+    table: int
+
+
+@dataclass(frozen=True)
+class SysctlChange:
+    key: str
+    original: str  # what the host had before nswrap changed it: what is restored
+    ours: str  # what nswrap set
+
+
+@dataclass(frozen=True)
+class Room:
+    """An iptables ACCEPT nswrap inserted where another firewall would drop its flows."""
+
+    binary: str  # iptables-nft / iptables-legacy
+    chain: str
+    rule: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """What the shared part uses; kept in the state directory (state.py) while an instance lives."""
+
+    mark_mask: int
+    priority: int
+    uplinks: tuple[Uplink, ...] = ()
+    sysctls: tuple[SysctlChange, ...] = ()
+    rooms: tuple[Room, ...] = ()
+
+    def mark(self, index: int) -> int:
+        return mark_value(self.mark_mask, index)
+
+    def uplink(self, ifname: str) -> Uplink | None:
+        return next((u for u in self.uplinks if u.ifname == ifname), None)
+
+    def changed(self, key: str) -> SysctlChange | None:
+        return next((s for s in self.sysctls if s.key == key), None)
+
+
+def mark_value(mask: int, index: int) -> int:
+    """The index-th mark under a contiguous mask, computed (a 32-bit mask has 4e9 of them)."""
+    shift = (mask & -mask).bit_length() - 1
+    if not 1 <= index <= mask >> shift:
+        raise NswrapError(f"mark mask {mask:#x} has no room for uplink number {index}; widen it with --mark-mask")
+    return index << shift
+
+
+def mark_capacity(mask: int) -> int:
+    return mask >> ((mask & -mask).bit_length() - 1)
+
+
+# --- outputs ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, order=True)
+class Element:
+    """One element of an nftables set or map, as the words nft reads (`key` . joined)."""
+
+    key: tuple[str, ...]
+    value: tuple[str, ...] = ()
+    comment: str = ""
+
+
+@dataclass(frozen=True)
+class Datapath:
+    allocation: Allocation
+    rules: frozenset[Rule]
+    routes: frozenset[Route]
+    sysctls: dict[str, str]  # key -> the value nswrap needs
+    elements: dict[str, frozenset[Element]]  # nft set or map name -> its elements
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def marks(self) -> dict[str, int]:
+        return {u.ifname: self.allocation.mark(u.index) for u in self.allocation.uplinks}
+
+
+@dataclass
+class _Builder:
+    facts: Facts
+    allocation: Allocation
+    instances: tuple[Instance, ...]
+    warnings: list[str] = field(default_factory=list)
+
+
+# --- uplinks ---------------------------------------------------------------------------------
+
+
+def candidate_uplinks(facts: Facts, version: int) -> list[str]:
+    """Interfaces that serve clients of this family by default: those with a global address."""
+    return [link.ifname for link in sorted(facts.links, key=lambda link: link.index)
+            if link.ifname != "lo" and not link.ifname.startswith(HOST_PREFIX) and facts.global_addresses(link.ifname, version)]
+
+
+def instance_uplinks(facts: Facts, instance: Instance, version: int) -> list[str]:
+    """The uplinks an instance serves for a family: its --uplink list, or every candidate."""
+    candidates = candidate_uplinks(facts, version)
+    if not instance.uplinks:
+        return candidates
+    wanted = []
+    for spec in instance.uplinks:
+        if spec.ifname in candidates and spec.ifname not in wanted:
+            wanted.append(spec.ifname)
+    return wanted
+
+
+def check_uplinks(facts: Facts, instance: Instance) -> None:
+    """At start (not while following): every --uplink exists and has an address."""
+    for spec in instance.uplinks:
+        if facts.link(spec.ifname) is None:
+            raise NswrapError(f"no such uplink: {spec.ifname}")
+        if not any(facts.global_addresses(spec.ifname, v) for v in instance.families):
+            raise NswrapError(f"uplink {spec.ifname} has no global address")
+    if not any(instance_uplinks(facts, instance, v) for v in instance.families):
+        raise NswrapError("no uplink found: no interface has a global address (give one with --uplink)")
+
+
+def _gateways(instances: tuple[Instance, ...]) -> dict[tuple[str, int], IPAddress]:
+    """Gateways given with --uplink IFACE=GATEWAY; two instances must not disagree."""
+    given: dict[tuple[str, int], tuple[IPAddress, str]] = {}
+    for instance in instances:
+        for spec in instance.uplinks:
+            if spec.gateway is None:
+                continue
+            key = (spec.ifname, spec.gateway.version)
+            if key in given and given[key][0] != spec.gateway:
+                raise NswrapError(f"uplink {spec.ifname}: gateway {spec.gateway} differs from {given[key][0]}, "
+                                  f"which nswrap instance {given[key][1]} routes through")
+            given[key] = (spec.gateway, instance.id)
+    return {key: value[0] for key, value in given.items()}
+
+
+def _allocate_uplinks(b: _Builder, wanted: list[str]) -> tuple[Uplink, ...]:
+    """Uplinks kept keep their index and table (their flows stay routed); new ones get free ones."""
+    kept = [u for u in b.allocation.uplinks if u.ifname in wanted]
+    used_indexes = {u.index for u in kept}
+    ours = {u.table for u in b.allocation.uplinks}
+    taken_tables = {r.table for r in b.facts.routes} | {r.table for r in b.facts.rules}
+    taken_tables = (taken_tables - ours) | {u.table for u in kept}
+    out = list(kept)
+    for name in wanted:
+        if any(u.ifname == name for u in out):
+            continue
+        index = next(i for i in range(1, len(out) + 2) if i not in used_indexes)
+        mark_value(b.allocation.mark_mask, index)  # refuses when the mask is full
+        table = next(t for t in range(FIRST_TABLE, FIRST_TABLE + 1_000_000) if t not in taken_tables)
+        used_indexes.add(index)
+        taken_tables.add(table)
+        out.append(Uplink(name, index, table))
+    return tuple(sorted(out, key=lambda u: u.index))
+
+
+def _uplink_routes(b: _Builder, uplink: Uplink, version: int, gateway: IPAddress | None) -> list[Route]:
+    """Table k, for one family: the uplink's default route and its other main-table routes."""
+    main = b.facts.main_routes(uplink.ifname, version)
+    defaults = sorted((r for r in main if r.is_default), key=lambda r: r.metric)
+    anywhere = FAMILIES[version].anywhere
+    routes = []
+    if gateway is not None:
+        routes.append(Route(anywhere, uplink.ifname, gateway, uplink.table))
+    elif defaults and defaults[0].gateway:  # IPv6: often link-local (fe80::1), hence the device
+        routes.append(Route(anywhere, uplink.ifname, defaults[0].gateway, uplink.table))
+    elif defaults:
+        routes.append(Route(anywhere, uplink.ifname, table=uplink.table, scope=SCOPE_LINK))  # point-to-point
+    else:
+        family = "" if version == 4 else "IPv6 "
+        b.warnings.append(f"uplink {uplink.ifname} has no {family}gateway: it serves only {family}clients on its own subnets")
+    seen = set()
+    for r in main:
+        if not r.is_default and r.dst not in seen:
+            seen.add(r.dst)
+            routes.append(Route(r.dst, uplink.ifname, r.gateway, uplink.table, r.scope, r.prefsrc))
+    return routes
+
+
+# --- rules -----------------------------------------------------------------------------------
+
+
+def internal_ranges(instances: tuple[Instance, ...]) -> dict[int, list[IPNetwork]]:
+    """Where the servers are: nswrap's pools, and any --subnet outside them."""
+    ranges: dict[int, list[IPNetwork]] = {4: [POOL4], 6: [POOL6]}
+    for instance in instances:
+        if not instance.subnet.subnet_of(POOL4) and instance.subnet not in ranges[4]:
+            ranges[4].append(instance.subnet)
+    return ranges
+
+
+def _rules(b: _Builder, uplinks: tuple[Uplink, ...], families: dict[str, tuple[int, ...]]) -> set[Rule]:
+    """A DNATed packet carries its uplink's mark for rp_filter's sake, yet must reach the server:
+    the internal ranges are looked up in main first (without its default route), and are
+    unreachable otherwise (a dead server's flows never leak to a gateway). Then one fwmark rule
+    per uplink and family."""
+    p, mask = b.allocation.priority, b.allocation.mark_mask
+    rules = set()
+    for version, ranges in internal_ranges(b.instances).items():
+        if version == 6 and not any(i.subnet6 for i in b.instances):
+            continue
+        for net in ranges:
+            rules.add(Rule(version, p, RT_TABLE_MAIN, dst=net, suppress_prefixlength=0))
+            rules.add(Rule(version, p + 1, dst=net, action=FR_ACT_UNREACHABLE))
+    for u in uplinks:
+        for version in families[u.ifname]:
+            rules.add(Rule(version, p + 2, u.table, b.allocation.mark(u.index), mask))
+    return rules
+
+
+def check_marks(facts: Facts, allocation: Allocation) -> None:
+    """Marks are shared property: refuse if another tool's rule needs a value under our mask."""
+    ours = range(allocation.priority, allocation.priority + PRIORITIES)
+    for r in facts.rules:
+        if r.fwmark & r.fwmask & allocation.mark_mask and not (r.proto == PROTO and r.priority in ours):
+            raise NswrapError(f"fwmark bits {allocation.mark_mask:#x} are already used by ip rule {r.priority} "
+                              f"(fwmark {r.fwmark:#x}/{r.fwmask:#x} lookup {r.table}); choose others with --mark-mask")
+
+
+def free_priority(facts: Facts) -> int:
+    taken = {r.priority for r in facts.rules}
+    for p in range(FIRST_PRIORITY, 32000):
+        if not any(p + i in taken for i in range(PRIORITIES)):
+            return p
+    raise NswrapError(f"no {PRIORITIES} free rule priorities above {FIRST_PRIORITY}")
+
+
+# --- sysctls ---------------------------------------------------------------------------------
+
+
+def _effective(facts: Facts, version: int, ifname: str, setting: str) -> str | None:
+    """The value that decides for this interface: some settings are the OR of all and the device."""
+    own = facts.sysctl(sysctl_key(version, ifname, setting))
+    if version == 4 and setting == "src_valid_mark" and facts.sysctl("net/ipv4/conf/all/src_valid_mark") == "1":
+        return "1"
+    if version == 6 and setting == "force_forwarding" and facts.sysctl("net/ipv6/conf/all/forwarding") == "1":
+        return "1"
+    return own
+
+
+def _sysctls(b: _Builder, uplinks: tuple[Uplink, ...], families: dict[str, tuple[int, ...]]) -> dict[str, str]:
+    """Forwarding and src_valid_mark on the uplinks, forwarding on the interfaces of the default
+    routes (replies to the servers' own connections come in there); only where the effective
+    value is not already what is needed (a container started with those sysctls needs no write).
+    IPv6: the per-interface force_forwarding (Linux >= 6.17), never the global switch."""
+    wanted: dict[str, str] = {}
+
+    def want(version: int, ifname: str, setting: str) -> None:
+        key = sysctl_key(version, ifname, setting)
+        ours = b.allocation.changed(key)
+        if ours is not None or _effective(b.facts, version, ifname, setting) != "1":
+            wanted[key] = "1"
+
+    for u in uplinks:
+        for version in families[u.ifname]:
+            if version == 4:
+                want(4, u.ifname, "forwarding")
+                want(4, u.ifname, "src_valid_mark")
+            else:
+                want(6, u.ifname, "force_forwarding")
+    if any(i.outbound for i in b.instances):
+        for version in (4, 6):
+            if version == 6 and not any(i.subnet6 for i in b.instances):
+                continue
+            setting = "forwarding" if version == 4 else "force_forwarding"
+            for r in b.facts.routes:
+                if r.table == RT_TABLE_MAIN and r.is_default and r.version == version and r.dev and b.facts.link(r.dev):
+                    want(version, r.dev, setting)
+    return wanted
+
+
+def guarded(allocation: Allocation, facts: Facts, version: int) -> list[str]:
+    """Interfaces whose forwarding nswrap turned on: the host forwards nothing else arriving there."""
+    setting = "forwarding" if version == 4 else "force_forwarding"
+    names = []
+    for change in allocation.sysctls:
+        parts = change.key.split("/")
+        if parts[1] == f"ipv{version}" and parts[-1] == setting and change.original == "0":
+            if version == 6 and facts.sysctl("net/ipv6/conf/all/forwarding") == "1":
+                continue
+            names.append("/".join(parts[3:-1]).replace("/", "."))
+    return sorted(set(names))
+
+
+# --- nftables elements -----------------------------------------------------------------------
+
+
+def _span(lo: int, hi: int) -> str:
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def _addresses(facts: Facts, instance: Instance, version: int) -> list[IPAddress]:
+    if instance.addresses:
+        return [a for a in instance.addresses if a.version == version and not a.is_loopback]
+    found = []
+    for a in facts.addresses:
+        if a.version == version and a.scope == 0 and a.ifname != "lo" and not a.ifname.startswith(HOST_PREFIX):
+            if a.address.ip not in found:
+                found.append(a.address.ip)
+    return found
+
+
+def _publish(sets: dict[str, set[Element]], instance: Instance, version: int, ifname: str, address: IPAddress,
+             ports: tuple[PortRange, ...]) -> None:
+    server = str(instance.server(version))
+    for p in ports:
+        if not p.remapped:
+            key = (f'"{ifname}"', str(address), p.proto, _span(p.outer_lo, p.outer_hi))
+            sets[f"keep{version}"].add(Element(key, (server,), instance.id))
+        else:
+            for i in range(p.count):
+                key = (f'"{ifname}"', str(address), p.proto, str(p.outer_lo + i))
+                sets[f"remap{version}"].add(Element(key, (server, str(p.inner_lo + i)), instance.id))
+
+
+def _merged(ports: list[PortRange]) -> list[tuple[str, int, int]]:
+    """(proto, lo, hi) covering every port once: an interval set refuses overlapping elements."""
+    spans: list[tuple[str, int, int]] = []
+    for proto, lo, hi in sorted((p.proto, p.outer_lo, p.outer_hi) for p in ports):
+        if spans and spans[-1][0] == proto and lo <= spans[-1][2] + 1:
+            spans[-1] = (proto, spans[-1][1], max(hi, spans[-1][2]))
+        else:
+            spans.append((proto, lo, hi))
+    return spans
+
+
+ELEMENT_SETS = ("ports", "keep4", "remap4", "keep6", "remap6", "servers4", "servers6", "tftp4", "tftp6",
+                "closed", "stub4", "uplink_new", "uplink_flow", "guarded4", "guarded6")
+
+
+def _elements(b: _Builder, uplinks: tuple[Uplink, ...], families: dict[str, tuple[int, ...]]) -> dict[str, frozenset[Element]]:
+    sets: dict[str, set[Element]] = {name: set() for name in ELEMENT_SETS}
+    for instance in b.instances:
+        for version in instance.families:
+            addresses = _addresses(b.facts, instance, version)
+            for ifname in instance_uplinks(b.facts, instance, version):
+                if version in families.get(ifname, ()):
+                    for address in addresses:
+                        _publish(sets, instance, version, ifname, address, instance.ports)
+            # the host itself: its own addresses (and 127.0.0.1) are routed through lo
+            for address in addresses:
+                _publish(sets, instance, version, "lo", address, instance.ports)
+            if version == 4 and instance.loopback_ports:
+                _publish(sets, instance, 4, "lo", LOOPBACK4, instance.loopback_ports)
+            if "tftp" in instance.helpers:
+                for p in instance.ports:
+                    if p.proto == "udp" and p.outer_lo <= 69 <= p.outer_hi:
+                        sets[f"tftp{version}"].add(Element((str(instance.server(version)), str(p.inner_lo + 69 - p.outer_lo)), (), instance.id))
+        if not instance.outbound:
+            sets["closed"].add(Element((f'"{instance.veth}"',), (), instance.id))
+    sets["ports"] = {Element((proto, _span(lo, hi))) for proto, lo, hi in _merged([p for i in b.instances for p in (*i.ports, *i.loopback_ports)])}
+    for version, ranges in internal_ranges(b.instances).items():
+        sets[f"servers{version}"] = {Element((str(net),)) for net in ranges}
+    if b.facts.resolver_stub is not None:
+        stub = str(b.facts.resolver_stub)
+        sets["stub4"] = {Element((proto, "53"), (stub, "53")) for proto in ("udp", "tcp")}
+    for u in uplinks:
+        sets["uplink_new"].add(Element((f'"{u.ifname}"',), (f"goto new_{u.index}",)))
+        sets["uplink_flow"].add(Element((f"{b.allocation.mark(u.index):#010x}",), (f"goto flow_{u.index}",)))
+    for version in (4, 6):
+        sets[f"guarded{version}"] = {Element((f'"{name}"',)) for name in guarded(b.allocation, b.facts, version)}
+    return {name: frozenset(items) for name, items in sets.items()}
+
+
+# --- the whole -------------------------------------------------------------------------------
+
+
+def datapath(facts: Facts, allocation: Allocation, instances: tuple[Instance, ...]) -> Datapath:
+    """Everything the kernel must hold for these instances. With no instances: nothing at all
+    (the caller then removes the shared part and restores the sysctls)."""
+    b = _Builder(facts, allocation, instances)
+    if not instances:
+        return Datapath(replace(allocation, uplinks=()), frozenset(), frozenset(), {}, {}, ())
+    gateways = _gateways(instances)
+    families: dict[str, tuple[int, ...]] = {}
+    for instance in instances:
+        for version in instance.families:
+            for name in instance_uplinks(facts, instance, version):
+                families[name] = tuple(sorted({*families.get(name, ()), version}))
+    wanted = [name for name in candidate_uplinks(facts, 4) + candidate_uplinks(facts, 6) if name in families]
+    wanted = list(dict.fromkeys(wanted))
+    uplinks = _allocate_uplinks(b, wanted)
+    b.allocation = replace(allocation, uplinks=uplinks)
+    check_marks(facts, b.allocation)
+    routes: set[Route] = set()
+    for u in uplinks:
+        for version in families[u.ifname]:
+            routes.update(_uplink_routes(b, u, version, gateways.get((u.ifname, version))))
+    return Datapath(
+        allocation=b.allocation,
+        rules=frozenset(_rules(b, uplinks, families)),
+        routes=frozenset(routes),
+        sysctls=_sysctls(b, uplinks, families),
+        elements=_elements(b, uplinks, families),
+        warnings=tuple(dict.fromkeys(b.warnings)),
+    )
+
+
+# --- allocation of an instance ----------------------------------------------------------------
+
+
+def ula_subnet(subnet: ipaddress.IPv4Network) -> ipaddress.IPv6Network:
+    """The instance's IPv6 /64, in the same slot as its IPv4 /30."""
+    slot = (int(subnet.network_address) >> 2) & 0xFFFF
+    return ipaddress.IPv6Network((int(POOL6.network_address) | slot << 64, 64))
+
+
+def allocate_subnet(facts: Facts, live: tuple[Instance, ...], wanted: ipaddress.IPv4Network | None) -> ipaddress.IPv4Network:
+    used: list[ipaddress.IPv4Network] = [a.address.network for a in facts.addresses if a.version == 4]  # type: ignore[misc]
+    used += [r.dst for r in facts.routes if r.dst.prefixlen > 0 and r.version == 4]  # type: ignore[misc]
+    used += [i.subnet for i in live]
+    slots = {ula_subnet(i.subnet) for i in live}
+    if wanted is not None:
+        clash = next((u for u in used if u.overlaps(wanted)), None)
+        if clash:
+            raise NswrapError(f"subnet {wanted} overlaps {clash}, already in use on this host; choose another --subnet")
+        if ula_subnet(wanted) in slots:
+            raise NswrapError(f"subnet {wanted} shares its IPv6 slot with a live instance; choose another --subnet")
+        return wanted
+    for candidate in POOL4.subnets(new_prefix=30):
+        if not any(u.overlaps(candidate) for u in used) and ula_subnet(candidate) not in slots:
+            return candidate
+    raise NswrapError(f"no free /30 left in {POOL4}; give one with --subnet")
+
+
+def conflicts(new: Instance, live: tuple[Instance, ...]) -> str | None:
+    """A port another live instance already publishes on an address this one would use."""
+    for other in live:
+        shared = not new.addresses or not other.addresses or set(new.addresses) & set(other.addresses)
+        if not shared:
+            continue
+        for p in (*new.ports, *new.loopback_ports):
+            for q in (*other.ports, *other.loopback_ports):
+                if p.overlaps(q):
+                    return f"port {p} is already published by nswrap instance {other.id}"
+    return None

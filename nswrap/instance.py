@@ -1,0 +1,428 @@
+"""An instance's life, top to bottom.
+
+    start   (under the setup lock) look at the host, allocate a subnet and an id, write the record,
+            create the server's network, sync the shared datapath; dead instances' leftovers go
+    serve   forget stale flows to the published ports, start the server, say READY once it
+            listens, follow the host (one instance does it for all), repair what others break
+    stop    (under the setup lock) drop the record, sync the shared datapath without this instance
+            (the last one removes it and restores the sysctls), then forget this instance's flows
+
+Every host change goes through a transaction (apply.py): a failure or a signal during `start`
+rolls back exactly what was done. Nothing slow (conntrack work, the server's start) happens
+while holding the lock.
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import pwd
+import signal
+import socket
+import time
+
+from nswrap import namespaces, netlink, nft, sync
+from nswrap.apply import Kernel, Transaction
+from nswrap.changes import ServerNetwork
+from nswrap.config import Config, PortRange
+from nswrap.datapath import Instance, allocate_subnet, check_uplinks, conflicts, ula_subnet
+from nswrap.errors import NswrapError, UsageError
+from nswrap.facts import Facts, gather, netns_id
+from nswrap.follow import Follower
+from nswrap.state import Record, State, StateDir, hold, new_id
+from nswrap.supervise import Credentials, Interrupted, Supervisor, exit_status
+
+log = logging.getLogger("nswrap")
+
+CAP_NET_ADMIN, CAP_SYS_ADMIN = 12, 21
+STOP_FLUSH_SECONDS = 2.0  # forgetting this instance's flows at stop: bounded, the rest expire
+
+
+def require_capabilities() -> None:
+    with open("/proc/self/status") as f:
+        caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+    missing = [name for bit, name in ((CAP_NET_ADMIN, "CAP_NET_ADMIN"), (CAP_SYS_ADMIN, "CAP_SYS_ADMIN")) if not caps >> bit & 1]
+    if missing:
+        raise NswrapError(f"not permitted: nswrap needs {' and '.join(missing)} (run it as root)")
+
+
+def resolve_user(spec: str) -> Credentials:
+    """USER[:GROUP] (names or numbers) -> uid, gid and the user's supplementary groups."""
+    user, _, group = spec.partition(":")
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except (KeyError, OverflowError):
+        raise UsageError(f"invalid --user {spec!r}: no such user {user!r}") from None
+    gid = entry.pw_gid
+    if group:
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise UsageError(f"invalid --user {spec!r}: no such group {group!r}") from None
+    return Credentials(entry.pw_uid, gid, tuple(os.getgrouplist(entry.pw_name, gid)))
+
+
+def check_ready_fd(fd: int | None) -> None:
+    """--ready-fd must name a descriptor the caller opened for us to write to."""
+    if fd is None:
+        return
+    import fcntl
+
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    except OSError:
+        raise UsageError(f"invalid --ready-fd {fd}: no such open file descriptor") from None
+    if flags & os.O_ACCMODE == os.O_RDONLY:
+        raise UsageError(f"invalid --ready-fd {fd}: open for reading only")
+
+
+def loopback_ports(config: Config, facts: Facts) -> tuple[PortRange, ...]:
+    """Published ports the host may reach on 127.0.0.1: never one a host process serves there."""
+    if config.addresses and not any(a.is_loopback and a.version == 4 for a in config.addresses):
+        return ()
+    kept = []
+    for p in config.ports:
+        taken = sorted(port for proto, port in facts.loopback_listeners if proto == p.proto and p.outer_lo <= port <= p.outer_hi)
+        if taken:
+            log.warning("127.0.0.1:%d/%s is already served on this host: not redirecting %s on loopback", taken[0], p.proto, p)
+        else:
+            kept.append(p)
+    return tuple(kept)
+
+
+class FailClosed(NswrapError):
+    """nswrap's guard could not be put back: the instance must stop."""
+
+
+class Life:
+    def __init__(self, config: Config, supervisor: Supervisor):
+        self.config = config
+        self.supervisor = supervisor
+        self.state = State(StateDir(netns_id()))
+        self.kernel = Kernel()
+        self.record: Record | None = None
+        self.netns_fd: int | None = None
+        self.live_fd: int | None = None
+        self.facts: Facts | None = None
+
+    @property
+    def instance(self) -> Instance:
+        assert self.record is not None
+        return self.record.instance
+
+    # --- start ---------------------------------------------------------------------------
+
+    def _new_instance(self, facts: Facts, live: list[Record]) -> Instance:
+        config = self.config
+        ids = {r.id for r in self.state.records()}
+        instance_id = new_id(self.state, ids)
+        subnet = allocate_subnet(facts, tuple(r.instance for r in live), config.subnet)
+        return Instance(
+            id=instance_id, ports=config.ports, subnet=subnet,
+            subnet6=ula_subnet(subnet) if facts.ipv6_per_interface else None,
+            uplinks=config.uplinks, addresses=config.addresses, loopback_ports=loopback_ports(config, facts),
+            outbound=config.outbound, helpers=config.helpers,
+        )
+
+    def start(self) -> None:
+        with self.supervisor.waiting():
+            lock = self.state.dir.acquire("lock", lambda: log.info("waiting for the setup lock: other instances are starting or stopping"))
+        try:
+            self._start_locked()
+        finally:
+            os.close(lock)
+
+    def _start_locked(self) -> None:
+        self.supervisor.checkpoint()
+        facts = gather(self.kernel.routing)
+        if not facts.ipv6_per_interface and any(a.version == 6 and a.scope == 0 for a in facts.addresses):
+            log.warning("IPv6 clients are not served: this kernel has no per-interface IPv6 forwarding "
+                        "(force_forwarding, Linux >= 6.17), and nswrap never turns on the global switch")
+        records = self.state.records()
+        live = [r for r in records if self.state.dir.is_live(r.id)]
+        allocation = self.state.allocation()
+        if allocation is not None and live and allocation.mark_mask != self.config.mark_mask:
+            raise NswrapError(f"the nswrap instances here use --mark-mask {allocation.mark_mask:#x}; give the same")
+        instance = self._new_instance(facts, live)
+        check_uplinks(facts, instance)
+        clash = conflicts(instance, tuple(r.instance for r in live))
+        if clash:
+            owner = next(r for r in live if r.id in clash)
+            raise NswrapError(f"{clash} (pid {owner.pid}: {' '.join(owner.command)})")
+        table = nft.read_table()
+        rooms = None
+        if table is None or not live:  # the shared part is (re)made: first look at the other firewalls
+            rooms = sync.wanted_rooms(sync.probe_firewall(), self.config.firewall, self.config.mark_mask)
+
+        instances = (*(r.instance for r in live), instance)
+        plan = sync.plan(facts, table, allocation, instances, self.config.mark_mask, rooms)
+        self.live_fd = hold(self.state, instance.id)
+        self.record = Record(instance.id, os.getpid(), time.time(), list(self.config.command), instance, self.config.mark_mask)
+        self.state.save(self.record)  # before the first host change: a crash from here on is recoverable
+        for warning in plan.datapath.warnings:
+            log.warning("%s", warning)
+        tx = Transaction(self.kernel, checkpoint=self.supervisor.checkpoint)
+        try:
+            self.netns_fd = namespaces.new_netns()
+            tx.run(ServerNetwork(
+                instance, self.netns_fd, max(link.mtu for link in facts.links if link.ifname != "lo") if len(facts.links) > 1 else 1500,
+                resolver_stub=str(facts.resolver_stub) if facts.resolver_stub else None,
+                unprivileged_ports=self.config.user is not None,
+                ipv6_forwarding=facts.sysctl("net/ipv6/conf/all/forwarding") != "1",
+            ))
+            sync.run(plan, tx, self.state.save_allocation)
+        except BaseException:
+            tx.rollback()
+            self.state.save_allocation(allocation)
+            self._forget_record()
+            raise
+        tx.commit()
+        for dead in records:
+            if dead not in live:
+                self.state.forget(dead.id)
+                log.warning("removed a dead instance's leftovers: instance %s (pid %d)", dead.id, dead.pid)
+        self.facts = facts
+
+    def _forget_record(self) -> None:
+        if self.record is not None:
+            self.state.forget(self.record.id)
+            self.record = None
+        if self.live_fd is not None:
+            os.close(self.live_fd)
+            self.live_fd = None
+        if self.netns_fd is not None:
+            os.close(self.netns_fd)
+            self.netns_fd = None
+
+    # --- serve ---------------------------------------------------------------------------
+
+    def forget_stale_flows(self) -> None:
+        """Flows to the published ports that began before the DNAT (a client that kept sending
+        while no server ran) would bypass it until they expire: the kernel finds them by port
+        (and address, with --address), one filtered dump per port and family."""
+        instance = self.instance
+        addresses = [a for a in instance.addresses if not a.is_loopback] or [None]
+        with netlink.Conntrack() as ct:
+            for version in instance.families:
+                for address in addresses:
+                    if address is not None and address.version != version:
+                        continue
+                    stale = []
+                    for p in (*instance.ports, *instance.loopback_ports):
+                        number = netlink.PROTO_NUMBERS[p.proto]
+                        ports = range(p.outer_lo, p.outer_hi + 1) if p.count <= 64 else [None]
+                        for port in ports:
+                            stale += ct.flows(version, orig_proto=number, orig_dport=port, orig_dst=address,
+                                              port_range=(p.outer_lo, p.outer_hi))
+                    if stale:
+                        log.info("conntrack: forgetting %d flows that began before the DNAT", len(stale))
+                        ct.delete(version, stale)
+
+    def start_server(self, creds: Credentials | None) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET" and not k.startswith("NSWRAP_")}
+        assert self.netns_fd is not None
+        self.supervisor.start(self.config.command, self.netns_fd, env, creds)
+        os.close(self.netns_fd)  # the server holds its namespace now: it lives exactly as long
+        self.netns_fd = None
+        assert self.record is not None
+        self.record.init_pid = self.supervisor.init_pid or 0
+        self.state.save(self.record)
+
+    def serve(self) -> int:
+        follower = Follower(self)
+        try:
+            ready = Readiness(self.instance, self.supervisor.init_pid or 0, self.config.ready_fd)
+            return self.supervisor.wait(follower.filenos(), lambda fds: _min(ready.poll(), follower.on_ready(fds)))
+        finally:
+            follower.close()
+
+    def follow(self, why: str) -> None:
+        """A host change (or a dead instance, or a flushed table): bring the shared datapath in
+        line, once, for every instance. Called on the instance that follows for all. If nswrap's
+        table cannot be put back, forwarding is restored first and nswrap stops (fail closed)."""
+        with self.state.dir.lock():
+            allocation = self.state.allocation()
+            try:
+                facts = gather(self.kernel.routing)
+                live = tuple(r.instance for r in self.state.live())
+                table = nft.read_table()
+                if why == "table" and (table is None or not sync.intact(table, allocation)):
+                    log.warning("nswrap's nft table was flushed or deleted (a firewall reload?): putting it back")
+                plan = sync.plan(facts, table, allocation, live, self.config.mark_mask)
+                tx = Transaction(self.kernel, say=lambda line: log.warning("following the host: %s", line.splitlines()[0]))
+                try:
+                    sync.run(plan, tx, self.state.save_allocation)
+                except BaseException:
+                    tx.rollback()
+                    raise
+                tx.commit()
+            except (NswrapError, OSError) as e:
+                if why != "table":
+                    raise
+                restored = sync.fail_closed(allocation)
+                raise FailClosed(f"could not put back nswrap's nft table ({e}); forwarding restored "
+                                 f"({', '.join(restored) or 'nothing to restore'}): stopping") from None
+            for record in self.state.records():
+                if not self.state.dir.is_live(record.id):
+                    self.state.forget(record.id)
+                    log.warning("removed a dead instance's leftovers: instance %s (pid %d)", record.id, record.pid)
+
+    def repair(self) -> None:
+        """Someone deleted our veth: make it again, into the server's namespace (its sockets
+        survive), or stop."""
+        assert self.record is not None and self.supervisor.init_pid
+        try:
+            fd = os.open(f"/proc/{self.supervisor.init_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return  # the server is gone too: the supervisor sees it exit
+        try:
+            facts = gather(self.kernel.routing)
+            with Transaction(self.kernel) as tx:
+                tx.run(ServerNetwork(
+                    self.instance, fd, max(link.mtu for link in facts.links if link.ifname != "lo"),
+                    resolver_stub=str(facts.resolver_stub) if facts.resolver_stub else None,
+                    unprivileged_ports=self.config.user is not None,
+                    ipv6_forwarding=facts.sysctl("net/ipv6/conf/all/forwarding") != "1"))
+            log.warning("the veth %s was deleted: made it again", self.instance.veth)
+        finally:
+            os.close(fd)
+
+    # --- stop ----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Teardown: best effort, never interrupted; what fails is said and left to the next sync."""
+        if self.record is None:
+            return
+        self.supervisor.tearing_down = True
+        instance = self.instance
+        with self.state.dir.lock():
+            self.state.forget(instance.id)
+            facts = gather(self.kernel.routing)
+            live = tuple(r.instance for r in self.state.live() if r.id != instance.id)
+            plan = sync.plan(facts, nft.read_table(), self.state.allocation(), live, self.config.mark_mask)
+            tx = Transaction(self.kernel)
+            for change in plan.changes:
+                try:
+                    tx.run(change)
+                except Exception as e:
+                    log.warning("teardown: %s: %s", change.render().splitlines()[0], e)
+            tx.commit()
+            self.state.save_allocation(plan.after)
+        self._forget_flows(instance)
+        self._forget_record()
+        self.kernel.close()
+
+    def _forget_flows(self, instance: Instance) -> None:
+        """This instance's flows (their replies come from its server): found by the kernel,
+        deleted in batches, for at most a couple of seconds; what remains can only time out."""
+        deadline = time.monotonic() + STOP_FLUSH_SECONDS
+        try:
+            with netlink.Conntrack() as ct:
+                for version in instance.families:
+                    flows = ct.flows(version, reply_src=instance.server(version))
+                    for i in range(0, len(flows), 1000):
+                        if time.monotonic() > deadline:
+                            log.info("conntrack: %d flows left to time out", len(flows) - i)
+                            break
+                        ct.delete(version, flows[i:i + 1000])
+        except OSError as e:
+            log.warning("conntrack: could not forget this instance's flows: %s", e)
+
+
+def _min(a: float | None, b: float | None) -> float | None:
+    values = [v for v in (a, b) if v is not None]
+    return min(values) if values else None
+
+
+class Readiness:
+    """READY (on --ready-fd, and to systemd) once the server listens on every published port:
+    a query sent the moment READY arrives is answered, over IPv4 and IPv6."""
+
+    def __init__(self, instance: Instance, init_pid: int, ready_fd: int | None):
+        self.instance, self.init_pid, self.ready_fd = instance, init_pid, ready_fd
+        self.done = False
+        self.began = time.monotonic()
+        self.warned = False
+
+    def poll(self) -> float | None:
+        if self.done:
+            return None
+        missing = self._missing()
+        if missing:
+            if not self.warned and time.monotonic() - self.began > 10:
+                self.warned = True
+                log.warning("the server does not listen on %s yet: READY waits for it", ", ".join(map(str, missing)))
+            return 0.01
+        self.done = True
+        announce_ready(self.ready_fd)
+        return None
+
+    def _missing(self) -> list[PortRange]:
+        bound = listening(self.init_pid)
+        return [p for p in self.instance.ports
+                if not any((p.proto, port) in bound for port in range(p.inner_lo, p.inner_hi + 1))]
+
+
+def listening(pid: int) -> set[tuple[str, int]]:
+    """(proto, port) bound (UDP) or listening (TCP) in the network namespace of `pid`."""
+    found = set()
+    for proto, name in (("udp", "udp"), ("udp", "udp6"), ("tcp", "tcp"), ("tcp", "tcp6")):
+        try:
+            with open(f"/proc/{pid}/net/{name}") as f:
+                lines = f.readlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if proto == "udp" or fields[3] == "0A":
+                found.add((proto, int(fields[1].rsplit(":", 1)[1], 16)))
+    return found
+
+
+def announce_ready(ready_fd: int | None) -> None:
+    if ready_fd is not None:
+        try:
+            os.write(ready_fd, b"READY\n")
+            os.close(ready_fd)
+        except OSError as e:
+            log.warning("--ready-fd %d: %s", ready_fd, e.strerror)
+    path = os.environ.get("NOTIFY_SOCKET")
+    if path:  # systemd Type=notify
+        address = "\0" + path[1:] if path.startswith("@") else path
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            try:
+                sock.sendto(f"READY=1\nMAINPID={os.getpid()}".encode(), address)
+            except OSError as e:
+                log.warning("NOTIFY_SOCKET %s: %s", path, e.strerror)
+
+
+def run(config: Config) -> int:
+    """`nswrap run`: start, serve, stop; the server's exit status (or 128+N for a signal)."""
+    require_capabilities()
+    check_ready_fd(config.ready_fd)
+    creds = resolve_user(config.user) if config.user else None
+    supervisor = Supervisor(config.stop_timeout)
+    supervisor.install()
+    life = Life(config, supervisor)
+    try:
+        life.start()
+        supervisor.checkpoint()
+        life.forget_stale_flows()
+        life.start_server(creds)
+        log.info("instance %s: serving %s", life.instance.id, ", ".join(map(str, config.ports)))
+        return life.serve()
+    except Interrupted as e:
+        log.warning("%s during setup: rolling back", e)
+        return exit_status(-e.signum)
+    except NswrapError:
+        if supervisor.alive():
+            supervisor.kill(signal.SIGKILL)
+            supervisor.wait()
+        raise
+    finally:
+        supervisor.tearing_down = True
+        life.stop()
+
+
+

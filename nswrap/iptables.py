@@ -1,0 +1,64 @@
+"""The only module that runs iptables (iptables-nft and iptables-legacy).
+
+Reads the legacy rules nswrap must know about (nftables' own listing already includes
+iptables-nft), and inserts or deletes nswrap's narrow ACCEPT rules. A command that cannot run
+raises (NswrapError): a firewall nswrap could not read is never taken for an empty one.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+
+from nswrap.errors import NswrapError
+
+LEGACY_TABLES = "/proc/net/ip_tables_names"  # per network namespace; lists only loaded tables
+ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+GONE_MESSAGES = ("does a matching rule exist", "No chain", "Bad rule")
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=30, env=ENV)
+    except FileNotFoundError:
+        raise NswrapError(f"{argv[0]} not found: install iptables") from None
+
+
+def legacy_loaded() -> list[str]:
+    """iptables-legacy tables loaded in this namespace. Listing one would load it, so nswrap
+    only ever looks at those already there."""
+    try:
+        with open(LEGACY_TABLES) as f:
+            return f.read().split()
+    except FileNotFoundError:
+        return []
+
+
+def legacy_save() -> str:
+    """`iptables-legacy-save` of the loaded tables, "" when none is loaded."""
+    if not legacy_loaded():
+        return ""
+    done = _run(["iptables-legacy-save"])
+    if done.returncode != 0:
+        raise NswrapError(f"iptables-legacy-save: {done.stderr.strip() or done.returncode}")
+    return done.stdout
+
+
+def run(binary: str, action: str, chain: str, rule: list[str]) -> None:
+    """Insert (-I) or delete (-D) one rule in the filter table; deleting one already gone is fine."""
+    done = _run([binary, "-w", "5", action, chain, *rule])
+    if done.returncode != 0:
+        message = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+        if action == "-D" and any(text in message for text in GONE_MESSAGES):
+            return
+        raise NswrapError(f"{binary} {action} {chain} {shlex.join(rule)}: {message}")
+
+
+def rules(binary: str) -> list[list[str]]:
+    """`-S` of the filter table, split into words; [] if that table does not exist here."""
+    done = _run([binary, "-w", "5", "-t", "filter", "-S"])
+    if done.returncode != 0:
+        if "does not exist" in done.stderr or "Table does not exist" in done.stderr:
+            return []
+        raise NswrapError(f"{binary} -S: {done.stderr.strip() or done.returncode}")
+    return [shlex.split(line) for line in done.stdout.splitlines()]

@@ -1,0 +1,275 @@
+"""Pure: the one nftables table of nswrap (`inet nswrap`), rendered as nft text, chain by chain.
+
+The base (chains, rules, empty sets and maps) is the same for every host; what varies lives in
+elements (published ports, servers, uplinks' marks) and in two tiny chains per uplink. A packet
+that belongs to no published flow leaves each hook after one or two cheap tests; the per-packet
+cost never depends on the number of instances (docs/design.md, "The packet path").
+
+`table_text` creates everything; `changes` turns one state into another (elements added and
+deleted, uplink chains added and deleted) as one nft batch, applied atomically by nft.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from nswrap.datapath import ELEMENT_SETS, Datapath, Element, mark_value
+
+TABLE = "nswrap"  # inet nswrap: one per network namespace
+VERSION_SET = "version"
+
+# name -> declaration; the order is the order nft creates them in
+SETS = {
+    "ports": "type inet_proto . inet_service; flags interval;",  # every published proto . port
+    "keep4": "type ifname . ipv4_addr . inet_proto . inet_service : ipv4_addr; flags interval; counter;",
+    "remap4": "type ifname . ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service; counter;",
+    "keep6": "type ifname . ipv6_addr . inet_proto . inet_service : ipv6_addr; flags interval; counter;",
+    "remap6": "type ifname . ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service; counter;",
+    "servers4": "type ipv4_addr; flags interval;",  # where servers live: nswrap's pools (and --subnet)
+    "servers6": "type ipv6_addr; flags interval;",
+    "tftp4": "type ipv4_addr . inet_service;",  # servers with the tftp helper (address . port)
+    "tftp6": "type ipv6_addr . inet_service;",
+    "closed": "type ifname;",  # veths of --no-outbound instances
+    "stub4": "type inet_proto . inet_service : ipv4_addr . inet_service;",  # the host's loopback resolver
+    "uplink_new": "type ifname : verdict;",  # uplink -> goto new_<k>: mark a new published flow
+    "uplink_flow": "type mark : verdict;",  # ct mark -> goto flow_<k>: mark each packet of one
+    "guarded4": "type ifname;",  # forwarding turned on by nswrap: route nothing else arriving here
+    "guarded6": "type ifname;",
+}
+assert set(SETS) == set(ELEMENT_SETS)
+
+# the conntrack timeouts of published flows: an unanswered (or answered within 2 s, as a DNS
+# query is) UDP flow is forgotten after 10 s instead of 30, half-open TCP after 10 s instead of
+# 60-120; so a flood of new flows drains from the conntrack table quickly once it stops.
+TIMEOUTS = {
+    "udp": "unreplied : 10",
+    "tcp": "syn_sent : 10, syn_recv : 10",
+}
+
+
+def _lines(*rules: str) -> list[str]:
+    return [rule for rule in rules if rule]
+
+
+def _objects() -> list[str]:
+    out = []
+    for version, l3 in ((4, "ip"), (6, "ip6")):
+        for proto, policy in TIMEOUTS.items():
+            out += [f"\tct timeout {proto}{version} {{", f"\t\tprotocol {proto}", f"\t\tl3proto {l3}",
+                    f"\t\tpolicy = {{ {policy} }}", "\t}"]
+        out += [f"\tct helper tftp{version} {{", '\t\ttype "tftp" protocol udp', f"\t\tl3proto {l3}", "\t}"]
+    return out
+
+
+Chain = tuple[str, "str | None", list[str]]  # name, "type ... hook ... priority ..." (base chains), rules
+
+
+def _chain(name: str, hook: str | None, rules: list[str]) -> list[Chain]:
+    return [(name, hook, rules)]
+
+
+def _render(chain: Chain) -> list[str]:
+    name, hook, rules = chain
+    head = [f"\t\ttype {hook}; policy accept;"] if hook else []
+    return [f"\tchain {name} {{", *head, *(f"\t\t{r}" for r in rules), "\t}"]
+
+
+def _remember(mask: int) -> list[Chain]:
+    """prerouting, after DNAT: every packet of a published flow gets its uplink's mark (one map
+    lookup); the first packet of one records the uplink in the ct mark."""
+    return _chain("remember", "filter hook prerouting priority dstnat + 1", _lines(
+        f"ct mark & {mask:#010x} vmap @uplink_flow",
+        "ct state != new accept",
+        "ct status dnat ip daddr @servers4 goto first4",
+        "ct status dnat ip6 daddr @servers6 goto first6",
+        # route_localnet on our veths lets a server reach the host's loopback resolver (DNATed):
+        # nothing else on the host's loopback
+        'iifname "nsw-*" ip daddr 127.0.0.0/8 ct status & dnat == 0 drop',
+    ))
+
+
+def _first(version: int) -> list[Chain]:
+    ip = "ip" if version == 4 else "ip6"
+    return _chain(f"first{version}", None, [
+        f'{ip} daddr . udp dport @tftp{version} ct helper set "tftp{version}"',
+        f'meta l4proto udp ct timeout set "udp{version}"',
+        f'meta l4proto tcp ct timeout set "tcp{version}"',
+        "iifname vmap @uplink_new",
+    ])
+
+
+def _publish() -> list[Chain]:
+    """nat prerouting: the first packet of each flow. A published (uplink, address, proto, port)
+    is DNATed to its server, keeping the port (keep) or remapping it (remap)."""
+    rules = [
+        'iifname "nsw-*" fib daddr type local meta l4proto { udp, tcp } dnat ip to meta l4proto . th dport map @stub4',
+        "meta l4proto . th dport != @ports accept",
+    ]
+    for version, ip in ((4, "ip"), (6, "ip6")):
+        for kind in ("keep", "remap"):
+            rules.append(f"meta l4proto {{ udp, tcp }} dnat {ip} to iifname . {ip} daddr . meta l4proto . th dport map @{kind}{version}")
+    return _chain("publish", "nat hook prerouting priority dstnat", rules)
+
+
+def _publish_local() -> list[Chain]:
+    """nat output: the host's own clients, whose packets to its addresses are routed through lo."""
+    rules = ["meta l4proto . th dport != @ports accept"]
+    for version, ip in ((4, "ip"), (6, "ip6")):
+        for kind in ("keep", "remap"):
+            rules.append(f"meta l4proto {{ udp, tcp }} dnat {ip} to oifname . {ip} daddr . meta l4proto . th dport map @{kind}{version}")
+    return _chain("publish_local", "nat hook output priority -100", rules)
+
+
+def _outbound() -> list[Chain]:
+    """nat postrouting: a loopback client cannot leave through a veth as 127.0.0.1; the servers'
+    own connections leave as the host."""
+    return _chain("outbound", "nat hook postrouting priority srcnat", [
+        'oifname "nsw-*" ip saddr 127.0.0.0/8 masquerade',
+        'ip saddr @servers4 oifname != "nsw-*" masquerade',
+        'ip6 saddr @servers6 oifname != "nsw-*" masquerade',
+    ])
+
+
+def _guard(mask: int) -> list[Chain]:
+    """forward: only published flows (and answers to the servers' own) cross a veth; our mark
+    bits are cleared once routing is done; interfaces whose forwarding nswrap turned on forward
+    nothing else."""
+    keep = 0xFFFFFFFF & ~mask
+    clear = f"meta mark set meta mark & {keep:#010x}"
+    return [
+        *_chain("guard", "filter hook forward priority filter", [
+            'oifname "nsw-*" goto into_server',
+            'iifname "nsw-*" goto from_server',
+            "iifname @guarded4 meta nfproto ipv4 drop",
+            "iifname @guarded6 meta nfproto ipv6 drop",
+        ]),
+        *_chain("into_server", None, [
+            clear,
+            "ct direction original ct status dnat accept",
+            "ct direction reply accept",
+            "ct state related accept",
+            "drop",
+        ]),
+        *_chain("from_server", None, [
+            clear,
+            "ct direction reply accept",
+            "ct status expected accept",
+            "ct state related accept",
+            "iifname @closed drop",
+        ]),
+    ]
+
+
+def _local_out() -> list[Chain]:
+    """output: the host's own processes reach a server only through published ports."""
+    return [
+        *_chain("local_out", "filter hook output priority filter", ['oifname "nsw-*" goto local_into_server']),
+        *_chain("local_into_server", None, [
+            "ct status dnat accept",
+            "ct direction reply accept",
+            "ct state related accept",
+            "drop",
+        ]),
+    ]
+
+
+def uplink_chains(mask: int, index: int) -> dict[str, list[str]]:
+    """The two chains of uplink `index`: nft 1.0.6 cannot OR a map's value into the mark, so
+    each uplink has constant rules (at most 15 with the default mask)."""
+    mark, keep = mark_value(mask, index), 0xFFFFFFFF & ~mask
+    set_mark = f"meta mark set meta mark & {keep:#010x} | {mark:#010x}"
+    return {
+        f"new_{index}": [f"ct mark set ct mark & {keep:#010x} | {mark:#010x}", set_mark],
+        f"flow_{index}": [set_mark],
+    }
+
+
+def chains(mask: int) -> list[Chain]:
+    return _remember(mask) + _first(4) + _first(6) + _publish() + _publish_local() + _outbound() + _guard(mask) + _local_out()
+
+
+def base(mask: int) -> list[str]:
+    out = [f"\t{'map' if ':' in decl else 'set'} {name} {{ {decl} }}" for name, decl in SETS.items()]
+    out.append(f"\tset {VERSION_SET} {{ type inet_service; }}")
+    out += _objects()
+    for chain in chains(mask):
+        out += _render(chain)
+    return out
+
+
+def version(mask: int) -> str:
+    """Identifies the base: when nswrap's rules change (an upgrade), the table is rebuilt."""
+    return hashlib.sha256("\n".join(base(mask)).encode()).hexdigest()[:16]
+
+
+def element_text(e: Element) -> str:
+    text = " . ".join(e.key)
+    if e.comment:
+        text += f' comment "{e.comment}"'
+    if e.value:
+        text += " : " + " . ".join(e.value)
+    return text
+
+
+def _elements(verb: str, name: str, elements: list[Element]) -> list[str]:
+    if not elements:
+        return []
+    items = [element_text(e) if verb == "add" else " . ".join(e.key) for e in sorted(elements)]
+    return [f"{verb} element inet {TABLE} {name} {{ {', '.join(items)} }}"]
+
+
+def table_text(dp: Datapath) -> str:
+    """The whole table, from nothing: `add table` first, so that a leftover is replaced whole."""
+    mask = dp.allocation.mark_mask
+    lines = [f"add table inet {TABLE}", f"delete table inet {TABLE}", f"table inet {TABLE} {{",
+             '\tcomment "nswrap: the datapath its instances share in this network namespace (docs/design.md)"']
+    lines += base(mask)
+    for u in dp.allocation.uplinks:
+        for name, rules in uplink_chains(mask, u.index).items():
+            lines += _render((name, None, rules))
+    lines.append("}")
+    lines.append(f"add element inet {TABLE} {VERSION_SET} {{ 1 comment \"{version(mask)}\" }}")
+    for name in SETS:
+        lines += _elements("add", name, list(dp.elements.get(name, ())))
+    return "\n".join(lines) + "\n"
+
+
+def changes(have: dict[str, frozenset[Element]], have_chains: set[str], want: dict[str, frozenset[Element]],
+            want_uplinks: list[int], mask: int) -> str:
+    """One batch from one table content to another (elements, and the uplinks' chains); "" if
+    they are the same. Chains come before the verdict elements that jump to them, and
+    elements go before those that come (an interval set refuses overlapping ones)."""
+    wanted_chains: dict[str, list[str]] = {}
+    for index in want_uplinks:
+        wanted_chains.update(uplink_chains(mask, index))
+    lines: list[str] = []
+    for name, rules in wanted_chains.items():
+        if name not in have_chains:
+            lines.append(f"add chain inet {TABLE} {name}")
+            lines += [f"add rule inet {TABLE} {name} {rule}" for rule in rules]
+    for name in SETS:
+        lines += _elements("delete", name, list(have.get(name, frozenset()) - want.get(name, frozenset())))
+    for name in SETS:
+        lines += _elements("add", name, list(want.get(name, frozenset()) - have.get(name, frozenset())))
+    for name in sorted(have_chains):
+        if name.startswith(("new_", "flow_")) and name not in wanted_chains:
+            lines.append(f"delete chain inet {TABLE} {name}")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def uplink_indexes(chains: set[str]) -> list[int]:
+    """The uplinks a table has chains for (new_<k>)."""
+    return sorted(int(name[4:]) for name in chains if name.startswith("new_") and name[4:].isdigit())
+
+
+def delete_text() -> str:
+    return f"delete table inet {TABLE}\n"
+
+
+def expected_chains(dp: Datapath) -> dict[str, int]:
+    """chain -> number of rules, to tell an intact table from one someone flushed."""
+    counts = {name: len(rules) for name, _, rules in chains(dp.allocation.mark_mask)}
+    for u in dp.allocation.uplinks:
+        for chain, rules in uplink_chains(dp.allocation.mark_mask, u.index).items():
+            counts[chain] = len(rules)
+    return counts

@@ -1,0 +1,196 @@
+"""Bring the kernel in line with the datapath the live instances need: the one procedure behind
+an instance's start and stop, following the host, repairing after a firewall reload, and the
+sweep of dead instances.
+
+`plan` is pure: (facts, what the kernel holds, allocation, instances) -> the changes, in an order
+that keeps the host safe at every moment: nswrap's guard exists before forwarding is turned on,
+and forwarding is restored before the guard goes. `sync` runs them in a transaction under the
+setup lock and keeps the allocation on disk, the original value of a sysctl saved before it
+changes (so a crash at any point leaves the host restorable).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+from nswrap import nft, ruleset
+from nswrap.apply import Transaction
+from nswrap.changes import (
+    AddRoute,
+    AddRule,
+    Change,
+    DeleteRoom,
+    DeleteRoute,
+    DeleteRule,
+    FlushMark,
+    InsertRoom,
+    NftBatch,
+    SetSysctl,
+)
+from nswrap.datapath import PRIORITIES, Allocation, Datapath, Element, Instance, Room, SysctlChange, datapath, free_priority, guarded
+from nswrap.errors import NswrapError
+from nswrap.facts import Facts
+from nswrap.firewall import FirewallFacts, blockers, how_to_fix, mark_users, rooms
+from nswrap.objects import PROTO
+
+log = logging.getLogger("nswrap")
+
+
+@dataclass(frozen=True)
+class Plan:
+    changes: list[Change]
+    datapath: Datapath
+    before: Allocation | None  # saved before any change: everything that may be nswrap's
+    after: Allocation | None  # saved once every change is done (None: nothing left)
+
+
+def _union(a: Allocation, b: Allocation) -> Allocation:
+    uplinks = {u.ifname: u for u in (*a.uplinks, *b.uplinks)}
+    sysctls = {s.key: s for s in (*b.sysctls, *a.sysctls)}  # the first original recorded wins
+    return replace(b, uplinks=tuple(uplinks.values()), sysctls=tuple(sysctls.values()),
+                   rooms=tuple(dict.fromkeys((*a.rooms, *b.rooms))))
+
+
+def wanted_rooms(firewall: FirewallFacts, mode: str, mask: int) -> tuple[Room, ...]:
+    """Where other firewalls would drop nswrap's flows: the narrow accepts that make room (or a
+    refusal, naming the chain, where nswrap will not edit); and nobody else on our mark bits."""
+    users = mark_users(firewall, mask)
+    if users:
+        raise NswrapError(f"fwmark bits {mask:#x} are already used by {users[0]}; choose others with --mark-mask")
+    out: list[Room] = []
+    for blocker in blockers(firewall):
+        if blocker.backend is None:
+            raise NswrapError(how_to_fix(blocker))
+        if mode == "off":
+            raise NswrapError(f"forwarded flows of nswrap would be dropped by {blocker.where}, and --firewall off "
+                              "forbids making room: use --firewall auto, or accept 'nsw-*' interfaces there yourself")
+        out += rooms(blocker)
+    return tuple(dict.fromkeys(out))
+
+
+def plan(facts: Facts, table: nft.Table | None, allocation: Allocation | None, instances: tuple[Instance, ...],
+         mark_mask: int, firewall_rooms: tuple[Room, ...] | None = None) -> Plan:
+    """Pure: the changes from what the kernel holds to what `instances` need."""
+    current = allocation or Allocation(mark_mask, free_priority(facts))
+    dp = datapath(facts, current, instances)
+    target = dp.allocation
+    mask = current.mark_mask
+    ours = range(current.priority, current.priority + PRIORITIES)
+    tables = {u.table for u in (*current.uplinks, *target.uplinks)}
+
+    have_rules = {r for r in facts.rules if r.proto == PROTO and r.priority in ours}
+    have_routes = {r for r in facts.routes if r.proto == PROTO and r.table in tables}
+
+    restores: list[Change] = []
+    sets: list[Change] = []
+    sysctls = {s.key: s for s in current.sysctls}
+    for key, value in sorted(dp.sysctls.items()):
+        now = facts.sysctl(key)
+        if now is None:
+            continue  # the interface is going away
+        if now != value:
+            sets.append(SetSysctl(key, value, now))
+            sysctls.setdefault(key, SysctlChange(key, now, value))
+    for change in current.sysctls:
+        if change.key in dp.sysctls:
+            continue
+        del sysctls[change.key]
+        if facts.sysctl(change.key) == change.ours:  # nobody changed it since: put back the original
+            restores.append(SetSysctl(change.key, change.original, change.ours))
+
+    # the guard covers every interface whose forwarding nswrap turns on, from this very change
+    guarding = replace(target, sysctls=tuple(sysctls.values()))
+    elements = dict(dp.elements)
+    for version in (4, 6):
+        if instances:
+            elements[f"guarded{version}"] = frozenset(Element((f'"{name}"',)) for name in guarded(guarding, facts, version))
+    dp = replace(dp, elements=elements)
+
+    room_target = () if not instances else (firewall_rooms if firewall_rooms is not None else current.rooms)
+    room_changes: list[Change] = [DeleteRoom(r) for r in current.rooms if r not in room_target]
+    room_changes += [InsertRoom(r) for r in room_target if r not in current.rooms]
+
+    nft_changes: list[Change] = []
+    if not instances:
+        if table is not None:
+            nft_changes.append(NftBatch(ruleset.delete_text(), what=f"table inet {ruleset.TABLE} deleted"))
+    elif table is None or table.version != ruleset.version(mask) or not _intact(table, dp):
+        undo = ruleset.delete_text() if table is None else ""
+        nft_changes.append(NftBatch(ruleset.table_text(dp), undo, what=f"table inet {ruleset.TABLE} (re)built"))
+    else:
+        chains, indexes = set(table.rules), [u.index for u in target.uplinks]
+        text = ruleset.changes(table.elements, chains, dp.elements, indexes, mask)
+        if text:
+            wanted = {name for i in indexes for name in ruleset.uplink_chains(mask, i)}
+            undo = ruleset.changes(dp.elements, wanted, table.elements, ruleset.uplink_indexes(chains), mask)
+            nft_changes.append(NftBatch(text, undo, what="elements"))
+
+    flushes: list[Change] = [FlushMark(current.mark(u.index), mask) for u in current.uplinks
+                             if not any(t.ifname == u.ifname for t in target.uplinks)]
+    route_adds = [AddRoute(r) for r in sorted(dp.routes - have_routes, key=_order)]
+    route_dels = [DeleteRoute(r) for r in sorted(have_routes - dp.routes, key=_order)]
+    rule_adds = [AddRule(r) for r in sorted(dp.rules - have_rules, key=_order)]
+    rule_dels = [DeleteRule(r) for r in sorted(have_rules - dp.rules, key=_order)]
+
+    if instances:
+        changes = [*restores, *nft_changes, *route_adds, *rule_adds, *rule_dels, *route_dels, *room_changes, *sets, *flushes]
+        after: Allocation | None = replace(target, sysctls=tuple(sysctls.values()), rooms=room_target)
+    else:
+        changes = [*restores, *rule_dels, *route_dels, *room_changes, *nft_changes, *flushes]
+        after = None
+    before = _union(current, replace(target, sysctls=tuple(sysctls.values()), rooms=tuple(room_target)))
+    if allocation is None and not instances:
+        before = None
+    return Plan(changes, dp, before, after)
+
+
+def _order(obj) -> tuple:
+    return (obj.version, repr(obj))
+
+
+def _intact(table: nft.Table, dp: Datapath) -> bool:
+    """Does the table hold every chain with every rule? (`nft flush chain` empties one.)"""
+    expected = ruleset.expected_chains(dp)
+    return all(table.rules.get(name) == count for name, count in expected.items())
+
+
+def intact(table: nft.Table, allocation: Allocation | None) -> bool:
+    if allocation is None:
+        return False
+    return table.version == ruleset.version(allocation.mark_mask) and _intact(table, Datapath(allocation, frozenset(), frozenset(), {}, {}))
+
+
+def run(plan_: Plan, tx: Transaction, save) -> None:
+    """Carry out a plan: the allocation is saved first (everything that may become nswrap's,
+    with the original of every sysctl about to change), then the changes, then the final
+    allocation. On failure the transaction rolls back and the first allocation stays on disk,
+    which is the safe side: it names more than is there."""
+    if plan_.before is not None:
+        save(plan_.before)
+    tx.run_all(plan_.changes)
+    save(plan_.after)
+
+
+def probe_firewall() -> FirewallFacts:
+    """Other tools' firewalls: the whole nft ruleset and iptables-legacy's loaded tables."""
+    from nswrap import iptables
+
+    return FirewallFacts(tuple(nft.ruleset()), iptables.legacy_save())
+
+
+def fail_closed(allocation: Allocation | None) -> list[str]:
+    """nswrap's guard is gone and cannot be put back: stop forwarding for others before anything
+    else (restore the forwarding nswrap turned on). Returns what was restored."""
+    from nswrap.changes import write_sysctl
+    from nswrap.facts import read_sysctl
+
+    done = []
+    for change in allocation.sysctls if allocation else ():
+        try:
+            if read_sysctl(change.key) == change.ours:
+                write_sysctl(change.key, change.original)
+                done.append(f"{change.key}={change.original}")
+        except (OSError, NswrapError) as e:
+            log.warning("could not restore %s: %s", change.key, e)
+    return done
