@@ -105,14 +105,19 @@ def cleanup() -> int:
 def _flows(record: Record, marks: dict[int, str], deadline: float) -> tuple[dict[str, int], bool]:
     """Live flows of an instance per uplink (by their ct mark), and whether counting finished."""
     counts: dict[str, int] = {}
+    complete = True
     with netlink.Conntrack() as ct:
         for version in record.instance.families:
-            if time.monotonic() > deadline:
-                return counts, False
-            for flow in ct.flows(version, reply_src=record.instance.server(version)):
+            try:
+                flows = ct.flows(version, reply_src=record.instance.server(version), deadline=deadline)
+            except netlink.FlowsTruncated as e:
+                flows, complete = e.flows, False
+            for flow in flows:
                 name = marks.get(flow.mark & record.mark_mask, "local")
                 counts[name] = counts.get(name, 0) + 1
-    return counts, True
+            if not complete:
+                break
+    return counts, complete
 
 
 def _conntrack_use() -> dict[str, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import stat
 import tomllib
+from typing import Any
 
 from nswrap.errors import UsageError
 
@@ -18,7 +19,7 @@ KIND_TEXT = {"list": "a list of strings", "str": "a string", "number": "a number
              "bool": "true or false"}
 
 
-def _load(path: str) -> dict:
+def _load(path: str) -> dict[str, Any]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
@@ -39,7 +40,7 @@ def _load(path: str) -> dict:
         raise UsageError(f"config file {path}: not valid TOML: {e}") from None
 
 
-def read(path: str, keys: dict[str, tuple[str, str]]) -> dict:
+def read(path: str, keys: dict[str, tuple[str, str]]) -> dict[str, Any]:
     """{parameter name: value} from the file; `keys` maps TOML keys to (parameter, kind)."""
     data = _load(path)
     values = {}
@@ -57,11 +58,11 @@ def read(path: str, keys: dict[str, tuple[str, str]]) -> dict:
     return values
 
 
-def _int_to_str(value):
+def _int_to_str(value: object) -> object:
     return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
-def _has_kind(value, kind: str) -> bool:
+def _has_kind(value: object, kind: str) -> bool:
     if kind == "list":
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
     if kind == "str":
@@ -73,6 +74,6 @@ def _has_kind(value, kind: str) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)  # number
 
 
-def _toml_type(value) -> str:
+def _toml_type(value: object) -> str:
     return {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}.get(
         type(value), "date/time")

@@ -243,17 +243,20 @@ def _allocate_uplinks(b: _Builder, wanted: list[str]) -> tuple[Uplink, ...]:
 
 
 def _uplink_routes(b: _Builder, uplink: Uplink, version: int, gateway: IPAddress | None) -> list[Route]:
-    """Table k, for one family: the uplink's default route and its other main-table routes."""
+    """Table k, for one family: the uplink's default route and its other main-table routes.
+    IPv6 routes are written as the kernel keeps them (metric 1024, scope universe), so that
+    what nswrap wants and what it reads back compare equal."""
     main = b.facts.main_routes(uplink.ifname, version)
     defaults = sorted((r for r in main if r.is_default), key=lambda r: r.metric)
     anywhere = FAMILIES[version].anywhere
+    metric = 1024 if version == 6 else 0
     routes = []
     if gateway is not None:
-        routes.append(Route(anywhere, uplink.ifname, gateway, uplink.table))
+        routes.append(Route(anywhere, uplink.ifname, gateway, uplink.table, metric=metric))
     elif defaults and defaults[0].gateway:  # IPv6: often link-local (fe80::1), hence the device
-        routes.append(Route(anywhere, uplink.ifname, defaults[0].gateway, uplink.table))
-    elif defaults:
-        routes.append(Route(anywhere, uplink.ifname, table=uplink.table, scope=SCOPE_LINK))  # point-to-point
+        routes.append(Route(anywhere, uplink.ifname, defaults[0].gateway, uplink.table, metric=metric))
+    elif defaults:  # a point-to-point link
+        routes.append(Route(anywhere, uplink.ifname, table=uplink.table, scope=SCOPE_LINK if version == 4 else 0, metric=metric))
     else:
         family = "" if version == 4 else "IPv6 "
         b.warnings.append(f"uplink {uplink.ifname} has no {family}gateway: it serves only {family}clients on its own subnets")
@@ -261,7 +264,8 @@ def _uplink_routes(b: _Builder, uplink: Uplink, version: int, gateway: IPAddress
     for r in main:
         if not r.is_default and r.dst not in seen:
             seen.add(r.dst)
-            routes.append(Route(r.dst, uplink.ifname, r.gateway, uplink.table, r.scope, r.prefsrc))
+            routes.append(Route(r.dst, uplink.ifname, r.gateway, uplink.table, r.scope if version == 4 else 0,
+                                r.prefsrc, metric))
     return routes
 
 

@@ -10,8 +10,12 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from nswrap.objects import FAMILIES, RT_TABLE_MAIN, SCOPE_UNIVERSE, Address, IPAddress, Link, Route, Rule
+from nswrap.objects import FAMILIES, RT_TABLE_MAIN, SCOPE_UNIVERSE, Address, IPAddress, IPInterface, Link, Route, Rule
+
+if TYPE_CHECKING:
+    from nswrap.netlink import Routing
 
 HOST_PREFIX = "nsw-"  # host end of an instance's veth: nsw-<id>
 PROC_SYS = "/proc/sys"
@@ -31,7 +35,7 @@ class Facts:
     def link(self, ifname: str) -> Link | None:
         return next((link for link in self.links if link.ifname == ifname), None)
 
-    def global_addresses(self, ifname: str, version: int) -> list:
+    def global_addresses(self, ifname: str, version: int) -> list[IPInterface]:
         return [a.address for a in self.addresses
                 if a.ifname == ifname and a.scope == SCOPE_UNIVERSE and a.version == version]
 
@@ -110,7 +114,7 @@ def _resolver_stub() -> IPAddress | None:
     return None
 
 
-def gather(routing) -> Facts:
+def gather(routing: Routing) -> Facts:
     """One dump each of links, addresses, routes (every table) and rules, and the sysctls."""
     infos = routing.links()
     links = tuple(info.link for info in infos)

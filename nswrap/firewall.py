@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from nswrap.datapath import Room
 from nswrap.ruleset import TABLE
@@ -29,11 +31,11 @@ class Blocker:
 
 @dataclass(frozen=True)
 class FirewallFacts:
-    nft: tuple = ()  # `nft -j list ruleset` items
+    nft: tuple[dict[str, Any], ...] = ()  # `nft -j list ruleset` items
     legacy: str = ""  # `iptables-legacy-save`, "" when no legacy table is loaded
 
 
-def _walk(node):
+def _walk(node: Any) -> Iterator[Any]:
     """Every dict and scalar inside a JSON expression."""
     if isinstance(node, dict):
         yield node
@@ -46,7 +48,7 @@ def _walk(node):
         yield node
 
 
-def _verdicts(expr) -> set[str]:
+def _verdicts(expr: Any) -> set[str]:
     found = set()
     for node in _walk(expr):
         if isinstance(node, dict):
@@ -56,7 +58,7 @@ def _verdicts(expr) -> set[str]:
     return found
 
 
-def _lets_ours_pass(expr) -> bool:
+def _lets_ours_pass(expr: Any) -> bool:
     """firewalld's `ct status dnat accept`, or a rule naming our veths, before any drop."""
     text = json.dumps(expr)
     return "accept" in _verdicts(expr) and ('"dnat"' in text or '"nsw-' in text)
@@ -77,7 +79,8 @@ def _legacy_filter(save: str) -> list[str]:
 
 
 def blockers(facts: FirewallFacts) -> list[Blocker]:
-    chains, rules = {}, {}
+    chains: dict[tuple[str, str, str], dict[str, Any]] = {}
+    rules: dict[tuple[str, str, str], list[Any]] = {}
     for item in facts.nft:
         if "chain" in item:
             c = item["chain"]
@@ -130,7 +133,7 @@ def how_to_fix(blocker: Blocker) -> str:
     )
 
 
-def _mark_values(expr) -> list[int]:
+def _mark_values(expr: list[Any]) -> list[int]:
     """Integers in the statements of a rule that read or write a packet or connection mark."""
     values = []
     for stmt in expr:

@@ -24,7 +24,7 @@ import time
 
 from nswrap import namespaces, netlink, nft, sync
 from nswrap.apply import Kernel, Transaction
-from nswrap.changes import ServerNetwork
+from nswrap.changes import ServerNetwork, SetSysctl, read_only_message
 from nswrap.config import Config, PortRange
 from nswrap.datapath import Instance, allocate_subnet, check_uplinks, conflicts, ula_subnet
 from nswrap.errors import NswrapError, UsageError
@@ -37,6 +37,16 @@ log = logging.getLogger("nswrap")
 
 CAP_NET_ADMIN, CAP_SYS_ADMIN = 12, 21
 STOP_FLUSH_SECONDS = 2.0  # forgetting this instance's flows at stop: bounded, the rest expire
+STALE_PORT_DUMPS = 4  # per-port conntrack dumps at start up to this many ports, then per protocol
+
+
+def conntrack_count() -> int:
+    """Entries in this namespace's conntrack table (-1: cannot tell)."""
+    try:
+        with open("/proc/sys/net/netfilter/nf_conntrack_count") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return -1
 
 
 def require_capabilities() -> None:
@@ -47,8 +57,14 @@ def require_capabilities() -> None:
         raise NswrapError(f"not permitted: nswrap needs {' and '.join(missing)} (run it as root)")
 
 
+def proc_sys_read_only() -> bool:
+    return bool(os.statvfs("/proc/sys").f_flag & os.ST_RDONLY)
+
+
 def resolve_user(spec: str) -> Credentials:
-    """USER[:GROUP] (names or numbers) -> uid, gid and the user's supplementary groups."""
+    """USER[:GROUP] (names or numbers) -> uid, gid and the user's supplementary groups. Ports
+    below 1024: by the server namespace's ip_unprivileged_port_start, or, where /proc/sys is
+    read-only, by CAP_NET_BIND_SERVICE alone."""
     user, _, group = spec.partition(":")
     try:
         entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
@@ -60,7 +76,7 @@ def resolve_user(spec: str) -> Credentials:
             gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
         except KeyError:
             raise UsageError(f"invalid --user {spec!r}: no such group {group!r}") from None
-    return Credentials(entry.pw_uid, gid, tuple(os.getgrouplist(entry.pw_name, gid)))
+    return Credentials(entry.pw_uid, gid, tuple(os.getgrouplist(entry.pw_name, gid)), proc_sys_read_only())
 
 
 def check_ready_fd(fd: int | None) -> None:
@@ -118,9 +134,15 @@ class Life:
         ids = {r.id for r in self.state.records()}
         instance_id = new_id(self.state, ids)
         subnet = allocate_subnet(facts, tuple(r.instance for r in live), config.subnet)
+        ipv6 = facts.ipv6_per_interface
+        if ipv6 and proc_sys_read_only() and facts.sysctl("net/ipv6/conf/all/forwarding") != "1":
+            ipv6 = False  # IPv6 forwarding cannot be turned on here
+            if any(a.version == 6 and a.scope == 0 for a in facts.addresses):
+                log.warning("IPv6 clients are not served: /proc/sys is read-only and IPv6 forwarding is off "
+                            "(a container? start it with --sysctl net.ipv6.conf.all.forwarding=1)")
         return Instance(
             id=instance_id, ports=config.ports, subnet=subnet,
-            subnet6=ula_subnet(subnet) if facts.ipv6_per_interface else None,
+            subnet6=ula_subnet(subnet) if ipv6 else None,
             uplinks=config.uplinks, addresses=config.addresses, loopback_ports=loopback_ports(config, facts),
             outbound=config.outbound, helpers=config.helpers,
         )
@@ -157,18 +179,21 @@ class Life:
 
         instances = (*(r.instance for r in live), instance)
         plan = sync.plan(facts, table, allocation, instances, self.config.mark_mask, rooms)
+        writes = [c.key for c in plan.changes if isinstance(c, SetSysctl)]
+        if writes and proc_sys_read_only():  # say every --sysctl it takes at once, before any change
+            raise NswrapError(read_only_message(writes))
+        for warning in plan.datapath.warnings:
+            log.warning("%s", warning)
         self.live_fd = hold(self.state, instance.id)
         self.record = Record(instance.id, os.getpid(), time.time(), list(self.config.command), instance, self.config.mark_mask)
         self.state.save(self.record)  # before the first host change: a crash from here on is recoverable
-        for warning in plan.datapath.warnings:
-            log.warning("%s", warning)
         tx = Transaction(self.kernel, checkpoint=self.supervisor.checkpoint)
         try:
             self.netns_fd = namespaces.new_netns()
             tx.run(ServerNetwork(
-                instance, self.netns_fd, max(link.mtu for link in facts.links if link.ifname != "lo") if len(facts.links) > 1 else 1500,
+                instance, self.netns_fd, _mtu(facts),
                 resolver_stub=str(facts.resolver_stub) if facts.resolver_stub else None,
-                unprivileged_ports=self.config.user is not None,
+                unprivileged_ports=self.config.user is not None and not proc_sys_read_only(),
                 ipv6_forwarding=facts.sysctl("net/ipv6/conf/all/forwarding") != "1",
             ))
             sync.run(plan, tx, self.state.save_allocation)
@@ -199,22 +224,32 @@ class Life:
 
     def forget_stale_flows(self) -> None:
         """Flows to the published ports that began before the DNAT (a client that kept sending
-        while no server ran) would bypass it until they expire: the kernel finds them by port
-        (and address, with --address), one filtered dump per port and family."""
+        while no server ran) would bypass it until they expire. The kernel finds them: a dump
+        filtered by protocol and port (and address, with --address); each dump walks the whole
+        conntrack hash, so beyond a few ports one dump per protocol, filtered here by port.
+        Runs while the server starts, which takes longer (READY waits for both)."""
+        if conntrack_count() == 0:
+            return
         instance = self.instance
         addresses = [a for a in instance.addresses if not a.is_loopback] or [None]
+        items = (*instance.ports, *instance.loopback_ports)
         with netlink.Conntrack() as ct:
             for version in instance.families:
                 for address in addresses:
                     if address is not None and address.version != version:
                         continue
                     stale = []
-                    for p in (*instance.ports, *instance.loopback_ports):
-                        number = netlink.PROTO_NUMBERS[p.proto]
-                        ports = range(p.outer_lo, p.outer_hi + 1) if p.count <= 64 else [None]
-                        for port in ports:
-                            stale += ct.flows(version, orig_proto=number, orig_dport=port, orig_dst=address,
-                                              port_range=(p.outer_lo, p.outer_hi))
+                    for proto in ("udp", "tcp"):
+                        spans = [(p.outer_lo, p.outer_hi) for p in items if p.proto == proto]
+                        ports = [port for lo, hi in spans for port in range(lo, hi + 1)]
+                        number = netlink.PROTO_NUMBERS[proto]
+                        if 0 < len(ports) <= STALE_PORT_DUMPS:
+                            for port in ports:
+                                stale += ct.flows(version, orig_proto=number, orig_dport=port, orig_dst=address)
+                        elif ports:
+                            wanted = set(ports)
+                            stale += [f for f in ct.flows(version, orig_proto=number, orig_dst=address, with_port=True)
+                                      if f.dport in wanted]
                     if stale:
                         log.info("conntrack: forgetting %d flows that began before the DNAT", len(stale))
                         ct.delete(version, stale)
@@ -280,9 +315,9 @@ class Life:
             facts = gather(self.kernel.routing)
             with Transaction(self.kernel) as tx:
                 tx.run(ServerNetwork(
-                    self.instance, fd, max(link.mtu for link in facts.links if link.ifname != "lo"),
+                    self.instance, fd, _mtu(facts),
                     resolver_stub=str(facts.resolver_stub) if facts.resolver_stub else None,
-                    unprivileged_ports=self.config.user is not None,
+                    unprivileged_ports=self.config.user is not None and not proc_sys_read_only(),
                     ipv6_forwarding=facts.sysctl("net/ipv6/conf/all/forwarding") != "1"))
             log.warning("the veth %s was deleted: made it again", self.instance.veth)
         finally:
@@ -300,7 +335,9 @@ class Life:
             self.state.forget(instance.id)
             facts = gather(self.kernel.routing)
             live = tuple(r.instance for r in self.state.live() if r.id != instance.id)
-            plan = sync.plan(facts, nft.read_table(), self.state.allocation(), live, self.config.mark_mask)
+            table = nft.read_table()
+            had_flows = table is None or any(packets for (_, e), (packets, _) in table.counters.items() if e.comment == instance.id)
+            plan = sync.plan(facts, table, self.state.allocation(), live, self.config.mark_mask)
             tx = Transaction(self.kernel)
             for change in plan.changes:
                 try:
@@ -309,7 +346,8 @@ class Life:
                     log.warning("teardown: %s: %s", change.render().splitlines()[0], e)
             tx.commit()
             self.state.save_allocation(plan.after)
-        self._forget_flows(instance)
+        if had_flows and conntrack_count() != 0:
+            self._forget_flows(instance)
         self._forget_record()
         self.kernel.close()
 
@@ -320,14 +358,22 @@ class Life:
         try:
             with netlink.Conntrack() as ct:
                 for version in instance.families:
-                    flows = ct.flows(version, reply_src=instance.server(version))
+                    try:
+                        flows = ct.flows(version, reply_src=instance.server(version), deadline=deadline)
+                    except netlink.FlowsTruncated as e:
+                        flows = e.flows
                     for i in range(0, len(flows), 1000):
                         if time.monotonic() > deadline:
-                            log.info("conntrack: %d flows left to time out", len(flows) - i)
-                            break
+                            log.info("conntrack: %d flows of this instance are left to time out", len(flows) - i)
+                            return
                         ct.delete(version, flows[i:i + 1000])
         except OSError as e:
             log.warning("conntrack: could not forget this instance's flows: %s", e)
+
+
+def _mtu(facts: Facts) -> int:
+    """The veth's MTU: the largest of the uplinks', so no answer is fragmented on the way out."""
+    return max((link.mtu for link in facts.links if link.ifname != "lo" and not link.ifname.startswith("nsw-")), default=1500)
 
 
 def _min(a: float | None, b: float | None) -> float | None:
@@ -408,8 +454,8 @@ def run(config: Config) -> int:
     try:
         life.start()
         supervisor.checkpoint()
-        life.forget_stale_flows()
         life.start_server(creds)
+        life.forget_stale_flows()
         log.info("instance %s: serving %s", life.instance.id, ", ".join(map(str, config.ports)))
         return life.serve()
     except Interrupted as e:

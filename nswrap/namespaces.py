@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import struct
 from collections.abc import Iterator
 
 CLONE_NEWNS = 0x00020000
@@ -89,3 +90,25 @@ def enter(net_fd: int, mnt_fd: int | None = None) -> None:
     enter_net(net_fd)
     if mnt_fd is not None:
         _setns(mnt_fd, CLONE_NEWNS)
+
+
+PR_SET_KEEPCAPS = 8
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 47, 2
+CAP_NET_BIND_SERVICE = 10
+_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def keep_capabilities() -> None:
+    """Keep the permitted capabilities across the coming uid change (PR_SET_KEEPCAPS)."""
+    _check(_libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0), "prctl(PR_SET_KEEPCAPS)")
+
+
+def bind_service_only() -> None:
+    """After a uid change: keep CAP_NET_BIND_SERVICE and nothing else, and pass it on through
+    exec as an ambient capability. Where /proc/sys is read-only (a container),
+    ip_unprivileged_port_start cannot be set in the server's namespace: this is the fallback."""
+    header = ctypes.create_string_buffer(struct.pack("=Ii", _CAPABILITY_VERSION_3, 0))
+    bit = 1 << CAP_NET_BIND_SERVICE
+    data = ctypes.create_string_buffer(struct.pack("=6I", bit, bit, bit, 0, 0, 0))
+    _check(_libc.capset(header, data), "capset")
+    _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_NET_BIND_SERVICE, 0, 0), "prctl(PR_CAP_AMBIENT)")

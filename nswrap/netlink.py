@@ -16,6 +16,7 @@ import ipaddress
 import os
 import socket
 import struct
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -81,6 +82,22 @@ _NFGEN = struct.Struct("=BBH")  # family, version, res_id (big endian on the wir
 
 class NetlinkError(OSError):
     pass
+
+
+class FlowsTruncated(Exception):
+    """Counting flows stopped at its deadline; `flows` holds those found by then."""
+
+    def __init__(self, flows: list):
+        super().__init__(f"stopped after {len(flows)} flows")
+        self.flows = flows
+
+
+class DumpTruncated(Exception):
+    """A dump stopped at its deadline; `messages` holds what arrived."""
+
+    def __init__(self, messages: list):
+        super().__init__(f"dump stopped after {len(messages)} messages")
+        self.messages = messages
 
 
 # --- attributes ------------------------------------------------------------------------------
@@ -157,6 +174,8 @@ class Socket:
     """One netlink socket, bound to the network namespace the calling thread is in."""
 
     def __init__(self, protocol: int = NETLINK_ROUTE, groups: int = 0):
+        self._protocol = protocol
+        self._abandoned = False
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
         self._sock.bind((0, groups))
@@ -189,12 +208,18 @@ class Socket:
             yield seq, Message(kind, flags, data[offset + _HDR.size : offset + length])
             offset += _align(length)
 
-    def dump(self, kind: int, body: bytes) -> list[Message]:
-        """A dump request; every part of the answer."""
+    def dump(self, kind: int, body: bytes, deadline: float | None = None) -> list[Message]:
+        """A dump request; every part of the answer. With a `deadline` (time.monotonic()), what
+        arrived by then: the socket is then abandoned (the rest of the answer would follow)."""
+        if self._abandoned:
+            self._reopen()
         seq, packet = self._pack(kind, NLM_F_REQUEST | NLM_F_DUMP, body)
         self._sock.send(packet)
         out = []
         while True:
+            if deadline is not None and time.monotonic() > deadline:
+                self._abandoned = True
+                raise DumpTruncated(out)
             for got, message in self._receive():
                 if got != seq:
                     continue
@@ -203,6 +228,13 @@ class Socket:
                 if message.kind == NLMSG_ERROR:
                     _raise(message)
                 out.append(message)
+
+    def _reopen(self) -> None:
+        self._sock.close()
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, self._protocol)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+        self._sock.bind((0, 0))
+        self._abandoned = False
 
     def request(self, kind: int, flags: int, body: bytes) -> None:
         self.batch([(kind, flags, body)])
@@ -505,6 +537,7 @@ def _tuple(version: int, src=None, dst=None, proto: int | None = None, dport: in
 class Flow:
     orig: bytes  # the CTA_TUPLE_ORIG attribute as the kernel sent it: enough to delete the entry
     mark: int
+    dport: int = -1  # the original destination port, when asked for
 
 
 class Conntrack:
@@ -523,10 +556,9 @@ class Conntrack:
         self.close()
 
     def flows(self, version: int, *, orig_proto: int | None = None, orig_dport: int | None = None, orig_dst=None,
-              reply_src=None, port_range: tuple[int, int] | None = None) -> list[Flow]:
+              reply_src=None, with_port: bool = False, deadline: float | None = None) -> list[Flow]:
         """Entries of one family, filtered in the kernel by the original protocol, port and
-        destination, or by the reply's source; `port_range` filters the original destination
-        port here (the kernel matches one port)."""
+        destination, or by the reply's source; `with_port` reads each one's destination port."""
         af = FAMILIES[version].af
         body = _NFGEN.pack(af, 0, 0)
         orig_flags = reply_flags = 0
@@ -540,15 +572,20 @@ class Conntrack:
         if orig_flags or reply_flags:
             body += nested(CTA_FILTER, u32(CTA_FILTER_ORIG_FLAGS, orig_flags), u32(CTA_FILTER_REPLY_FLAGS, reply_flags))
         out = []
-        for m in self.sock.dump(_ct(IPCTNL_MSG_CT_GET), body):
+        try:
+            messages, complete = self.sock.dump(_ct(IPCTNL_MSG_CT_GET), body, deadline), True
+        except DumpTruncated as e:
+            messages, complete = e.messages, False
+        for m in messages:
             a = parse_attrs(m.body, _NFGEN.size)
-            if port_range is not None:
+            port = -1
+            if with_port:
                 l4 = parse_attrs(parse_attrs(a.get(CTA_TUPLE_ORIG, b"")).get(CTA_TUPLE_PROTO, b""))
                 port = struct.unpack("!H", l4[CTA_PROTO_DST_PORT])[0] if CTA_PROTO_DST_PORT in l4 else -1
-                if not port_range[0] <= port <= port_range[1]:
-                    continue
             mark = struct.unpack("!I", a[CTA_MARK])[0] if CTA_MARK in a else 0
-            out.append(Flow(attr(CTA_TUPLE_ORIG | NLA_F_NESTED, a[CTA_TUPLE_ORIG]), mark))
+            out.append(Flow(attr(CTA_TUPLE_ORIG | NLA_F_NESTED, a[CTA_TUPLE_ORIG]), mark, port))
+        if not complete:
+            raise FlowsTruncated(out)
         return out
 
     def delete(self, version: int, flows: Iterable[Flow]) -> int:

@@ -92,7 +92,7 @@ class Route:
     def is_default(self) -> bool:
         return self.dst.prefixlen == 0
 
-    def key(self) -> tuple:
+    def key(self) -> tuple[object, ...]:
         """What identifies the route to the kernel (and to us, when comparing states)."""
         return (self.version, self.table, self.dst, self.metric, self.dev, self.gateway)
 

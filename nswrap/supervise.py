@@ -51,6 +51,7 @@ class Credentials:
     uid: int
     gid: int
     groups: tuple[int, ...]
+    bind_capability: bool = False  # keep CAP_NET_BIND_SERVICE (where the namespace's sysctl cannot be set)
 
 
 def exit_status(returncode: int) -> int:
@@ -304,9 +305,13 @@ def _exec_server(command, env, creds: Credentials | None, report_fd: int) -> Non
         signal.signal(signum, signal.SIG_DFL)
     os.setpgid(0, 0)
     if creds is not None:
+        if creds.bind_capability:
+            namespaces.keep_capabilities()
         os.setgroups(list(creds.groups))
         os.setgid(creds.gid)
         os.setuid(creds.uid)
+        if creds.bind_capability:
+            namespaces.bind_service_only()
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
     _close_all_but(report_fd)  # which closes on exec
     os.execvpe(command[0], list(command), env)
