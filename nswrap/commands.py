@@ -24,7 +24,7 @@ from nswrap.datapath import Instance, allocate_subnet, check_uplinks, instance_u
 from nswrap.errors import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, NswrapError, UsageError
 from nswrap.facts import Facts, gather, netns_id
 from nswrap.instance import loopback_ports, require_capabilities
-from nswrap.state import Record, State, StateDir, readable
+from nswrap.state import RUN_DIR, Record, State, StateDir, readable, remove_dir, vanished
 from nswrap.supervise import exit_status
 
 log = logging.getLogger("nswrap")
@@ -95,6 +95,11 @@ def cleanup() -> int:
             state.forget(record.id)
             said.append(f"rm {state.dir.path}/{record.id}.json  # instance {record.id} (pid {record.pid}) is gone")
         said += legacy.forget(legacy.dead_records())
+        if after is None and not live:
+            state.dir.retire()
+    for name in vanished(current=state.dir.netns):
+        remove_dir(name)
+        said.append(f"rm -r {RUN_DIR}/{name}  # its network namespace is gone")
     for line in said:
         print(line)
     if not said:

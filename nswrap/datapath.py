@@ -23,7 +23,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field, replace
 
-from nswrap.config import PortRange, UplinkSpec
+from nswrap.config import PortRange, UplinkSpec, valid_ifname
 from nswrap.errors import NswrapError
 from nswrap.facts import HOST_PREFIX, Facts, sysctl_key
 from nswrap.objects import (
@@ -181,7 +181,8 @@ class _Builder:
 def candidate_uplinks(facts: Facts, version: int) -> list[str]:
     """Interfaces that serve clients of this family by default: those with a global address."""
     return [link.ifname for link in sorted(facts.links, key=lambda link: link.index)
-            if link.ifname != "lo" and not link.ifname.startswith(HOST_PREFIX) and facts.global_addresses(link.ifname, version)]
+            if link.ifname != "lo" and not link.ifname.startswith(HOST_PREFIX) and valid_ifname(link.ifname)
+            and facts.global_addresses(link.ifname, version)]
 
 
 def instance_uplinks(facts: Facts, instance: Instance, version: int) -> list[str]:

@@ -22,7 +22,7 @@ import signal
 import socket
 import time
 
-from nswrap import namespaces, netlink, nft, sync
+from nswrap import legacy, namespaces, netlink, nft, sync
 from nswrap.apply import Kernel, Transaction
 from nswrap.changes import ServerNetwork, SetSysctl, read_only_message
 from nswrap.config import Config, PortRange
@@ -161,6 +161,9 @@ class Life:
         if not facts.ipv6_per_interface and any(a.version == 6 and a.scope == 0 for a in facts.addresses):
             log.warning("IPv6 clients are not served: this kernel has no per-interface IPv6 forwarding "
                         "(force_forwarding, Linux >= 6.17), and nswrap never turns on the global switch")
+        if legacy.dead_records():  # an older nswrap's leftovers, swept as that version did at start
+            self._sweep_legacy(facts)
+            facts = gather(self.kernel.routing)
         records = self.state.records()
         live = [r for r in records if self.state.dir.is_live(r.id)]
         allocation = self.state.allocation()
@@ -208,6 +211,16 @@ class Life:
                 self.state.forget(dead.id)
                 log.warning("removed a dead instance's leftovers: instance %s (pid %d)", dead.id, dead.pid)
         self.facts = facts
+
+    def _sweep_legacy(self, facts: Facts) -> None:
+        tx = Transaction(self.kernel, say=lambda line: log.warning("removed an older nswrap's leftover: %s", line.splitlines()[0]))
+        for change in legacy.sweep(facts):
+            try:
+                tx.run(change)
+            except (NswrapError, OSError) as e:
+                log.warning("%s: %s", change.render().splitlines()[0], e)
+        tx.commit()
+        legacy.forget(legacy.dead_records())
 
     def _forget_record(self) -> None:
         if self.record is not None:
@@ -346,6 +359,8 @@ class Life:
                     log.warning("teardown: %s: %s", change.render().splitlines()[0], e)
             tx.commit()
             self.state.save_allocation(plan.after)
+            if plan.after is None and not live:
+                self.state.dir.retire()
         if had_flows and conntrack_count() != 0:
             self._forget_flows(instance)
         self._forget_record()

@@ -22,12 +22,14 @@ from nswrap import iptables, nft
 from nswrap.changes import Change, DeleteIptables, DeleteLink, DeleteRoute, DeleteRule, NftBatch, SetSysctl
 from nswrap.facts import Facts, netns_id, read_sysctl
 from nswrap.objects import PROTO
-from nswrap.state import RUN_DIR, SYSCTL_KEY, SYSCTL_VALUE
+from nswrap.state import RUN_DIR, SYSCTL_VALUE
 
 log = logging.getLogger("nswrap")
 
 OLD_ID = re.compile(r"^[0-9a-f]{6}$")
 OLD_TAG = re.compile(r"^nswrap-([0-9a-f]{6})$")
+_IFPART = r"[A-Za-z0-9_@+-]{1,15}(?:/[A-Za-z0-9_@+-]{1,15})?"
+OLD_SYSCTL = re.compile(rf"^net/ipv4/conf/{_IFPART}/(forwarding|src_valid_mark|route_localnet)$|^net/ipv6/conf/{_IFPART}/force_forwarding$")
 
 
 def _alive(instance: str) -> bool:
@@ -70,7 +72,7 @@ def _records() -> list[dict]:
             continue
         changed = data.get("changed", {})
         if not isinstance(changed, dict) or not all(
-                isinstance(k, str) and SYSCTL_KEY.match(k) and ".." not in k and isinstance(v, str) and SYSCTL_VALUE.match(v)
+                isinstance(k, str) and OLD_SYSCTL.match(k) and ".." not in k and isinstance(v, str) and SYSCTL_VALUE.match(v)
                 for k, v in changed.items()):
             log.warning("ignoring %s/%s: not a valid record of an older nswrap", RUN_DIR, name)
             continue

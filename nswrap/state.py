@@ -73,12 +73,15 @@ def _open_dir(path: str, parent: int | None = None, name: str | None = None) -> 
 class StateDir:
     """The state directory of this network namespace, opened safely."""
 
-    def __init__(self, netns: str, root: str = RUN_DIR):
+    def __init__(self, netns: str, root: str = RUN_DIR, ours: bool = True):
         self.root = root
         self.netns = netns
         self.path = f"{root}/{netns}"
         self._root_fd = _open_dir(root)
         self.fd = _open_dir(self.path, self._root_fd, netns)
+        if ours and self.read(NETNS) is None:  # which namespace this is, for the sweep of vanished ones
+            st = os.stat("/proc/thread-self/ns/net")
+            self.write(NETNS, f"{st.st_dev} {st.st_ino}\n".encode())
 
     def close(self) -> None:
         os.close(self.fd)
@@ -133,18 +136,52 @@ class StateDir:
 
     def acquire(self, name: str, waiting: Callable[[], None] = lambda: None) -> int:
         """A lock, held until the returned fd is closed. Waiting for it is normal (`waiting`
-        says so once); a signal handler that raises interrupts the wait."""
-        fd = self._lock_fd(name)
-        try:
+        says so once); a signal handler that raises interrupts the wait. The last instance
+        removes the directory, lock files included: a lock taken on a file that was removed
+        meanwhile is no lock, so it is taken again on the new one."""
+        said = False
+        while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                waiting()
-                fcntl.flock(fd, fcntl.LOCK_EX)
-        except BaseException:
+                fd = self._lock_fd(name)
+            except FileNotFoundError:
+                self._reopen()
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    if not said:
+                        waiting()
+                        said = True
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    same = os.stat(name, dir_fd=self.fd, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+            except BaseException:
+                os.close(fd)
+                raise
+            if same:
+                return fd
             os.close(fd)
-            raise
-        return fd
+            self._reopen()
+
+    def _reopen(self) -> None:
+        """Our directory was removed (the last instance left): make it again."""
+        os.close(self.fd)
+        self.fd = _open_dir(self.path, self._root_fd, self.netns)
+        st = os.stat("/proc/thread-self/ns/net")
+        if self.read(NETNS) is None:
+            self.write(NETNS, f"{st.st_dev} {st.st_ino}\n".encode())
+
+    def retire(self) -> None:
+        """The last instance is gone and nothing is left: remove the directory (under the lock)."""
+        for entry in self.names():
+            if entry != "lock":
+                self.remove(entry)
+        self.remove("lock")
+        with contextlib.suppress(OSError):
+            os.rmdir(self.netns, dir_fd=self._root_fd)
 
     @contextlib.contextmanager
     def lock(self, waiting: Callable[[], None] = lambda: None) -> Iterator[None]:
@@ -180,6 +217,72 @@ class StateDir:
             return True
         finally:
             os.close(fd)
+
+
+# --- namespaces that are gone -----------------------------------------------------------------
+
+NETNS = "netns"  # "<dev> <inode>" of the network namespace a state directory belongs to
+
+
+def _namespaces_in_use() -> set[int]:
+    """Inodes of every network namespace a process is in or a mount holds (ip netns, container
+    runtimes; our mount namespace's view and PID 1's): a namespace not among them is gone."""
+    found = set()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            with contextlib.suppress(OSError):
+                found.add(os.stat(f"/proc/{pid}/ns/net").st_ino)
+    for view in ("self", "1"):
+        with contextlib.suppress(OSError), open(f"/proc/{view}/mountinfo") as f:
+            for line in f:
+                root = line.split()[3]  # an nsfs bind mount's root reads "net:[<inode>]"
+                if root.startswith("net:[") and root.endswith("]"):
+                    found.add(int(root[5:-1]))
+    return found
+
+
+def vanished(root: str = RUN_DIR, current: str | None = None) -> list[str]:
+    """State directories of network namespaces that no longer exist and hold no live instance.
+    Their kernel objects went with the namespace; only the files are left."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    in_use: set[int] | None = None
+    gone = []
+    for name in names:
+        if name == current or not re.fullmatch(r"[ci][0-9]+", name):
+            continue
+        try:
+            d = StateDir(name, root, ours=False)
+        except NswrapError:
+            continue
+        try:
+            if any(n.endswith(".live") and d.is_live(n[:-5]) for n in d.names()):
+                continue
+            raw = d.read(NETNS)
+            if raw is None:
+                continue
+            _dev, ino = (int(x) for x in raw.split())
+            in_use = in_use if in_use is not None else _namespaces_in_use()
+            if ino not in in_use:
+                gone.append(name)
+        except (InvalidState, ValueError):
+            continue
+        finally:
+            d.close()
+    return gone
+
+
+def remove_dir(name: str, root: str = RUN_DIR) -> None:
+    d = StateDir(name, root, ours=False)
+    try:
+        for entry in d.names():
+            d.remove(entry)
+    finally:
+        d.close()
+    with contextlib.suppress(OSError):
+        os.rmdir(f"{root}/{name}")
 
 
 # --- records ---------------------------------------------------------------------------------
