@@ -241,7 +241,7 @@ class FlushMark(Change):
         pass  # forgotten flows start over: nothing to put back
 
     def render(self) -> str:
-        return f"conntrack -D --mark {self.mark:#x}/{self.mask:#x}"
+        return f"conntrack -D --mark {self.mark:#x}/{self.mask:#x} || true  # none left is fine"
 
     def render_undo(self) -> str:
         return "# (forgotten flows start over)"
