@@ -12,7 +12,7 @@ import shlex
 from dataclasses import dataclass
 
 from nswrap import iptables, nft
-from nswrap.datapath import Room
+from nswrap.datapath import Instance, Room
 from nswrap.errors import NswrapError
 from nswrap.facts import PROC_SYS, read_sysctl
 from nswrap.objects import Route, Rule
@@ -110,9 +110,11 @@ class DeleteRoute(Change):
 
 
 def sysctl_name(key: str) -> str:
+    """sysctl(8)'s name for a /proc/sys path: dots separate, so an interface's own dots (a VLAN
+    eth0.100) are written as slashes: net/ipv4/conf/eth0.100/forwarding -> net.ipv4.conf.eth0/100.forwarding."""
     parts = key.split("/")
-    if len(parts) >= 5 and parts[2] == "conf":  # net/ipv4/conf/eth0/100/forwarding: a VLAN eth0.100
-        parts = parts[:3] + [".".join(parts[3:-1])] + parts[-1:]
+    if len(parts) == 5 and parts[2] == "conf":
+        parts[3] = parts[3].replace(".", "/")
     return ".".join(parts)
 
 
@@ -183,8 +185,13 @@ class NftBatch(Change):
         nft.apply(self.text)
 
     def undo(self, kernel) -> None:
-        if self.undo_text:
+        if not self.undo_text:
+            return
+        try:
             nft.apply(self.undo_text)
+        except NswrapError as e:
+            if "No such file or directory" not in str(e):  # what it undoes never came to be
+                raise
 
     def render(self) -> str:
         return f"nft -f - <<'EOF'{'  # ' + self.what if self.what else ''}\n{self.text}EOF"
@@ -257,7 +264,7 @@ class ServerNetwork(Change):
     routes, and inside the server's namespace what it needs there. Undone by deleting the host
     end; the rest lives in the server's namespace and goes with it."""
 
-    instance: object  # datapath.Instance
+    instance: Instance
     netns_fd: int
     mtu: int
     resolver_stub: str | None = None  # the host's loopback resolver the server should reach
@@ -318,7 +325,8 @@ class ServerNetwork(Change):
         """Inside the server's namespace: its queries to the host's loopback resolver go to the
         host's end of the veth (the host's table sends them on to the resolver)."""
         host_end = self.instance.host_end(4)
-        return (f"add table ip nswrap\ndelete table ip nswrap\ntable ip nswrap {{\n\tchain resolver {{\n\t\ttype nat hook output priority -100; policy accept;\n"
+        return (f"add table ip nswrap\ndelete table ip nswrap\ntable ip nswrap {{\n"
+                f"\tchain resolver {{\n\t\ttype nat hook output priority -100; policy accept;\n"
                 f"\t\tip daddr {self.resolver_stub} meta l4proto {{ udp, tcp }} th dport 53 dnat ip to {host_end}\n\t}}\n"
                 f"\tchain source {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
                 f'\t\toifname "{SERVER_IF}" ip saddr 127.0.0.0/8 masquerade\n\t}}\n}}\n')
@@ -334,7 +342,8 @@ class ServerNetwork(Change):
         host_mac, server_mac = self._macs
         lines = [
             f"ip netns add {ns}  # nswrap's own is anonymous, held by the server's processes only",
-            f"ip link add {i.veth} mtu {self.mtu} address {host_mac} type veth peer name {SERVER_IF} mtu {self.mtu} address {server_mac} netns {ns}",
+            f"ip link add {i.veth} mtu {self.mtu} address {host_mac} type veth "
+            f"peer name {SERVER_IF} mtu {self.mtu} address {server_mac} netns {ns}",
             f"ip link set {i.veth} addrgenmode none",
             f"sysctl -qw net.ipv4.conf.{i.veth}.forwarding=1 net.ipv4.conf.{i.veth}.route_localnet=1",
         ]

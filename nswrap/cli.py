@@ -15,8 +15,7 @@ import traceback
 import click
 from click.core import ParameterSource
 
-from nswrap import __version__
-from nswrap import configfile
+from nswrap import __version__, configfile
 from nswrap.config import Config, check_stop_timeout, parse_address, parse_mark_mask, parse_ports, parse_subnet, parse_uplink
 from nswrap.errors import EXIT_FAILED, EXIT_USAGE, NswrapError, UsageError
 
@@ -95,7 +94,8 @@ def cli() -> None:
 @cli.command(context_settings={"allow_interspersed_args": False})
 @config_option
 @click.option("-p", "--ports", "ports", multiple=True, metavar="SPEC", **_env("PORTS"),
-              help="Published ports: PORT, OUTER:INNER, A-B or A-B:C-D, each optionally /udp (default) or /tcp; comma-separated, repeatable.")
+              help="Published ports: PORT, OUTER:INNER, A-B or A-B:C-D, each optionally /udp (default) or /tcp; "
+                   "comma-separated, repeatable.")
 @click.option("-u", "--uplink", "uplinks", multiple=True, metavar="IFACE[=GATEWAY]", **_env("UPLINK"),
               shell_complete=_complete_interfaces,
               help="Serve clients arriving on IFACE (repeatable). Default: every interface with a global IPv4 address.")

@@ -158,7 +158,8 @@ def _rows(state: State, facts: Facts) -> list[dict]:
                 uplinks.append({
                     "name": name,
                     "addresses": [str(a) for v in (4, 6) for a in facts.global_addresses(name, v)],
-                    "gateways": sorted({str(r.gateway) for r in facts.routes if r.table in tables and r.is_default and r.gateway}),
+                    "gateways": sorted({str(r.gateway) for r in facts.routes
+                                        if r.table in tables and r.is_default and r.gateway}),
                     "flows_started": started.get(name, 0),
                     "flows": flows.get(name, 0),
                 })

@@ -110,12 +110,12 @@ class UplinkSpec:
         return self.ifname + (f"={self.gateway}" if self.gateway else "")
 
 
-_IFNAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,15}$")
+_IFNAME = re.compile(r"[A-Za-z0-9_.@+-]{1,15}")
 
 
 def valid_ifname(name: str) -> bool:
     """Names nswrap can quote safely in nft and shell lines (the kernel allows more: quotes, say)."""
-    return bool(_IFNAME.match(name)) and name not in (".", "..")
+    return bool(_IFNAME.fullmatch(name)) and name not in (".", "..")
 
 
 def check_ifname(name: str, what: str = "interface name") -> str:
@@ -170,10 +170,11 @@ def parse_user(spec: str) -> tuple[str, str]:
     for what, value in (("user", user), ("group", group)):
         if not value and (what == "user" or sep):
             raise UsageError(f"invalid --user {spec!r}: empty {what} name")
-        if value.isascii() and value.isdigit() and int(value) > MAX_ID:
-            raise UsageError(f"invalid --user {spec!r}: {what} id {value} is out of range")
-        if value and not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*\$?", value):
-            raise UsageError(f"invalid --user {spec!r}: {value!r} is not a {what} name or number")
+        shown = spec if len(spec) <= 40 else spec[:37] + "..."
+        if re.fullmatch(r"[0-9]+", value) and (len(value) > 10 or int(value) > MAX_ID):
+            raise UsageError(f"invalid --user {shown!r}: {what} id {value if len(value) <= 10 else shown} is out of range")
+        if value and not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.-]{0,31}\$?", value):
+            raise UsageError(f"invalid --user {shown!r}: {value[:40]!r} is not a {what} name or number")
     return user, group
 
 

@@ -371,7 +371,7 @@ def guarded(allocation: Allocation, facts: Facts, version: int) -> list[str]:
         if parts[1] == f"ipv{version}" and parts[-1] == setting and change.original == "0":
             if version == 6 and facts.sysctl("net/ipv6/conf/all/forwarding") == "1":
                 continue
-            names.append("/".join(parts[3:-1]).replace("/", "."))
+            names.append(parts[3])
     return sorted(set(names))
 
 
@@ -438,10 +438,12 @@ def _elements(b: _Builder, uplinks: tuple[Uplink, ...], families: dict[str, tupl
             if "tftp" in instance.helpers:
                 for p in instance.ports:
                     if p.proto == "udp" and p.outer_lo <= 69 <= p.outer_hi:
-                        sets[f"tftp{version}"].add(Element((str(instance.server(version)), str(p.inner_lo + 69 - p.outer_lo)), (), instance.id))
+                        inner = str(p.inner_lo + 69 - p.outer_lo)
+                        sets[f"tftp{version}"].add(Element((str(instance.server(version)), inner), (), instance.id))
         if not instance.outbound:
             sets["closed"].add(Element((f'"{instance.veth}"',), (), instance.id))
-    sets["ports"] = {Element((proto, _span(lo, hi))) for proto, lo, hi in _merged([p for i in b.instances for p in (*i.ports, *i.loopback_ports)])}
+    published = [p for i in b.instances for p in (*i.ports, *i.loopback_ports)]
+    sets["ports"] = {Element((proto, _span(lo, hi))) for proto, lo, hi in _merged(published)}
     for version, ranges in internal_ranges(b.instances).items():
         sets[f"servers{version}"] = {Element((str(net),)) for net in ranges}
     if b.facts.resolver_stub is not None:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from nswrap import namespaces, netlink, nft, ruleset, sync
 from nswrap.changes import read_only_message
 from nswrap.config import Config
-from nswrap.datapath import Instance, allocate_subnet, check_uplinks, datapath, free_priority, ula_subnet, Allocation
+from nswrap.datapath import Allocation, Instance, allocate_subnet, check_uplinks, datapath, free_priority, ula_subnet
 from nswrap.errors import NswrapError
 from nswrap.facts import Facts, gather
 from nswrap.instance import require_capabilities
@@ -77,7 +77,8 @@ def _sysctls(keys: list[str]) -> str:
     st = os.statvfs("/proc/sys")
     if st.f_flag & os.ST_RDONLY:
         raise NswrapError(read_only_message(keys))
-    return f"{len(keys)} to set ({', '.join(k.replace('/', '.') for k in keys[:4])}{', ...' if len(keys) > 4 else ''}); /proc/sys is writable"
+    shown = ", ".join(k.replace("/", ".") for k in keys[:4]) + (", ..." if len(keys) > 4 else "")
+    return f"{len(keys)} to set ({shown}); /proc/sys is writable"
 
 
 def doctor(config: Config) -> int:
@@ -129,7 +130,8 @@ def doctor(config: Config) -> int:
 
         def firewalls() -> str:
             rooms = sync.wanted_rooms(sync.probe_firewall(), config.firewall, config.mark_mask)
-            return "; ".join(f"iptables {r.binary} {r.chain}: nswrap adds narrow accepts there" for r in rooms[::2]) or "nothing drops forwarded flows"
+            said = "; ".join(f"iptables {r.binary} {r.chain}: nswrap adds narrow accepts there" for r in rooms[::2])
+            return said or "nothing drops forwarded flows"
 
         check("other firewalls and marks", firewalls)
         for warning in dp.warnings:

@@ -50,17 +50,15 @@ def sysctl_keys(names: list[str]) -> list[str]:
     """The settings the datapath depends on, for these interfaces."""
     keys = ["net/ipv4/conf/all/src_valid_mark", "net/ipv4/conf/all/route_localnet", "net/ipv6/conf/all/forwarding"]
     for name in names:
-        keys += [f"net/ipv4/conf/{_sysctl_name(name)}/forwarding", f"net/ipv4/conf/{_sysctl_name(name)}/src_valid_mark",
-                 f"net/ipv6/conf/{_sysctl_name(name)}/force_forwarding"]
+        keys += [sysctl_key(4, name, "forwarding"), sysctl_key(4, name, "src_valid_mark"),
+                 sysctl_key(6, name, "force_forwarding")]
     return keys
 
 
-def _sysctl_name(ifname: str) -> str:
-    return ifname.replace(".", "/")  # /proc/sys shows a VLAN's eth0.100 as eth0/100
-
-
 def sysctl_key(family: int, ifname: str, setting: str) -> str:
-    return f"net/ipv{family}/conf/{_sysctl_name(ifname)}/{setting}"
+    """The setting's path under /proc/sys, which names a VLAN eth0.100 as it is (sysctl(8)
+    writes it eth0/100 instead: changes.sysctl_name)."""
+    return f"net/ipv{family}/conf/{ifname}/{setting}"
 
 
 def read_sysctl(key: str) -> str | None:

@@ -33,6 +33,7 @@ class Blocker:
 class FirewallFacts:
     nft: tuple[dict[str, Any], ...] = ()  # `nft -j list ruleset` items
     legacy: str = ""  # `iptables-legacy-save`, "" when no legacy table is loaded
+    legacy6: str = ""  # `ip6tables-legacy-save`, the same for IPv6
 
 
 def _walk(node: Any) -> Iterator[Any]:
@@ -78,7 +79,43 @@ def _legacy_filter(save: str) -> list[str]:
     return lines
 
 
+def _unconditional(expr: list[Any]) -> bool:
+    """A rule every flow of nswrap matches: only a verdict (and counters, logging), or matches
+    on nothing but the protocol (UDP or TCP, IPv4 or IPv6)."""
+    for stmt in expr:
+        if set(stmt) <= {"counter", "drop", "reject", "accept", "log"}:
+            continue
+        match = stmt.get("match", {})
+        key = match.get("left", {}).get("meta", {}).get("key") if isinstance(match.get("left"), dict) else None
+        right = json.dumps(match.get("right"))
+        if key in ("l4proto", "nfproto", "protocol") and any(p in right for p in ('"udp"', '"tcp"', '"ipv4"', '"ipv6"')):
+            continue
+        return False
+    return True
+
+
+def _chain_blocks(chain: dict[str, Any], exprs: list[list[Any]]) -> str | None:
+    """Why a forward chain would drop nswrap's flows, or None. Rules run in order: a rule that
+    lets nswrap's flows pass (firewalld's `ct status dnat accept`, or one naming our veths)
+    settles it, unless an unconditional drop comes first; a conditional drop elsewhere cannot be
+    judged without the packet, so it is taken as blocking only when nothing lets ours pass."""
+    for expr in exprs:
+        if _lets_ours_pass(expr):
+            return None
+        if _verdicts(expr) & {"drop", "reject"} and _unconditional(expr):
+            return "a drop rule"
+    if chain.get("policy") == "drop":
+        return "policy drop"
+    if any(_verdicts(e) & {"drop", "reject"} for e in exprs):
+        return "a drop rule"
+    return None
+
+
+IPTABLES_NFT = {"ip": "iptables-nft", "ip6": "ip6tables-nft"}
+
+
 def blockers(facts: FirewallFacts) -> list[Blocker]:
+    """Every other firewall, IPv4 and IPv6, that would drop nswrap's forwarded flows."""
     chains: dict[tuple[str, str, str], dict[str, Any]] = {}
     rules: dict[tuple[str, str, str], list[Any]] = {}
     for item in facts.nft:
@@ -91,26 +128,31 @@ def blockers(facts: FirewallFacts) -> list[Blocker]:
     found = []
     for key, chain in chains.items():
         family, table, name = key
-        if chain.get("hook") != "forward" or family not in ("ip", "inet") or table == TABLE:
+        if chain.get("hook") != "forward" or family not in ("ip", "ip6", "inet") or table == TABLE:
             continue
         exprs = rules.get(key, [])
-        reason = "policy drop" if chain.get("policy") == "drop" else None
-        if reason is None and any(_verdicts(e) & {"drop", "reject"} for e in exprs):
-            reason = "a drop rule"
-        if reason is None:
+        if family in IPTABLES_NFT and _iptables_nft(family, table, name):
+            # iptables: a policy or DROP anywhere, whatever comes before; nswrap makes room at the top
+            reason = "policy drop" if chain.get("policy") == "drop" else (
+                "a drop rule" if any(_verdicts(e) & {"drop", "reject"} for e in exprs) else None)
+            if reason:
+                docker = (family, table, "DOCKER-USER") in chains
+                target = "DOCKER-USER" if docker else "FORWARD"
+                found.append(Blocker(f"{IPTABLES_NFT[family]} chain FORWARD ({reason})", IPTABLES_NFT[family], target))
             continue
-        if _iptables_nft(family, table, name):
-            docker = (family, table, "DOCKER-USER") in chains
-            found.append(Blocker(f"iptables-nft chain FORWARD ({reason})", "iptables-nft", "DOCKER-USER" if docker else "FORWARD"))
-        elif not any(_lets_ours_pass(e) for e in exprs):
+        reason = _chain_blocks(chain, exprs)
+        if reason:
             found.append(Blocker(f"nft chain {family} {table} {name} ({reason})", None))
-    legacy = "\n".join(_legacy_filter(facts.legacy))
-    if legacy:
+    for binary, save in (("iptables-legacy", facts.legacy), ("ip6tables-legacy", facts.legacy6)):
+        legacy = "\n".join(_legacy_filter(save))
+        if not legacy:
+            continue
         policy_drop = re.search(r"^:FORWARD DROP", legacy, re.M) is not None
         if policy_drop or re.search(r"^-A FORWARD .*-j (DROP|REJECT)", legacy, re.M):
             docker = re.search(r"^:DOCKER-USER ", legacy, re.M) is not None
             reason = "policy DROP" if policy_drop else "a DROP/REJECT rule"
-            found.append(Blocker(f"iptables-legacy chain FORWARD ({reason})", "iptables-legacy", "DOCKER-USER" if docker else "FORWARD"))
+            target = "DOCKER-USER" if docker else "FORWARD"
+            found.append(Blocker(f"{binary} chain FORWARD ({reason})", binary, target))
     return found
 
 
@@ -121,7 +163,8 @@ def rooms(blocker: Blocker) -> list[Room]:
     comment = ("-m", "comment", "--comment", TAG)
     return [
         Room(blocker.backend, blocker.chain, ("-i", "nsw-+", *comment, "-j", "ACCEPT")),
-        Room(blocker.backend, blocker.chain, ("-o", "nsw-+", "-m", "conntrack", "--ctstate", "DNAT,RELATED,ESTABLISHED", *comment, "-j", "ACCEPT")),
+        Room(blocker.backend, blocker.chain,
+             ("-o", "nsw-+", "-m", "conntrack", "--ctstate", "DNAT,RELATED,ESTABLISHED", *comment, "-j", "ACCEPT")),
     ]
 
 
@@ -133,14 +176,28 @@ def how_to_fix(blocker: Blocker) -> str:
     )
 
 
-def _mark_values(expr: list[Any]) -> list[int]:
-    """Integers in the statements of a rule that read or write a packet or connection mark."""
-    values = []
-    for stmt in expr:
-        text = json.dumps(stmt)
-        if '"key": "mark"' in text:
-            values += [v for v in _walk(stmt) if isinstance(v, int) and not isinstance(v, bool)]
-    return values
+def _mark_conflict(node: Any, mask: int, writing: bool = False, masking: bool = False) -> bool:
+    """Does a statement read or write a packet or connection mark in a way that meets our bits?
+    A value compared or set conflicts if it has our bits; an AND mask conflicts when reading
+    through it sees our bits, or when writing through it clears them."""
+    if isinstance(node, dict):
+        if "mangle" in node:
+            target = json.dumps(node["mangle"].get("key", {}))
+            return '"mark"' in target and _mark_conflict(node["mangle"].get("value"), mask, True)
+        if "&" in node:
+            return any(_mark_conflict(v, mask, writing, True) for v in node["&"])
+        return any(_mark_conflict(v, mask, writing, masking) for v in node.values())
+    if isinstance(node, list):
+        return any(_mark_conflict(v, mask, writing, masking) for v in node)
+    if isinstance(node, int) and not isinstance(node, bool):
+        if masking and writing:
+            return bool(~node & 0xFFFFFFFF & mask)  # it clears some of our bits
+        return bool(node & mask)
+    return False
+
+
+def _uses_mark(stmt: Any) -> bool:
+    return '"key": "mark"' in json.dumps(stmt)
 
 
 def mark_users(facts: FirewallFacts, mask: int) -> list[str]:
@@ -148,13 +205,14 @@ def mark_users(facts: FirewallFacts, mask: int) -> list[str]:
     users = []
     for item in facts.nft:
         rule = item.get("rule")
-        if rule and rule["table"] != TABLE and any(v & mask for v in _mark_values(rule["expr"])):
+        if rule and rule["table"] != TABLE and any(_uses_mark(s) and _mark_conflict(s, mask) for s in rule["expr"]):
             users.append(f"nft table {rule['family']} {rule['table']} chain {rule['chain']}")
-    table = "?"
-    for line in facts.legacy.splitlines():
-        if line.startswith("*"):
-            table = line[1:]
-        elif "mark" in line.lower() and line.startswith("-A"):
-            if any(int(v, 16) & mask for v in re.findall(r"0x([0-9a-fA-F]+)", line)):
-                users.append(f"iptables-legacy table {table} chain {line.split()[1]}")
+    for binary, save in (("iptables-legacy", facts.legacy), ("ip6tables-legacy", facts.legacy6)):
+        table = "?"
+        for line in save.splitlines():
+            if line.startswith("*"):
+                table = line[1:]
+            elif "mark" in line.lower() and line.startswith("-A"):
+                if any(int(v, 16) & mask for v in re.findall(r"0x([0-9a-fA-F]{1,8})", line)):
+                    users.append(f"{binary} table {table} chain {line.split()[1]}")
     return sorted(set(users))

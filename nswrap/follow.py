@@ -59,7 +59,8 @@ class Follower:
     def __init__(self, life):
         self.life = life
         self.monitor = netlink.Monitor()
-        self.own_indexes: set[int] = {link.index for link in (life.facts.links if life.facts else ()) if link.ifname.startswith(HOST_PREFIX)}
+        links = life.facts.links if life.facts else ()
+        self.own_indexes: set[int] = {link.index for link in links if link.ifname.startswith(HOST_PREFIX)}
         self.reasons: set[str] = set()
         self.first: float | None = None
         self.last: float | None = None

@@ -149,7 +149,8 @@ class Life:
 
     def start(self) -> None:
         with self.supervisor.waiting():
-            lock = self.state.dir.acquire("lock", lambda: log.info("waiting for the setup lock: other instances are starting or stopping"))
+            lock = self.state.dir.acquire(
+                "lock", lambda: log.info("waiting for the setup lock: other instances are starting or stopping"))
         try:
             self._start_locked()
         finally:
@@ -213,7 +214,8 @@ class Life:
         self.facts = facts
 
     def _sweep_legacy(self, facts: Facts) -> None:
-        tx = Transaction(self.kernel, say=lambda line: log.warning("removed an older nswrap's leftover: %s", line.splitlines()[0]))
+        tx = Transaction(self.kernel,
+                         say=lambda line: log.warning("removed an older nswrap's leftover: %s", line.splitlines()[0]))
         for change in legacy.sweep(facts):
             try:
                 tx.run(change)
@@ -349,7 +351,8 @@ class Life:
             facts = gather(self.kernel.routing)
             live = tuple(r.instance for r in self.state.live() if r.id != instance.id)
             table = nft.read_table()
-            had_flows = table is None or any(packets for (_, e), (packets, _) in table.counters.items() if e.comment == instance.id)
+            had_flows = table is None or any(packets for (_, e), (packets, _) in table.counters.items()
+                                             if e.comment == instance.id)
             plan = sync.plan(facts, table, self.state.allocation(), live, self.config.mark_mask)
             tx = Transaction(self.kernel)
             for change in plan.changes:

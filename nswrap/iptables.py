@@ -12,7 +12,8 @@ import subprocess
 
 from nswrap.errors import NswrapError
 
-LEGACY_TABLES = "/proc/net/ip_tables_names"  # per network namespace; lists only loaded tables
+LEGACY_TABLES = {"iptables-legacy": "/proc/net/ip_tables_names", "ip6tables-legacy": "/proc/net/ip6_tables_names"}
+# per network namespace; they list only the loaded tables
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 GONE_MESSAGES = ("does a matching rule exist", "No chain", "Bad rule")
 
@@ -24,23 +25,23 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess:
         raise NswrapError(f"{argv[0]} not found: install iptables") from None
 
 
-def legacy_loaded() -> list[str]:
-    """iptables-legacy tables loaded in this namespace. Listing one would load it, so nswrap
-    only ever looks at those already there."""
+def legacy_loaded(binary: str = "iptables-legacy") -> list[str]:
+    """Legacy tables loaded in this namespace. Listing one would load it, so nswrap only ever
+    looks at those already there."""
     try:
-        with open(LEGACY_TABLES) as f:
+        with open(LEGACY_TABLES[binary]) as f:
             return f.read().split()
     except FileNotFoundError:
         return []
 
 
-def legacy_save() -> str:
-    """`iptables-legacy-save` of the loaded tables, "" when none is loaded."""
-    if not legacy_loaded():
+def legacy_save(binary: str = "iptables-legacy") -> str:
+    """`iptables-legacy-save` (or ip6tables') of the loaded tables, "" when none is loaded."""
+    if not legacy_loaded(binary):
         return ""
-    done = _run(["iptables-legacy-save"])
+    done = _run([f"{binary}-save"])
     if done.returncode != 0:
-        raise NswrapError(f"iptables-legacy-save: {done.stderr.strip() or done.returncode}")
+        raise NswrapError(f"{binary}-save: {done.stderr.strip() or done.returncode}")
     return done.stdout
 
 

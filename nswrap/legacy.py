@@ -22,14 +22,13 @@ from nswrap import iptables, nft
 from nswrap.changes import Change, DeleteIptables, DeleteLink, DeleteRoute, DeleteRule, NftBatch, SetSysctl
 from nswrap.facts import Facts, netns_id, read_sysctl
 from nswrap.objects import PROTO
-from nswrap.state import RUN_DIR, SYSCTL_VALUE
+from nswrap.state import RUN_DIR, SYSCTL_VALUE, sysctl_key_ok
 
 log = logging.getLogger("nswrap")
 
-OLD_ID = re.compile(r"^[0-9a-f]{6}$")
-OLD_TAG = re.compile(r"^nswrap-([0-9a-f]{6})$")
-_IFPART = r"[A-Za-z0-9_@+-]{1,15}(?:/[A-Za-z0-9_@+-]{1,15})?"
-OLD_SYSCTL = re.compile(rf"^net/ipv4/conf/{_IFPART}/(forwarding|src_valid_mark|route_localnet)$|^net/ipv6/conf/{_IFPART}/force_forwarding$")
+OLD_ID = re.compile(r"[0-9a-f]{6}")  # always fullmatch()ed
+OLD_TAG = re.compile(r"nswrap-([0-9a-f]{6})")  # always fullmatch()ed
+OLD_SETTINGS = {"ipv4": ("forwarding", "src_valid_mark", "route_localnet"), "ipv6": ("force_forwarding",)}
 
 
 def _alive(instance: str) -> bool:
@@ -53,7 +52,7 @@ def _records() -> list[dict]:
         return []
     for name in names:
         stem = name[:-5] if name.endswith(".json") else ""
-        if not OLD_ID.match(stem):
+        if not OLD_ID.fullmatch(stem):
             continue
         try:
             fd = os.open(f"{RUN_DIR}/{name}", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -72,7 +71,7 @@ def _records() -> list[dict]:
             continue
         changed = data.get("changed", {})
         if not isinstance(changed, dict) or not all(
-                isinstance(k, str) and OLD_SYSCTL.match(k) and ".." not in k and isinstance(v, str) and SYSCTL_VALUE.match(v)
+                sysctl_key_ok(k, OLD_SETTINGS) and isinstance(v, str) and SYSCTL_VALUE.fullmatch(v)
                 for k, v in changed.items()):
             log.warning("ignoring %s/%s: not a valid record of an older nswrap", RUN_DIR, name)
             continue
@@ -94,7 +93,7 @@ def sweep(facts: Facts) -> list[Change]:
     tables = nft.tables()
     dead_tables = []
     for family, name in tables:
-        match = OLD_TAG.match(name)
+        match = OLD_TAG.fullmatch(name)
         if match and not _alive(match.group(1)):
             changes.append(NftBatch(f"delete table {family} {name}\n", what="an older nswrap's table"))
             dead_tables.append(name)
@@ -106,7 +105,7 @@ def sweep(facts: Facts) -> list[Change]:
         for words in iptables.rules(binary):
             if words[:1] != ["-A"] or "--comment" not in words:
                 continue
-            match = OLD_TAG.match(words[words.index("--comment") + 1])
+            match = OLD_TAG.fullmatch(words[words.index("--comment") + 1])
             if match and not _alive(match.group(1)):
                 changes.append(DeleteIptables(binary, words[1], tuple(words[2:])))
     if dead_tables or records:

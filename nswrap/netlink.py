@@ -461,7 +461,8 @@ class Routing:
     def rule(self, verb: str, rule: Rule) -> tuple:
         family = FAMILIES[rule.version]
         table = rule.table if rule.action == FR_ACT_TO_TBL else 0
-        body = _RULE.pack(family.af, rule.dst.prefixlen if rule.dst else 0, 0, 0, table if table < 256 else 252, 0, 0, rule.action, 0)
+        dst_len = rule.dst.prefixlen if rule.dst else 0
+        body = _RULE.pack(family.af, dst_len, 0, 0, table if table < 256 else 252, 0, 0, rule.action, 0)
         body += u32(FRA_PRIORITY, rule.priority) + u8(FRA_PROTOCOL, rule.proto)
         if table:
             body += u32(FRA_TABLE, table)
@@ -529,7 +530,8 @@ def _tuple(version: int, src=None, dst=None, proto: int | None = None, dport: in
         ip += attr(CTA_IP_SRC[version], src.packed)
     if dst is not None:
         ip += attr(CTA_IP_DST[version], dst.packed)
-    l4 = (u8(CTA_PROTO_NUM, proto) if proto is not None else b"") + (be16(CTA_PROTO_DST_PORT, dport) if dport is not None else b"")
+    l4 = u8(CTA_PROTO_NUM, proto) if proto is not None else b""
+    l4 += be16(CTA_PROTO_DST_PORT, dport) if dport is not None else b""
     return nested(CTA_TUPLE_IP, ip) + (nested(CTA_TUPLE_PROTO, l4) if l4 else b"")
 
 

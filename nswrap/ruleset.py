@@ -107,7 +107,8 @@ def _publish() -> list[Chain]:
     ]
     for version, ip in ((4, "ip"), (6, "ip6")):
         for kind in ("keep", "remap"):
-            rules.append(f"meta l4proto {{ udp, tcp }} dnat {ip} to iifname . {ip} daddr . meta l4proto . th dport map @{kind}{version}")
+            key = f"iifname . {ip} daddr . meta l4proto . th dport"
+            rules.append(f"meta l4proto {{ udp, tcp }} dnat {ip} to {key} map @{kind}{version}")
     return _chain("publish", "nat hook prerouting priority dstnat", rules)
 
 
@@ -116,7 +117,8 @@ def _publish_local() -> list[Chain]:
     rules = ["meta l4proto . th dport != @ports accept"]
     for version, ip in ((4, "ip"), (6, "ip6")):
         for kind in ("keep", "remap"):
-            rules.append(f"meta l4proto {{ udp, tcp }} dnat {ip} to oifname . {ip} daddr . meta l4proto . th dport map @{kind}{version}")
+            key = f"oifname . {ip} daddr . meta l4proto . th dport"
+            rules.append(f"meta l4proto {{ udp, tcp }} dnat {ip} to {key} map @{kind}{version}")
     return _chain("publish_local", "nat hook output priority -100", rules)
 
 

@@ -34,11 +34,23 @@ from nswrap.errors import NswrapError, UsageError
 log = logging.getLogger("nswrap")
 
 RUN_DIR = "/run/nswrap"
+PID_MAX = 1 << 22  # the kernel's largest pid_max
+IPTABLES = ("iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy")
 MAX_FILE = 1 << 16
-ID = re.compile(r"^[0-9a-f]{6}$")
-_IFPART = r"[A-Za-z0-9_@+-]{1,15}(?:/[A-Za-z0-9_@+-]{1,15})?"
-SYSCTL_KEY = re.compile(rf"^net/ipv4/conf/{_IFPART}/(forwarding|src_valid_mark)$|^net/ipv6/conf/{_IFPART}/force_forwarding$")
-SYSCTL_VALUE = re.compile(r"^[0-2]$")
+ID = re.compile(r"[0-9a-f]{6}")  # always fullmatch()ed
+SYSCTL_VALUE = re.compile(r"[0-2]")
+
+
+def sysctl_key_ok(key: object, settings: dict[str, tuple[str, ...]] | None = None) -> bool:
+    """Is this one of the few sysctls nswrap writes: net/ipv4/conf/<uplink>/{forwarding,
+    src_valid_mark} or net/ipv6/conf/<uplink>/force_forwarding, for a real interface name (not
+    all, default, '.' or '..')?"""
+    settings = settings or {"ipv4": ("forwarding", "src_valid_mark"), "ipv6": ("force_forwarding",)}
+    if not isinstance(key, str):
+        return False
+    parts = key.split("/")
+    return (len(parts) == 5 and parts[0] == "net" and parts[2] == "conf" and parts[1] in settings
+            and parts[4] in settings[parts[1]] and valid_ifname(parts[3]) and parts[3] not in ("all", "default"))
 
 
 class InvalidState(ValueError):
@@ -332,15 +344,21 @@ def _ports(items: list[str]) -> tuple[PortRange, ...]:
         raise InvalidState(str(e)) from None
 
 
-def parse_record(raw: bytes, name: str) -> Record:
+def _json(raw: bytes) -> object:
     try:
-        data = json.loads(raw)
+        return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidState(f"not JSON: {e}") from None
+    except RecursionError:
+        raise InvalidState("not JSON nswrap writes: nested too deep") from None
+
+
+def parse_record(raw: bytes, name: str) -> Record:
+    data = _json(raw)
     if not isinstance(data, dict) or data.get("version") != 1:
         raise InvalidState("not a version 1 record")
     rid = _need(data, "id", str)
-    if not ID.match(rid) or f"{rid}.json" != name:
+    if not ID.fullmatch(rid) or f"{rid}.json" != name:
         raise InvalidState(f"id {rid!r} is not 6 hex digits matching the file name")
     try:
         uplinks = tuple(parse_uplink(u) for u in _list_of(data, "uplinks", 64))
@@ -361,8 +379,11 @@ def parse_record(raw: bytes, name: str) -> Record:
     if not 0 < mask <= 0xFFFFFFFF or (mask + (mask & -mask)) & mask:
         raise InvalidState("mark_mask is not one contiguous run of bits")
     pid, init_pid = _need(data, "pid", int), _need(data, "init_pid", int)
-    if pid <= 0 or init_pid < 0:
+    if not 0 < pid <= PID_MAX or not 0 <= init_pid <= PID_MAX:
         raise InvalidState("bad pid")
+    started = _need(data, "started", (int, float))
+    if not 0 < started < 1e11:  # a time, not 1e300, NaN or 400 digits
+        raise InvalidState("bad start time")
     instance = Instance(
         id=rid, ports=_ports(_list_of(data, "ports", 65536)), subnet=subnet, subnet6=subnet6, uplinks=uplinks,
         addresses=addresses, loopback_ports=_ports(_list_of(data, "loopback_ports", 65536)),
@@ -370,7 +391,7 @@ def parse_record(raw: bytes, name: str) -> Record:
     )
     if not instance.ports:
         raise InvalidState("no ports")
-    return Record(rid, pid, float(_need(data, "started", (int, float))), _list_of(data, "command"), instance, mask, init_pid)
+    return Record(rid, pid, float(started), _list_of(data, "command"), instance, mask, init_pid)
 
 
 # --- the shared allocation ---------------------------------------------------------------------
@@ -394,10 +415,7 @@ def _known_rooms() -> set[tuple[str, ...]]:
 
 
 def parse_allocation(raw: bytes) -> Allocation:
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidState(f"not JSON: {e}") from None
+    data = _json(raw)
     if not isinstance(data, dict) or data.get("version") != 1:
         raise InvalidState("not a version 1 allocation")
     mask, priority = _need(data, "mark_mask", int), _need(data, "priority", int)
@@ -407,23 +425,23 @@ def parse_allocation(raw: bytes) -> Allocation:
         raise InvalidState("priority out of range")
     uplinks, sysctls, rooms = [], [], []
     for u in _need(data, "uplinks", list):
-        if not isinstance(u, dict) or not valid_ifname(str(u.get("ifname"))):
+        if not isinstance(u, dict) or not isinstance(u.get("ifname"), str) or not valid_ifname(u["ifname"]):
             raise InvalidState("bad uplink")
         index, table = u.get("index"), u.get("table")
-        if not isinstance(index, int) or not 1 <= index <= mark_capacity(mask):
+        if not isinstance(index, int) or isinstance(index, bool) or not 1 <= index <= mark_capacity(mask):
             raise InvalidState("uplink index outside the mark mask")
-        if not isinstance(table, int) or not 1 <= table < 1 << 31 or table in (253, 254, 255):
+        if not isinstance(table, int) or isinstance(table, bool) or not 1 <= table < 1 << 31 or table in (253, 254, 255):
             raise InvalidState("bad routing table")
         uplinks.append(Uplink(u["ifname"], index, table))
     for s in _need(data, "sysctls", list):
-        if not isinstance(s, dict) or not SYSCTL_KEY.match(str(s.get("key"))) or ".." in str(s.get("key")):
+        if not isinstance(s, dict) or not sysctl_key_ok(s.get("key")):
             raise InvalidState(f"sysctl key {s.get('key') if isinstance(s, dict) else s!r} is not one nswrap sets")
-        if not SYSCTL_VALUE.match(str(s.get("original"))) or s.get("ours") != "1":
+        if not isinstance(s.get("original"), str) or not SYSCTL_VALUE.fullmatch(s["original"]) or s.get("ours") != "1":
             raise InvalidState("bad sysctl value")
         sysctls.append(SysctlChange(s["key"], s["original"], s["ours"]))
     known = _known_rooms()
     for r in _need(data, "rooms", list):
-        if (not isinstance(r, dict) or r.get("binary") not in ("iptables-nft", "iptables-legacy")
+        if (not isinstance(r, dict) or r.get("binary") not in IPTABLES
                 or r.get("chain") not in ("FORWARD", "DOCKER-USER") or tuple(r.get("rule", ())) not in known):
             raise InvalidState("an iptables rule that is not nswrap's")
         rooms.append(Room(r["binary"], r["chain"], tuple(r["rule"])))

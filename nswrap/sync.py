@@ -12,6 +12,7 @@ changes (so a crash at any point leaves the host restorable).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from nswrap import nft, ruleset
@@ -28,11 +29,22 @@ from nswrap.changes import (
     NftBatch,
     SetSysctl,
 )
-from nswrap.datapath import PRIORITIES, Allocation, Datapath, Element, Instance, Room, SysctlChange, datapath, free_priority, guarded
+from nswrap.datapath import (
+    PRIORITIES,
+    Allocation,
+    Datapath,
+    Element,
+    Instance,
+    Room,
+    SysctlChange,
+    datapath,
+    free_priority,
+    guarded,
+)
 from nswrap.errors import NswrapError
 from nswrap.facts import Facts
 from nswrap.firewall import FirewallFacts, blockers, how_to_fix, mark_users, rooms
-from nswrap.objects import PROTO
+from nswrap.objects import PROTO, Route, Rule
 
 log = logging.getLogger("nswrap")
 
@@ -139,13 +151,13 @@ def plan(facts: Facts, table: nft.Table | None, allocation: Allocation | None, i
     else:
         changes = [*restores, *rule_dels, *route_dels, *room_changes, *nft_changes, *flushes]
         after = None
-    before = _union(current, replace(target, sysctls=tuple(sysctls.values()), rooms=tuple(room_target)))
+    before: Allocation | None = _union(current, replace(target, sysctls=tuple(sysctls.values()), rooms=tuple(room_target)))
     if allocation is None and not instances:
         before = None
     return Plan(changes, dp, before, after)
 
 
-def _order(obj) -> tuple:
+def _order(obj: Route | Rule) -> tuple[int, str]:
     return (obj.version, repr(obj))
 
 
@@ -158,10 +170,11 @@ def _intact(table: nft.Table, dp: Datapath) -> bool:
 def intact(table: nft.Table, allocation: Allocation | None) -> bool:
     if allocation is None:
         return False
-    return table.version == ruleset.version(allocation.mark_mask) and _intact(table, Datapath(allocation, frozenset(), frozenset(), {}, {}))
+    empty = Datapath(allocation, frozenset(), frozenset(), {}, {})
+    return table.version == ruleset.version(allocation.mark_mask) and _intact(table, empty)
 
 
-def run(plan_: Plan, tx: Transaction, save) -> None:
+def run(plan_: Plan, tx: Transaction, save: Callable[[Allocation | None], None]) -> None:
     """Carry out a plan: the allocation is saved first (everything that may become nswrap's,
     with the original of every sysctl about to change), then the changes, then the final
     allocation. On failure the transaction rolls back and the first allocation stays on disk,
@@ -176,7 +189,7 @@ def probe_firewall() -> FirewallFacts:
     """Other tools' firewalls: the whole nft ruleset and iptables-legacy's loaded tables."""
     from nswrap import iptables
 
-    return FirewallFacts(tuple(nft.ruleset()), iptables.legacy_save())
+    return FirewallFacts(tuple(nft.ruleset()), iptables.legacy_save(), iptables.legacy_save("ip6tables-legacy"))
 
 
 def fail_closed(allocation: Allocation | None) -> list[str]:

@@ -1,69 +1,168 @@
-"""The command line, black-box: exit codes and one-line errors. Nothing here changes the host."""
+"""The command line: exit codes, one-line errors, the fast paths. Nothing here changes the host.
 
-import ast
-import importlib
+Most cases run in-process (cli.main); a few run `python -m nswrap` as a real process, to see what
+a user sees: the exit status, stderr, and no traceback.
+"""
+
+from __future__ import annotations
+
 import os
-import pathlib
-import re
 import shutil
 import subprocess
-import sys
-import tomllib
 
 import pytest
 
+from nswrap import cli
+from nswrap.errors import EXIT_USAGE, UsageError
+from nswrap.instance import check_ready_fd
+from tests.unit.clirun import clean_env, invoke, nswrap, one_line_usage_error, python
 
-def nswrap(*args, user=None):
-    argv = [sys.executable, "-m", "nswrap", *args]
-    if user:
-        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", "--inh-caps=-all", *argv]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+BAD_INPUT = [
+    (["--ports", "53,70000", "--", "true"], "70000"),
+    (["--ports", "5-3", "--", "true"], "5-3"),
+    (["--ports", "53/sctp", "--", "true"], "53/sctp"),
+    (["--ports", "\u0665\u0663", "--", "true"], "invalid port spec"),
+    (["--ports", "9" * 5000, "--", "true"], "invalid port spec"),
+    (["--ports", "53"], "no command"),
+    (["--", "true"], "no ports"),
+    (["--bogus", "--", "true"], "--bogus"),
+    (["-p", "53", "--uplink", "this-name-is-too-long", "--", "true"], "this-name-is-too-long"),
+    (["-p", "53", "--uplink", 'eth0"', "--", "true"], "eth0\""),
+    (["-p", "53", "--uplink", "eth0=nope", "--", "true"], "nope"),
+    (["-p", "53", "--subnet", "198.18.0.1/30", "--", "true"], "198.18.0.1/30"),
+    (["-p", "53", "--mark-mask", "0x5", "--", "true"], "0x5"),
+    (["-p", "53", "--mark-mask", "0", "--", "true"], "mark mask"),
+    (["-p", "53", "--address", "example.org", "--", "true"], "example.org"),
+    (["-p", "53", "--user", "", "--", "true"], "empty user"),
+    (["-p", "53", "--user", "0:4294967296", "--", "true"], "4294967296"),
+    (["-p", "53", "--stop-timeout", "inf", "--", "true"], "--stop-timeout inf"),
+    (["-p", "53", "--stop-timeout", "nan", "--", "true"], "--stop-timeout nan"),
+    (["-p", "53", "--stop-timeout", "-1", "--", "true"], "-1"),
+    (["-p", "53", "--stop-timeout", "soon", "--", "true"], "'--stop-timeout'"),
+    (["-p", "53", "--firewall", "maybe", "--", "true"], "maybe"),
+    (["-p", "53", "--helper", "tftp", "--", "true"], "udp port 69"),
+    (["-p", "53", "--ready-fd", "-1", "--", "true"], "--ready-fd -1"),
+    (["-p", "53", "--ready-fd", "x", "--", "true"], "'x'"),
+    (["exec"], "Missing argument 'instance'"),
+    (["doctor", "--ports", "0"], "port 0"),
+]
+
+
+@pytest.mark.parametrize("args, culprit", BAD_INPUT)
+def test_bad_input_exits_2_with_one_line(capsys, args, culprit):
+    one_line_usage_error(invoke(capsys, *args), culprit)
+
+
+def test_bad_input_exits_2_with_one_line_as_a_process():
+    one_line_usage_error(nswrap("--ports", "53,70000", "--stop-timeout", "inf", "--", "true"), "70000")
 
 
 @pytest.mark.parametrize(
-    "args, culprit",
+    "env, culprits",
     [
-        (["--ports", "53,70000", "--", "true"], "70000"),
-        (["--ports", "5-3", "--", "true"], "5-3"),
-        (["--ports", "53/sctp", "--", "true"], "53/sctp"),
-        (["--ports", "53"], "no command"),
-        (["--", "true"], "no ports"),
-        (["--bogus", "--", "true"], "--bogus"),
-        (["-p", "53", "--uplink", "this-name-is-too-long", "--", "true"], "this-name-is-too-long"),
-        (["-p", "53", "--subnet", "198.18.0.1/30", "--", "true"], "198.18.0.1/30"),
-        (["-p", "53", "--mark-mask", "0x5", "--", "true"], "0x5"),
+        ({"NSWRAP_USER": ""}, ["NSWRAP_USER ''", "empty user"]),
+        ({"NSWRAP_PORTS": "53 70000"}, ["NSWRAP_PORTS", "70000"]),
+        ({"NSWRAP_STOP_TIMEOUT": "soon"}, ["NSWRAP_STOP_TIMEOUT", "soon"]),
+        ({"NSWRAP_STOP_TIMEOUT": "inf"}, ["NSWRAP_STOP_TIMEOUT", "inf"]),
+        ({"NSWRAP_NO_OUTBOUND": "maybe"}, ["NSWRAP_NO_OUTBOUND", "maybe"]),
+        ({"NSWRAP_FIREWALL": "bogus"}, ["NSWRAP_FIREWALL", "bogus"]),
+        ({"NSWRAP_UPLINK": "eth0=not-an-address"}, ["NSWRAP_UPLINK", "not-an-address"]),
+        ({"NSWRAP_MARK_MASK": "0x5"}, ["NSWRAP_MARK_MASK", "0x5"]),
+        ({"NSWRAP_VERBOSE": "vv"}, ["NSWRAP_VERBOSE", "vv"]),
     ],
 )
-def test_usage_errors_exit_2_with_one_line(args, culprit):
-    done = nswrap(*args)
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.count("\n") == 1 and done.stderr.startswith("nswrap: "), done.stderr
-    assert culprit in done.stderr
-    assert done.stdout == ""
+def test_bad_values_from_the_environment_exit_2_naming_the_variable(capsys, monkeypatch, env, culprits):
+    for name, value in {"NSWRAP_PORTS": "53", **env}.items():
+        monkeypatch.setenv(name, value)
+    one_line_usage_error(invoke(capsys, "--", "true"), *culprits)
 
 
-def test_run_subcommand_is_the_default():
-    assert nswrap("run", "--ports", "53,70000", "--", "true").returncode == 2
-    assert nswrap("--version").stdout.startswith("nswrap, version ")
-    assert "--ports" in nswrap("run", "--help").stdout
+def test_an_empty_nswrap_user_is_refused_as_a_process():
+    """click takes an empty variable for an unset one: nswrap must not run the server as root then."""
+    one_line_usage_error(nswrap("-p", "53", "--", "true", env={"NSWRAP_USER": ""}), "NSWRAP_USER ''")
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
-def test_unprivileged_run_fails_with_125_and_no_traceback():
-    done = nswrap("--ports", "53", "--", "true", user="65534")
+def test_run_is_the_default_subcommand(capsys):
+    assert invoke(capsys, "run", "--ports", "53,70000", "--", "true").returncode == EXIT_USAGE
+    version = invoke(capsys, "--version")
+    assert version.returncode == 0 and version.stdout.startswith("nswrap, version ")
+    help_ = invoke(capsys, "run", "--help")
+    assert help_.returncode == 0 and "--ports" in help_.stdout and "NSWRAP_PORTS" in help_.stdout
+    top = invoke(capsys, "--help")
+    assert top.returncode == 0 and all(word in top.stdout for word in ("run", "cleanup", "list", "exec", "doctor"))
+
+
+def test_help_is_a_fast_path():
+    """--help and a usage error import nothing that talks to the kernel (lazy imports in cli.py)."""
+    done = nswrap_with_importtime("--help")
+    assert done.returncode == 0 and "Usage: nswrap" in done.stdout
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    heavy = {"nswrap.instance", "nswrap.netlink", "nswrap.datapath", "nswrap.sync", "nswrap.nft", "nswrap.state",
+             "nswrap.supervise", "nswrap.commands", "nswrap.doctor"}
+    assert "nswrap.cli" in imported and not heavy & imported, heavy & imported
+
+
+def nswrap_with_importtime(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([python(), "-X", "importtime", "-m", "nswrap", *args], capture_output=True, text=True,
+                          timeout=30, env=clean_env())
+
+
+def unprivileged(*args: str):
+    """`nswrap *args` as a user without capabilities (setpriv to nobody when the tests run as root)."""
+    if os.geteuid() != 0:
+        return nswrap(*args)
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is needed to drop root")
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+                           python(), "-m", "nswrap", *args], capture_output=True, text=True, timeout=30, env=clean_env())
+
+
+def test_unprivileged_run_fails_with_125_and_one_line():
+    done = unprivileged("--ports", "53", "--", "true")
     assert done.returncode == 125, done.stderr
-    assert done.stderr.strip().startswith("nswrap: not permitted") and "Traceback" not in done.stderr
+    assert done.stderr.startswith("nswrap: not permitted") and done.stderr.count("\n") == 1, done.stderr
 
 
-def complete(words: str, env=None) -> list[str]:
-    """What bash completion offers for the last word of *words* (click's bash_complete protocol)."""
+@pytest.mark.parametrize("args, what", [(["list"], "nswrap list needs root"),
+                                        (["--ports", "53", "--dry-run"], "--dry-run needs root"),
+                                        (["exec", "abcdef", "--", "true"], "nswrap exec needs root")])
+def test_commands_that_read_roots_state_need_root(capsys, monkeypatch, args, what):
+    monkeypatch.setattr(os, "geteuid", lambda: 65534)  # checked before anything is read
+    done = invoke(capsys, *args)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == f"nswrap: {what}: nswrap's state (/run/nswrap) and the kernel's tables are root's only\n"
+
+
+# --- --ready-fd ----------------------------------------------------------------------------------
+
+
+def test_ready_fd_must_be_open_for_writing():
+    read_end, write_end = os.pipe()
+    try:
+        check_ready_fd(None)
+        check_ready_fd(write_end)
+        with pytest.raises(UsageError, match=f"invalid --ready-fd {read_end}: open for reading only") as raised:
+            check_ready_fd(read_end)
+        assert raised.value.code == EXIT_USAGE
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    with pytest.raises(UsageError, match=f"invalid --ready-fd {read_end}: no such open file descriptor"):
+        check_ready_fd(read_end)  # closed now
+    with pytest.raises(UsageError, match="no such open file descriptor"):
+        check_ready_fd(999_999)
+
+
+# --- shell completion (in-process: click's bash_complete protocol) ---------------------------------
+
+
+def complete(capsys, monkeypatch, words: str) -> list[str]:
     split = words.split(" ")
-    done = subprocess.run(
-        [sys.executable, "-m", "nswrap"], capture_output=True, text=True, timeout=30,
-        env={**os.environ, **(env or {}), "_NSWRAP_COMPLETE": "bash_complete", "COMP_WORDS": words,
-             "COMP_CWORD": str(len(split) - 1)},
-    )
+    with monkeypatch.context() as m:
+        m.setenv("_NSWRAP_COMPLETE", "bash_complete")
+        m.setenv("COMP_WORDS", words)
+        m.setenv("COMP_CWORD", str(len(split) - 1))
+        done = invoke(capsys)
     assert done.returncode == 0 and not done.stderr, done
     return done.stdout.splitlines()
 
@@ -84,41 +183,24 @@ def complete(words: str, env=None) -> list[str]:
         ("nswrap --config ", ["file,"]),
     ],
 )
-def test_shell_completion(words, expected):
-    assert complete(words) == expected
-    assert complete(words, env={"NSWRAP_CONFIG": "/nonexistent.toml"}) == expected
+def test_shell_completion(capsys, monkeypatch, words, expected):
+    assert complete(capsys, monkeypatch, words) == expected
+    monkeypatch.setenv("NSWRAP_CONFIG", "/nonexistent.toml")  # a broken config file must not break completion
+    assert complete(capsys, monkeypatch, words) == expected
 
 
-def test_shell_completion_scripts():
-    for shell, marker in (("bash", "complete -o nosort -F _nswrap_completion nswrap"), ("zsh", "#compdef nswrap"),
-                          ("fish", "complete --no-files --command nswrap")):
-        done = subprocess.run([sys.executable, "-m", "nswrap"], capture_output=True, text=True, timeout=30,
-                              env={**os.environ, "_NSWRAP_COMPLETE": f"{shell}_source"})
-        assert done.returncode == 0 and marker in done.stdout, (shell, done)
+@pytest.mark.parametrize("shell, marker", [("bash", "complete -o nosort -F _nswrap_completion nswrap"),
+                                           ("zsh", "#compdef nswrap"), ("fish", "complete --no-files --command nswrap")])
+def test_shell_completion_scripts(capsys, monkeypatch, shell, marker):
+    monkeypatch.setenv("_NSWRAP_COMPLETE", f"{shell}_source")
+    done = invoke(capsys)
+    assert done.returncode == 0 and marker in done.stdout, done
 
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+def test_nothing_imports_cli():
+    """Imports flow one way: cli -> the rest."""
+    import pathlib
 
-
-def test_packaging_metadata():
-    """What `pip install .` / `pipx install .` build: the `nswrap` script entry point resolves to the
-    same main() `python -m nswrap` runs, every package is listed, every third-party module nswrap
-    imports is a declared dependency (offline: reads pyproject.toml, builds nothing)."""
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())
-    assert project["project"]["scripts"] == {"nswrap": "nswrap.cli:main"}
-    assert callable(importlib.import_module("nswrap.cli").main)
-    assert "from nswrap.cli import main" in (REPO / "nswrap" / "__main__.py").read_text()
-
-    packages = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "nswrap").rglob("__init__.py")}
-    assert packages == set(project["tool"]["setuptools"]["packages"])
-
-    declared = {re.split(r"[<>=!~ \[;]", d, maxsplit=1)[0].lower() for d in project["project"]["dependencies"]}
-    imported = set()
-    for source in (REPO / "nswrap").rglob("*.py"):
-        for node in ast.walk(ast.parse(source.read_text())):
-            if isinstance(node, ast.Import):
-                imported |= {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                imported.add(node.module.split(".")[0])
-    third_party = imported - set(sys.stdlib_module_names) - {"nswrap", "__future__"}
-    assert third_party <= declared, f"imported but not declared in pyproject.toml: {third_party - declared}"
+    for source in (pathlib.Path(cli.__file__).parent).glob("*.py"):
+        if source.name not in ("cli.py", "__main__.py"):
+            assert "nswrap.cli" not in source.read_text() and "from nswrap import cli" not in source.read_text(), source

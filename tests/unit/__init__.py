@@ -1,0 +1,1 @@
+"""Unit tests: no root, no kernel changes, seconds in all."""

@@ -1,0 +1,141 @@
+"""firewall.py on captured rulesets: what would drop nswrap's forwarded flows, and who else uses
+its mark bits. The inputs are real `nft -j list ruleset` and `iptables-legacy-save` outputs of
+throwaway namespaces set up like Docker, ufw, firewalld... (tests/unit/fixtures/capture.py). No root.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+
+from nswrap.datapath import Room
+from nswrap.firewall import Blocker, FirewallFacts, blockers, how_to_fix, mark_users, rooms
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+MASK = 0xF0000000
+
+
+def ruleset(name: str) -> FirewallFacts:
+    return FirewallFacts(tuple(json.loads((FIXTURES / f"ruleset-{name}.json").read_text())["nftables"]))
+
+
+def legacy(name: str) -> FirewallFacts:
+    return FirewallFacts((), (FIXTURES / f"{name}.save").read_text())
+
+
+FORWARD_DROP = "iptables-nft chain FORWARD (policy drop)"
+
+
+# --- blockers --------------------------------------------------------------------------------------
+
+
+def test_docker_makes_room_in_docker_user():
+    """Docker's FORWARD policy is drop; its documented hook for other tools is DOCKER-USER. The
+    capture also holds nswrap's own table, which is never a blocker."""
+    facts = ruleset("docker")
+    assert any(item.get("table", {}).get("name") == "nswrap" for item in facts.nft)
+    assert blockers(facts) == [Blocker(FORWARD_DROP, "iptables-nft", "DOCKER-USER")]
+
+
+def test_ufw_makes_room_at_the_top_of_forward():
+    assert blockers(ruleset("ufw")) == [Blocker(FORWARD_DROP, "iptables-nft", "FORWARD")]
+
+
+def test_ufw_with_ipv6_drops_ipv6_flows_too():
+    found = blockers(ruleset("ufw6"))
+    assert Blocker(FORWARD_DROP, "iptables-nft", "FORWARD") in found
+    assert any("ip6" in b.where for b in found), found
+
+
+def test_firewalld_lets_dnat_flows_pass():
+    """firewalld's forward chain rejects the rest, but accepts `ct status dnat` first."""
+    assert blockers(ruleset("firewalld")) == []
+
+
+def test_a_native_drop_chain_is_refused_not_edited():
+    [blocker] = blockers(ruleset("native-drop"))
+    assert blocker == Blocker("nft chain inet filter forward (policy drop)", None)
+    message = how_to_fix(blocker)
+    assert "nft chain inet filter forward (policy drop)" in message and "does not edit other tools' nft tables" in message
+    assert 'iifname "nsw-*" accept' in message
+
+
+def test_an_accept_after_an_unconditional_drop_does_not_help():
+    assert blockers(ruleset("drop-first")) == [Blocker("nft chain inet strict forward (a drop rule)", None)]
+
+
+def test_legacy_docker():
+    assert blockers(legacy("legacy-docker")) == [
+        Blocker("iptables-legacy chain FORWARD (policy DROP)", "iptables-legacy", "DOCKER-USER")]
+
+
+def test_legacy_reject_rule():
+    assert blockers(legacy("legacy-reject")) == [
+        Blocker("iptables-legacy chain FORWARD (a DROP/REJECT rule)", "iptables-legacy", "FORWARD")]
+
+
+def test_only_the_forward_hook_matters():
+    facts = FirewallFacts((
+        {"chain": {"family": "inet", "table": "filter", "name": "input", "hook": "input", "policy": "drop"}},
+        {"chain": {"family": "ip", "table": "nswrap", "name": "guard", "hook": "forward", "policy": "drop"}},
+        {"chain": {"family": "inet", "table": "filter", "name": "forward", "hook": "forward", "policy": "accept"}},
+        {"rule": {"family": "inet", "table": "filter", "chain": "forward", "expr": [{"counter": None}, {"accept": None}]}},
+    ), "*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j DROP\nCOMMIT\n")
+    assert blockers(facts) == []
+
+
+def test_nothing_at_all():
+    assert blockers(FirewallFacts()) == [] and mark_users(FirewallFacts(), MASK) == []
+
+
+def test_rooms_are_narrow_and_tagged():
+    assert rooms(Blocker(FORWARD_DROP, "iptables-nft", "DOCKER-USER")) == [
+        Room("iptables-nft", "DOCKER-USER", ("-i", "nsw-+", "-m", "comment", "--comment", "nswrap", "-j", "ACCEPT")),
+        Room("iptables-nft", "DOCKER-USER", ("-o", "nsw-+", "-m", "conntrack", "--ctstate", "DNAT,RELATED,ESTABLISHED",
+                                             "-m", "comment", "--comment", "nswrap", "-j", "ACCEPT")),
+    ]
+    with pytest.raises(AssertionError):
+        rooms(Blocker("nft chain inet filter forward (policy drop)", None))
+
+
+# --- mark users ----------------------------------------------------------------------------------
+
+
+def test_a_foreign_mark_under_our_mask():
+    assert mark_users(ruleset("marks-foreign"), MASK) == ["nft table inet marker chain pre"]
+    assert mark_users(ruleset("marks-foreign"), 0x0F000000) == []
+
+
+def test_nswrap_and_docker_use_no_foreign_marks():
+    assert mark_users(ruleset("docker"), MASK) == []  # nswrap's own table is in this capture
+
+
+def test_kube_proxy_marks_are_not_ours():
+    facts = ruleset("marks-compatible")
+    users = mark_users(FirewallFacts(tuple(i for i in facts.nft if "tailscale" not in json.dumps(i))), MASK)
+    assert users == []
+    # tailscale-like keeps bit 0x4000 (its AND mask has it) and sets 0x40000: no conflict there
+    assert mark_users(facts, 0x00004000) == ["nft table ip kube-proxy-like chain mark-for-masquerade",
+                                             "nft table ip kube-proxy-like chain postrouting"]
+
+
+def test_a_rule_that_keeps_our_bits_is_not_a_user():
+    assert mark_users(ruleset("marks-compatible"), MASK) == []
+
+
+def test_an_iptables_nft_mark_match():
+    assert "nft table ip mangle chain OUTPUT" in mark_users(ruleset("marks-iptables-nft"), MASK)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG firewall.mark_users: iptables-nft's `-j MARK --set-xmark 0x20000000` lists as "
+                                       "{'xt': {'type': 'target', 'name': 'MARK'}} without its value: unnoticed")
+def test_an_iptables_nft_mark_target():
+    assert "nft table ip mangle chain PREROUTING" in mark_users(ruleset("marks-iptables-nft"), MASK)
+
+
+def test_legacy_mark_users():
+    assert mark_users(legacy("legacy-docker"), MASK) == ["iptables-legacy table mangle chain PREROUTING"]
+    assert mark_users(legacy("legacy-docker"), 0x0F000000) == ["iptables-legacy table mangle chain PREROUTING"]  # /0xffffffff
+    assert mark_users(legacy("legacy-reject"), MASK) == []
