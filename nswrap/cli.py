@@ -85,7 +85,7 @@ def cli() -> None:
     this host, gets its answer from the address it asked, through the uplink it came in on.
 
     \b
-      nswrap --ports 53,53/tcp -- unbound -d
+      nswrap --ports 53,53/tcp -- unbound -d -c examples/unbound.conf
       nswrap --ports 123 --uplink eth0 --uplink eth1=198.51.100.1 -- chronyd -d
       nswrap --config /etc/nswrap/dns.toml
     """
@@ -98,7 +98,7 @@ def cli() -> None:
                    "comma-separated, repeatable.")
 @click.option("-u", "--uplink", "uplinks", multiple=True, metavar="IFACE[=GATEWAY]", **_env("UPLINK"),
               shell_complete=_complete_interfaces,
-              help="Serve clients arriving on IFACE (repeatable). Default: every interface with a global IPv4 address.")
+              help="Serve clients arriving on IFACE (repeatable). Default: every interface with a global address.")
 @click.option("--subnet", metavar="CIDR", **_env("SUBNET"),
               help="Internal subnet between host and server (default: a free /30 in 198.18.0.0/15).")
 @click.option("--mark-mask", default="0xf0000000", show_default=True, metavar="MASK", **_env("MARK_MASK"),
@@ -115,9 +115,9 @@ def cli() -> None:
 @click.option("--stop-timeout", type=float, default=10.0, show_default=True, metavar="SECONDS", **_env("STOP_TIMEOUT"),
               help="After forwarding SIGTERM/SIGINT, SIGKILL the server's processes after this long (0: never).")
 @click.option("--ready-fd", type=int, metavar="N", **_env("READY_FD"),
-              help="Write a line to fd N once the rules are live and the server started.")
+              help="Write READY to fd N once the server listens on every published port.")
 @click.option("--dry-run", is_flag=True, **_env("DRY_RUN"),
-              help="Print the plan (ip commands, sysctls, nft ruleset) and exit; change nothing.")
+              help="Print what a start would change here, as shell lines, and exit; change nothing.")
 @click.option("-v", "--verbose", count=True, **_env("VERBOSE"), help="-v: log each host change as a shell line; -vv: debug.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
