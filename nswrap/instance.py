@@ -31,7 +31,7 @@ from nswrap.errors import NswrapError, UsageError
 from nswrap.facts import Facts, gather, netns_id
 from nswrap.follow import Follower
 from nswrap.state import Record, State, StateDir, hold, new_id
-from nswrap.supervise import Credentials, Interrupted, Supervisor, exit_status
+from nswrap.supervise import FORWARDED, Credentials, Interrupted, Supervisor, exit_status
 
 log = logging.getLogger("nswrap")
 
@@ -341,29 +341,38 @@ class Life:
     # --- stop ----------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Teardown: best effort, never interrupted; what fails is said and left to the next sync."""
+        """Teardown: best effort, never interrupted; what fails is said and left to the next
+        sync (or `nswrap cleanup`), and never hides the error that made nswrap stop."""
         if self.record is None:
             return
         self.supervisor.tearing_down = True
         instance = self.instance
-        with self.state.dir.lock():
-            self.state.forget(instance.id)
-            facts = gather(self.kernel.routing)
-            live = tuple(r.instance for r in self.state.live() if r.id != instance.id)
-            table = nft.read_table()
-            had_flows = table is None or any(packets for (_, e), (packets, _) in table.counters.items()
-                                             if e.comment == instance.id)
-            plan = sync.plan(facts, table, self.state.allocation(), live, self.config.mark_mask)
-            tx = Transaction(self.kernel)
-            for change in plan.changes:
+        had_flows = True
+        try:
+            with self.state.dir.lock():
+                self.state.forget(instance.id)
+                facts = gather(self.kernel.routing)
+                live = tuple(r.instance for r in self.state.live() if r.id != instance.id)
                 try:
-                    tx.run(change)
-                except Exception as e:
-                    log.warning("teardown: %s: %s", change.render().splitlines()[0], e)
-            tx.commit()
-            self.state.save_allocation(plan.after)
-            if plan.after is None and not live:
-                self.state.dir.retire()
+                    table = nft.read_table()
+                except NswrapError as e:
+                    log.warning("teardown: %s", e)
+                    table = None
+                had_flows = table is None or any(packets for (_, e), (packets, _) in table.counters.items()
+                                                 if e.comment == instance.id)
+                plan = sync.plan(facts, table, self.state.allocation(), live, self.config.mark_mask)
+                tx = Transaction(self.kernel)
+                for change in plan.changes:
+                    try:
+                        tx.run(change)
+                    except Exception as e:
+                        log.warning("teardown: %s: %s", change.render().splitlines()[0], e)
+                tx.commit()
+                self.state.save_allocation(plan.after)
+                if plan.after is None and not live:
+                    self.state.dir.retire()
+        except (NswrapError, OSError) as e:
+            log.warning("teardown: %s (nswrap cleanup removes what is left)", e)
         if had_flows and conntrack_count() != 0:
             self._forget_flows(instance)
         self._forget_record()
@@ -487,6 +496,8 @@ def run(config: Config) -> int:
     finally:
         supervisor.tearing_down = True
         life.stop()
+        for signum in FORWARDED:  # the interpreter's shutdown must not die of a late stop signal
+            signal.signal(signum, signal.SIG_IGN)
 
 
 

@@ -132,6 +132,7 @@ class Supervisor:
     def start(self, command: tuple[str, ...], netns_fd: int, env: dict[str, str], creds: Credentials | None) -> None:
         """Fork the init into a new PID namespace; return once the server has been exec'd."""
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        self._status_r, status_w = os.pipe2(os.O_CLOEXEC)
         own_pidns = namespaces.own("pid")
         held = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)  # none lost, none half-handled
         try:
@@ -145,8 +146,8 @@ class Supervisor:
                 if pid == 0:
                     code = EXIT_FAILED
                     try:
-                        _close_all_but(netns_fd, report_w)  # nswrap's sockets, locks, a --ready-fd: not the init's
-                        code = _init(command, netns_fd, env, creds, report_w)
+                        _close_all_but(netns_fd, report_w, status_w)  # nswrap's sockets, locks, a --ready-fd: not the init's
+                        code = _init(command, netns_fd, env, creds, report_w, status_w)
                     finally:
                         os._exit(code)
             finally:
@@ -155,25 +156,27 @@ class Supervisor:
         finally:
             os.close(own_pidns)
             os.close(report_w)
+            os.close(status_w)
             if self.init_pid is None:
                 os.close(report_r)
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
         with os.fdopen(report_r, "rb") as report:
             outcome = report.read()
         if outcome != b"ok":
-            self.wait()
+            self.wait(report=False)
             if outcome.startswith(b"exec:"):
                 raise _exec_error(command[0], int(outcome[5:]))
             raise NswrapError(f"the server's init failed: {outcome.decode(errors='replace') or 'no report'}")
 
-    def wait(self, fds: list[int] | None = None, on_ready: Callable[[list[int]], float | None] | None = None) -> int:
+    def wait(self, fds: list[int] | None = None, on_ready: Callable[[list[int]], float | None] | None = None,
+             report: bool = True) -> int:
         """Wait for the init, reaping anything else that ends up as our child (nswrap as PID 1).
 
-        `on_ready(ready_fds)` is called when one of `fds` is readable, or when the time it last
-        returned (seconds from now) has passed; it returns the next such time, or None."""
+        `on_ready(ready_fds)` is called at once, then when one of `fds` is readable, or when the
+        time it last returned (seconds from now) has passed; it returns the next such time, or None."""
         assert self.init_pid is not None
         pidfd = os.pidfd_open(self.init_pid)
-        due: float | None = None
+        due: float | None = time.monotonic() if on_ready else None
         try:
             while True:
                 now = time.monotonic()
@@ -184,10 +187,10 @@ class Supervisor:
                 if status is not None:
                     self.tearing_down = True
                     signal.setitimer(signal.ITIMER_REAL, 0)
-                    code = os.waitstatus_to_exitcode(status)
+                    code = self._server_status(os.waitstatus_to_exitcode(status))
                     said = describe_exit(code)
-                    if said:
-                        log.warning("%s", said)
+                    if said and report and not (self.stop_asked is not None and code in (-s for s in STOPPING)):
+                        log.warning("%s", said)  # (dying of the stop signal it was sent is no news)
                     return exit_status(code)
                 ready = [fd for fd in ready if fd != pidfd]
                 if on_ready and (ready or (due is not None and time.monotonic() >= due)):
@@ -195,6 +198,21 @@ class Supervisor:
                     due = None if next_in is None else time.monotonic() + next_in
         finally:
             os.close(pidfd)
+
+    def _server_status(self, init_code: int) -> int:
+        """The server's own exit code (negative: its signal), as the init saw it: the init, PID 1
+        of its namespace, cannot die of the server's signal itself. The init's if it said none
+        (killed by --stop-timeout, say)."""
+        try:
+            told = os.read(self._status_r, 32)
+        except OSError:
+            told = b""
+        finally:
+            os.close(self._status_r)
+        try:
+            return int(told) if told else init_code
+        except ValueError:
+            return init_code
 
     def _say_still_waiting(self, now: float) -> None:
         """A server slow to stop (dnsmasq -k ignores SIGINT): say once what nswrap waits for."""
@@ -234,7 +252,7 @@ class Supervisor:
 # --- the init, PID 1 of the server's PID namespace (runs in the forked child only) ------------
 
 
-def _init(command, netns_fd: int, env, creds: Credentials | None, report_w: int) -> int:
+def _init(command, netns_fd: int, env, creds: Credentials | None, report_w: int, status_w: int) -> int:
     namespaces.die_with_parent(signal.SIGKILL)
     # nswrap, outside our PID namespace, shows as ppid 0: tell whether it died before PDEATHSIG
     # was armed by its end of the report pipe (a closed read end makes ours poll POLLERR).
@@ -286,7 +304,10 @@ def _init(command, netns_fd: int, env, creds: Credentials | None, report_w: int)
             return code  # the last process of the namespace is gone
         if reaped == pid:
             running.clear()
-            code = exit_status(os.waitstatus_to_exitcode(status))
+            raw = os.waitstatus_to_exitcode(status)
+            code = exit_status(raw)
+            os.write(status_w, str(raw).encode())  # nswrap tells "killed by SIGSEGV" from "exited 139"
+            os.close(status_w)
             if stopping:  # asked to stop and the server is gone: so is everything it left running
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(-1, stopping[-1])
