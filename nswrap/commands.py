@@ -107,21 +107,22 @@ def cleanup() -> int:
     return 0
 
 
-def _flows(record: Record, marks: dict[int, str], deadline: float) -> tuple[dict[str, int], bool]:
-    """Live flows of an instance per uplink (by their ct mark), and whether counting finished."""
-    counts: dict[str, int] = {}
+def _flows(records: list[Record], marks: dict[int, str], deadline: float) -> tuple[dict[tuple[str, str], int], bool]:
+    """Live flows per (instance, uplink), from one kernel-filtered dump of the DNATed flows of
+    both families (their replies come from the instance's server); whether counting finished."""
+    owner = {r.instance.server(v): r for r in records for v in r.instance.families}
+    counts: dict[tuple[str, str], int] = {}
     complete = True
     with netlink.Conntrack() as ct:
-        for version in record.instance.families:
-            try:
-                flows = ct.flows(version, reply_src=record.instance.server(version), deadline=deadline)
-            except netlink.FlowsTruncated as e:
-                flows, complete = e.flows, False
-            for flow in flows:
-                name = marks.get(flow.mark & record.mark_mask, "local")
-                counts[name] = counts.get(name, 0) + 1
-            if not complete:
-                break
+        try:
+            flows = ct.flows(None, dnat_only=True, deadline=deadline)
+        except netlink.FlowsTruncated as e:
+            flows, complete = e.flows, False
+    for flow in flows:
+        record = owner.get(flow.reply_src)
+        if record is not None:
+            key = (record.id, marks.get(flow.mark & record.mark_mask, "lo"))
+            counts[key] = counts.get(key, 0) + 1
     return counts, complete
 
 
@@ -140,15 +141,15 @@ def _rows(state: State, facts: Facts) -> list[dict]:
     allocation = state.allocation()
     marks = {allocation.mark(u.index): u.ifname for u in allocation.uplinks} if allocation else {}
     table = nft.read_table()
-    deadline = time.monotonic() + LIST_FLOWS_SECONDS
+    live = state.live()
+    flows, complete = _flows(live, marks, time.monotonic() + LIST_FLOWS_SECONDS)
     rows = []
-    for record in state.live():
+    for record in live:
         started: dict[str, int] = {}
         for (name, element), (packets, _) in (table.counters.items() if table else ()):
             if element.comment == record.id and name.startswith(("keep", "remap")):
                 uplink = element.key[0].strip('"')
                 started[uplink] = started.get(uplink, 0) + packets
-        flows, complete = _flows(record, marks, deadline)
         uplinks = []
         for version in record.instance.families:
             for name in instance_uplinks(facts, record.instance, version):
@@ -161,13 +162,14 @@ def _rows(state: State, facts: Facts) -> list[dict]:
                     "gateways": sorted({str(r.gateway) for r in facts.routes
                                         if r.table in tables and r.is_default and r.gateway}),
                     "flows_started": started.get(name, 0),
-                    "flows": flows.get(name, 0),
+                    "flows": flows.get((record.id, name), 0),
                 })
         rows.append({
             "id": record.id, "pid": record.pid, "command": record.command,
             "ports": [str(p) for p in record.instance.ports],
             "started": datetime.datetime.fromtimestamp(record.started, datetime.timezone.utc).isoformat(timespec="seconds"),
             "local_flows_started": started.get("lo", 0),
+            "local_flows": flows.get((record.id, "lo"), 0),
             "flows_counted": complete,
             "uplinks": uplinks,
         })

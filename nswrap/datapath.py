@@ -351,6 +351,11 @@ def _sysctls(b: _Builder, uplinks: tuple[Uplink, ...], families: dict[str, tuple
                 want(4, u.ifname, "src_valid_mark")
             else:
                 want(6, u.ifname, "force_forwarding")
+    for instance in b.instances:  # set when the veth is made; put back if someone resets it
+        if b.facts.sysctl(sysctl_key(4, instance.veth, "forwarding")) is not None:
+            want(4, instance.veth, "forwarding")
+        if 6 in instance.families and b.facts.sysctl(sysctl_key(6, instance.veth, "force_forwarding")) is not None:
+            want(6, instance.veth, "force_forwarding")
     if any(i.outbound for i in b.instances):
         for version in (4, 6):
             if version == 6 and not any(i.subnet6 for i in b.instances):
@@ -371,7 +376,8 @@ def guarded(allocation: Allocation, facts: Facts, version: int) -> list[str]:
         if parts[1] == f"ipv{version}" and parts[-1] == setting and change.original == "0":
             if version == 6 and facts.sysctl("net/ipv6/conf/all/forwarding") == "1":
                 continue
-            names.append(parts[3])
+            if not parts[3].startswith(HOST_PREFIX):  # a veth's own forwarding is not the host's routing
+                names.append(parts[3])
     return sorted(set(names))
 
 

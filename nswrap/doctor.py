@@ -57,6 +57,7 @@ def _conntrack() -> str:
             use[key] = "?"
     with netlink.Conntrack() as ct:
         ct.flows(4, orig_proto=17, orig_dport=1)  # the kernel answers filtered dumps
+        ct.flows(None, dnat_only=True)
     return f"{use['count']} of {use['max']} entries in use; filtered dumps work"
 
 

@@ -118,7 +118,11 @@ def gather(routing: Routing) -> Facts:
     links = tuple(info.link for info in infos)
     names = {link.index: link.ifname for link in links}
     sysctls = {}
-    for key in sysctl_keys([link.ifname for link in links if link.ifname != "lo" and not link.ifname.startswith(HOST_PREFIX)]):
+    keys = sysctl_keys([link.ifname for link in links if link.ifname != "lo" and not link.ifname.startswith(HOST_PREFIX)])
+    for link in links:  # nswrap's veths: a write to net.ipv4.ip_forward resets their forwarding too
+        if link.ifname.startswith(HOST_PREFIX):
+            keys += [sysctl_key(4, link.ifname, "forwarding"), sysctl_key(6, link.ifname, "force_forwarding")]
+    for key in keys:
         value = read_sysctl(key)
         if value is not None:
             sysctls[key] = value

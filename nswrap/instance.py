@@ -37,7 +37,6 @@ log = logging.getLogger("nswrap")
 
 CAP_NET_ADMIN, CAP_SYS_ADMIN = 12, 21
 STOP_FLUSH_SECONDS = 2.0  # forgetting this instance's flows at stop: bounded, the rest expire
-STALE_PORT_DUMPS = 4  # per-port conntrack dumps at start up to this many ports, then per protocol
 
 
 def conntrack_count() -> int:
@@ -239,35 +238,29 @@ class Life:
 
     def forget_stale_flows(self) -> None:
         """Flows to the published ports that began before the DNAT (a client that kept sending
-        while no server ran) would bypass it until they expire. The kernel finds them: a dump
-        filtered by protocol and port (and address, with --address); each dump walks the whole
-        conntrack hash, so beyond a few ports one dump per protocol, filtered here by port.
-        Runs while the server starts, which takes longer (READY waits for both)."""
+        while no server ran) would bypass it until they expire. The kernel finds them: one dump
+        per family and protocol (each walks the whole conntrack hash), filtered by port when one
+        is published, and by address with --address; the ports of ranges are matched here.
+        Runs while the server starts (READY waits for it); not at all on an empty table."""
         if conntrack_count() == 0:
             return
         instance = self.instance
         addresses = [a for a in instance.addresses if not a.is_loopback] or [None]
         items = (*instance.ports, *instance.loopback_ports)
+        stale = []
         with netlink.Conntrack() as ct:
             for version in instance.families:
-                for address in addresses:
-                    if address is not None and address.version != version:
-                        continue
-                    stale = []
+                for address in (a for a in addresses if a is None or a.version == version):
                     for proto in ("udp", "tcp"):
-                        spans = [(p.outer_lo, p.outer_hi) for p in items if p.proto == proto]
-                        ports = [port for lo, hi in spans for port in range(lo, hi + 1)]
-                        number = netlink.PROTO_NUMBERS[proto]
-                        if 0 < len(ports) <= STALE_PORT_DUMPS:
-                            for port in ports:
-                                stale += ct.flows(version, orig_proto=number, orig_dport=port, orig_dst=address)
-                        elif ports:
-                            wanted = set(ports)
-                            stale += [f for f in ct.flows(version, orig_proto=number, orig_dst=address, with_port=True)
-                                      if f.dport in wanted]
-                    if stale:
-                        log.info("conntrack: forgetting %d flows that began before the DNAT", len(stale))
-                        ct.delete(version, stale)
+                        ports = {port for p in items if p.proto == proto for port in range(p.outer_lo, p.outer_hi + 1)}
+                        if not ports:
+                            continue
+                        single = next(iter(ports)) if len(ports) == 1 else None
+                        stale += [f for f in ct.flows(version, orig_proto=netlink.PROTO_NUMBERS[proto], orig_dport=single,
+                                                      orig_dst=address) if f.dport in ports]
+            if stale:
+                log.info("conntrack: forgetting %d flows that began before the DNAT", len(stale))
+                ct.delete(stale)
 
     def start_server(self, creds: Credentials | None) -> None:
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET" and not k.startswith("NSWRAP_")}
@@ -379,21 +372,23 @@ class Life:
         self.kernel.close()
 
     def _forget_flows(self, instance: Instance) -> None:
-        """This instance's flows (their replies come from its server): found by the kernel,
-        deleted in batches, for at most a couple of seconds; what remains can only time out."""
+        """This instance's flows (DNATed, their replies come from its server): found in one
+        kernel-filtered dump, deleted in batches, for at most a couple of seconds; what remains
+        can only time out (its server is gone)."""
         deadline = time.monotonic() + STOP_FLUSH_SECONDS
+        servers = {instance.server(v) for v in instance.families}
         try:
             with netlink.Conntrack() as ct:
-                for version in instance.families:
-                    try:
-                        flows = ct.flows(version, reply_src=instance.server(version), deadline=deadline)
-                    except netlink.FlowsTruncated as e:
-                        flows = e.flows
-                    for i in range(0, len(flows), 1000):
-                        if time.monotonic() > deadline:
-                            log.info("conntrack: %d flows of this instance are left to time out", len(flows) - i)
-                            return
-                        ct.delete(version, flows[i:i + 1000])
+                try:
+                    flows = ct.flows(None, dnat_only=True, deadline=deadline)
+                except netlink.FlowsTruncated as e:
+                    flows = e.flows
+                mine = [f for f in flows if f.reply_src in servers]
+                for i in range(0, len(mine), 1000):
+                    if time.monotonic() > deadline:
+                        log.info("conntrack: %d flows of this instance are left to time out", len(mine) - i)
+                        return
+                    ct.delete(mine[i:i + 1000])
         except OSError as e:
             log.warning("conntrack: could not forget this instance's flows: %s", e)
 

@@ -65,7 +65,8 @@ IPV4_DEVCONF = {"forwarding": 1, "rp_filter": 8, "src_valid_mark": 24, "route_lo
 # nfnetlink
 NFNL_SUBSYS_CTNETLINK, NFNL_SUBSYS_NFTABLES = 1, 10
 IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 1, 2
-CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_MARK, CTA_MARK_MASK, CTA_FILTER = 1, 2, 8, 21, 25
+CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_STATUS, CTA_MARK, CTA_MARK_MASK, CTA_FILTER, CTA_STATUS_MASK = 1, 2, 3, 8, 21, 25, 26
+IPS_DST_NAT = 1 << 5
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
 CTA_IP_SRC = {4: 1, 6: 3}
 CTA_IP_DST = {4: 2, 6: 4}
@@ -524,6 +525,21 @@ def _ct(kind: int) -> int:
     return NFNL_SUBSYS_CTNETLINK << 8 | kind
 
 
+def _flow(a: dict[int, bytes]) -> Flow:
+    orig = parse_attrs(a.get(CTA_TUPLE_ORIG, b""))
+    ip, l4 = parse_attrs(orig.get(CTA_TUPLE_IP, b"")), parse_attrs(orig.get(CTA_TUPLE_PROTO, b""))
+    version = 6 if CTA_IP_DST[6] in ip else 4
+    reply_ip = parse_attrs(parse_attrs(a.get(CTA_TUPLE_REPLY, b"")).get(CTA_TUPLE_IP, b""))
+    return Flow(
+        orig=attr(CTA_TUPLE_ORIG | NLA_F_NESTED, a.get(CTA_TUPLE_ORIG, b"")),
+        mark=struct.unpack("!I", a[CTA_MARK])[0] if CTA_MARK in a else 0,
+        version=version,
+        dport=struct.unpack("!H", l4[CTA_PROTO_DST_PORT])[0] if CTA_PROTO_DST_PORT in l4 else -1,
+        dst=_ip(ip.get(CTA_IP_DST[version])),
+        reply_src=_ip(reply_ip.get(CTA_IP_SRC[version])),
+    )
+
+
 def _tuple(version: int, src=None, dst=None, proto: int | None = None, dport: int | None = None) -> bytes:
     ip = b""
     if src is not None:
@@ -539,7 +555,10 @@ def _tuple(version: int, src=None, dst=None, proto: int | None = None, dport: in
 class Flow:
     orig: bytes  # the CTA_TUPLE_ORIG attribute as the kernel sent it: enough to delete the entry
     mark: int
-    dport: int = -1  # the original destination port, when asked for
+    version: int  # the address family
+    dport: int = -1  # the original destination port
+    dst: object = None  # the original destination address
+    reply_src: object = None  # where the replies come from: a server's address, for DNATed flows
 
 
 class Conntrack:
@@ -557,43 +576,33 @@ class Conntrack:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def flows(self, version: int, *, orig_proto: int | None = None, orig_dport: int | None = None, orig_dst=None,
-              reply_src=None, with_port: bool = False, deadline: float | None = None) -> list[Flow]:
-        """Entries of one family, filtered in the kernel by the original protocol, port and
-        destination, or by the reply's source; `with_port` reads each one's destination port."""
-        af = FAMILIES[version].af
+    def flows(self, version: int | None, *, orig_proto: int | None = None, orig_dport: int | None = None,
+              orig_dst=None, dnat_only: bool = False, deadline: float | None = None) -> list[Flow]:
+        """Entries, filtered in the kernel: of one family by the original protocol, port and
+        destination; or, with `version` None, of both families at once (one walk of the whole
+        conntrack hash, which is what a dump costs: ~20 ms here), e.g. the DNATed ones."""
+        af = FAMILIES[version].af if version is not None else socket.AF_UNSPEC
         body = _NFGEN.pack(af, 0, 0)
-        orig_flags = reply_flags = 0
         if orig_proto is not None or orig_dst is not None:
+            assert version is not None, "tuple filters need a family"
             body += nested(CTA_TUPLE_ORIG, _tuple(version, dst=orig_dst, proto=orig_proto, dport=orig_dport))
-            orig_flags = ((FILTER_PROTO_NUM if orig_proto is not None else 0) | (FILTER_DST_PORT if orig_dport is not None else 0)
-                          | (FILTER_IP_DST if orig_dst is not None else 0))
-        if reply_src is not None:
-            body += nested(CTA_TUPLE_REPLY, _tuple(version, src=reply_src))
-            reply_flags = FILTER_IP_SRC
-        if orig_flags or reply_flags:
-            body += nested(CTA_FILTER, u32(CTA_FILTER_ORIG_FLAGS, orig_flags), u32(CTA_FILTER_REPLY_FLAGS, reply_flags))
-        out = []
+            flags = ((FILTER_PROTO_NUM if orig_proto is not None else 0) | (FILTER_DST_PORT if orig_dport is not None else 0)
+                     | (FILTER_IP_DST if orig_dst is not None else 0))
+            body += nested(CTA_FILTER, u32(CTA_FILTER_ORIG_FLAGS, flags), u32(CTA_FILTER_REPLY_FLAGS, 0))
+        if dnat_only:
+            body += be32(CTA_STATUS, IPS_DST_NAT) + be32(CTA_STATUS_MASK, IPS_DST_NAT)
         try:
             messages, complete = self.sock.dump(_ct(IPCTNL_MSG_CT_GET), body, deadline), True
         except DumpTruncated as e:
             messages, complete = e.messages, False
-        for m in messages:
-            a = parse_attrs(m.body, _NFGEN.size)
-            port = -1
-            if with_port:
-                l4 = parse_attrs(parse_attrs(a.get(CTA_TUPLE_ORIG, b"")).get(CTA_TUPLE_PROTO, b""))
-                port = struct.unpack("!H", l4[CTA_PROTO_DST_PORT])[0] if CTA_PROTO_DST_PORT in l4 else -1
-            mark = struct.unpack("!I", a[CTA_MARK])[0] if CTA_MARK in a else 0
-            out.append(Flow(attr(CTA_TUPLE_ORIG | NLA_F_NESTED, a[CTA_TUPLE_ORIG]), mark, port))
+        out = [_flow(parse_attrs(m.body, _NFGEN.size)) for m in messages]
         if not complete:
             raise FlowsTruncated(out)
         return out
 
-    def delete(self, version: int, flows: Iterable[Flow]) -> int:
+    def delete(self, flows: Iterable[Flow]) -> int:
         """Delete entries (already gone is fine); how many were deleted."""
-        af = FAMILIES[version].af
-        requests = [(_ct(IPCTNL_MSG_CT_DELETE), 0, _NFGEN.pack(af, 0, 0) + f.orig) for f in flows]
+        requests = [(_ct(IPCTNL_MSG_CT_DELETE), 0, _NFGEN.pack(FAMILIES[f.version].af, 0, 0) + f.orig) for f in flows]
         results = self.sock.batch(requests, ignore=frozenset({errno.ENOENT})) if requests else []
         return sum(1 for code in results if code == 0)
 
