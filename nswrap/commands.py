@@ -24,7 +24,7 @@ from nswrap.datapath import Instance, allocate_subnet, check_uplinks, instance_u
 from nswrap.errors import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, NswrapError, UsageError
 from nswrap.facts import Facts, gather, netns_id
 from nswrap.instance import loopback_ports, require_capabilities
-from nswrap.state import RUN_DIR, Record, State, StateDir, readable, remove_dir, vanished
+from nswrap.state import RUN_DIR, Record, State, StateDir, existing, readable, remove_dir, vanished
 from nswrap.supervise import exit_status
 
 log = logging.getLogger("nswrap")
@@ -40,17 +40,18 @@ def _needs_root(what: str) -> None:
 def dry_run(config: Config) -> int:
     """What a start would do here, as shell lines; nothing is changed."""
     _needs_root("--dry-run")
-    state = State(StateDir(netns_id()))
+    state = existing(netns_id())
     with netlink.Routing() as routing:
         facts = gather(routing)
-    live = [r for r in state.records() if state.dir.is_live(r.id)]
+    live = state.live() if state else []
     subnet = allocate_subnet(facts, tuple(r.instance for r in live), config.subnet)
     instance = Instance("d0d0d0", config.ports, subnet, ula_subnet(subnet) if facts.ipv6_per_interface else None,
                         config.uplinks, config.addresses, loopback_ports(config, facts), config.outbound, config.helpers)
     check_uplinks(facts, instance)
     table = nft.read_table()
     rooms = sync.wanted_rooms(sync.probe_firewall(), config.firewall, config.mark_mask) if table is None or not live else None
-    plan = sync.plan(facts, table, state.allocation(), (*(r.instance for r in live), instance), config.mark_mask, rooms)
+    plan = sync.plan(facts, table, state.allocation() if state else None, (*(r.instance for r in live), instance),
+                     config.mark_mask, rooms)
     for warning in plan.datapath.warnings:
         log.warning("%s", warning)
     out = [f"# nswrap, dry run: ports {', '.join(map(str, config.ports))}; uplinks "
@@ -178,10 +179,10 @@ def _rows(state: State, facts: Facts) -> list[dict]:
 
 def list_instances(as_json: bool) -> int:
     _needs_root("nswrap list")
-    state = State(StateDir(netns_id()))
+    state = existing(netns_id())
     with netlink.Routing() as routing:
         facts = gather(routing)
-    rows = _rows(state, facts)
+    rows = _rows(state, facts) if state else []
     use = _conntrack_use()
     if as_json:
         print(json.dumps({"instances": rows, "conntrack": use}, indent=2))
@@ -207,8 +208,8 @@ def exec_in(instance: str, command: tuple[str, ...]) -> int:
     _needs_root("nswrap exec")
     if not command:
         raise UsageError("no command given: nswrap exec ID -- COMMAND [ARG...]")
-    state = State(StateDir(netns_id()))
-    found = [r for r in state.live() if r.id.startswith(instance)] if instance else []
+    state = existing(netns_id())
+    found = [r for r in state.live() if r.id.startswith(instance)] if instance and state else []
     if len(found) != 1:
         raise NswrapError(f"no live nswrap instance {instance!r}" if not found else f"instance id {instance!r} is ambiguous")
     target = found[0].init_pid

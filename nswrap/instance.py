@@ -337,6 +337,7 @@ class Life:
         """Teardown: best effort, never interrupted; what fails is said and left to the next
         sync (or `nswrap cleanup`), and never hides the error that made nswrap stop."""
         if self.record is None:
+            self._leave_no_trace()
             return
         self.supervisor.tearing_down = True
         instance = self.instance
@@ -369,6 +370,16 @@ class Life:
         if had_flows and conntrack_count() != 0:
             self._forget_flows(instance)
         self._forget_record()
+        self.kernel.close()
+
+    def _leave_no_trace(self) -> None:
+        """A start refused before any host change: no directory of ours stays if nothing lives."""
+        try:
+            with self.state.dir.lock():
+                if not self.state.live() and self.state.allocation() is None:
+                    self.state.dir.retire()
+        except (NswrapError, OSError) as e:
+            log.debug("state directory: %s", e)
         self.kernel.close()
 
     def _forget_flows(self, instance: Instance) -> None:

@@ -132,9 +132,10 @@ def dead_records() -> list[str]:
 def _old_rules(facts: Facts) -> list[Change]:
     """The old per-instance fwmark rules and their tables' routes (protocol 110, outside the
     priorities and tables the shared datapath uses) once no old instance is alive."""
-    from nswrap.state import State, StateDir
+    from nswrap.state import existing
 
-    allocation = State(StateDir(netns_id())).allocation()
+    state = existing(netns_id())
+    allocation = state.allocation() if state else None
     ours = range(allocation.priority, allocation.priority + 3) if allocation else range(0)
     our_tables = {u.table for u in allocation.uplinks} if allocation else set()
     old = [r for r in facts.rules if r.proto == PROTO and r.fwmask and r.priority not in ours and r.table not in our_tables]

@@ -68,12 +68,13 @@ def _check_dir(fd: int, path: str) -> None:
         os.fchmod(fd, 0o700)  # ours, but too open (an older nswrap made it 0755): close it
 
 
-def _open_dir(path: str, parent: int | None = None, name: str | None = None) -> int:
+def _open_dir(path: str, parent: int | None = None, name: str | None = None, create: bool = True) -> int:
     where = name if parent is not None else path
-    try:
-        os.mkdir(where, 0o700, dir_fd=parent)
-    except FileExistsError:
-        pass
+    if create:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(where, 0o700, dir_fd=parent)
+    elif not os.path.lexists(path):
+        raise FileNotFoundError(path)
     try:
         fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
     except OSError as e:
@@ -85,12 +86,17 @@ def _open_dir(path: str, parent: int | None = None, name: str | None = None) -> 
 class StateDir:
     """The state directory of this network namespace, opened safely."""
 
-    def __init__(self, netns: str, root: str = RUN_DIR, ours: bool = True):
+    def __init__(self, netns: str, root: str = RUN_DIR, ours: bool = True, create: bool = True):
+        """`create=False`: FileNotFoundError if there is none (commands that only look)."""
         self.root = root
         self.netns = netns
         self.path = f"{root}/{netns}"
-        self._root_fd = _open_dir(root)
-        self.fd = _open_dir(self.path, self._root_fd, netns)
+        self._root_fd = _open_dir(root, create=create)
+        try:
+            self.fd = _open_dir(self.path, self._root_fd, netns, create=create)
+        except BaseException:
+            os.close(self._root_fd)
+            raise
         if ours and self.read(NETNS) is None:  # which namespace this is, for the sweep of vanished ones
             st = os.stat("/proc/thread-self/ns/net")
             self.write(NETNS, f"{st.st_dev} {st.st_ino}\n".encode())
@@ -498,6 +504,14 @@ class State:
         if text not in self.problems:
             self.problems.append(text)
             log.warning("ignoring %s", text)
+
+
+def existing(netns: str, root: str = RUN_DIR) -> State | None:
+    """This namespace's state if there is any, for commands that only look (they create nothing)."""
+    try:
+        return State(StateDir(netns, root, create=False))
+    except FileNotFoundError:
+        return None
 
 
 def hold(state: State, instance: str) -> int:

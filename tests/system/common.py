@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import select
+import signal
 import sys
 from pathlib import Path
 
 import psutil
 
-from tests.lab import unbound_conf, wait_until
+from tests.lab import group_members, unbound_conf, wait_until
+from tests.system.holdlog import STEP_LINE
 
 HERE = Path(__file__).parent
 NSWRAP = [sys.executable, "-m", "nswrap"]
 SIGECHO = [sys.executable, str(HERE / "sigecho.py")]  # prints "ready", echoes signals, exits 3 on SIGTERM
 UDPECHO = [sys.executable, str(HERE / "udpecho.py")]
+HOLDLOG = [sys.executable, str(HERE / "holdlog.py")]  # nswrap held between two host changes
 
 
 def processes_running(marker: str, name: str | None = None) -> list[psutil.Process]:
@@ -34,12 +39,60 @@ def nswrap(lab, *args, timeout=60):
 
 def start(lab, directory: Path, *args, name="nswrap", **popen_kwargs):
     """Start nswrap in the background; stdout/stderr go to directory/<name>.out|.err."""
-    out, err = (directory / f"{name}.out").open("w"), (directory / f"{name}.err").open("w")
-    return lab.spawn(lab.host, [*NSWRAP, *args], stdout=out, stderr=err, **popen_kwargs)
+    with (directory / f"{name}.out").open("w") as out, (directory / f"{name}.err").open("w") as err:
+        return lab.spawn(lab.host, [*NSWRAP, *args], stdout=out, stderr=err, **popen_kwargs)
 
 
 def output(directory: Path, name="nswrap", stream="out") -> str:
     return (directory / f"{name}.{stream}").read_text()
+
+
+def count_steps(log: str) -> int:
+    """How many host changes an -v log records (each logged before it is carried out)."""
+    return sum(line.startswith(STEP_LINE) for line in log.splitlines())
+
+
+def setup_steps(log: str) -> int:
+    """How many host changes the -v log of a start that reached "serving" made before serving."""
+    lines = log.splitlines()
+    serving = next((i for i, line in enumerate(lines) if line.startswith("nswrap: ") and ": serving " in line), None)
+    assert serving is not None, f"no 'serving' line in the log:\n{log}"
+    return count_steps("\n".join(lines[:serving]))
+
+
+class Held:
+    """`nswrap -v ARGS` in the lab's host namespace, held right after its `after`-th host change
+    (tests/system/holdlog.py): a signal sent now lands exactly there. Deterministic, unlike polling
+    the log, which a fast setup outruns. Output in directory/nswrap.out and .err."""
+
+    def __init__(self, lab, directory: Path, after: int, *args):
+        self.lab, self.directory = lab, directory
+        held_r, held_w = os.pipe()
+        go_r, self.go_w = os.pipe()
+        try:
+            argv = [*HOLDLOG, str(after), str(held_w), str(go_r), "--", "-v", *args]
+            with (directory / "nswrap.out").open("w") as out, (directory / "nswrap.err").open("w") as err:
+                self.proc = lab.spawn(lab.host, argv, stdout=out, stderr=err, pass_fds=(held_w, go_r))
+        finally:
+            os.close(held_w)
+            os.close(go_r)
+        with os.fdopen(held_r, "rb") as held:  # a line once held; EOF if nswrap exited before
+            ready = select.select([held], [], [], 30)[0]
+            self.where = held.readline().decode().strip() if ready else ""
+        if not self.where.startswith("held before: "):
+            self.finish(signal.SIGKILL)
+            raise AssertionError(f"nswrap was not held after change {after}:\n{output(directory, stream='err')}")
+
+    def finish(self, sig: int) -> int:
+        """Send `sig` where nswrap is held, let it go on, and return its exit status."""
+        self.proc.send_signal(sig)
+        os.close(self.go_w)
+        if sig == signal.SIGKILL:
+            # nswrap's init (if it started one) dies of PDEATHSIG, which the kernel delivers on its
+            # own time: wait for it before the lab checks that the process group is empty
+            self.proc.wait(10)
+            wait_until(lambda: not group_members(self.proc.pid), 10, what="nswrap's init dies with it")
+        return self.lab.stop(self.proc)
 
 
 def wait_ready(directory: Path, name="nswrap", timeout=20) -> None:
@@ -59,7 +112,8 @@ def dual_stack_unbound(tmp_path, port: int) -> list[str]:
     with open(unbound_conf(tmp_path)) as f:
         text = f.read()
     text = text.replace("interface: 0.0.0.0", "interface: 0.0.0.0\n    interface: ::0").replace("do-ip6: no", "do-ip6: yes")
-    text = text.replace("port: 53", f"port: {port}").replace("access-control: 0.0.0.0/0 allow", "access-control: 0.0.0.0/0 allow\n    access-control: ::/0 allow")
+    text = text.replace("port: 53", f"port: {port}")
+    text = text.replace("access-control: 0.0.0.0/0 allow", "access-control: 0.0.0.0/0 allow\n    access-control: ::/0 allow")
     extra = "    max-udp-size: 4096\n    edns-buffer-size: 4096\n" + "".join(f"    local-data: '{record}'\n" for record in BIG)
     text = text.replace("remote-control:", extra + "\nremote-control:")
     conf = tmp_path / "dual.conf"

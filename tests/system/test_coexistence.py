@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import pathlib
 import shutil
 import signal
-from pathlib import Path
 
 import pytest
 
@@ -39,6 +39,7 @@ nft add rule inet othertool pre meta mark and 0x4000 == 0x4000 counter
 ip rule add fwmark 0x4000/0x4000 lookup 100 priority 100
 ip rule add fwmark 0xca6c lookup 51820 priority 5210
 """
+NFT_DROP = "nft add table inet mine; nft add chain inet mine fw '{ type filter hook forward priority 0; policy drop; }'"
 REMOVE_ALL = """
 nft delete table ip filter 2>/dev/null || true
 nft delete table inet othertool 2>/dev/null || true
@@ -64,6 +65,16 @@ def foreign(lab):
     sh(lab, REMOVE_ALL)
 
 
+def nswrap_accepts(lab: Lab, binary: str, chain: str) -> list[str]:
+    """nswrap's rules in an iptables chain: the two it shares among all its instances, commented
+    `nswrap` (no instance id), accepting what enters (DNATed flows) and leaves its veths."""
+    rules = lab.exec(lab.host, [binary, "-S", chain]).stdout.splitlines()
+    ours = [rule for rule in rules if "nswrap" in rule]
+    assert len(ours) == 2 and all(rule.endswith("-m comment --comment nswrap -j ACCEPT") for rule in ours), rules
+    assert {"-o nsw-+" in ours[0], "-i nsw-+" in ours[1]} == {True} and "DNAT" in ours[0], rules
+    return ours
+
+
 def server_address(lab: Lab) -> str:
     """The server's private address, read from the host's veth (ip -json), not from nswrap."""
     addrs = json.loads(lab.exec(lab.host, ["ip", "-json", "-4", "addr", "show"]).stdout)
@@ -85,7 +96,14 @@ def test_behind_a_drop_policy_every_path_is_answered_and_foreign_state_kept(lab,
         assert wait_answered(lab, path) == TEST_ANSWER, path.name
         assert dig(lab, path, tcp=True) == TEST_ANSWER, path.name
     chain = "DOCKER-USER" if "DOCKER-USER" in firewall else "FORWARD"
-    assert "--comment nswrap-" in lab.exec(lab.host, ["iptables", "-S", chain]).stdout
+    shared = nswrap_accepts(lab, "iptables", chain)
+    second = start(lab, tmp_path, "--ports", "5353", "--", *UDPECHO, "serve", "5353", name="second")
+    wait_ready(tmp_path, name="second")
+    assert nswrap_accepts(lab, "iptables", chain) == shared, "a second instance shares them"
+    c2 = lab.paths[2]
+    assert echo_answered(lab, c2.client, c2.address, 5353), "and is answered through them"
+    assert lab.stop(second) == 128 + signal.SIGTERM
+    assert nswrap_accepts(lab, "iptables", chain) == shared, "the first instance still needs them"
 
     # nothing unpublished is reachable: not via the host's addresses, not straight at the server
     c3 = lab.paths[3]
@@ -104,7 +122,7 @@ def test_iptables_legacy_drop_policy(tmp_path):
         proc = start(lab, tmp_path, "--ports", "53", "--", "unbound", "-d", "-c", unbound_conf(tmp_path))
         for path in lab.paths:
             assert wait_answered(lab, path) == TEST_ANSWER, path.name
-        assert "nswrap-" in lab.exec(lab.host, ["iptables-legacy", "-S", "FORWARD"]).stdout
+        nswrap_accepts(lab, "iptables-legacy", "FORWARD")
         assert lab.stop(proc) == 0
         assert not diff_states(baseline, lab.state()), diff_states(baseline, lab.state())
 
@@ -117,17 +135,21 @@ def test_firewall_off_refuses_and_changes_nothing(lab, foreign):
     assert not diff_states(baseline, lab.state())
 
 
-def test_a_native_nft_drop_chain_is_named_not_edited(lab, tmp_path, foreign):
-    baseline = foreign("nft add table inet mine; nft add chain inet mine fw '{ type filter hook forward priority 0; policy drop; }'")
+def test_a_native_nft_drop_chain_is_named_not_edited(lab, foreign):
+    baseline = foreign(NFT_DROP)
     done = nswrap(lab, "--ports", "53", "--", "true")
     assert done.returncode == 125
     assert "nft chain inet mine fw (policy drop)" in done.stderr and "ct status dnat accept" in done.stderr
     assert not diff_states(baseline, lab.state())
-    # firewalld's way (accepting DNATed flows) lets nswrap's flows through without any change
-    sh(lab, "nft insert rule inet mine fw ct status dnat accept")
+
+
+def test_a_native_nft_drop_chain_that_accepts_dnat_lets_nswrap_serve(lab, tmp_path, foreign):
+    """firewalld's way (accepting DNATed flows) lets nswrap's flows through without any change."""
+    baseline = foreign(NFT_DROP + "; nft insert rule inet mine fw ct status dnat accept")
     proc = start(lab, tmp_path, "--ports", "53", "--", "unbound", "-d", "-c", unbound_conf(tmp_path))
     assert wait_answered(lab, lab.paths[2]) == TEST_ANSWER
     assert lab.stop(proc) == 0
+    assert not diff_states(baseline, lab.state()), diff_states(baseline, lab.state())
 
 
 def test_a_foreign_rule_on_our_mark_bits_is_refused_by_name(lab, foreign):
@@ -185,38 +207,46 @@ def test_the_host_does_not_start_routing_other_traffic(lab, tmp_path, foreign):
     assert lab.stop(proc) == 128 + signal.SIGTERM
 
 
-def test_doctor_says_whether_nswrap_would_work_and_changes_nothing(lab, foreign):
+def test_doctor_says_nswrap_would_work_on_a_plain_host(lab):
     done = nswrap(lab, "doctor")
     assert done.returncode == 0, done.stdout
     assert done.stdout.splitlines()[-1] == "nswrap would work here"
     assert all(line.startswith(("ok ", "note ", "nswrap would")) for line in done.stdout.splitlines())
-    baseline = foreign(DOCKER + "nft add table inet mine; nft add chain inet mine fw '{ type filter hook forward priority 0; policy drop; }'")
+
+
+def test_doctor_names_what_would_fail_and_changes_nothing(lab, foreign):
+    baseline = foreign(DOCKER + NFT_DROP)
     done = nswrap(lab, "doctor")
     assert done.returncode == 1
     assert any(line.startswith("FAIL") and "nft chain inet mine fw" in line for line in done.stdout.splitlines())
     assert not diff_states(baseline, lab.state())
 
 
-def test_a_server_behind_a_loopback_stub_resolver_still_resolves(lab, tmp_path):
-    """The host's resolv.conf names 127.0.0.53 (systemd-resolved's stub), which the server's
-    namespace cannot reach: the server sees its own resolv.conf and still resolves names."""
-    stub_conf = unbound_conf(tmp_path).replace("unbound.conf", "stub.conf")
-    with open(unbound_conf(tmp_path)) as f:
-        text = f.read().replace("interface: 0.0.0.0", "interface: 127.0.0.53")
-    with open(stub_conf, "w") as f:
-        f.write(text)
-    stub = lab.spawn(lab.host, ["unbound", "-d", "-c", stub_conf])
-    etc = Path("/etc/netns") / lab.host  # `ip netns exec` shows these files in place of /etc's
+@pytest.fixture
+def loopback_stub(lab, tmp_path):
+    """The lab host's resolver is a stub on 127.0.0.53 (as systemd-resolved's): an unbound
+    there, named by the host's resolv.conf (`ip netns exec` shows /etc/netns/<ns>/ files in place
+    of /etc's). Removed afterwards."""
+    conf = tmp_path / "stub.conf"
+    conf.write_text(pathlib.Path(unbound_conf(tmp_path)).read_text().replace("interface: 0.0.0.0", "interface: 127.0.0.53"))
+    stub = lab.spawn(lab.host, ["unbound", "-d", "-c", conf])
+    etc = pathlib.Path("/etc/netns") / lab.host
     etc.mkdir(parents=True)
     try:
         (etc / "resolv.conf").write_text("nameserver 127.0.0.53\n")
         wait_until(lambda: dig_from(lab, lab.host, "127.0.0.53", timeout=1), 15, what="the host's stub answers")
-        probe = "cat /etc/resolv.conf; dig +short +tries=3 +time=1 test.example; echo ready; exec sleep 60"
-        proc = start(lab, tmp_path, "--ports", "5353", "--", "sh", "-c", probe)
-        wait_ready(tmp_path)
-        seen = output(tmp_path)
-        assert "nameserver 198.18." in seen and TEST_ANSWER in seen, seen
-        assert lab.stop(proc) == 128 + signal.SIGTERM
+        yield
     finally:
         shutil.rmtree(etc)
         lab.stop(stub)
+
+
+def test_a_server_behind_a_loopback_stub_resolver_still_resolves(lab, tmp_path, loopback_stub):
+    """The host's resolv.conf names 127.0.0.53, a loopback address the server's namespace has no
+    route to: the server keeps that resolv.conf and its queries still reach the host's stub."""
+    probe = "cat /etc/resolv.conf; dig +short +tries=3 +time=1 test.example; echo ready; exec sleep 60"
+    proc = start(lab, tmp_path, "--ports", "5353", "--", "sh", "-c", probe)
+    wait_ready(tmp_path)
+    seen = output(tmp_path).splitlines()
+    assert seen == ["nameserver 127.0.0.53", TEST_ANSWER, "ready"], seen
+    assert lab.stop(proc) == 128 + signal.SIGTERM

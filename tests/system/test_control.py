@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import subprocess
 
-from tests.lab import Lab, TEST_ANSWER, dig, dig_from, unbound_conf, wait_until
+from tests.lab import TEST_ANSWER, Lab, dig, dig_from, unbound_conf, wait_until
 
 # Expected outcome per asked address when unbound runs on the host unwrapped.
 EXPECTED_WITHOUT_NSWRAP = {

@@ -1,6 +1,6 @@
 """Real, unmodified Debian servers and their real clients under nswrap, on the simulated host.
 
-Topology: the multihomed host of tests/lab.py -- clients c1 (behind r1, uplink eth0, asking the
+Topology: the multihomed host of tests/lab/ -- clients c1 (behind r1, uplink eth0, asking the
 primary 192.0.2.10 and the secondary 192.0.2.11), c2 (behind r2, uplink eth1, asking
 198.51.100.10) and c3 (on eth2's own subnet, no gateway, asking 203.0.113.65); r1 and r2 drop
 spoofed sources, the host filters reverse paths strictly. Every server below binds 0.0.0.0 and
@@ -170,37 +170,41 @@ def test_dnsmasq_udp_and_tcp(lab, tmp_path):
     stop(lab, wrapped, 0)  # dnsmasq exits 0 on SIGTERM
 
 
-def test_daemonizing_dnsmasq(lab, tmp_path):
+@pytest.fixture
+def dnsmasq_daemon(lab, tmp_path):
+    """The pid file path of the daemonizing dnsmasq (also a marker unique to the test, in its
+    command line). Whatever nswrap did, the daemon (which left the lab's process group) is
+    killed afterwards, and the kernel has dismantled its namespace before the lab compares."""
+    marker = str(tmp_path / "dnsmasq.pid")
+    yield marker
+    for pid in processes("dnsmasq", marker):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not processes("dnsmasq", marker), 10, what="daemon still alive")
+    wait_until(lambda: not any(
+        link["ifname"].startswith("nsw-")
+        for link in json.loads(lab.exec(lab.host, ["ip", "-json", "link"]).stdout)
+    ), 10, what="the server namespace's veth is still on the host")
+
+
+def test_daemonizing_dnsmasq(lab, tmp_path, dnsmasq_daemon):
     """A classic daemon: dnsmasq without -k forks into the background and its parent exits 0.
 
     nswrap must keep serving while the daemon lives, forward SIGTERM to it, and leave neither
     the daemon nor anything on the host behind.
     """
     require_commands("dnsmasq", "dig")
-    marker = str(tmp_path / "dnsmasq.pid")  # in the daemon's command line, unique to this test
     wrapped = start(lab, tmp_path, "53:5300,53:5300/tcp", dnsmasq(tmp_path, foreground=False))
-    try:
-        pidfile = FsPath(marker)
-        wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), SERVE_TIMEOUT,
-                   what="dnsmasq wrote no pid file")
-        for path in lab.paths:
-            assert served(wrapped, path, lambda p: dig(lab, p, timeout=1), "DNS") == TEST_ANSWER
-            assert dig(lab, path, tcp=True) == TEST_ANSWER, f"{path.name} over TCP"
-        assert wrapped.proc.poll() is None, "nswrap must run as long as the daemon does"
-        # The daemon exits 0 on SIGTERM; 128+15 would tell that nswrap reports the signal.
-        assert lab.stop(wrapped.proc) in (0, SIGTERM_STATUS), wrapped.output()
-        assert not processes("dnsmasq", marker), "the daemon outlived nswrap"
-    finally:
-        # Whatever nswrap did, kill the daemon we started (it left our process group) and wait
-        # until the kernel has dismantled its namespace, so the host check sees the outcome.
-        for pid in processes("dnsmasq", marker):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: not processes("dnsmasq", marker), 10, what="daemon still alive")
-        wait_until(lambda: not any(
-            link["ifname"].startswith("nsw-")
-            for link in json.loads(lab.exec(lab.host, ["ip", "-json", "link"]).stdout)
-        ), 10, what="the server namespace's veth is still on the host")
+    pidfile = FsPath(dnsmasq_daemon)
+    wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), SERVE_TIMEOUT,
+               what="dnsmasq wrote no pid file")
+    for path in lab.paths:
+        assert served(wrapped, path, lambda p: dig(lab, p, timeout=1), "DNS") == TEST_ANSWER
+        assert dig(lab, path, tcp=True) == TEST_ANSWER, f"{path.name} over TCP"
+    assert wrapped.proc.poll() is None, "nswrap must run as long as the daemon does"
+    # The daemon exits 0 on SIGTERM; 128+15 would tell that nswrap reports the signal.
+    assert lab.stop(wrapped.proc) in (0, SIGTERM_STATUS), wrapped.output()
+    assert not processes("dnsmasq", dnsmasq_daemon), "the daemon outlived nswrap"
 
 
 # -- NTP: chrony ----------------------------------------------------------------------------------
@@ -343,6 +347,6 @@ def test_tftpd_hpa(lab, tmp_path):
     for i, path in enumerate(lab.paths):
         with only_from(lab, path):
             got = served(wrapped, path,
-                         lambda p: tftp_get(lab, p, "hello.txt", tmp_path / f"got-{i}"), "TFTP")
+                         lambda p, i=i: tftp_get(lab, p, "hello.txt", tmp_path / f"got-{i}"), "TFTP")
         assert got == content, path.name
     stop(lab, wrapped, 0)  # in.tftpd exits 0 on SIGTERM

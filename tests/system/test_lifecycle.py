@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -18,13 +19,26 @@ import psutil
 import pytest
 
 from tests.lab import TEST_ANSWER, diff_states, dig, unbound_conf, wait_answered, wait_until
-from tests.system.common import NSWRAP, SIGECHO, UDPECHO, processes_running, echo_answered, nswrap, output, start, wait_ready
+from tests.system.common import (
+    NSWRAP,
+    SIGECHO,
+    UDPECHO,
+    Held,
+    echo_answered,
+    nswrap,
+    output,
+    processes_running,
+    setup_steps,
+    start,
+    wait_ready,
+)
 
-STEP_LINE = ("nswrap: ip ", "nswrap: sysctl ", "nswrap: nft ", "nswrap: conntrack ", "nswrap: for port ")
 
-
-def step_lines(directory) -> int:
-    return sum(line.startswith(STEP_LINE) for line in output(directory, stream="err").splitlines())
+def instances(lab) -> list[dict]:
+    """`nswrap list --json`'s instances."""
+    done = nswrap(lab, "list", "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)["instances"]
 
 
 def kill_hard(proc) -> None:
@@ -33,27 +47,28 @@ def kill_hard(proc) -> None:
 
 
 def test_sigkill_at_every_setup_step_then_cleanup_restores_the_host(lab, tmp_path):
-    """Fault injection: SIGKILL right after each logged step, and while serving. After each,
-    `nswrap cleanup` restores the host exactly and no server process remains."""
+    """Fault injection: SIGKILL before the first host change of the setup, right after each of
+    them, and while serving. After each, `nswrap cleanup` restores the host exactly and no
+    server process remains."""
     before = lab.state()
     marker = f"sigecho-{os.getpid()}"
-    total = None
-    for n in ["serving", *range(1, 100)]:
-        if total is not None and n > total:
-            break
-        proc = start(lab, tmp_path, "-v", "--ports", "5353,5353/tcp", "--", *SIGECHO, marker)
-        if n == "serving":
-            wait_ready(tmp_path)
-            total = step_lines(tmp_path)  # every step logged once, before it is carried out
-            assert total > 20
+    server = ("--ports", "5353,5353/tcp", "--", *SIGECHO, marker)
+    proc = start(lab, tmp_path, "-v", *server)
+    wait_until(lambda: "serving 5353/" in output(tmp_path, stream="err") or proc.poll() is not None, 30, what="serving")
+    total = setup_steps(output(tmp_path, stream="err"))
+    assert total > 20, output(tmp_path, stream="err")
+    for step in ["serving", *range(total + 1)]:
+        if step == "serving":
+            kill_hard(proc)
         else:
-            wait_until(lambda: step_lines(tmp_path) >= n or proc.poll() is not None, 20, what=f"step {n}")
-        kill_hard(proc)
-        wait_until(lambda: not processes_running(marker), 10, what=f"no server left after SIGKILL at step {n}")
+            held = Held(lab, tmp_path, step, *server)
+            assert held.finish(signal.SIGKILL) == -signal.SIGKILL
+            step = f"{step} ({held.where})"
+        wait_until(lambda: not processes_running(marker), 10, what=f"no server left after SIGKILL after change {step}")
         done = nswrap(lab, "cleanup")
         assert done.returncode == 0, done.stderr
         changes = diff_states(before, lab.state())
-        assert not changes, f"after SIGKILL at step {n} and cleanup:\n{changes}"
+        assert not changes, f"after SIGKILL after change {step} and cleanup:\n{changes}\n{done.stdout}"
     assert nswrap(lab, "cleanup").stdout.strip() == "nothing to clean up"  # idempotent
 
 
@@ -68,39 +83,50 @@ def test_a_new_instance_starts_over_a_crashed_ones_leftovers(lab, tmp_path, unbo
     assert lab.stop(proc) == 0
 
 
-def test_ten_parallel_instances_serve_and_clean_up_exactly(lab, tmp_path):
+def test_ten_parallel_instances_share_one_datapath_serve_and_clean_up_exactly(lab, tmp_path):
+    """Ten instances started at once: each answers on every uplink; they share one nft table and
+    one mark, table and fwmark rule per uplink (the default mark mask has room for 15 uplinks,
+    whatever the number of instances); stopping some never disturbs the others."""
     ports = range(6000, 6010)
     procs = [
-        start(lab, tmp_path, "--mark-mask", "0xff000000", "--ports", str(port), "--", *UDPECHO, "serve", str(port), name=f"i{port}")
+        start(lab, tmp_path, "--ports", str(port), "--", *UDPECHO, "serve", str(port), name=f"i{port}")
         for port in ports
     ]
     for port in ports:
         wait_ready(tmp_path, name=f"i{port}", timeout=60)
-    listed = json.loads(nswrap(lab, "list", "--json").stdout)
+    listed = instances(lab)
     assert sorted(p for row in listed for p in row["ports"]) == sorted(f"{port}/udp" for port in ports)
     assert len({row["id"] for row in listed}) == 10
     for port in ports:
         for path in (lab.paths[1], lab.paths[2]):  # the paths that fail without nswrap
             assert echo_answered(lab, path.client, path.address, port), f"{path.name}:{port}"
+
+    rules = json.loads(lab.exec(lab.host, ["ip", "-json", "rule", "show"]).stdout)
+    assert len([r for r in rules if str(r.get("protocol")) == "110" and "fwmark" in r]) == 3, rules
+    tables = json.loads(lab.exec(lab.host, ["nft", "-j", "list", "tables"]).stdout)["nftables"]
+    assert [t["table"]["name"] for t in tables if "table" in t and "nswrap" in t["table"]["name"]] == ["nswrap"]
+    links = json.loads(lab.exec(lab.host, ["ip", "-json", "link"]).stdout)
+    assert len([link for link in links if link["ifname"].startswith("nsw-")]) == 10, "one veth per instance"
+
     for proc in procs[::3]:  # stopping some never disturbs the others
         assert lab.stop(proc) == 128 + signal.SIGTERM
-    for port, proc in zip(ports, procs):
+    for port, proc in zip(ports, procs, strict=True):
         if proc.poll() is None:
             assert echo_answered(lab, lab.paths[2].client, lab.paths[2].address, port), port
     for proc in procs:
-        lab.stop(proc)
+        assert lab.stop(proc) == 128 + signal.SIGTERM
 
 
 def test_publishing_a_port_twice_is_refused_naming_the_owner(lab, tmp_path):
     first = start(lab, tmp_path, "--ports", "5353,53/tcp", "--", *SIGECHO)
     wait_ready(tmp_path)
-    (owner,) = json.loads(nswrap(lab, "list", "--json").stdout)
+    (owner,) = instances(lab)
     assert owner["ports"] == ["53/tcp", "5353/udp"] and owner["command"][-1].endswith("sigecho.py")
     second = nswrap(lab, "--ports", "5000-5400", "--", "true")
     assert second.returncode == 125
     assert f"already published by nswrap instance {owner['id']} (pid {owner['pid']}" in second.stderr
     assert lab.stop(first) == 3
-    assert json.loads(nswrap(lab, "list", "--json").stdout) == []
+    assert instances(lab) == []
 
 
 def test_as_pid_1_of_a_container_it_forwards_sigterm_and_reaps_orphans(lab, tmp_path):
@@ -121,7 +147,8 @@ def test_as_pid_1_of_a_container_it_forwards_sigterm_and_reaps_orphans(lab, tmp_
 
 
 def test_stop_timeout_kills_a_server_that_ignores_sigterm(lab, tmp_path):
-    proc = start(lab, tmp_path, "--stop-timeout", "0.5", "--ports", "5353", "--", "sh", "-c", "trap '' TERM; echo ready; exec sleep 60")
+    ignores_sigterm = "trap '' TERM; echo ready; exec sleep 60"
+    proc = start(lab, tmp_path, "--stop-timeout", "0.5", "--ports", "5353", "--", "sh", "-c", ignores_sigterm)
     wait_ready(tmp_path)
     assert lab.stop(proc) == 128 + signal.SIGKILL
 
@@ -166,39 +193,62 @@ def test_user_nobody_serves_port_53_without_capabilities(lab, tmp_path, world_re
     assert lab.stop(proc) == 0
 
 
-def test_readiness_on_a_fd_and_to_notify_socket(lab, tmp_path):
+def test_readiness_on_a_fd_and_to_notify_socket_once_the_server_listens(lab, tmp_path):
+    """READY comes once the server listens on the published port: a query sent the moment it
+    arrives is answered."""
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify"))
     notify.settimeout(20)
     ready_r, ready_w = os.pipe()
     env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")}
-    proc = start(lab, tmp_path, "--ready-fd", str(ready_w), "--ports", "5353", "--", *SIGECHO, pass_fds=(ready_w,), env=env)
+    proc = start(lab, tmp_path, "--ready-fd", str(ready_w), "--ports", "5353", "--", *UDPECHO, "serve", "5353",
+                 pass_fds=(ready_w,), env=env)
     os.close(ready_w)
     with os.fdopen(ready_r) as ready:
+        assert select.select([ready], [], [], 30)[0], f"no READY within 30 s:\n{output(tmp_path, stream='err')}"
         assert ready.readline() == "READY\n"
+        c2 = lab.paths[2]
+        assert echo_answered(lab, c2.client, c2.address, 5353), "READY, yet the server did not answer"
         assert ready.read() == "", "nswrap closes the fd; the server never got a copy"
-    assert notify.recv(256).startswith(b"READY=1")
-    notify.close()
-    wait_ready(tmp_path)  # READY means rules live and server started, not that it handles signals yet
+    with notify:
+        assert notify.recv(256).startswith(b"READY=1")
+    assert lab.stop(proc) == 128 + signal.SIGTERM
+
+
+def test_a_server_that_never_listens_never_gets_ready(lab, tmp_path):
+    ready_r, ready_w = os.pipe()
+    proc = start(lab, tmp_path, "--ready-fd", str(ready_w), "--ports", "5353", "--", *SIGECHO, pass_fds=(ready_w,))
+    os.close(ready_w)
+    os.set_blocking(ready_r, False)
+    with os.fdopen(ready_r, "rb") as ready:
+        wait_ready(tmp_path)  # the server runs ...
+        # ... and after a while (10 s) nswrap says what READY waits for
+        wait_until(lambda: "the server does not listen on 5353/udp yet" in output(tmp_path, stream="err"), 30,
+                   what="nswrap says READY waits")
+        assert ready.read() is None, "nothing written: READY never came"  # None: no data, still open
     assert lab.stop(proc) == 3
 
 
+@pytest.fixture
+def tracking(lab):
+    """The host tracks connections (as soon as any firewall uses conntrack; a fresh namespace
+    does not), by a table of its own, removed afterwards."""
+    tracker = "table inet tracker {\n chain in {\n type filter hook input priority 0;\n ct state new counter\n }\n}\n"
+    lab.exec(lab.host, ["nft", "-f", "-"], input=tracker)
+    yield
+    lab.exec(lab.host, ["nft", "delete", "table", "inet", "tracker"])
+
+
 @pytest.mark.parametrize("family", [4, 6])
-def test_stale_conntrack_entries_do_not_bypass_a_new_instance(lab, tmp_path, family):
+def test_stale_conntrack_entries_do_not_bypass_a_new_instance(lab, tmp_path, tracking, family):
     """A client that kept sending (fixed source port) while no server ran has a conntrack entry
     without DNAT; nswrap deletes it at start, so the same flow reaches the new server."""
     # IPv4 on eth2 (c2's packets would be dropped by strict rp_filter before conntrack keeps them)
     c2 = lab.paths[3] if family == 4 else lab.paths6[2]
-    # a host tracks connections as soon as any firewall uses conntrack; a fresh namespace does not
-    tracker = "table inet tracker {\n chain in {\n type filter hook input priority 0;\n ct state new counter\n }\n}\n"
-    lab.exec(lab.host, ["nft", "-f", "-"], input=tracker)
-    try:
-        assert not echo_answered(lab, c2.client, c2.address, 5353, sport=40000)
-        stale = lab.exec(lab.host, ["conntrack", "-L", "-f", f"ipv{family}", "-p", "udp", "--orig-port-dst", "5353"]).stdout
-        assert "sport=40000" in stale, "the stale flow exists before nswrap starts"
-        proc = start(lab, tmp_path, "--ports", "5353", "--", *UDPECHO, "serve", "5353")
-        wait_ready(tmp_path)
-        assert echo_answered(lab, c2.client, c2.address, 5353, sport=40000)
-        assert lab.stop(proc) == 128 + signal.SIGTERM
-    finally:
-        lab.exec(lab.host, ["nft", "delete", "table", "inet", "tracker"], check=False)
+    assert not echo_answered(lab, c2.client, c2.address, 5353, sport=40000)
+    stale = lab.exec(lab.host, ["conntrack", "-L", "-f", f"ipv{family}", "-p", "udp", "--orig-port-dst", "5353"]).stdout
+    assert "sport=40000" in stale, "the stale flow exists before nswrap starts"
+    proc = start(lab, tmp_path, "--ports", "5353", "--", *UDPECHO, "serve", "5353")
+    wait_ready(tmp_path)
+    assert echo_answered(lab, c2.client, c2.address, 5353, sport=40000)
+    assert lab.stop(proc) == 128 + signal.SIGTERM

@@ -14,6 +14,7 @@ import sys
 from tests.lab import TEST_ANSWER, dig, wait_answered
 from tests.system.common import BIG, dual_stack_unbound, output, start, wait_ready
 
+
 def test_dual_stack_udp_and_tcp_with_remapped_ports(lab, tmp_path):
     proc = start(lab, tmp_path, "--ports", "53:5300/udp,53:5300/tcp", "--", *dual_stack_unbound(tmp_path, 5300))
     for path in (*lab.paths, *lab.paths6):
@@ -23,7 +24,8 @@ def test_dual_stack_udp_and_tcp_with_remapped_ports(lab, tmp_path):
 
 
 def big_answer(lab, path) -> list[str]:
-    argv = ["dig", f"@{path.address}", "big.example", "TXT", "+short", "+bufsize=4096", "+ignore", "+notcp", "+tries=2", "+time=2"]
+    argv = ["dig", f"@{path.address}", "big.example", "TXT", "+short", "+bufsize=4096", "+ignore", "+notcp",
+            "+tries=2", "+time=2"]
     done = lab.exec(path.client, argv, check=False, timeout=20)
     return [line for line in done.stdout.splitlines() if line.startswith('"')]
 
