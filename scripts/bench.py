@@ -1,20 +1,29 @@
-"""Benchmark nswrap on the simulated multihomed host of tests/lab.py (issue 7).
+"""Benchmark nswrap on the simulated multihomed host of tests/lab (issues 11, 12, 13, 15).
 
-Measures, side by side in one run (variants alternate, medians and ratios are reported):
+One run measures everything side by side: the variants of each figure alternate in rounds (order
+rotated), medians are taken over rounds, and every ratio compares figures of the same run.
 
-1. datapath: UDP request/response latency (p50, p99) and transaction rate with sockperf
-   ping-pong from lab client c1 to 192.0.2.10, against the same sockperf server
-   (a) under nswrap, (b) bound directly on the lab host, (c) behind the 2014 veth-loop recipe;
-2. start-up + teardown of `nswrap --ports 53 -- true` against scripts/bench_handwritten.sh doing
-   the same ip/sysctl/nft work, the time until the first datagram is answered, and how both grow
-   with the number of uplinks (scripts/bench_lab.UplinkLab) and of published ports;
-3. scale: N distinct client flows (one datagram each, raw sockets, scripts/bench_traffic.py) to a
-   UDP echo server under nswrap and bound directly: loss, and conntrack memory per flow;
-4. the wrapper's own RSS and CPU, idle and under load;
-plus a start-up profile of nswrap (import times, cProfile of a real start).
+1. costs: what nswrap costs a user against the server bound directly and the 2014 recipe:
+   round trip (sockperf ping-pong p50/p99) and transactions/s, new UDP flows/s, bulk UDP and TCP
+   throughput (iperf3);
+2. dns: DNS max rate (dnsperf, a few client sockets and many) of unbound under nswrap, under the
+   same design written by hand (scripts/bench_handwritten.sh) and run the best way without a
+   namespace (unbound interface-automatic + `ip rule from ADDR` per address); wrapper memory (PSS);
+3. startup: launch -> first correct answer over IPv4 and IPv6 (unbound alone as reference), stop
+   time, `-- true` start+stop against the hand-written script, and a start-up profile;
+4. scale: round trip of a wrapped server and of unrelated host traffic with 0, 10, 12 and 50 other
+   idle instances, start+stop of the N-th instance, CPU of the idle instances, 1 vs 100 listed
+   ports, a start with 200,000 unrelated flows in the conntrack table;
+5. flood: a flood of new UDP flows that fills the conntrack table: loss of legitimate clients on
+   the other uplinks during it and in the 30 s after it, against the same server bound directly;
+   `nswrap list` time with a full table.
 
-Writes docs/bench/results.json, docs/bench/results.md (figures vs targets) and PNG charts.
-Everything happens in throwaway namespaces; run it via scripts/bench (root).
+With --compare-with DIR (an older nswrap checkout with its own .venv; scripts/bench prepares
+a839e00, the last per-instance version, there), that version runs as the extra variant "old"
+wherever a before/after figure is wanted.
+
+Writes docs/bench/results.json, docs/bench/results.md, PNG charts and docs/benchmarks.md (see
+scripts/bench_report.py). Everything happens in throwaway namespaces; run it via scripts/bench.
 """
 
 from __future__ import annotations
@@ -29,8 +38,7 @@ import pathlib
 import platform
 import pstats
 import re
-import select
-import signal
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,519 +48,727 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import psutil  # noqa: E402  (a dependency of nswrap, so in .venv)
+from scripts import bench_report  # noqa: E402
+from scripts.bench_variants import (  # noqa: E402
+    HANDWRITTEN,
+    NSWRAP,
+    OLD_WIDE_MASK,
+    TRAFFIC,
+    Running,
+    Server,
+    cpu_seconds,
+    say,
+    serve,
+    stop_timed,
+    tree,
+    wait_line,
+    wrapper_argv,
+    write_unbound_confs,
+)
+from tests.lab import Lab, LabError, missing_requirements  # noqa: E402
 
-from scripts.bench_lab import UplinkLab, recipe_2014  # noqa: E402
-from tests.lab import Lab, LabError, missing_requirements, wait_until  # noqa: E402
-
-NSWRAP = str(ROOT / ".venv" / "bin" / "nswrap")
-HANDWRITTEN = str(ROOT / "scripts" / "bench_handwritten.sh")
-TRAFFIC = [sys.executable, str(ROOT / "scripts" / "bench_traffic.py")]
 OUT = ROOT / "docs" / "bench"
-WIDE_MASK = "0xff000000"  # the default mask has 15 marks: too few for 16 uplinks
-START_TIMEOUT = 20
-STOP_AFTER_FLOWS_TIMEOUT = 180  # teardown with 100k conntrack entries in the table is slow
-C1_TARGET = "192.0.2.10"  # c1 -> r1 -> host eth0
+DOCS = ROOT / "docs" / "benchmarks.md"
+QUICK_OUT = pathlib.Path(tempfile.gettempdir()) / "nswrap-bench-quick"
+
+# Client and server share CPU 1 for round trips: every round trip then costs only CPU work (no
+# cross-CPU wake-ups, whose latency varies by tens of microseconds on a VM), so the extra work
+# of each datapath shows instead of scheduler noise. Throughput tests put the client on CPU 0
+# and the server (with its wrapper) on CPU 1.
+SAME_CPU = ["taskset", "-c", "1"]
+CLIENT_CPU = ["taskset", "-c", "0"]
+SERVER_CPU = ["taskset", "-c", "1"]
+
+C1_TARGET, C1_TARGET6 = "192.0.2.10", "2001:db8:1::10"  # c1 -> r1 -> host eth0
+C2_TARGET = "198.51.100.10"  # c2 -> r2 -> host eth1 (not the main table's uplink)
 C3_TARGET = "203.0.113.65"  # c3 -- host eth2, same subnet
-C3_EXTRA = "203.0.113.67"  # second source address for the scale test (>64k flows)
-LAB_UPLINKS = [("eth0", "192.0.2.10", "192.0.2.1"), ("eth1", "198.51.100.10", "198.51.100.1")]
+C3_SOURCES = ["203.0.113.66", "203.0.113.67"]  # raw-socket flows from c3
+FLOOD_SOURCES = [f"203.0.113.{i}" for i in range(3, 9)]  # extra addresses of c1 (its /26)
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    rounds: int  # datapath rounds (each runs every variant once, order rotated)
+    rounds: int  # rounds of the costs and dns sections (each runs every variant once)
     pingpong_s: int  # sockperf run time per variant and round
-    reps: int  # repetitions per start-up measurement and variant
-    uplink_counts: tuple[int, ...]
-    port_counts: tuple[int, ...]
-    flows: int
-    flows_deadline_s: float
-    idle_s: float
+    iperf_s: int  # iperf3 run time (TCP, then UDP) per variant and round
+    flows: int  # new flows per variant and round
+    dnsperf_s: int  # dnsperf run time per client count, variant and round
+    dns_clients: tuple[int, int]  # dnsperf -c: a few client sockets, many
+    reps: int  # repetitions of each start-up measurement
+    scale_reps: int  # repetitions of the start-up measurements of the scale section
+    scale_counts: tuple[int, ...]  # other idle instances for the scale section
+    old_scale_counts: tuple[int, ...]
+    scale_rounds: int
+    cpu_window_s: float
+    port_list: int  # ports listed one by one for the 1-vs-many case
+    unrelated_flows: int  # conntrack entries for the "start with a full table" case
+    flood_flows: int
+    flood_deadline_s: float
+    flood_before_s: float
+    flood_after_s: float
+    legit_interval_s: float
 
 
-QUICK = Settings(rounds=2, pingpong_s=1, reps=3, uplink_counts=(1, 16), port_counts=(1, 100),
-                 flows=10_000, flows_deadline_s=20, idle_s=2)
-FULL = Settings(rounds=7, pingpong_s=3, reps=9, uplink_counts=(1, 2, 4, 8, 12, 16),
-                port_counts=(1, 10, 25, 50, 100), flows=100_000, flows_deadline_s=120, idle_s=5)
-
-
-def say(msg: str) -> None:
-    print(f"bench: {msg}", file=sys.stderr, flush=True)
+QUICK = Settings(rounds=1, pingpong_s=1, iperf_s=1, flows=3_000, dnsperf_s=1, dns_clients=(4, 64), reps=2,
+                 scale_reps=1, scale_counts=(0, 2), old_scale_counts=(0, 2), scale_rounds=1, cpu_window_s=1,
+                 port_list=100, unrelated_flows=20_000, flood_flows=20_000, flood_deadline_s=3, flood_before_s=1,
+                 flood_after_s=3, legit_interval_s=0.02)
+FULL = Settings(rounds=5, pingpong_s=3, iperf_s=3, flows=50_000, dnsperf_s=5, dns_clients=(4, 256), reps=7,
+                scale_reps=5, scale_counts=(0, 10, 12, 50), old_scale_counts=(0, 12), scale_rounds=5, cpu_window_s=10,
+                port_list=100, unrelated_flows=200_000, flood_flows=300_000, flood_deadline_s=20,
+                flood_before_s=5, flood_after_s=30, legit_interval_s=0.02)
 
 
 def median(values) -> float:
+    values = [v for v in values if v is not None]
     return statistics.median(values) if values else float("nan")
 
 
-# --- processes ----------------------------------------------------------------------------------
-
-
-def wait_line(proc: subprocess.Popen, pattern: str, timeout: float) -> str:
-    """Read *proc*'s stdout until a line matches *pattern* (bounded by *timeout*).
-
-    *proc* must be spawned with ``stdout=PIPE, bufsize=0`` (binary, unbuffered): with a buffered
-    reader, select() would not see lines already sitting in Python's buffer.
-    """
-    deadline = time.monotonic() + timeout
-    regex = re.compile(pattern)
-    while time.monotonic() < deadline:
-        if select.select([proc.stdout], [], [], 0.1)[0]:
-            line = proc.stdout.readline().decode(errors="replace")
-            if regex.search(line):
-                return line
-            if not line:  # end of output
-                proc.wait(5)
-                raise LabError(f"{proc.args!r} exited with {proc.returncode} before printing {pattern!r}")
-    raise TimeoutError(f"{proc.args!r}: no line matching {pattern!r} within {timeout}s")
-
-
-def start_sockperf_server(lab: Lab, argv_prefix: list[str], address: str, port: int) -> subprocess.Popen:
-    argv = [*PIN, *argv_prefix, "stdbuf", "-oL", "sockperf", "server", "-i", address, "-p", str(port)]
-    proc = lab.spawn(lab.host, argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                     stderr=subprocess.DEVNULL, bufsize=0)
-    wait_line(proc, r"to block on socket", START_TIMEOUT)  # printed once it is bound
-    return proc
-
-
-def stop(lab: Lab, proc: subprocess.Popen, timeout: float = 15) -> None:
-    lab.stop(proc, sig=signal.SIGTERM, timeout=timeout)
-    if proc.stdout:
-        proc.stdout.close()
+def rotate(items: list, r: int) -> list:
+    k = r % len(items)
+    return items[k:] + items[:k]
 
 
 @dataclasses.dataclass
-class Usage:
-    """The wrapper's own footprint: the nswrap process and any helper it forked (not the server)."""
+class Bench:
+    lab: Lab
+    s: Settings
+    tmp: pathlib.Path
+    old: str | None  # --compare-with
+    log: pathlib.Path
 
-    rss_mb: float
-    helper_rss_mb: float
-    helpers: list[str]
-    cpu_s: float
+    def serve(self, variant: str, server: Server, **kwargs):
+        return serve(self.lab, variant, server, old=self.old, log=self.log, **kwargs)
 
-    @classmethod
-    def of(cls, pid: int, server_name: str) -> Usage:
-        me = psutil.Process(pid)
-        helpers = [p for p in me.children(recursive=True) if server_name not in p.name()]
-        cpu = sum(t.user + t.system for t in (p.cpu_times() for p in [me, *helpers]))
-        return cls(me.memory_info().rss / 2**20, sum(h.memory_info().rss for h in helpers) / 2**20,
-                   [h.name() for h in helpers], cpu)
+    def exec(self, role: str, argv: list, **kwargs) -> subprocess.CompletedProcess:
+        return self.lab.exec(self.lab.host if role == "host" else self.lab.ns(role), argv, **kwargs)
 
+    def traffic(self, role: str, argv: list, timeout: float) -> str:
+        return self.exec(role, [*TRAFFIC, *argv], timeout=timeout).stdout
 
-# --- 1. datapath --------------------------------------------------------------------------------
+    def dns_ready(self, running: Running, role: str, *addresses: str, timeout: float = 30) -> dict[str, float]:
+        """Wait until *role* gets correct answers from every address; {address: monotonic time}."""
+        res = self.exec(role, [*TRAFFIC, "dnsprobe", timeout, 53, *addresses], timeout=timeout + 15, check=False)
+        times = {line.split()[0]: float(line.split()[1]) for line in res.stdout.splitlines()[1:] if line.strip()}
+        if set(times) != set(addresses):
+            raise LabError(f"{running.variant}: no answer from {sorted(set(addresses) - set(times))} within "
+                           f"{timeout}s (log: {self.log})")
+        return times
 
-PORTS = {"nswrap": 11001, "direct": 11002, "recipe2014": 11003}
-# Client and server share one CPU: every round trip then costs only CPU work (no cross-CPU
-# wake-ups, whose latency varies by tens of microseconds on a VM), so the extra work of each
-# datapath shows up instead of scheduler noise.
-PIN = ["taskset", "-c", "1"]
+    def flush_conntrack(self) -> None:
+        self.exec("host", ["conntrack", "-F"], check=False)
+        self.exec("host", ["conntrack", "-F", "-f", "ipv6"], check=False)
 
-
-@contextlib.contextmanager
-def datapath_server(lab: Lab, variant: str):
-    port = PORTS[variant]
-    if variant == "nswrap":
-        proc = start_sockperf_server(lab, [NSWRAP, "--ports", str(port), "--"], "0.0.0.0", port)
-    elif variant == "direct":
-        proc = start_sockperf_server(lab, [], "0.0.0.0", port)
-    else:
-        recipe = recipe_2014(lab, port, LAB_UPLINKS)
-        address = recipe.__enter__()
-        try:
-            proc = start_sockperf_server(lab, [], address, port)
-        except BaseException:
-            recipe.__exit__(*sys.exc_info())
-            raise
-    try:
-        yield proc, port
-    finally:
-        stop(lab, proc)
-        if variant == "recipe2014":
-            recipe.__exit__(None, None, None)
+    @property
+    def variants_old(self) -> list[str]:
+        return ["old"] if self.old else []
 
 
-def pingpong(lab: Lab, port: int, seconds: int) -> dict:
-    res = lab.exec(lab.ns("c1"), [*PIN, "sockperf", "ping-pong", "-i", C1_TARGET, "-p", port, "-t", seconds,
-                                  "--full-rtt", "-m", 64], timeout=seconds + 30)
+# --- 1. costs -----------------------------------------------------------------------------------
+
+
+def pingpong(b: Bench, role: str, address: str, port: int, seconds: int) -> dict:
+    res = b.exec(role, [*SAME_CPU, "sockperf", "ping-pong", "-i", address, "-p", port, "-t", seconds,
+                        "--full-rtt", "-m", 64], timeout=seconds + 30)
     out = res.stdout + res.stderr
     valid = re.search(r"\[Valid Duration\] RunTime=([\d.]+) sec; SentMessages=(\d+); ReceivedMessages=(\d+)", out)
     pct = {float(p): float(v) for p, v in re.findall(r"percentile (\d+\.\d+) =\s*([\d.]+)", out)}
     if not valid or not pct:
         raise LabError(f"cannot parse sockperf output:\n{out[-2000:]}")
-    runtime, sent, received = float(valid[1]), int(valid[2]), int(valid[3])
-    return {"p50_us": pct[50.0], "p99_us": pct[99.0], "p99_9_us": pct[99.9],
-            "transactions_per_s": round(received / runtime), "sent": sent, "received": received}
+    runtime, received = float(valid[1]), int(valid[3])
+    return {"p50_us": pct[50.0], "p99_us": pct[99.0], "transactions_per_s": round(received / runtime)}
 
 
-def bench_datapath(lab: Lab, s: Settings) -> dict:
-    variants = list(PORTS)
-    runs = {v: [] for v in variants}
-    wrapper = {}
+def iperf(b: Bench, port: int, seconds: int, udp: bool) -> float:
+    """Gbit/s received by the server (iperf3 from c1)."""
+    argv = [*CLIENT_CPU, "iperf3", "-c", C1_TARGET, "-p", port, "-t", seconds, "-J"]
+    if udp:
+        argv += ["-u", "-b", "0", "-l", "1400"]
+    res = b.exec("c1", argv, timeout=seconds + 30, check=False)
+    try:
+        end = json.loads(res.stdout)["end"]
+    except (json.JSONDecodeError, KeyError):
+        raise LabError(f"iperf3 failed: {res.stdout[-1000:]} {res.stderr[-500:]}") from None
+    if udp:
+        total = end["sum"]
+        bits = total["bits_per_second"] * (1 - total.get("lost_percent", 0) / 100)
+    else:
+        bits = end["sum_received"]["bits_per_second"]
+    return bits / 1e9
+
+
+def new_flows(b: Bench, port: int, count: int) -> dict:
+    b.flush_conntrack()  # every variant starts from an empty table, from the same source ports
+    out = b.traffic("c3", ["flows", C3_TARGET, port, ",".join(C3_SOURCES), 10000, count, 60], timeout=90)
+    return json.loads(out)
+
+
+def bench_costs(b: Bench) -> dict:
+    s = b.s
+    variants = ["direct", "nswrap", "recipe2014", *b.variants_old]
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
     for r in range(s.rounds):
-        order = variants[r % 3:] + variants[:r % 3]
-        for variant in order:
-            with datapath_server(lab, variant) as (proc, port):
-                if variant == "nswrap" and "idle" not in wrapper:
-                    before = Usage.of(proc.pid, "sockperf")
-                    time.sleep(s.idle_s)  # the measurement window itself, not a readiness wait
-                    after = Usage.of(proc.pid, "sockperf")
-                    wrapper["idle"] = {"seconds": s.idle_s, "cpu_percent": 100 * (after.cpu_s - before.cpu_s) / s.idle_s,
-                                       **dataclasses.asdict(after)}
-                t0, before = time.monotonic(), Usage.of(proc.pid, "sockperf") if variant == "nswrap" else None
-                result = pingpong(lab, port, s.pingpong_s)
-                if before:
-                    after = Usage.of(proc.pid, "sockperf")
-                    wall = time.monotonic() - t0
-                    wrapper.setdefault("load", []).append(
-                        {"seconds": round(wall, 2), "cpu_percent": 100 * (after.cpu_s - before.cpu_s) / wall,
-                         **dataclasses.asdict(after)})
-            runs[variant].append(result)
-            say(f"datapath round {r + 1}/{s.rounds} {variant}: p50 {result['p50_us']:.1f} us, "
-                f"{result['transactions_per_s']} tx/s")
-    summary = {v: {k: median([x[k] for x in runs[v]]) for k in ("p50_us", "p99_us", "p99_9_us", "transactions_per_s")}
-               for v in variants}
-    direct = summary["direct"]
-    ratios = {v: {"p50": summary[v]["p50_us"] / direct["p50_us"], "p99": summary[v]["p99_us"] / direct["p99_us"],
-                  "transactions": summary[v]["transactions_per_s"] / direct["transactions_per_s"]}
-              for v in variants}
-    return {"runs": runs, "median": summary, "ratio_to_direct": ratios, "wrapper": wrapper}
+        for variant in rotate(variants, r):
+            x: dict = {}
+            with b.serve(variant, Server("sockperf", 11001), pin=SAME_CPU):
+                pingpong(b, "c1", C1_TARGET, 11001, 1)  # warm-up: neighbours, caches
+                x.update(pingpong(b, "c1", C1_TARGET, 11001, s.pingpong_s))
+            with b.serve(variant, Server("iperf3", 5201), pin=SERVER_CPU):
+                x["tcp_gbit_s"] = iperf(b, 5201, s.iperf_s, udp=False)
+                x["udp_gbit_s"] = iperf(b, 5201, s.iperf_s, udp=True)
+            with b.serve(variant, Server("echo", 7100), pin=SERVER_CPU):
+                flows = new_flows(b, 7100, s.flows)
+                x["flows_per_s"] = flows["flows_per_second"]
+                x["flows_lost"] = flows["lost"]
+            runs[variant].append(x)
+            say(f"costs round {r + 1}/{s.rounds} {variant}: p50 {x['p50_us']:.1f} us, {x['transactions_per_s']} tx/s, "
+                f"TCP {x['tcp_gbit_s']:.2f} / UDP {x['udp_gbit_s']:.2f} Gbit/s, {x['flows_per_s']} flows/s")
+    keys = ["p50_us", "p99_us", "transactions_per_s", "tcp_gbit_s", "udp_gbit_s", "flows_per_s", "flows_lost"]
+    med = {v: {k: median(x[k] for x in runs[v]) for k in keys} for v in variants}
+    d = med["direct"]
+    ratio = {v: {"p50": m["p50_us"] / d["p50_us"], "transactions": m["transactions_per_s"] / d["transactions_per_s"],
+                 "tcp": m["tcp_gbit_s"] / d["tcp_gbit_s"], "udp": m["udp_gbit_s"] / d["udp_gbit_s"],
+                 "flows": m["flows_per_s"] / d["flows_per_s"], "added_us": m["p50_us"] - d["p50_us"]}
+             for v, m in med.items()}
+    return {"runs": runs, "median": med, "ratio_to_direct": ratio}
 
 
-# --- 2. start-up --------------------------------------------------------------------------------
+# --- 2. dns -------------------------------------------------------------------------------------
 
 
-def run_once(lab: Lab, argv: list[str]) -> float:
+def dnsperf(b: Bench, clients: int, seconds: int) -> dict:
+    res = b.exec("c2", [*CLIENT_CPU, "dnsperf", "-s", C2_TARGET, "-d", b.tmp / "queries.txt", "-c", clients,
+                        "-T", 1, "-l", seconds, "-q", 200, "-t", 1], timeout=seconds + 30, check=False)
+    qps = re.search(r"Queries per second:\s+([\d.]+)", res.stdout)
+    lost = re.search(r"Queries lost:\s+(\d+)", res.stdout)
+    if not qps:
+        raise LabError(f"dnsperf failed: {res.stdout[-1000:]} {res.stderr[-500:]}")
+    return {"qps": float(qps[1]), "lost": int(lost[1]) if lost else None}
+
+
+# Kernel symbols by what they do, for the per-query CPU profile (first match wins).
+PROFILE_GROUPS = (
+    ("idle", re.compile(r"halt|idle|poll_idle")),
+    ("nftables", re.compile(r"^(nft_|__nft|nf_tables)")),
+    ("NAT", re.compile(r"nf_nat|^nat_|nf_xfrm_me_harder")),
+    ("conntrack", re.compile(r"conntrack|^nf_ct|^__nf_ct|^ct_|nf_confirm|ipv4_confirm|ipv6_confirm")),
+    ("netfilter hooks", re.compile(r"^nf_hook|^nf_reinject|^nf_queue")),
+    ("routing (fib, rules, dst)", re.compile(r"fib|^ip_route|^ip6_route|^rt_|^rt6_|^dst_|^ipv4_dst|^ip6_dst|rule")),
+    ("veth", re.compile(r"^veth")),
+    ("IP and device layers", re.compile(r"^_*(ip_|ip6_|ipv6_|netif|net_rx|napi|dev_|process_backlog|eth_|neigh|skb_|kfree_skb)")),
+    ("UDP and sockets", re.compile(r"udp|sock|sys_|syscall|copy_|recv|send|fget|fdget|fput|ep_|poll|entry_SYSCALL")),
+    ("scheduler and interrupts", re.compile(r"spin|schedule|switch|softirq|irq|wake|task|rcu|timer|handle_")),
+)
+# The processes a DNS query runs in (softirq work runs in whichever of them raised it); samples
+# of anything else on this shared machine are left out.
+PROFILE_COMMS = "unbound,dnsperf,ksoftirqd/0,ksoftirqd/1,swapper,swapper/0,swapper/1"
+
+
+def perf_profile(b: Bench, seconds: int) -> dict:
+    """CPU per answered query, by kernel function group, while dnsperf runs (a few sockets):
+    `perf record -a` samples both CPUs at 999 Hz, so samples / 999 is CPU time (of unbound,
+    dnsperf and the softirq work done in their name)."""
+    data = b.tmp / "perf.data"
+    hz = 999
+    rec = subprocess.Popen(["perf", "record", "-a", "-F", str(hz), "-o", str(data), "--", "sleep", str(seconds + 1)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)  # perf is sampling before the queries begin
+        qps = dnsperf(b, b.s.dns_clients[0], seconds)
+    finally:
+        rec.wait(seconds + 30)
+    report = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "-n", "--sort", "symbol", "--no-children",
+                             "--comms", PROFILE_COMMS],
+                            capture_output=True, text=True, timeout=120).stdout
+    groups: dict[str, int] = {}
+    top: list[tuple[int, str]] = []
+    for line in report.splitlines():
+        m = re.match(r"\s*[\d.]+%\s+(\d+)\s+\[([k.])\]\s+(\S+)", line)
+        if not m:
+            continue
+        samples, space, symbol = int(m[1]), m[2], m[3]
+        group = "user space" if space == "." else next((g for g, rx in PROFILE_GROUPS if rx.search(symbol)), "other kernel")
+        groups[group] = groups.get(group, 0) + samples
+        if group != "idle":
+            top.append((samples, symbol))
+    queries = qps["qps"] * seconds
+    us = {g: n / hz / queries * 1e6 for g, n in groups.items() if g != "idle"} if queries else {}
+    return {"qps": qps["qps"], "cpu_us_per_query": dict(sorted(us.items(), key=lambda kv: -kv[1])),
+            "cpu_us_per_query_total": sum(us.values()),
+            "top_symbols": [{"symbol": sym, "us_per_query": n / hz / queries * 1e6} for n, sym in sorted(top, reverse=True)[:15]]}
+
+
+def bench_dns(b: Bench) -> dict:
+    s = b.s
+    (b.tmp / "queries.txt").write_text("test.example A\n")
+    variants = ["nswrap", "handwritten", "bestalt", *b.variants_old]
+    few, many = s.dns_clients
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for r in range(s.rounds):
+        for variant in rotate(variants, r):
+            with b.serve(variant, Server("unbound", 53, str(b.tmp)), pin=SERVER_CPU) as running:
+                b.dns_ready(running, "c2", C2_TARGET)
+                x = {"memory": running.memory() if variant in ("nswrap", "old", "handwritten") else None}
+                x["few"] = dnsperf(b, few, s.dnsperf_s)
+                x["many"] = dnsperf(b, many, s.dnsperf_s)
+            runs[variant].append(x)
+            say(f"dns round {r + 1}/{s.rounds} {variant}: {x['few']['qps']:.0f} qps ({few} clients), "
+                f"{x['many']['qps']:.0f} qps ({many} clients)")
+    med = {v: {"few_qps": median(x["few"]["qps"] for x in runs[v]), "many_qps": median(x["many"]["qps"] for x in runs[v])}
+           for v in variants}
+    for v in variants:
+        mems = [x["memory"] for x in runs[v] if x["memory"]]
+        if mems:
+            med[v]["pss_mb"] = median(m["pss_mb"] for m in mems)
+            med[v]["rss_mb"] = median(m["rss_mb"] for m in mems)
+            med[v]["processes"] = mems[0]["processes"]
+
+    def ratio(a: str, base: str) -> dict:
+        return {k: med[a][f"{k}_qps"] / med[base][f"{k}_qps"] for k in ("few", "many")}
+
+    profile = {}
+    for variant in ("nswrap", "handwritten", "bestalt") if shutil.which("perf") else ():
+        with b.serve(variant, Server("unbound", 53, str(b.tmp)), pin=SERVER_CPU) as running:
+            b.dns_ready(running, "c2", C2_TARGET)
+            profile[variant] = perf_profile(b, s.dnsperf_s)
+        say(f"dns profile {variant}: {profile[variant]['cpu_us_per_query_total']:.1f} us of CPU per query: "
+            + ", ".join(f"{g} {v:.2f}" for g, v in list(profile[variant]["cpu_us_per_query"].items())[:5]))
+    ratios = {"nswrap_to_handwritten": ratio("nswrap", "handwritten"), "nswrap_to_bestalt": ratio("nswrap", "bestalt"),
+              "handwritten_to_bestalt": ratio("handwritten", "bestalt")}
+    if b.old:
+        ratios["old_to_handwritten"] = ratio("old", "handwritten")
+        ratios["old_to_bestalt"] = ratio("old", "bestalt")
+    return {"clients": {"few": few, "many": many}, "runs": runs, "median": med, "ratios": ratios, "profile": profile}
+
+
+# --- 3. startup ---------------------------------------------------------------------------------
+
+
+def first_answer(b: Bench, variant: str) -> dict:
+    """Launch -> first correct answer over IPv4 and IPv6 from c1, READY, memory, stop time."""
+    probe = b.lab.spawn(b.lab.ns("c1"), [*TRAFFIC, "dnsprobe", 30, 53, C1_TARGET, C1_TARGET6],
+                        stdout=subprocess.PIPE, bufsize=0)
+    try:
+        wait_line(probe, "ready", 30)
+        with b.serve(variant, Server("unbound", 53, str(b.tmp))) as running:
+            times = {}
+            while len(times) < 2:
+                line = wait_line(probe, r"^\S+ \d", 40)
+                address, when = line.split()
+                times[address] = float(when) - running.spawned
+            ready = running.ready_at(2.0)
+            x = {"v4_ms": times[C1_TARGET] * 1000, "v6_ms": times[C1_TARGET6] * 1000,
+                 "ready_ms": (ready - running.spawned) * 1000 if ready else None}
+            if variant != "direct":
+                x["memory"] = running.memory()
+            x["stop_ms"] = stop_timed(b.lab, running) * 1000
+        return x
+    finally:
+        b.lab.stop(probe)
+        probe.stdout.close()
+
+
+def run_once(b: Bench, argv: list, timeout: float = 120) -> float:
     t0 = time.monotonic()
-    lab.exec(lab.host, argv, timeout=60)
+    b.exec("host", argv, timeout=timeout)
     return time.monotonic() - t0
 
 
-def startup_pair(lab: Lab, reps: int, ports: str, mask: str | None = None) -> dict:
-    """Median wall time (ms) of `nswrap ... -- true` and of the hand-written script, alternated."""
-    mask_nswrap = ["--mark-mask", mask] if mask else []
-    mask_hand = ["-m", mask] if mask else []
-    argv = {"nswrap": [NSWRAP, *mask_nswrap, "--ports", ports, "--", "true"],
-            "handwritten": ["bash", HANDWRITTEN, *mask_hand, ports, "--", "true"]}
-    times = {k: [] for k in argv}
+def true_pairs(b: Bench, argvs: dict[str, list], reps: int, timeout: float = 120) -> dict:
+    """Median wall time (ms) of each command line, alternated."""
+    times: dict[str, list[float]] = {k: [] for k in argvs}
     for i in range(reps):
-        for k in (list(argv) if i % 2 == 0 else list(argv)[::-1]):
-            times[k].append(run_once(lab, argv[k]) * 1000)
-    return {k: {"median_ms": median(v), "min_ms": min(v), "max_ms": max(v)} for k, v in times.items()}
+        for k in rotate(list(argvs), i):
+            times[k].append(run_once(b, argvs[k], timeout) * 1000)
+    return {k: {"median_ms": median(v), "min_ms": min(v), "max_ms": max(v), "runs": v} for k, v in times.items()}
 
 
-def first_answer(lab: Lab, reps: int) -> dict:
-    """ms from spawning the wrapper until c1's first datagram is answered by a socat echo server."""
-    port = 7000
-    echo = ["socat", f"UDP4-RECVFROM:{port},fork", "PIPE"]
-    argv = {"nswrap": [NSWRAP, "--ports", str(port), "--", *echo],
-            "handwritten": ["bash", HANDWRITTEN, str(port), "--", *echo]}
-    times = {k: [] for k in argv}
-    for i in range(reps):
-        for k in (list(argv) if i % 2 == 0 else list(argv)[::-1]):
-            probe = lab.spawn(lab.ns("c1"), [*TRAFFIC, "probe", C1_TARGET, port, START_TIMEOUT],
-                              stdout=subprocess.PIPE, bufsize=0)
-            wait_line(probe, "ready", START_TIMEOUT)
-            t0 = time.monotonic()
-            server = lab.spawn(lab.host, argv[k], stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                answered = float(wait_line(probe, r"^\d", START_TIMEOUT + 5))
-                times[k].append((answered - t0) * 1000)
-            finally:
-                stop(lab, probe)
-                stop(lab, server)
-    return {k: {"median_ms": median(v), "min_ms": min(v), "max_ms": max(v)} for k, v in times.items()}
-
-
-def slope(xs, ys) -> float:
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-
-
-def bench_startup(lab: Lab, s: Settings) -> dict:
-    say("start-up: 3 uplinks (lab)")
-    out = {"lab_3_uplinks": startup_pair(lab, s.reps, "53"), "first_answer": first_answer(lab, s.reps)}
-    series = {}
-    for n in s.uplink_counts:
-        say(f"start-up: {n} uplink(s)")
-        with UplinkLab(n) as ulab:
-            series[n] = startup_pair(ulab, s.reps, "53", WIDE_MASK)
-    out["by_uplinks"] = series
-    ports = {}
-    with UplinkLab(3) as ulab:
-        for k in s.port_counts:
-            say(f"start-up: {k} published port(s)")
-            spec = ",".join(str(20000 + 2 * i) for i in range(k))  # not adjacent: k set elements
-            ports[k] = startup_pair(ulab, s.reps, spec)
-    out["by_ports"] = ports
-    ns = list(series)
-    out["ms_per_uplink"] = {k: slope(ns, [series[n][k]["median_ms"] for n in ns]) for k in ("nswrap", "handwritten")}
-    ks = list(ports)
-    out["ms_per_port"] = {k: slope(ks, [ports[n][k]["median_ms"] for n in ks]) for k in ("nswrap", "handwritten")}
-    lab3 = out["lab_3_uplinks"]
-    out["ratio_nswrap_to_handwritten"] = lab3["nswrap"]["median_ms"] / lab3["handwritten"]["median_ms"]
-    return out
-
-
-# --- 3. scale -----------------------------------------------------------------------------------
-
-
-def conntrack_slab() -> dict:
-    """The nf_conntrack slab cache (global: all namespaces of this machine) and total slab memory."""
-    with open("/proc/slabinfo") as f:
-        for line in f:
-            if line.startswith("nf_conntrack "):
-                fields = line.split()
-                active, objsize = int(fields[1]), int(fields[3])
-                break
-        else:
-            active = objsize = 0
-    with open("/proc/meminfo") as f:
-        meminfo = {line.split(":")[0]: int(line.split()[1]) for line in f}
-    return {"active_objs": active, "objsize": objsize, "slab_kb": meminfo["Slab"]}
-
-
-def conntrack_count(lab: Lab) -> int:
-    res = lab.exec(lab.host, ["conntrack", "-C"], check=False)
-    return int(res.stdout.strip() or 0) if res.returncode == 0 else 0
-
-
-def bench_scale(lab: Lab, s: Settings) -> dict:
-    c3 = lab.ns("c3")
-    lab.exec(c3, ["ip", "addr", "add", f"{C3_EXTRA}/26", "dev", "eth0"])
-    # The raw-socket client has no socket for the replies: keep its kernel from answering
-    # each one with a port unreachable (a filter-only table does not enable conntrack here).
-    lab.exec(c3, ["nft", "add table ip bench; add chain ip bench out { type filter hook output priority 0; };"
-                  " add rule ip bench out icmp type destination-unreachable drop"])
-    port, out = 7100, {}
-    for i, variant in enumerate(("direct", "nswrap")):
-        first_port = 10000 + 5000 * i  # fresh source ports per variant: no entry left from before
-        echo = [*TRAFFIC, "echo", port]
-        argv = [NSWRAP, "--ports", str(port), "--", *echo] if variant == "nswrap" else echo
-        server = lab.spawn(lab.host, argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
-        try:
-            wait_until(lambda: lab.exec(c3, [*TRAFFIC, "probe", C3_TARGET, port, 1], check=False).returncode == 0,
-                       START_TIMEOUT, what=f"{variant} echo server did not answer")
-            ct_before, slab_before = conntrack_count(lab), conntrack_slab()
-            cpu_before = Usage.of(server.pid, "python") if variant == "nswrap" else None
-            res = lab.exec(c3, [*TRAFFIC, "flows", C3_TARGET, port, f"203.0.113.66,{C3_EXTRA}", first_port,
-                                s.flows, s.flows_deadline_s], timeout=s.flows_deadline_s + 30)
-            result = json.loads(res.stdout)
-            ct_after, slab_after = conntrack_count(lab), conntrack_slab()
-            if cpu_before:
-                after = Usage.of(server.pid, "python")
-                result["wrapper_cpu_percent"] = 100 * (after.cpu_s - cpu_before.cpu_s) / result["seconds"]
-                result["wrapper_rss_mb"] = after.rss_mb
-        finally:
-            t0 = time.monotonic()
-            stop(lab, server, timeout=STOP_AFTER_FLOWS_TIMEOUT)
-            stopped = time.monotonic() - t0
-        result["stop_seconds"] = round(stopped, 2)  # SIGTERM until gone, teardown included
-        entries = ct_after - ct_before
-        result["conntrack_entries_added"] = entries
-        result["slab"] = {"before": slab_before, "after": slab_after}
-        if entries > 1000:
-            objs = slab_after["active_objs"] - slab_before["active_objs"]
-            result["bytes_per_flow_nf_conntrack_slab"] = objs * slab_after["objsize"] / entries
-            result["bytes_per_flow_all_slab"] = (slab_after["slab_kb"] - slab_before["slab_kb"]) * 1024 / entries
-        result["loss_percent"] = 100 * result["lost"] / max(result["sent"], 1)
-        out[variant] = result
-        say(f"scale {variant}: {result['answered']}/{result['sent']} answered in {result['seconds']} s, "
-            f"{entries} conntrack entries, stopped in {result['stop_seconds']} s")
-    return out
-
-
-# --- profile ------------------------------------------------------------------------------------
-
-
-def bench_profile(lab: Lab, tmp: pathlib.Path, reps: int) -> dict:
+def bench_profile(b: Bench) -> dict:
     py = str(ROOT / ".venv" / "bin" / "python")
-
-    def wall(argv) -> float:
-        times = []
-        for _ in range(reps):
-            t0 = time.monotonic()
-            subprocess.run(argv, capture_output=True, check=True, timeout=60)
-            times.append((time.monotonic() - t0) * 1000)
-        return median(times)
-
-    # What a real start imports (--help alone does not import the run path).
-    res = subprocess.run([py, "-X", "importtime", "-c", "import nswrap.cli, nswrap.run"],
-                         capture_output=True, text=True, timeout=60)
+    # What a real start imports: -X importtime of `nswrap --ports 53 -- true` in the lab.
+    res = b.exec("host", [py, "-X", "importtime", "-m", "nswrap", "--ports", "53", "--", "true"], timeout=60)
     imports = []
     for line in res.stderr.splitlines():
         m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \| (\s*)(\S+)", line)
         if m:
             imports.append({"module": m[4], "self_ms": int(m[1]) / 1000, "cumulative_ms": int(m[2]) / 1000,
-                            "depth": len(m[3])})
-    top_level = sorted((i for i in imports if i["depth"] <= 2), key=lambda i: -i["cumulative_ms"])[:15]
-    prof = tmp / "start.prof"
-    lab.exec(lab.host, [py, "-m", "cProfile", "-o", prof, "-m", "nswrap", "--ports", "53", "--", "true"], timeout=60)
+                            "depth": len(m[3]) // 2})
+    top_level = sorted((i for i in imports if i["depth"] == 0), key=lambda i: -i["cumulative_ms"])[:15]
+    prof = b.tmp / "start.prof"
+    b.exec("host", [py, "-m", "cProfile", "-o", prof, "-m", "nswrap", "--ports", "53", "--", "true"], timeout=60)
     stats = pstats.Stats(str(prof))
 
-    def top(key: str, n: int = 15) -> list[dict]:
-        rows = sorted(stats.stats.items(), key=lambda kv: -(kv[1][3] if key == "cumulative" else kv[1][2]))
+    def top(key: str, n: int) -> list[dict]:
+        # nswrap's own functions by cumulative time (click and runpy only wrap them); every
+        # function by self time
+        rows = [kv for kv in stats.stats.items() if key == "self" or f"{os.sep}nswrap{os.sep}" in kv[0][0]]
+        rows.sort(key=lambda kv: -(kv[1][3] if key == "cumulative" else kv[1][2]))
         return [{"function": f"{pathlib.Path(f).name}:{line}({name})", "calls": nc,
                  "tottime_ms": round(tt * 1000, 2), "cumtime_ms": round(ct * 1000, 2)}
                 for (f, line, name), (cc, nc, tt, ct, _) in rows[:n]]
 
-    return {
-        "python_startup_ms": wall([py, "-c", "pass"]),
-        "nswrap_help_ms": wall([py, "-m", "nswrap", "--help"]),
-        "imports_total_ms": sum(i["self_ms"] for i in imports),
-        "top_imports": top_level,
-        "cprofile_total_ms": round(stats.total_tt * 1000, 1),
-        "cprofile_top_cumulative": top("cumulative", 25),
-        "cprofile_top_self": top("self", 15),
-    }
+    wall = []
+    for _ in range(3):
+        t0 = time.monotonic()
+        subprocess.run([py, "-c", "pass"], check=True, timeout=30)
+        wall.append((time.monotonic() - t0) * 1000)
+    return {"python_startup_ms": median(wall), "imports_total_ms": sum(i["self_ms"] for i in imports),
+            "imports_nswrap_ms": sum(i["self_ms"] for i in imports if i["module"].startswith("nswrap")),
+            "top_imports": top_level, "cprofile_total_ms": round(stats.total_tt * 1000, 1),
+            "cprofile_top_cumulative": top("cumulative", 25), "cprofile_top_self": top("self", 15)}
 
 
-# --- report -------------------------------------------------------------------------------------
+def bench_startup(b: Bench) -> dict:
+    s = b.s
+    variants = ["direct", "nswrap", "handwritten", *b.variants_old]
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for i in range(s.reps):
+        for variant in rotate(variants, i):
+            x = first_answer(b, variant)
+            runs[variant].append(x)
+            say(f"startup {i + 1}/{s.reps} {variant}: first answer IPv4 {x['v4_ms']:.0f} ms, IPv6 {x['v6_ms']:.0f} ms, "
+                f"READY {x['ready_ms'] and round(x['ready_ms'])} ms, stop {x['stop_ms']:.0f} ms")
+    med = {}
+    for v in variants:
+        med[v] = {k: median(x[k] for x in runs[v]) for k in ("v4_ms", "v6_ms", "ready_ms", "stop_ms")}
+        med[v]["ready_missing"] = sum(1 for x in runs[v] if x["ready_ms"] is None) if v in ("nswrap", "old") else 0
+        mems = [x["memory"] for x in runs[v] if x.get("memory")]
+        if mems:
+            med[v]["pss_mb"] = median(m["pss_mb"] for m in mems)
+            med[v]["rss_mb"] = median(m["rss_mb"] for m in mems)
+    say("startup: `-- true`, start + stop")
+    argvs = {"nswrap": [NSWRAP, "--ports", "53,53/tcp", "--", "true"],
+             "handwritten": ["bash", HANDWRITTEN, "53,53/tcp", "--", "true"]}
+    if b.old:
+        argvs["old"] = wrapper_argv("old", "53,53/tcp", old=b.old) + ["true"]
+    true = true_pairs(b, argvs, s.reps)
+    say("startup: profile")
+    return {"runs": runs, "median": med, "true": true,
+            "true_ratio": true["nswrap"]["median_ms"] / true["handwritten"]["median_ms"],
+            "profile": bench_profile(b)}
 
 
-def targets(r: dict) -> list[dict]:
-    dp, st, sc = r["datapath"], r["startup"], r["scale"]
-    idle = dp["wrapper"]["idle"]
-    load = dp["wrapper"]["load"]
-    rss = max(x["rss_mb"] + x["helper_rss_mb"] for x in [idle, *load])
-    rows = [
-        ("datapath latency p50, nswrap / direct", dp["ratio_to_direct"]["nswrap"]["p50"], "<= 1.10", lambda v: v <= 1.10, "{:.3f}"),
-        ("transaction rate, nswrap / direct", dp["ratio_to_direct"]["nswrap"]["transactions"], ">= 0.90", lambda v: v >= 0.90, "{:.3f}"),
-        ("start-up + teardown, nswrap / hand-written (3 uplinks)", st["ratio_nswrap_to_handwritten"], "<= 1.5", lambda v: v <= 1.5, "{:.2f}"),
-        ("start-up + teardown per extra uplink (ms, nswrap)", st["ms_per_uplink"]["nswrap"], "<= 5", lambda v: v <= 5, "{:.2f}"),
-        ("wrapper RSS incl. helpers (MB)", rss, "<= 40", lambda v: v <= 40, "{:.1f}"),
-        ("wrapper CPU while idle (%)", idle["cpu_percent"], "~0 (<= 0.1)", lambda v: v <= 0.1, "{:.3f}"),
-        ("scale: loss under nswrap (%)", sc["nswrap"]["loss_percent"], f"= direct ({sc['direct']['loss_percent']:.3f})",
-         lambda v: v <= sc["direct"]["loss_percent"] + 0.01, "{:.3f}"),
-    ]
-    return [{"figure": name, "measured": fmt.format(v), "target": target, "met": bool(ok(v))}
-            for name, v, target, ok, fmt in rows]
+# --- 4. scale -----------------------------------------------------------------------------------
 
 
-def markdown(r: dict) -> str:
-    dp, st, sc, pr = r["datapath"], r["startup"], r["scale"], r["profile"]
-    lines = [f"# nswrap benchmark results ({r['meta']['mode']} mode, {r['meta']['date']})", "",
-             f"Kernel {r['meta']['kernel']}, {r['meta']['cpus']} CPUs. Generated by `scripts/bench`.", "",
-             "| figure | measured | target | met |", "|---|---|---|---|"]
-    lines += [f"| {t['figure']} | {t['measured']} | {t['target']} | {'yes' if t['met'] else '**MISS**'} |" for t in r["targets"]]
-    lines += ["", "## Datapath (sockperf ping-pong, 64 B, full round trip, medians of rounds)", "",
-              "| variant | p50 µs | p99 µs | p99.9 µs | transactions/s | p50 vs direct | tx/s vs direct |",
-              "|---|---|---|---|---|---|---|"]
-    for v, m in dp["median"].items():
-        q = dp["ratio_to_direct"][v]
-        lines.append(f"| {v} | {m['p50_us']:.1f} | {m['p99_us']:.1f} | {m['p99_9_us']:.1f} | "
-                     f"{m['transactions_per_s']:.0f} | {q['p50']:.3f} | {q['transactions']:.3f} |")
-    lines += ["", "## Start-up + teardown (`-- true`, median ms)", "", "| case | nswrap | hand-written | ratio |", "|---|---|---|---|"]
-
-    def row(name, pair):
-        a, b = pair["nswrap"]["median_ms"], pair["handwritten"]["median_ms"]
-        return f"| {name} | {a:.0f} | {b:.0f} | {a / b:.2f} |"
-
-    lines.append(row("lab, 3 uplinks, 1 port", st["lab_3_uplinks"]))
-    lines.append(row("first datagram answered (socat echo)", st["first_answer"]))
-    lines += [row(f"{n} uplink(s)", p) for n, p in st["by_uplinks"].items()]
-    lines += [row(f"{k} port(s), 3 uplinks", p) for k, p in st["by_ports"].items()]
-    lines += ["", f"Slope: nswrap {st['ms_per_uplink']['nswrap']:.2f} ms/uplink, hand-written "
-              f"{st['ms_per_uplink']['handwritten']:.2f} ms/uplink; nswrap {st['ms_per_port']['nswrap']:.3f} ms/port, "
-              f"hand-written {st['ms_per_port']['handwritten']:.3f} ms/port.", "",
-              "## Scale (distinct flows, one datagram each)", "",
-              "| variant | flows sent | answered | loss % | flows/s | conntrack entries | B/flow (nf_conntrack slab) | B/flow (all slab) | stop s |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for v, x in sc.items():
-        lines.append(f"| {v} | {x['sent']} | {x['answered']} | {x['loss_percent']:.3f} | {x['flows_per_second']} | "
-                     f"{x['conntrack_entries_added']} | {x.get('bytes_per_flow_nf_conntrack_slab', 0):.0f} | "
-                     f"{x.get('bytes_per_flow_all_slab', 0):.0f} | {x['stop_seconds']} |")
-    w = dp["wrapper"]
-    lines += ["", "## Wrapper footprint", "",
-              f"Idle ({w['idle']['seconds']} s): RSS {w['idle']['rss_mb']:.1f} MB, helpers {w['idle']['helpers'] or 'none'}, "
-              f"CPU {w['idle']['cpu_percent']:.3f} %. Under sockperf load: CPU "
-              f"{max(x['cpu_percent'] for x in w['load']):.3f} % (max of rounds); under the scale test: "
-              f"{sc['nswrap'].get('wrapper_cpu_percent', 0):.3f} %.", "",
-              "## Start-up profile", "",
-              f"python -c pass: {pr['python_startup_ms']:.0f} ms; nswrap --help: {pr['nswrap_help_ms']:.0f} ms; "
-              f"imports of the start path (-X importtime, sum of self): {pr['imports_total_ms']:.0f} ms; cProfile of a real start "
-              f"(`--ports 53 -- true`, lab host): {pr['cprofile_total_ms']:.0f} ms (profiled).", "",
-              "| import | cumulative ms |", "|---|---|"]
-    lines += [f"| {i['module']} | {i['cumulative_ms']:.1f} |" for i in pr["top_imports"][:12]]
-    lines += ["", "| function (cProfile, by cumulative) | calls | cumulative ms | self ms |", "|---|---|---|---|"]
-    lines += [f"| `{f['function']}` | {f['calls']} | {f['cumtime_ms']} | {f['tottime_ms']} |" for f in pr["cprofile_top_cumulative"][:20]]
-    return "\n".join(lines) + "\n"
+@dataclasses.dataclass
+class Idle:
+    running: Running
+    stack: contextlib.ExitStack
+    answered_s: float
+    ready_s: float | None
 
 
-def charts(r: dict, out: pathlib.Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def start_idle(b: Bench, variant: str, k: int, mask: str | None) -> Idle:
+    """The k-th idle instance: a UDP echo server on port 9000+2k, wrapped; up once it echoes."""
+    port = 9000 + 2 * k
+    stack = contextlib.ExitStack()
+    try:
+        running = stack.enter_context(b.serve(variant, Server("idle", port), mask=mask, wait=False))
+        out = b.traffic("c3", ["udpprobe", 30, C3_TARGET, port], timeout=45)
+        answered = float(out.split()[0]) - running.spawned
+        ready = running.ready_at(5.0)
+        return Idle(running, stack, answered, ready - running.spawned if ready else None)
+    except BaseException:
+        stack.close()
+        raise
 
-    dp = r["datapath"]
-    variants = list(dp["median"])
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    width = 0.38
-    for j, (key, label) in enumerate((("p50_us", "p50"), ("p99_us", "p99"))):
-        xs = [i + (j - 0.5) * width for i in range(len(variants))]
-        meds = [dp["median"][v][key] for v in variants]
-        lo = [meds[i] - min(x[key] for x in dp["runs"][v]) for i, v in enumerate(variants)]
-        hi = [max(x[key] for x in dp["runs"][v]) - meds[i] for i, v in enumerate(variants)]
-        bars = ax.bar(xs, meds, width, yerr=[lo, hi], capsize=4, label=label)
-        ax.bar_label(bars, fmt="%.0f", padding=3)
-    ax.set_xticks(range(len(variants)), ["nswrap", "direct on host", "2014 veth-loop recipe"])
-    ax.set_ylabel("UDP round trip (µs)")
-    ax.set_title("sockperf ping-pong c1 → host (median of rounds, whiskers: min–max)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "latency.png")
-    plt.close(fig)
 
-    st = r["startup"]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
-    for ax, data, xlabel in ((a1, st["by_uplinks"], "uplinks"), (a2, st["by_ports"], "published ports (3 uplinks)")):
-        xs = list(data)
-        for k, style in (("nswrap", "o-"), ("handwritten", "s--")):
-            ax.plot(xs, [data[x][k]["median_ms"] for x in xs], style, label=k)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("start-up + teardown of `-- true` (ms)")
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    a1.set_title("vs uplinks")
-    a2.set_title("vs published ports")
-    fig.tight_layout()
-    fig.savefig(out / "startup.png")
-    plt.close(fig)
+def instance_cpu(b: Bench, pids: list[int], window: float) -> float:
+    """Cores used by *pids* (and children they reaped) over *window* seconds."""
+    before = cpu_seconds(pids)
+    time.sleep(window)  # the measurement window itself
+    return (cpu_seconds(pids) - before) / window
+
+
+def bench_scale_variant(b: Bench, variant: str, counts: tuple[int, ...]) -> dict:
+    s = b.s
+    mask = OLD_WIDE_MASK if variant == "old" else None
+    out: dict = {"mask": mask, "points": {}, "idle_start": [], "idle_stop": []}
+    true_argv = wrapper_argv(variant, "9999", old=b.old, mask=mask) + ["true"]
+    idles: list[Idle] = []
+    with contextlib.ExitStack() as stack:
+        wrapped = stack.enter_context(b.serve(variant, Server("sockperf", 11001), pin=SAME_CPU, mask=mask))
+        stack.enter_context(b.serve("direct", Server("sockperf", 11002), pin=SAME_CPU))
+        pingpong(b, "c1", C1_TARGET, 11001, 1)
+        pingpong(b, "c1", C1_TARGET, 11002, 1)
+
+        def measure(label: str, n: int) -> None:
+            point = {"instances": n + 1}
+            if n:
+                pids = [p for i in [wrapped, *(x.running for x in idles)] for p in tree(i.proc.pid)]
+                point["cpu_cores_after_last_start"] = instance_cpu(b, pids, s.cpu_window_s)
+                point["cpu_cores_later"] = instance_cpu(b, pids, s.cpu_window_s)
+            rt = {"wrapped": [], "unrelated": []}
+            for r in range(s.scale_rounds):
+                for path in rotate(["wrapped", "unrelated"], r):
+                    rt[path].append(pingpong(b, "c1", C1_TARGET, 11001 if path == "wrapped" else 11002, s.pingpong_s))
+            point["rounds"] = rt
+            point["p50_us"] = {k: median(x["p50_us"] for x in v) for k, v in rt.items()}
+            point["true"] = true_pairs(b, {"start_stop": true_argv}, s.scale_reps)["start_stop"]
+            out["points"][label] = point
+            say(f"scale {variant}: {n} other instances: round trip wrapped {point['p50_us']['wrapped']:.1f} us, "
+                f"unrelated {point['p50_us']['unrelated']:.1f} us, `-- true` {point['true']['median_ms']:.0f} ms"
+                + (f", CPU {point['cpu_cores_after_last_start']:.3f} then {point['cpu_cores_later']:.3f} cores" if n else ""))
+
+        try:
+            for n in counts:
+                while len(idles) < n:
+                    idle = start_idle(b, variant, len(idles), mask)
+                    idles.append(idle)
+                    out["idle_start"].append({"n": len(idles), "answered_ms": idle.answered_s * 1000,
+                                              "ready_ms": idle.ready_s * 1000 if idle.ready_s is not None else None})
+                measure(str(n), n)
+        finally:
+            while idles:
+                idle = idles.pop()
+                t = stop_timed(b.lab, idle.running)
+                idle.stack.close()
+                out["idle_stop"].append({"n": len(idles) + 1, "stop_ms": t * 1000})
+        if max(counts):
+            measure("0 again", 0)
+    base = {k: median([*(x["p50_us"] for x in out["points"]["0"]["rounds"][k]),
+                       *(x["p50_us"] for x in out["points"].get("0 again", {"rounds": {k: []}})["rounds"][k])])
+            for k in ("wrapped", "unrelated")}
+    out["baseline_p50_us"] = base
+    out["ratio"] = {label: {k: p["p50_us"][k] / base[k] for k in base}
+                    for label, p in out["points"].items() if label not in ("0", "0 again")}
+    return out
+
+
+def ports_case(b: Bench, variant: str) -> dict:
+    n = b.s.port_list
+    many = ",".join(str(7000 + 2 * i) for i in range(n))  # never adjacent: n separate items
+    reps = b.s.scale_reps if variant == "nswrap" else max(1, b.s.scale_reps // 2)
+    res = true_pairs(b, {"1": wrapper_argv(variant, "7000", old=b.old) + ["true"],
+                         str(n): wrapper_argv(variant, many, old=b.old) + ["true"]}, reps, timeout=300)
+    res["ratio"] = res[str(n)]["median_ms"] / res["1"]["median_ms"]
+    say(f"scale {variant}: start+stop with 1 port {res['1']['median_ms']:.0f} ms, {n} ports {res[str(n)]['median_ms']:.0f} ms")
+    return res
+
+
+def conntrack_count(b: Bench) -> int:
+    res = b.exec("host", ["cat", "/proc/sys/net/netfilter/nf_conntrack_count"], check=False)
+    return int(res.stdout.strip() or 0) if res.returncode == 0 else 0
+
+
+@contextlib.contextmanager
+def tracking(b: Bench, udp_timeout: int | None = None):
+    """A stateful firewall's worth of conntrack in the lab host (a `ct state` rule makes the
+    kernel track this namespace's flows), optionally with a longer UDP timeout."""
+    b.exec("host", ["nft", "add table inet benchct; add chain inet benchct pre { type filter hook prerouting priority 0; };"
+                    " add rule inet benchct pre ct state new counter"])
+    saved = b.exec("host", ["sysctl", "-n", "net.netfilter.nf_conntrack_udp_timeout"]).stdout.strip()
+    if udp_timeout:
+        b.exec("host", ["sysctl", "-qw", f"net.netfilter.nf_conntrack_udp_timeout={udp_timeout}"])
+    try:
+        yield
+    finally:
+        b.exec("host", ["sysctl", "-qw", f"net.netfilter.nf_conntrack_udp_timeout={saved}"], check=False)
+        b.exec("host", ["nft", "delete", "table", "inet", "benchct"], check=False)
+        b.flush_conntrack()
+
+
+def full_table_case(b: Bench) -> dict:
+    """`-- true` start+stop with an empty conntrack table and with many unrelated flows in it."""
+    argv = {"start_stop": [NSWRAP, "--ports", "53,53/tcp", "--", "true"]}
+    with tracking(b, udp_timeout=900):
+        empty = true_pairs(b, argv, b.s.scale_reps)["start_stop"]
+        # unrelated flows: to port 9 (discard) of the host, where nothing listens
+        blast = json.loads(b.traffic("c1", ["blast", C1_TARGET, 9, ",".join(FLOOD_SOURCES), 10000, b.s.unrelated_flows, 60],
+                                     timeout=90))
+        entries = conntrack_count(b)
+        full = true_pairs(b, argv, b.s.scale_reps)["start_stop"]
+        after = conntrack_count(b)
+    res = {"entries": entries, "entries_after": after, "sent": blast["sent"], "empty": empty, "full": full,
+           "added_ms": full["median_ms"] - empty["median_ms"]}
+    say(f"scale: `-- true` with {entries} unrelated conntrack entries: {full['median_ms']:.0f} ms "
+        f"(empty table: {empty['median_ms']:.0f} ms)")
+    return res
+
+
+def bench_scale(b: Bench) -> dict:
+    out = {"nswrap": bench_scale_variant(b, "nswrap", b.s.scale_counts), "ports": {"nswrap": ports_case(b, "nswrap")},
+           "full_table": full_table_case(b)}
+    if b.old:
+        out["old"] = bench_scale_variant(b, "old", b.s.old_scale_counts)
+        out["ports"]["old"] = ports_case(b, "old")
+    return out
+
+
+# --- 5. flood -----------------------------------------------------------------------------------
+
+
+def windows(queries: list, t_start: float, t_end: float, before: float, after: float) -> dict:
+    def loss(lo: float, hi: float) -> dict:
+        sel = [ok for t, ok in queries if lo <= t < hi]
+        return {"sent": len(sel), "loss_percent": 100 * (1 - sum(sel) / len(sel)) if sel else None}
+
+    out = {"before": loss(t_start - before, t_start), "during": loss(t_start, t_end), "after": loss(t_end, t_end + after)}
+    if after >= 20:
+        out |= {"after_first_10s": loss(t_end, t_end + 10), "after_last_10s": loss(t_end + after - 10, t_end + after)}
+    return out
+
+
+def flood_run(b: Bench, variant: str) -> dict:
+    s = b.s
+    server_variant = "bestalt" if variant.startswith("direct") else variant
+    with contextlib.ExitStack() as stack:
+        if variant == "direct+conntrack":
+            stack.enter_context(tracking(b))
+        running = stack.enter_context(b.serve(server_variant, Server("unbound", 53, str(b.tmp))))
+        b.dns_ready(running, "c2", C2_TARGET)
+        b.dns_ready(running, "c3", C3_TARGET)
+        b.flush_conntrack()
+        total = s.flood_before_s + s.flood_deadline_s + s.flood_after_s + 2
+        sampler = b.lab.spawn(b.lab.host, [*TRAFFIC, "ctcount", 0.25, total + 5], stdout=subprocess.PIPE)
+        clients = {role: b.lab.spawn(b.lab.ns(role), [*TRAFFIC, "legit", target, 53, s.legit_interval_s, total, 1],
+                                     stdout=subprocess.PIPE)
+                   for role, target in (("c2", C2_TARGET), ("c3", C3_TARGET))}
+        time.sleep(s.flood_before_s)  # the clients' "before" window
+        blast = json.loads(b.traffic("c1", ["blast", C1_TARGET, 53, ",".join(FLOOD_SOURCES), 10000, s.flood_flows,
+                                            s.flood_deadline_s], timeout=s.flood_deadline_s + 30))
+        results = {role: json.loads(p.communicate(timeout=total + 30)[0]) for role, p in clients.items()}
+        samples = json.loads(sampler.communicate(timeout=total + 30)[0])
+    t0, t1 = blast["t_start"], blast["t_end"]
+    out = {"flood": blast, "clients": {}, "conntrack": [[round(t - t0, 2), c] for t, c in samples],
+           "conntrack_peak": max((c for _, c in samples), default=0)}
+    for role, queries in results.items():
+        out["clients"][role] = {"windows": windows(queries, t0, t1, s.flood_before_s, s.flood_after_s),
+                                "timeline": per_second(queries, t0)}
+    w = {role: c["windows"] for role, c in out["clients"].items()}
+    say(f"flood {variant}: {blast['sent']} flows in {blast['seconds']} s, conntrack peak {out['conntrack_peak']}; loss "
+        + ", ".join(f"{role} during {x['during']['loss_percent']:.1f} % after {x['after']['loss_percent']:.1f} %"
+                    for role, x in w.items()))
+    return out
+
+
+def per_second(queries: list, t0: float) -> list:
+    buckets: dict[int, list[int]] = {}
+    for t, ok in queries:
+        buckets.setdefault(int((t - t0) // 1), []).append(ok)
+    return [[sec, 100 * (1 - sum(v) / len(v))] for sec, v in sorted(buckets.items())]
+
+
+def list_full(b: Bench) -> dict:
+    """`nswrap list --json` while a flood has filled the conntrack table."""
+    with b.serve("nswrap", Server("unbound", 53, str(b.tmp))) as running:
+        b.dns_ready(running, "c2", C2_TARGET)
+        blast = json.loads(b.traffic("c1", ["blast", C1_TARGET, 53, ",".join(FLOOD_SOURCES), 10000, b.s.flood_flows,
+                                            b.s.flood_deadline_s], timeout=b.s.flood_deadline_s + 30))
+        entries = conntrack_count(b)
+        t0 = time.monotonic()
+        res = b.exec("host", [NSWRAP, "list", "--json"], timeout=300, check=False)
+        seconds = time.monotonic() - t0
+        try:
+            reported = json.loads(res.stdout).get("conntrack")
+        except json.JSONDecodeError:
+            reported = None
+        stop_s = stop_timed(b.lab, running, timeout=120)
+    say(f"flood: `nswrap list` with {entries} conntrack entries: {seconds:.2f} s; stop {stop_s:.2f} s")
+    return {"entries": entries, "flood_sent": blast["sent"], "list_seconds": seconds, "list_exit": res.returncode,
+            "list_conntrack": reported, "stop_seconds": stop_s}
+
+
+def bench_flood(b: Bench) -> dict:
+    out = {"max": int(b.exec("host", ["cat", "/proc/sys/net/netfilter/nf_conntrack_max"]).stdout), "runs": {}}
+    # (a quick run leaves out the stateful firewall: a smoke test needs no third variant)
+    for variant in ("direct", "nswrap") if b.s is QUICK else ("direct", "direct+conntrack", "nswrap"):
+        out["runs"][variant] = flood_run(b, variant)
+        b.flush_conntrack()
+    out["list"] = list_full(b)
+    b.flush_conntrack()
+    return out
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+def prepare_clients(lab: Lab) -> None:
+    """Extra source addresses for the raw-socket tools; those clients' kernels must not answer
+    the replies that reach no socket with port unreachables."""
+    lab.exec(lab.ns("c3"), ["ip", "addr", "add", f"{C3_SOURCES[1]}/26", "dev", "eth0"])
+    lab.exec(lab.ns("c1"), ["ip", "-batch", "-"], input="".join(f"addr add {a}/26 dev eth0\n" for a in FLOOD_SOURCES))
+    for role in ("c1", "c3"):
+        lab.exec(lab.ns(role), ["nft", "add table ip bench; add chain ip bench out { type filter hook output priority 0; };"
+                                " add rule ip bench out icmp type destination-unreachable drop"])
+
+
+SECTIONS = ("costs", "dns", "startup", "scale", "flood")
+
+
+def version(argv: list[str]) -> str:
+    out = subprocess.run(argv, capture_output=True, text=True).stdout.strip().splitlines()
+    return out[0] if out else "?"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds and flows (under a minute)")
-    parser.add_argument("--out", type=pathlib.Path, default=OUT, help="results directory (default docs/bench)")
+    parser.add_argument("--quick", action="store_true", help="one round of everything, small counts (about 2 minutes)")
+    parser.add_argument("--compare-with", metavar="DIR", help="an older nswrap checkout with its .venv: the 'old' variant")
+    parser.add_argument("--only", metavar="SECTION", action="append", choices=SECTIONS,
+                        help="run only this section (repeatable); results go to a file in /tmp, docs untouched")
+    parser.add_argument("--out", type=pathlib.Path,
+                        help=f"results directory (default docs/bench, with --quick {QUICK_OUT}); docs/benchmarks.md "
+                             "is rewritten only when it is docs/bench")
     args = parser.parse_args()
     reason = missing_requirements()
     if reason:
         say(f"cannot run: {reason}")
         return 1
-    out = args.out.resolve()
+    old = str(pathlib.Path(args.compare_with).resolve()) if args.compare_with else None
+    if old and not os.access(f"{old}/.venv/bin/nswrap", os.X_OK):
+        say(f"--compare-with {old}: no {old}/.venv/bin/nswrap")
+        return 1
+    sections = args.only or list(SECTIONS)
     s = QUICK if args.quick else FULL
     started = time.monotonic()
-    results = {"meta": {"mode": "quick" if args.quick else "full",
-                        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                        "kernel": platform.release(), "cpus": os.cpu_count(), "settings": dataclasses.asdict(s),
-                        "sockperf": subprocess.run(["sockperf", "--version"], capture_output=True, text=True).stdout.split("\n")[0]}}
-    with tempfile.TemporaryDirectory(prefix="nswrap-bench-") as tmp:
+    results: dict = {"meta": {
+        "mode": "quick" if args.quick else "full", "sections": sections,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "kernel": platform.release(), "cpus": os.cpu_count(), "settings": dataclasses.asdict(s),
+        "commit": subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                                 text=True).stdout.strip(),
+        "old": old and subprocess.run(["cat", f"{old}/.bench-commit"], capture_output=True, text=True).stdout.strip() or old,
+        "versions": {tool: version(argv) for tool, argv in (
+            ("sockperf", ["sockperf", "--version"]), ("iperf3", ["iperf3", "--version"]),
+            ("dnsperf", ["sh", "-c", "dnsperf -h 2>&1 | grep Version"]), ("unbound", ["sh", "-c", "unbound -V | head -1"]),
+            ("nft", ["nft", "--version"]))},
+        "flowtables": "not available: this kernel has no CONFIG_NF_FLOW_TABLE (creating a flowtable fails)",
+    }}
+    with tempfile.TemporaryDirectory(prefix="nswrap-bench-") as tmp_name:
+        tmp = pathlib.Path(tmp_name)
+        write_unbound_confs(tmp)
+        log = tmp / "servers.log"
         with Lab() as lab:
-            results["datapath"] = bench_datapath(lab, s)
-            results["startup"] = bench_startup(lab, s)
-            say("scale")
-            results["scale"] = bench_scale(lab, s)
-            say("profile")
-            results["profile"] = bench_profile(lab, pathlib.Path(tmp), s.reps)
+            prepare_clients(lab)
+            b = Bench(lab, s, tmp, old, log)
+            for name in sections:
+                say(f"--- {name} ({time.monotonic() - started:.0f} s so far)")
+                t0 = time.monotonic()
+                try:
+                    results[name] = globals()[f"bench_{name}"](b)
+                except BaseException:
+                    if log.exists():
+                        say("last lines of the servers' log:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-20:]))
+                    raise
+                results["meta"].setdefault("section_seconds", {})[name] = round(time.monotonic() - t0, 1)
     results["meta"]["seconds"] = round(time.monotonic() - started, 1)
-    results["targets"] = targets(results)
+    if set(sections) != set(SECTIONS):
+        partial = pathlib.Path(tempfile.gettempdir()) / "nswrap-bench-partial.json"
+        partial.write_text(json.dumps(results, indent=1) + "\n")
+        say(f"done in {results['meta']['seconds']} s: some sections only, results in {partial} (docs untouched)")
+        return 0
+    # A quick run is a smoke test: its noisy figures never replace the documented ones.
+    out = (args.out or (QUICK_OUT if args.quick else OUT)).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "results.md").write_text(markdown(results))
-    charts(results, out)
-    print(markdown(results))
-    say(f"done in {results['meta']['seconds']} s: results in {out}")
+    (out / "results.md").write_text(bench_report.results_md(results))
+    bench_report.charts(results, out)
+    docs = DOCS if out == OUT.resolve() else out / "benchmarks.md"
+    docs.write_text(bench_report.benchmarks_md(results, charts=os.path.relpath(out, docs.parent)))
+    print(bench_report.summary_table(results))
+    say(f"done in {results['meta']['seconds']} s: results in {out}, {docs}")
     return 0
 
 
