@@ -148,7 +148,7 @@ def _rows(state: State, facts: Facts) -> list[dict]:
     for record in live:
         started: dict[str, int] = {}
         for (name, element), (packets, _) in (table.counters.items() if table else ()):
-            if element.comment == record.id and name.startswith(("keep", "remap")):
+            if element.comment == record.id and name.startswith(("keep", "remap", "any")):
                 uplink = element.key[0].strip('"')
                 started[uplink] = started.get(uplink, 0) + packets
         uplinks = []

@@ -8,7 +8,7 @@ values) and the live instances, everything the kernel must hold: routing rules, 
 routing tables, the sysctls, and the contents of the one nftables table (ruleset.py renders it).
 
 The packet path (docs/design.md):
-  in:   uplink k --(dnat: published (uplink, address, proto, port) -> server)--> first packet:
+  in:   uplink k --(dnat: published (uplink, [address,] proto, port) -> server)--> first packet:
         ct mark := k; every packet: meta mark := k (strict rp_filter judges it by table k)
         --> "to <internal range> lookup main" --> the instance's veth --> the server
   out:  server --> veth --(meta mark := ct mark)--(fwmark k -> table k)--> uplink k, the source
@@ -388,28 +388,27 @@ def _span(lo: int, hi: int) -> str:
     return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
-def _addresses(facts: Facts, instance: Instance, version: int) -> list[IPAddress]:
+def _addresses(instance: Instance, version: int) -> list[IPAddress | None]:
+    """The addresses an instance publishes on: its --address ones, or None for every one."""
     if instance.addresses:
         return [a for a in instance.addresses if a.version == version and not a.is_loopback]
-    found = []
-    for a in facts.addresses:
-        if a.version == version and a.scope == 0 and a.ifname != "lo" and not a.ifname.startswith(HOST_PREFIX):
-            if a.address.ip not in found:
-                found.append(a.address.ip)
-    return found
+    return [None]
 
 
-def _publish(sets: dict[str, set[Element]], instance: Instance, version: int, ifname: str, address: IPAddress,
+def _publish(sets: dict[str, set[Element]], instance: Instance, version: int, ifname: str, address: IPAddress | None,
              ports: tuple[PortRange, ...]) -> None:
+    """Elements for (ifname, address, port): in the `keep`/`remap` maps for one address, in the
+    `any`/`anyremap` maps (no address in the key) for every address of the host, which the
+    first packet's `fib daddr type local` decides: no element to change as addresses come and go."""
     server = str(instance.server(version))
+    where = (f'"{ifname}"',) if address is None else (f'"{ifname}"', str(address))
+    keep, remap = (f"any{version}", f"anyremap{version}") if address is None else (f"keep{version}", f"remap{version}")
     for p in ports:
         if not p.remapped:
-            key = (f'"{ifname}"', str(address), p.proto, _span(p.outer_lo, p.outer_hi))
-            sets[f"keep{version}"].add(Element(key, (server,), instance.id))
+            sets[keep].add(Element((*where, p.proto, _span(p.outer_lo, p.outer_hi)), (server,), instance.id))
         else:
             for i in range(p.count):
-                key = (f'"{ifname}"', str(address), p.proto, str(p.outer_lo + i))
-                sets[f"remap{version}"].add(Element(key, (server, str(p.inner_lo + i)), instance.id))
+                sets[remap].add(Element((*where, p.proto, str(p.outer_lo + i)), (server, str(p.inner_lo + i)), instance.id))
 
 
 def _merged(ports: list[PortRange]) -> list[tuple[str, int, int]]:
@@ -423,15 +422,15 @@ def _merged(ports: list[PortRange]) -> list[tuple[str, int, int]]:
     return spans
 
 
-ELEMENT_SETS = ("ports", "keep4", "remap4", "keep6", "remap6", "servers4", "servers6", "tftp4", "tftp6",
-                "closed", "stub4", "uplink_new", "uplink_flow", "guarded4", "guarded6")
+ELEMENT_SETS = ("ports", "keep4", "remap4", "keep6", "remap6", "any4", "anyremap4", "any6", "anyremap6", "servers4",
+                "servers6", "tftp4", "tftp6", "closed", "stub4", "uplink_new", "uplink_flow", "guarded4", "guarded6")
 
 
 def _elements(b: _Builder, uplinks: tuple[Uplink, ...], families: dict[str, tuple[int, ...]]) -> dict[str, frozenset[Element]]:
     sets: dict[str, set[Element]] = {name: set() for name in ELEMENT_SETS}
     for instance in b.instances:
         for version in instance.families:
-            addresses = _addresses(b.facts, instance, version)
+            addresses = _addresses(instance, version)
             for ifname in instance_uplinks(b.facts, instance, version):
                 if version in families.get(ifname, ()):
                     for address in addresses:

@@ -16,6 +16,7 @@ import zlib
 from nswrap.datapath import ELEMENT_SETS, Datapath, Element, mark_value
 
 TABLE = "nswrap"  # inet nswrap: one per network namespace
+LOOPBACK = {4: "127.0.0.0/8", 6: "::1"}
 VERSION_SET = "version"
 
 # name -> declaration; the order is the order nft creates them in
@@ -25,6 +26,11 @@ SETS = {
     "remap4": "type ifname . ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service; counter;",
     "keep6": "type ifname . ipv6_addr . inet_proto . inet_service : ipv6_addr; flags interval; counter;",
     "remap6": "type ifname . ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service; counter;",
+    # every address of the host (the first packet's fib lookup says which are its own)
+    "any4": "type ifname . inet_proto . inet_service : ipv4_addr; flags interval; counter;",
+    "anyremap4": "type ifname . inet_proto . inet_service : ipv4_addr . inet_service; counter;",
+    "any6": "type ifname . inet_proto . inet_service : ipv6_addr; flags interval; counter;",
+    "anyremap6": "type ifname . inet_proto . inet_service : ipv6_addr . inet_service; counter;",
     "servers4": "type ipv4_addr; flags interval;",  # where servers live: nswrap's pools (and --subnet)
     "servers6": "type ipv6_addr; flags interval;",
     "tftp4": "type ipv4_addr . inet_service;",  # servers with the tftp helper (address . port)
@@ -99,7 +105,7 @@ def _first(version: int) -> list[Chain]:
 
 
 def _publish() -> list[Chain]:
-    """nat prerouting: the first packet of each flow. A published (uplink, address, proto, port)
+    """nat prerouting: the first packet of each flow. A published (uplink, [address,] proto, port)
     is DNATed to its server, keeping the port (keep) or remapping it (remap)."""
     rules = [
         'iifname "nsw-*" fib daddr type local meta l4proto { udp, tcp } dnat ip to meta l4proto . th dport map @stub4',
@@ -109,6 +115,9 @@ def _publish() -> list[Chain]:
         for kind in ("keep", "remap"):
             key = f"iifname . {ip} daddr . meta l4proto . th dport"
             rules.append(f"meta l4proto {{ udp, tcp }} dnat {ip} to {key} map @{kind}{version}")
+        for kind in ("any", "anyremap"):  # a loopback or a veth's address is none of the host's to publish
+            rules.append(f"{ip} daddr != {LOOPBACK[version]} {ip} daddr != @servers{version} fib daddr type local "
+                         f"meta l4proto {{ udp, tcp }} dnat {ip} to iifname . meta l4proto . th dport map @{kind}{version}")
     return _chain("publish", "nat hook prerouting priority dstnat", rules)
 
 
@@ -119,6 +128,9 @@ def _publish_local() -> list[Chain]:
         for kind in ("keep", "remap"):
             key = f"oifname . {ip} daddr . meta l4proto . th dport"
             rules.append(f"meta l4proto {{ udp, tcp }} dnat {ip} to {key} map @{kind}{version}")
+        for kind in ("any", "anyremap"):  # routed through lo: one of the host's own addresses
+            rules.append(f"{ip} daddr != {LOOPBACK[version]} {ip} daddr != @servers{version} "
+                         f"meta l4proto {{ udp, tcp }} dnat {ip} to oifname . meta l4proto . th dport map @{kind}{version}")
     return _chain("publish_local", "nat hook output priority -100", rules)
 
 
