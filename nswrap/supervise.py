@@ -87,11 +87,15 @@ class Supervisor:
         self.interruptible = False  # raise at once (waiting for the lock)
         self.stop_asked: float | None = None  # when a stop signal was forwarded
         self._said_waiting = False
+        self._wakeup_r = -1
 
     def install(self) -> None:
         for signum in FORWARDED:
             signal.signal(signum, self._on_signal)
         signal.signal(signal.SIGALRM, self._on_stop_timeout)
+        # every signal also wakes the wait loop (which otherwise sleeps until something happens)
+        self._wakeup_r, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wakeup_w, warn_on_full_buffer=False)
 
     def _on_signal(self, signum: int, frame) -> None:
         if self.tearing_down:
@@ -146,6 +150,7 @@ class Supervisor:
                 if pid == 0:
                     code = EXIT_FAILED
                     try:
+                        signal.set_wakeup_fd(-1)  # nswrap's wait loop is not the init's
                         _close_all_but(netns_fd, report_w, status_w)  # nswrap's sockets, locks, a --ready-fd: not the init's
                         code = _init(command, netns_fd, env, creds, report_w, status_w)
                     finally:
@@ -180,9 +185,13 @@ class Supervisor:
         try:
             while True:
                 now = time.monotonic()
-                timeout = 1.0 if due is None else max(0.0, min(1.0, due - now))
                 self._say_still_waiting(now)
-                ready, _, _ = select.select([pidfd, *(fds or [])], [], [], timeout)
+                wake = [t for t in (due, self._still_waiting_due()) if t is not None]
+                timeout = max(0.0, min(wake) - now) if wake else None  # idle: sleep until something happens
+                ready, _, _ = select.select([pidfd, self._wakeup_r, *(fds or [])], [], [], timeout)
+                if self._wakeup_r in ready:  # a signal was handled: look again
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wakeup_r, 512)
                 status = self._reap()
                 if status is not None:
                     self.tearing_down = True
@@ -192,7 +201,7 @@ class Supervisor:
                     if said and report and not (self.stop_asked is not None and code in (-s for s in STOPPING)):
                         log.warning("%s", said)  # (dying of the stop signal it was sent is no news)
                     return exit_status(code)
-                ready = [fd for fd in ready if fd != pidfd]
+                ready = [fd for fd in ready if fd not in (pidfd, self._wakeup_r)]
                 if on_ready and (ready or (due is not None and time.monotonic() >= due)):
                     next_in = on_ready(ready)
                     due = None if next_in is None else time.monotonic() + next_in
@@ -213,6 +222,11 @@ class Supervisor:
             return int(told) if told else init_code
         except ValueError:
             return init_code
+
+    def _still_waiting_due(self) -> float | None:
+        if self.stop_asked is None or self._said_waiting:
+            return None
+        return self.stop_asked + 1.0
 
     def _say_still_waiting(self, now: float) -> None:
         """A server slow to stop (dnsmasq -k ignores SIGINT): say once what nswrap waits for."""
