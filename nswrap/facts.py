@@ -70,23 +70,11 @@ def read_sysctl(key: str) -> str | None:
 
 
 def _loopback_listeners() -> frozenset[tuple[str, int]]:
-    """Ports a host process already serves on 127.0.0.1 (bound to it or to a wildcard): read from
-    /proc/net, where a socket listening on 0.0.0.0 shows as 00000000."""
-    found = set()
-    loopback = ("0100007F", "00000000", "00000000000000000000000000000000", "00000000000000000000000001000000")
-    for proto, path in (("udp", "udp"), ("udp", "udp6"), ("tcp", "tcp"), ("tcp", "tcp6")):
-        try:
-            with open(f"/proc/net/{path}") as f:
-                lines = f.readlines()[1:]
-        except FileNotFoundError:
-            continue
-        for line in lines:
-            fields = line.split()
-            address, port = fields[1].split(":")
-            listening = proto == "udp" or fields[3] == "0A"  # TCP_LISTEN
-            if listening and address in loopback:
-                found.add((proto, int(port, 16)))
-    return frozenset(found)
+    """Ports a host process already serves on 127.0.0.1 (bound to it or to a wildcard)."""
+    from nswrap import netlink
+
+    loopback = {"127.0.0.1", "0.0.0.0", "::", "::ffff:127.0.0.1"}
+    return frozenset((proto, port) for proto, address, port in netlink.listening() if str(address) in loopback)
 
 
 def _resolver_stub() -> IPAddress | None:

@@ -250,6 +250,8 @@ class Life:
         stale = []
         with netlink.Conntrack() as ct:
             for version in instance.families:
+                if version == 6 and not any(a.version == 6 and a.scope == 0 for a in self.facts.addresses):
+                    continue  # no IPv6 client can have reached this host: spare a walk of the whole hash
                 for address in (a for a in addresses if a is None or a.version == version):
                     for proto in ("udp", "tcp"):
                         ports = {port for p in items if p.proto == proto for port in range(p.outer_lo, p.outer_hi + 1)}
@@ -419,13 +421,17 @@ class Readiness:
     a query sent the moment READY arrives is answered, over IPv4 and IPv6."""
 
     def __init__(self, instance: Instance, init_pid: int, ready_fd: int | None):
-        self.instance, self.init_pid, self.ready_fd = instance, init_pid, ready_fd
+        self.instance, self.ready_fd = instance, ready_fd
         self.done = False
         self.began = time.monotonic()
         self.warned = False
+        try:
+            self.netns: int | None = os.open(f"/proc/{init_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self.netns = None  # the server is already gone: the supervisor sees it
 
     def poll(self) -> float | None:
-        if self.done:
+        if self.done or self.netns is None:
             return None
         missing = self._missing()
         if missing:
@@ -434,29 +440,17 @@ class Readiness:
                 log.warning("the server does not listen on %s yet: READY waits for it", ", ".join(map(str, missing)))
             return 0.01
         self.done = True
+        os.close(self.netns)
         announce_ready(self.ready_fd)
         return None
 
     def _missing(self) -> list[PortRange]:
-        bound = listening(self.init_pid)
+        """Published ports the server does not listen on yet, asked of its own namespace."""
+        assert self.netns is not None
+        with namespaces.inside(self.netns):
+            bound = {(proto, port) for proto, _, port in netlink.listening()}
         return [p for p in self.instance.ports
                 if not any((p.proto, port) in bound for port in range(p.inner_lo, p.inner_hi + 1))]
-
-
-def listening(pid: int) -> set[tuple[str, int]]:
-    """(proto, port) bound (UDP) or listening (TCP) in the network namespace of `pid`."""
-    found = set()
-    for proto, name in (("udp", "udp"), ("udp", "udp6"), ("tcp", "tcp"), ("tcp", "tcp6")):
-        try:
-            with open(f"/proc/{pid}/net/{name}") as f:
-                lines = f.readlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if proto == "udp" or fields[3] == "0A":
-                found.add((proto, int(fields[1].rsplit(":", 1)[1], 16)))
-    return found
 
 
 def announce_ready(ready_fd: int | None) -> None:
