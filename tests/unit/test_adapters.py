@@ -184,19 +184,17 @@ HEADER_UDP = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->whe
 HEADER_TCP = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
 
 
-def test_loopback_listeners(files):
-    files({
-        "/proc/net/udp": HEADER_UDP + "  0: 3500007F:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000 101 0 1 2 0 0\n"
-                                      "  1: 0100007F:14E9 00000000:0000 07 00000000:00000000 00:00000000 00000000 0 0 2 2 0 0\n"
-                                      "  2: 00000000:007B 00000000:0000 07 00000000:00000000 00:00000000 00000000 0 0 3 2 0 0\n",
-        "/proc/net/tcp": HEADER_TCP + "  0: 0100007F:0277 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 4 1\n"
-                                      "  1: 0100007F:0050 0A02000C:D431 01 00000000:00000000 00:00000000 00000000 0 0 5 1\n"
-                                      "  2: 0A00020F:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 6 1\n",
-        "/proc/net/tcp6": HEADER_TCP + "  0: 00000000000000000000000000000000:01BB 00000000000000000000000000000000:0000 0A "
-                                       "00000000:00000000 00:00000000 00000000 0 0 7 1\n",
-    })
-    # 127.0.0.53:53 is not 127.0.0.1; 5353 on 127.0.0.1; 123 on every address; tcp 631 listening on
-    # 127.0.0.1, 80 only an established connection, 22 on another address; 443 on [::] (dual-stack)
+def test_loopback_listeners(monkeypatch):
+    """What sock_diag reports, kept where it serves 127.0.0.1 (bound there or to a wildcard)."""
+    import ipaddress
+
+    from nswrap import netlink
+
+    A = ipaddress.ip_address
+    monkeypatch.setattr(netlink, "listening", lambda: {
+        ("udp", A("127.0.0.53"), 53), ("udp", A("127.0.0.1"), 5353), ("udp", A("0.0.0.0"), 123),
+        ("tcp", A("127.0.0.1"), 631), ("tcp", A("10.0.2.15"), 22), ("tcp", A("::"), 443)})
+    # 127.0.0.53:53 is not 127.0.0.1; 22 on another address; 443 on [::] (dual-stack)
     assert facts._loopback_listeners() == {("udp", 5353), ("udp", 123), ("tcp", 631), ("tcp", 443)}
 
 
@@ -220,7 +218,7 @@ def test_resolver_stub(files, resolv, stub):
 
 def test_no_resolv_conf(files):
     files({})
-    assert facts._resolver_stub() is None and facts._loopback_listeners() == frozenset()
+    assert facts._resolver_stub() is None
 
 
 def test_sysctl_keys_the_datapath_reads():
