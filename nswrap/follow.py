@@ -59,8 +59,9 @@ class Follower:
     def __init__(self, life):
         self.life = life
         self.monitor = netlink.Monitor()
-        links = life.facts.links if life.facts else ()
-        self.own_indexes: set[int] = {link.index for link in links if link.ifname.startswith(HOST_PREFIX)}
+        # subscribed first, then looked: a veth made in between is seen in one or the other
+        self.own_indexes: set[int] = {info.link.index for info in life.kernel.routing.links()
+                                      if info.link.ifname.startswith(HOST_PREFIX)}
         self.reasons: set[str] = set()
         self.first: float | None = None
         self.last: float | None = None
