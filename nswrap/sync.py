@@ -81,79 +81,86 @@ def wanted_rooms(firewall: FirewallFacts, mode: str, mask: int) -> tuple[Room, .
     return tuple(dict.fromkeys(out))
 
 
+def _sysctl_changes(facts: Facts, current: Allocation, wanted: dict[str, str]
+                    ) -> tuple[list[Change], list[Change], dict[str, SysctlChange]]:
+    """(restores, sets, what nswrap will have changed): set what is wanted and not in effect,
+    recording the original first; put back what is no longer wanted, if nobody changed it since."""
+    restores: list[Change] = []
+    sets: list[Change] = []
+    changed = {s.key: s for s in current.sysctls}
+    for key, value in sorted(wanted.items()):
+        now = facts.sysctl(key)
+        if now is None:
+            continue  # the interface is going away
+        if now != value:
+            sets.append(SetSysctl(key, value, now))
+            changed.setdefault(key, SysctlChange(key, now, value))
+    for change in current.sysctls:
+        if change.key in wanted:
+            continue
+        del changed[change.key]
+        if facts.sysctl(change.key) == change.ours:
+            restores.append(SetSysctl(change.key, change.original, change.ours))
+    return restores, sets, changed
+
+
+def _nft_changes(table: nft.Table | None, dp: Datapath, instances: tuple[Instance, ...]) -> list[Change]:
+    """Nothing, the whole table (new, rebuilt after an upgrade or someone's `flush chain`, or
+    deleted with the last instance), or the elements and uplink chains that differ."""
+    mask, name = dp.allocation.mark_mask, f"table inet {ruleset.TABLE}"
+    if not instances:
+        return [NftBatch(ruleset.delete_text(), what=f"{name} deleted")] if table is not None else []
+    if table is None or table.version != ruleset.version(mask) or not _intact(table, dp):
+        return [NftBatch(ruleset.table_text(dp), ruleset.delete_text() if table is None else "", what=f"{name} (re)built")]
+    chains, indexes = set(table.rules), [u.index for u in dp.allocation.uplinks]
+    text = ruleset.changes(table.elements, chains, dp.elements, indexes, mask)
+    if not text:
+        return []
+    wanted = {name for i in indexes for name in ruleset.uplink_chains(mask, i)}
+    undo = ruleset.changes(dp.elements, wanted, table.elements, ruleset.uplink_indexes(chains), mask)
+    return [NftBatch(text, undo, what="elements")]
+
+
 def plan(facts: Facts, table: nft.Table | None, allocation: Allocation | None, instances: tuple[Instance, ...],
          mark_mask: int, firewall_rooms: tuple[Room, ...] | None = None) -> Plan:
     """Pure: the changes from what the kernel holds to what `instances` need."""
     current = allocation or Allocation(mark_mask, free_priority(facts))
     dp = datapath(facts, current, instances)
     target = dp.allocation
-    mask = current.mark_mask
-    ours = range(current.priority, current.priority + PRIORITIES)
-    tables = {u.table for u in (*current.uplinks, *target.uplinks)}
-
-    have_rules = {r for r in facts.rules if r.proto == PROTO and r.priority in ours}
-    have_routes = {r for r in facts.routes if r.proto == PROTO and r.table in tables}
-
-    restores: list[Change] = []
-    sets: list[Change] = []
-    sysctls = {s.key: s for s in current.sysctls}
-    for key, value in sorted(dp.sysctls.items()):
-        now = facts.sysctl(key)
-        if now is None:
-            continue  # the interface is going away
-        if now != value:
-            sets.append(SetSysctl(key, value, now))
-            sysctls.setdefault(key, SysctlChange(key, now, value))
-    for change in current.sysctls:
-        if change.key in dp.sysctls:
-            continue
-        del sysctls[change.key]
-        if facts.sysctl(change.key) == change.ours:  # nobody changed it since: put back the original
-            restores.append(SetSysctl(change.key, change.original, change.ours))
+    restores, sets, changed = _sysctl_changes(facts, current, dp.sysctls)
+    sysctls = tuple(changed.values())
 
     # the guard covers every interface whose forwarding nswrap turns on, from this very change
-    guarding = replace(target, sysctls=tuple(sysctls.values()))
-    elements = dict(dp.elements)
-    for version in (4, 6):
-        if instances:
-            elements[f"guarded{version}"] = frozenset(Element((f'"{name}"',)) for name in guarded(guarding, facts, version))
-    dp = replace(dp, elements=elements)
+    if instances:
+        guarding = replace(target, sysctls=sysctls)
+        dp = replace(dp, elements={**dp.elements, **{
+            f"guarded{v}": frozenset(Element((f'"{name}"',)) for name in guarded(guarding, facts, v)) for v in (4, 6)}})
 
-    room_target = () if not instances else (firewall_rooms if firewall_rooms is not None else current.rooms)
-    room_changes: list[Change] = [DeleteRoom(r) for r in current.rooms if r not in room_target]
-    room_changes += [InsertRoom(r) for r in room_target if r not in current.rooms]
+    rooms = () if not instances else (firewall_rooms if firewall_rooms is not None else current.rooms)
+    room_changes: list[Change] = [DeleteRoom(r) for r in current.rooms if r not in rooms]
+    room_changes += [InsertRoom(r) for r in rooms if r not in current.rooms]
 
-    nft_changes: list[Change] = []
-    if not instances:
-        if table is not None:
-            nft_changes.append(NftBatch(ruleset.delete_text(), what=f"table inet {ruleset.TABLE} deleted"))
-    elif table is None or table.version != ruleset.version(mask) or not _intact(table, dp):
-        undo = ruleset.delete_text() if table is None else ""
-        nft_changes.append(NftBatch(ruleset.table_text(dp), undo, what=f"table inet {ruleset.TABLE} (re)built"))
-    else:
-        chains, indexes = set(table.rules), [u.index for u in target.uplinks]
-        text = ruleset.changes(table.elements, chains, dp.elements, indexes, mask)
-        if text:
-            wanted = {name for i in indexes for name in ruleset.uplink_chains(mask, i)}
-            undo = ruleset.changes(dp.elements, wanted, table.elements, ruleset.uplink_indexes(chains), mask)
-            nft_changes.append(NftBatch(text, undo, what="elements"))
-
-    flushes: list[Change] = [FlushMark(current.mark(u.index), mask) for u in current.uplinks
-                             if not any(t.ifname == u.ifname for t in target.uplinks)]
+    ours = range(current.priority, current.priority + PRIORITIES)
+    tables = {u.table for u in (*current.uplinks, *target.uplinks)}
+    have_rules = {r for r in facts.rules if r.proto == PROTO and r.priority in ours}
+    have_routes = {r for r in facts.routes if r.proto == PROTO and r.table in tables}
     route_adds = [AddRoute(r) for r in sorted(dp.routes - have_routes, key=_order)]
     route_dels = [DeleteRoute(r) for r in sorted(have_routes - dp.routes, key=_order)]
     rule_adds = [AddRule(r) for r in sorted(dp.rules - have_rules, key=_order)]
     rule_dels = [DeleteRule(r) for r in sorted(have_rules - dp.rules, key=_order)]
+    nft_changes = _nft_changes(table, dp, instances)
+    flushes: list[Change] = [FlushMark(current.mark(u.index), current.mark_mask) for u in current.uplinks
+                             if not any(t.ifname == u.ifname for t in target.uplinks)]
 
+    # the guard exists before forwarding is turned on; forwarding is restored before the guard goes
+    after: Allocation | None
     if instances:
         changes = [*restores, *nft_changes, *route_adds, *rule_adds, *rule_dels, *route_dels, *room_changes, *sets, *flushes]
-        after: Allocation | None = replace(target, sysctls=tuple(sysctls.values()), rooms=room_target)
+        after = replace(target, sysctls=sysctls, rooms=rooms)
     else:
         changes = [*restores, *rule_dels, *route_dels, *room_changes, *nft_changes, *flushes]
         after = None
-    before: Allocation | None = _union(current, replace(target, sysctls=tuple(sysctls.values()), rooms=tuple(room_target)))
-    if allocation is None and not instances:
-        before = None
+    before = None if allocation is None and not instances else _union(current, replace(target, sysctls=sysctls, rooms=rooms))
     return Plan(changes, dp, before, after)
 
 
