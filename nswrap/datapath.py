@@ -98,6 +98,7 @@ class SysctlChange:
     key: str
     original: str  # what the host had before nswrap changed it: what is restored
     ours: str  # what nswrap set
+    ifindex: int = 0  # the interface's index: a renamed interface keeps it (0: not known)
 
 
 @dataclass(frozen=True)
@@ -252,10 +253,12 @@ def _uplink_routes(b: _Builder, uplink: Uplink, version: int, gateway: IPAddress
     anywhere = FAMILIES[version].anywhere
     metric = 1024 if version == 6 else 0
     routes = []
-    if gateway is not None:
-        routes.append(Route(anywhere, uplink.ifname, gateway, uplink.table, metric=metric))
+    if gateway is not None:  # given with --uplink: on the link even outside the uplink's subnets
+        onlink = version == 4 and not any(gateway in a.network for a in b.facts.global_addresses(uplink.ifname, 4))
+        routes.append(Route(anywhere, uplink.ifname, gateway, uplink.table, metric=metric, onlink=onlink))
     elif defaults and defaults[0].gateway:  # IPv6: often link-local (fe80::1), hence the device
-        routes.append(Route(anywhere, uplink.ifname, defaults[0].gateway, uplink.table, metric=metric))
+        routes.append(Route(anywhere, uplink.ifname, defaults[0].gateway, uplink.table, metric=metric,
+                            onlink=defaults[0].onlink))
     elif defaults:  # a point-to-point link
         routes.append(Route(anywhere, uplink.ifname, table=uplink.table, scope=SCOPE_LINK if version == 4 else 0, metric=metric))
     else:
@@ -266,7 +269,7 @@ def _uplink_routes(b: _Builder, uplink: Uplink, version: int, gateway: IPAddress
         if not r.is_default and r.dst not in seen:
             seen.add(r.dst)
             routes.append(Route(r.dst, uplink.ifname, r.gateway, uplink.table, r.scope if version == 4 else 0,
-                                r.prefsrc, metric))
+                                r.prefsrc, metric, onlink=r.onlink))
     return routes
 
 
@@ -367,6 +370,12 @@ def _sysctls(b: _Builder, uplinks: tuple[Uplink, ...], families: dict[str, tuple
     return wanted
 
 
+def router(facts: Facts, version: int) -> bool:
+    """Has the admin made the host a router (`ip_forward=1`, IPv6 `forwarding=1`)? Then it
+    forwards whatever arrives: nswrap neither guards its uplinks nor turns their forwarding off."""
+    return facts.sysctl(f"net/ipv{version}/conf/all/forwarding") == "1"
+
+
 def guarded(allocation: Allocation, facts: Facts, version: int) -> list[str]:
     """Interfaces whose forwarding nswrap turned on: the host forwards nothing else arriving there."""
     setting = "forwarding" if version == 4 else "force_forwarding"
@@ -374,7 +383,7 @@ def guarded(allocation: Allocation, facts: Facts, version: int) -> list[str]:
     for change in allocation.sysctls:
         parts = change.key.split("/")
         if parts[1] == f"ipv{version}" and parts[-1] == setting and change.original == "0":
-            if version == 6 and facts.sysctl("net/ipv6/conf/all/forwarding") == "1":
+            if router(facts, version):
                 continue
             if not parts[3].startswith(HOST_PREFIX):  # a veth's own forwarding is not the host's routing
                 names.append(parts[3])

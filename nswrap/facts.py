@@ -48,7 +48,8 @@ class Facts:
 
 def sysctl_keys(names: list[str]) -> list[str]:
     """The settings the datapath depends on, for these interfaces."""
-    keys = ["net/ipv4/conf/all/src_valid_mark", "net/ipv4/conf/all/route_localnet", "net/ipv6/conf/all/forwarding"]
+    keys = ["net/ipv4/conf/all/src_valid_mark", "net/ipv4/conf/all/route_localnet", "net/ipv6/conf/all/forwarding",
+            "net/ipv4/conf/all/forwarding"]
     for name in names:
         keys += [sysctl_key(4, name, "forwarding"), sysctl_key(4, name, "src_valid_mark"),
                  sysctl_key(6, name, "force_forwarding")]

@@ -7,6 +7,10 @@ left is a real change of the host, a dead instance (its veth vanished), or someo
 nswrap's rules, routes or table (a firewall reload). That is handled once, after 100 ms of quiet
 (at most 1 s into a burst), by the one instance that holds the `follow` lock; the kernel hands the
 lock to another instance when that one dies. An instance whose own veth was deleted repairs it.
+
+One setting nswrap turns on has no event: `src_valid_mark` (the kernel announces only forwarding
+and rp_filter changes). The instance that follows reads the settings nswrap set every POLL
+seconds, a few small files, and follows the host when one was put back by someone else.
 """
 
 from __future__ import annotations
@@ -16,13 +20,13 @@ import os
 import time
 
 from nswrap import netlink
-from nswrap.facts import HOST_PREFIX
+from nswrap.facts import HOST_PREFIX, read_sysctl
 from nswrap.objects import PROTO
 from nswrap.ruleset import TABLE
 
 log = logging.getLogger("nswrap")
 
-SETTLE, MAX_WAIT = 0.1, 1.0
+SETTLE, MAX_WAIT, RETRY, POLL = 0.1, 1.0, 1.0, 2.0
 
 
 def classify(event: netlink.Event, own_indexes: set[int], my_veth: str) -> str | None:
@@ -66,6 +70,7 @@ class Follower:
         self.first: float | None = None
         self.last: float | None = None
         self.lock_fd: int | None = None
+        self.next_poll = 0.0
 
     def filenos(self) -> list[int]:
         return self.monitor.filenos()
@@ -84,31 +89,54 @@ class Follower:
     def on_ready(self, ready: list[int]) -> float | None:
         """Events arrived (or the settle time passed): act when things are quiet."""
         now = time.monotonic()
-        if ready:
+        if ready or self.first is None:  # (the first call reads what queued up during the start)
             for event in self.monitor.events():
                 reason = classify(event, self.own_indexes, self.life.instance.veth)
                 if reason:
                     self.reasons.add(reason)
                     self.last = now
                     self.first = self.first or now
+        poll = self._poll(now)
         if not self.reasons or self.first is None or self.last is None:
-            return None
+            return poll
         due = min(self.last + SETTLE, self.first + MAX_WAIT)
         if now < due:
             return due - now
         reasons, self.reasons, self.first, self.last = self.reasons, set(), None, None
-        if "repair" in reasons:
-            self._try(self.life.repair, "repairing the veth")
+        again: set[str] = set()
+        if "repair" in reasons and not self._try(self.life.repair, "repairing the veth"):
+            again.add("repair")
         if reasons - {"repair"} and self._leading():
-            self._try(lambda: self.life.follow("table" if "table" in reasons else "host"), "following the host")
-        return None
+            why = "table" if "table" in reasons else "host"
+            if not self._try(lambda: self.life.follow(why), "following the host"):
+                again |= reasons - {"repair"}
+        if again:  # the host is still changing: once more in a second
+            self.reasons, self.first, self.last = again, now, now + RETRY - SETTLE
+            return RETRY
+        return poll
 
-    def _try(self, action, what: str) -> None:
+    def _poll(self, now: float) -> float | None:
+        """The follower reads the settings without events when due: seconds to its next look
+        (None: another instance follows, this one sleeps until an event)."""
+        if not self._leading():
+            return None
+        if now >= self.next_poll:
+            self.next_poll = now + POLL
+            allocation = self.life.state.allocation()
+            if allocation and any(read_sysctl(c.key) not in (None, c.ours) for c in allocation.sysctls):
+                self.reasons.add("host")
+                self.last, self.first = now, self.first or now
+        return self.next_poll - now
+
+    def _try(self, action, what: str) -> bool:
+        """Whether it worked; FailClosed stops nswrap."""
         from nswrap.instance import FailClosed
 
         try:
             action()
+            return True
         except FailClosed:
             raise
-        except Exception as e:  # keep serving; the next change tries again
-            log.warning("%s: %s (keeping the current setup)", what, e)
+        except Exception as e:  # keep serving and try again
+            log.warning("%s: %s (trying again)", what, e)
+            return False

@@ -24,7 +24,7 @@ import time
 
 from nswrap import legacy, namespaces, netlink, nft, sync
 from nswrap.apply import Kernel, Transaction
-from nswrap.changes import ServerNetwork, SetSysctl, read_only_message
+from nswrap.changes import NftBatch, ServerNetwork, SetSysctl, read_only_message
 from nswrap.config import Config, PortRange
 from nswrap.datapath import Instance, allocate_subnet, check_uplinks, conflicts, ula_subnet
 from nswrap.errors import NswrapError, UsageError
@@ -110,6 +110,10 @@ class FailClosed(NswrapError):
     """nswrap's guard could not be put back: the instance must stop."""
 
 
+class TryAgain(NswrapError):
+    """Following the host could not make every change (the host is changing too): later."""
+
+
 class Life:
     def __init__(self, config: Config, supervisor: Supervisor):
         self.config = config
@@ -120,6 +124,7 @@ class Life:
         self.netns_fd: int | None = None
         self.live_fd: int | None = None
         self.facts: Facts | None = None
+        self.follower: Follower | None = None
 
     @property
     def instance(self) -> Instance:
@@ -147,6 +152,9 @@ class Life:
         )
 
     def start(self) -> None:
+        # listen before anything changes: a firewall reload during the rest of the start (or the
+        # server's) is in the queue when serving begins, not lost
+        self.follower = Follower(self)
         with self.supervisor.waiting():
             lock = self.state.dir.acquire(
                 "lock", lambda: log.info("waiting for the setup lock: other instances are starting or stopping"))
@@ -275,17 +283,17 @@ class Life:
         self.state.save(self.record)
 
     def serve(self) -> int:
-        follower = Follower(self)
-        try:
-            ready = Readiness(self.instance, self.supervisor.init_pid or 0, self.config.ready_fd)
-            return self.supervisor.wait(follower.filenos(), lambda fds: _min(ready.poll(), follower.on_ready(fds)))
-        finally:
-            follower.close()
+        follower = self.follower
+        assert follower is not None
+        ready = Readiness(self.instance, self.supervisor.init_pid or 0, self.config.ready_fd)
+        return self.supervisor.wait(follower.filenos(), lambda fds: _min(ready.poll(), follower.on_ready(fds)))
 
     def follow(self, why: str) -> None:
         """A host change (or a dead instance, or a flushed table): bring the shared datapath in
-        line, once, for every instance. Called on the instance that follows for all. If nswrap's
-        table cannot be put back, forwarding is restored first and nswrap stops (fail closed)."""
+        line, once, for every instance (this instance follows the host for all). Every change
+        that can be made is made; what fails is tried again (TryAgain) once the host settles,
+        except nswrap's nft table: if that cannot be put back, the forwarding nswrap turned on
+        is restored first and nswrap stops (fail closed)."""
         with self.state.dir.lock():
             allocation = self.state.allocation()
             try:
@@ -295,23 +303,33 @@ class Life:
                 if why == "table" and (table is None or not sync.intact(table, allocation)):
                     log.warning("nswrap's nft table was flushed or deleted (a firewall reload?): putting it back")
                 plan = sync.plan(facts, table, allocation, live, self.config.mark_mask)
-                tx = Transaction(self.kernel, say=lambda line: log.warning("following the host: %s", line.splitlines()[0]))
-                try:
-                    sync.run(plan, tx, self.state.save_allocation)
-                except BaseException:
-                    tx.rollback()
-                    raise
-                tx.commit()
             except (NswrapError, OSError) as e:
-                if why != "table":
-                    raise
-                restored = sync.fail_closed(allocation)
-                raise FailClosed(f"could not put back nswrap's nft table ({e}); forwarding restored "
-                                 f"({', '.join(restored) or 'nothing to restore'}): stopping") from None
+                self._fail_closed_if(why == "table", allocation, e)
+                raise TryAgain(str(e)) from None
+            if plan.before is not None:
+                self.state.save_allocation(plan.before)
+            tx = Transaction(self.kernel, say=lambda line: log.warning("following the host: %s", line.splitlines()[0]))
+            failed: list[str] = []
+            for change in plan.changes:
+                try:
+                    tx.run(change)
+                except (NswrapError, OSError) as e:
+                    self._fail_closed_if(isinstance(change, NftBatch) and why == "table", allocation, e)
+                    failed.append(f"{change.render().splitlines()[0]}: {e}")
+            tx.commit()  # what was done moves toward what is wanted: it stays
+            if failed:
+                raise TryAgain("; ".join(failed))
+            self.state.save_allocation(plan.after)
             for record in self.state.records():
                 if not self.state.dir.is_live(record.id):
                     self.state.forget(record.id)
                     log.warning("removed a dead instance's leftovers: instance %s (pid %d)", record.id, record.pid)
+
+    def _fail_closed_if(self, table_lost: bool, allocation, error: Exception) -> None:
+        if table_lost:
+            restored = sync.fail_closed(allocation)
+            raise FailClosed(f"could not put back nswrap's nft table ({error}); forwarding restored "
+                             f"({', '.join(restored) or 'nothing to restore'}): stopping") from None
 
     def repair(self) -> None:
         """Someone deleted our veth: make it again, into the server's namespace (its sockets
@@ -338,6 +356,9 @@ class Life:
     def stop(self) -> None:
         """Teardown: best effort, never interrupted; what fails is said and left to the next
         sync (or `nswrap cleanup`), and never hides the error that made nswrap stop."""
+        if self.follower is not None:
+            self.follower.close()  # another instance follows the host from now on
+            self.follower = None
         if self.record is None:
             self._leave_no_trace()
             return

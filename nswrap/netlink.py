@@ -55,6 +55,7 @@ IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
 IFA_F_NODAD, IFA_F_TENTATIVE = 0x02, 0x40
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_PREFSRC, RTA_MULTIPATH, RTA_TABLE = 1, 4, 5, 6, 7, 9, 15
 RTN_UNICAST = 1
+RTNH_F_ONLINK = 0x4
 FRA_DST, FRA_PRIORITY, FRA_FWMARK, FRA_SUPPRESS_PREFIXLEN, FRA_TABLE, FRA_FWMASK, FRA_PROTOCOL = 1, 6, 10, 14, 15, 16, 21
 NDA_DST, NDA_LLADDR = 1, 2
 NUD_PERMANENT = 0x80
@@ -364,7 +365,7 @@ class Routing:
         out = []
         for family in FAMILIES.values():
             for m in self.sock.dump(RTM_GETROUTE, _RTMSG.pack(family.af, 0, 0, 0, 0, 0, 0, 0, 0)):
-                _f, dst_len, _s, _t, table, proto, scope, kind, _ = _RTMSG.unpack_from(m.body)
+                _f, dst_len, _s, _t, table, proto, scope, kind, flags = _RTMSG.unpack_from(m.body)
                 if kind != RTN_UNICAST:
                     continue
                 a = parse_attrs(m.body, _RTMSG.size)
@@ -372,7 +373,8 @@ class Routing:
                 table = _u32(a.get(RTA_TABLE), table)
                 metric, prefsrc = _u32(a.get(RTA_PRIORITY)), _ip(a.get(RTA_PREFSRC))
                 for oif, gateway in _next_hops(a):
-                    out.append(Route(dst, names.get(oif), gateway, table, scope, prefsrc, metric, proto))
+                    out.append(Route(dst, names.get(oif), gateway, table, scope, prefsrc, metric, proto,
+                                     bool(flags & RTNH_F_ONLINK)))
         return out
 
     def rules(self) -> list[Rule]:
@@ -445,7 +447,8 @@ class Routing:
         table = route.table or RT_TABLE_MAIN
         adding = verb == "add"  # a delete matches any scope and type, as `ip route del` does
         body = _RTMSG.pack(family.af, route.dst.prefixlen, 0, 0, table if table < 256 else 252, route.proto,
-                           route.scope if adding else 255, RTN_UNICAST if adding else 0, 0)
+                           route.scope if adding else 255, RTN_UNICAST if adding else 0,
+                           RTNH_F_ONLINK if adding and route.onlink else 0)
         body += u32(RTA_TABLE, table)
         if route.dst.prefixlen:
             body += attr(RTA_DST, route.dst.network_address.packed)

@@ -83,6 +83,7 @@ class Route:
     prefsrc: IPAddress | None = None
     metric: int = 0
     proto: int = PROTO
+    onlink: bool = False  # the gateway is on the link though no connected route says so (a /32 VPS)
 
     @property
     def version(self) -> int:
@@ -103,6 +104,8 @@ class Route:
         if self.dev:
             words += ["dev", self.dev]
         if verb == "add":
+            if self.onlink:
+                words.append("onlink")
             if self.scope == SCOPE_LINK:
                 words += ["scope", "link"]
             if self.prefsrc:

@@ -409,7 +409,7 @@ def allocation_to_json(a: Allocation) -> bytes:
     return json.dumps({
         "version": 1, "mark_mask": a.mark_mask, "priority": a.priority,
         "uplinks": [{"ifname": u.ifname, "index": u.index, "table": u.table} for u in a.uplinks],
-        "sysctls": [{"key": s.key, "original": s.original, "ours": s.ours} for s in a.sysctls],
+        "sysctls": [{"key": s.key, "original": s.original, "ours": s.ours, "ifindex": s.ifindex} for s in a.sysctls],
         "rooms": [{"binary": r.binary, "chain": r.chain, "rule": list(r.rule)} for r in a.rooms],
     }, indent=1).encode()
 
@@ -444,7 +444,10 @@ def parse_allocation(raw: bytes) -> Allocation:
             raise InvalidState(f"sysctl key {s.get('key') if isinstance(s, dict) else s!r} is not one nswrap sets")
         if not isinstance(s.get("original"), str) or not SYSCTL_VALUE.fullmatch(s["original"]) or s.get("ours") != "1":
             raise InvalidState("bad sysctl value")
-        sysctls.append(SysctlChange(s["key"], s["original"], s["ours"]))
+        ifindex = s.get("ifindex", 0)
+        if not isinstance(ifindex, int) or isinstance(ifindex, bool) or not 0 <= ifindex < 1 << 31:
+            raise InvalidState("bad interface index")
+        sysctls.append(SysctlChange(s["key"], s["original"], s["ours"], ifindex))
     known = _known_rooms()
     for r in _need(data, "rooms", list):
         if (not isinstance(r, dict) or r.get("binary") not in IPTABLES

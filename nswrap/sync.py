@@ -40,6 +40,7 @@ from nswrap.datapath import (
     datapath,
     free_priority,
     guarded,
+    router,
 )
 from nswrap.errors import NswrapError
 from nswrap.facts import Facts
@@ -94,14 +95,24 @@ def _sysctl_changes(facts: Facts, current: Allocation, wanted: dict[str, str]
             continue  # the interface is going away
         if now != value:
             sets.append(SetSysctl(key, value, now))
-            changed.setdefault(key, SysctlChange(key, now, value))
+            link = facts.link(key.split("/")[3])
+            changed.setdefault(key, SysctlChange(key, now, value, link.index if link else 0))
     for change in current.sysctls:
         if change.key in wanted:
             continue
         del changed[change.key]
+        if _admins(change, router(facts, 4)):
+            continue
         if facts.sysctl(change.key) == change.ours:
             restores.append(SetSysctl(change.key, change.original, change.ours))
     return restores, sets, changed
+
+
+def _admins(change: SysctlChange, ip_forward: bool) -> bool:
+    """An interface's forwarding that the admin's `ip_forward=1` (which sets every interface's)
+    made theirs since nswrap turned it on: it stays on."""
+    parts = change.key.split("/")
+    return ip_forward and parts[1] == "ipv4" and parts[-1] == "forwarding"
 
 
 def _nft_changes(table: nft.Table | None, dp: Datapath, instances: tuple[Instance, ...]) -> list[Change]:
@@ -121,10 +132,24 @@ def _nft_changes(table: nft.Table | None, dp: Datapath, instances: tuple[Instanc
     return [NftBatch(text, undo, what="elements")]
 
 
+def _renamed(allocation: Allocation, facts: Facts) -> Allocation:
+    """A sysctl nswrap changed follows its interface through a rename (`ip link set eth1 name
+    wan1`): its original is restored under the new name, and the guard keeps covering it."""
+    moved = []
+    for change in allocation.sysctls:
+        parts = change.key.split("/")
+        link = next((link for link in facts.links if link.index == change.ifindex), None) if change.ifindex else None
+        if link is not None and link.ifname != parts[3] and not facts.link(parts[3]):
+            parts[3] = link.ifname
+            change = replace(change, key="/".join(parts))
+        moved.append(change)
+    return replace(allocation, sysctls=tuple(moved))
+
+
 def plan(facts: Facts, table: nft.Table | None, allocation: Allocation | None, instances: tuple[Instance, ...],
          mark_mask: int, firewall_rooms: tuple[Room, ...] | None = None) -> Plan:
     """Pure: the changes from what the kernel holds to what `instances` need."""
-    current = allocation or Allocation(mark_mask, free_priority(facts))
+    current = _renamed(allocation, facts) if allocation else Allocation(mark_mask, free_priority(facts))
     dp = datapath(facts, current, instances)
     target = dp.allocation
     restores, sets, changed = _sysctl_changes(facts, current, dp.sysctls)
@@ -207,6 +232,8 @@ def fail_closed(allocation: Allocation | None) -> list[str]:
 
     done = []
     for change in allocation.sysctls if allocation else ():
+        if _admins(change, read_sysctl("net/ipv4/conf/all/forwarding") == "1"):
+            continue
         try:
             if read_sysctl(change.key) == change.ours:
                 write_sysctl(change.key, change.original)
