@@ -26,11 +26,11 @@ from nswrap import legacy, namespaces, netlink, nft, sync
 from nswrap.apply import Kernel, Transaction
 from nswrap.changes import NftBatch, ServerNetwork, SetSysctl, read_only_message
 from nswrap.config import Config, PortRange
-from nswrap.datapath import Instance, allocate_subnet, check_uplinks, conflicts, ula_subnet
+from nswrap.datapath import Allocation, Instance, allocate_subnet, check_uplinks, conflicts, ula_subnet
 from nswrap.errors import NswrapError, UsageError
 from nswrap.facts import Facts, gather, netns_id
 from nswrap.follow import Follower
-from nswrap.state import Record, State, StateDir, hold, new_id
+from nswrap.state import MAX_FILE, InvalidState, Record, State, StateDir, hold, new_id, parse_record
 from nswrap.supervise import FORWARDED, Credentials, Interrupted, Supervisor, exit_status
 
 log = logging.getLogger("nswrap")
@@ -106,6 +106,19 @@ def loopback_ports(config: Config, facts: Facts) -> tuple[PortRange, ...]:
     return tuple(kept)
 
 
+def _recordable(record: Record) -> None:
+    """The record must read back as it was written (the reader's limits: state.parse_record)."""
+    raw = record.to_json()
+    try:
+        if len(raw) > MAX_FILE:
+            raise InvalidState(f"{len(raw)} bytes, more than {MAX_FILE}")
+        if parse_record(raw, f"{record.id}.json") == record:
+            return
+    except InvalidState as e:
+        raise UsageError(f"too much to record for cleanup after a crash ({e}): a shorter command line or fewer ports") from None
+    raise UsageError("this instance cannot be recorded for cleanup after a crash (a bug: please report it)")
+
+
 class FailClosed(NswrapError):
     """nswrap's guard could not be put back: the instance must stop."""
 
@@ -175,8 +188,11 @@ class Life:
         records = self.state.records()
         live = [r for r in records if self.state.dir.is_live(r.id)]
         allocation = self.state.allocation()
-        if allocation is not None and live and allocation.mark_mask != self.config.mark_mask:
-            raise NswrapError(f"the nswrap instances here use --mark-mask {allocation.mark_mask:#x}; give the same")
+        if allocation is not None and allocation.mark_mask != self.config.mark_mask:
+            if live:
+                raise NswrapError(f"the nswrap instances here use --mark-mask {allocation.mark_mask:#x}; give the same")
+            self._sweep_dead(facts, allocation)  # a crashed instance's marks: gone before ours are chosen
+            facts, allocation = gather(self.kernel.routing), None
         instance = self._new_instance(facts, live)
         check_uplinks(facts, instance)
         clash = conflicts(instance, tuple(r.instance for r in live))
@@ -195,8 +211,9 @@ class Life:
             raise NswrapError(read_only_message(writes))
         for warning in plan.datapath.warnings:
             log.warning("%s", warning)
-        self.live_fd = hold(self.state, instance.id)
-        self.record = Record(instance.id, os.getpid(), time.time(), list(self.config.command), instance, self.config.mark_mask)
+        record = Record(instance.id, os.getpid(), time.time(), list(self.config.command), instance, self.config.mark_mask)
+        _recordable(record)  # before any change: what cannot be read back cannot be cleaned up
+        self.live_fd, self.record = hold(self.state, instance.id), record
         self.state.save(self.record)  # before the first host change: a crash from here on is recoverable
         tx = Transaction(self.kernel, checkpoint=self.supervisor.checkpoint)
         try:
@@ -219,6 +236,17 @@ class Life:
                 self.state.forget(dead.id)
                 log.warning("removed a dead instance's leftovers: instance %s (pid %d)", dead.id, dead.pid)
         self.facts = facts
+
+    def _sweep_dead(self, facts: Facts, allocation: Allocation) -> None:
+        tx = Transaction(self.kernel,
+                         say=lambda line: log.warning("removed a dead instance's leftover: %s", line.splitlines()[0]))
+        try:
+            sync.run(sync.plan(facts, nft.read_table(), allocation, (), allocation.mark_mask), tx,
+                     self.state.save_allocation)
+        except BaseException:
+            tx.rollback()
+            raise
+        tx.commit()
 
     def _sweep_legacy(self, facts: Facts) -> None:
         tx = Transaction(self.kernel,

@@ -36,7 +36,8 @@ log = logging.getLogger("nswrap")
 RUN_DIR = "/run/nswrap"
 PID_MAX = 1 << 22  # the kernel's largest pid_max
 IPTABLES = ("iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy")
-MAX_FILE = 1 << 16
+MAX_ARG_STRLEN = 32 * 4096  # the kernel's limit on one argument of exec
+MAX_FILE = 1 << 20  # a record holds the command line: the kernel allows up to 128 KiB per argument
 ID = re.compile(r"[0-9a-f]{6}")  # always fullmatch()ed
 SYSCTL_VALUE = re.compile(r"[0-2]")
 
@@ -336,9 +337,9 @@ def _need(data: dict, key: str, kind: type | tuple[type, ...]):
     return value
 
 
-def _list_of(data: dict, key: str, limit: int = 4096) -> list[str]:
+def _list_of(data: dict, key: str, limit: int = 65536) -> list[str]:
     value = _need(data, key, list)
-    if len(value) > limit or not all(isinstance(v, str) and len(v) < 4096 for v in value):
+    if len(value) > limit or not all(isinstance(v, str) and len(v) <= MAX_ARG_STRLEN for v in value):
         raise InvalidState(f"{key!r} must be a list of strings")
     return value
 
