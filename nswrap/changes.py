@@ -284,12 +284,21 @@ class ServerNetwork(Change):
         return [("host", i.veth, host), ("server", SERVER_IF, server)]
 
     def do(self, kernel) -> None:
+        try:
+            self._make(kernel.routing)
+        except OSError as e:  # name what was being made, not the first line of the sketch
+            i = self.instance
+            subnets = ", ".join(str(i.subnet_of(v)) for v in i.families)
+            raise NswrapError(f"could not make the server's network (veth {i.veth}, {subnets}): "
+                              f"{e.strerror or e}") from e
+
+    def _make(self, routing) -> None:
         import ipaddress
 
         from nswrap import namespaces, netlink
         from nswrap.objects import Address, Neighbour
 
-        i, routing = self.instance, kernel.routing
+        i = self.instance
         host_mac, server_mac = self._macs
         routing.do(routing.veth(i.veth, SERVER_IF, self.netns_fd, self.mtu, (host_mac, server_mac)))
         routing.forget(i.veth)

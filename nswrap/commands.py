@@ -20,7 +20,7 @@ from nswrap import legacy, namespaces, netlink, nft, sync
 from nswrap.apply import Kernel, Transaction
 from nswrap.changes import DeleteLink, ServerNetwork
 from nswrap.config import DEFAULT_MARK_MASK, Config
-from nswrap.datapath import Instance, allocate_subnet, check_uplinks, instance_uplinks, ula_subnet
+from nswrap.datapath import Instance, absent_addresses, allocate_subnet, check_uplinks, instance_uplinks, ula_subnet
 from nswrap.errors import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, NswrapError, UsageError
 from nswrap.facts import Facts, gather, netns_id
 from nswrap.instance import loopback_ports, require_capabilities
@@ -48,6 +48,8 @@ def dry_run(config: Config) -> int:
     instance = Instance("d0d0d0", config.ports, subnet, ula_subnet(subnet) if facts.ipv6_per_interface else None,
                         config.uplinks, config.addresses, loopback_ports(config, facts), config.outbound, config.helpers)
     check_uplinks(facts, instance)
+    for warning in absent_addresses(facts, instance):
+        log.warning("%s", warning)
     table = nft.read_table()
     rooms = sync.wanted_rooms(sync.probe_firewall(), config.firewall, config.mark_mask) if table is None or not live else None
     plan = sync.plan(facts, table, state.allocation() if state else None, (*(r.instance for r in live), instance),
@@ -206,8 +208,8 @@ def list_instances(as_json: bool) -> int:
 def exec_in(instance: str, command: tuple[str, ...]) -> int:
     """Run `command` in a live instance's network namespace, e.g. tcpdump or ss."""
     _needs_root("nswrap exec")
-    if not command:
-        raise UsageError("no command given: nswrap exec ID -- COMMAND [ARG...]")
+    if not command or not command[0]:
+        raise UsageError(f"{'empty command name' if command else 'no command given'}: nswrap exec ID -- COMMAND [ARG...]")
     state = existing(netns_id())
     found = [r for r in state.live() if r.id.startswith(instance)] if instance and state else []
     if len(found) != 1:

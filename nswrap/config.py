@@ -136,10 +136,21 @@ def parse_uplink(text: str) -> UplinkSpec:
 
 
 def parse_address(text: str) -> IPAddress:
+    """An address of the host to publish on: a unicast one, or 127.0.0.1 (its own clients)."""
     try:
-        return ipaddress.ip_address(text)
+        address = ipaddress.ip_address(text)
     except ValueError:
         raise UsageError(f"invalid address {text!r}: expected an address of this host") from None
+    if address.is_unspecified:
+        raise UsageError(f"invalid address {text!r}: for every address of the host, leave --address out")
+    if address.is_loopback and address != ipaddress.IPv4Address("127.0.0.1"):
+        raise UsageError(f"invalid address {text!r}: of the loopback addresses, only 127.0.0.1 is served")
+    if address.is_multicast or address.is_link_local or address == ipaddress.IPv4Address("255.255.255.255"):
+        raise UsageError(f"invalid address {text!r}: expected a unicast address of this host")
+    return address
+
+
+THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
 
 
 def parse_subnet(text: str) -> ipaddress.IPv4Network:
@@ -149,6 +160,10 @@ def parse_subnet(text: str) -> ipaddress.IPv4Network:
         raise UsageError(f"invalid subnet {text!r}: {e}") from None
     if net.prefixlen != 30:
         raise UsageError(f"invalid subnet {text!r}: must be a /30 (the host's end and the server's)")
+    for kind, bad in (("multicast", net.is_multicast), ("loopback", net.is_loopback), ("link-local", net.is_link_local),
+                      ("reserved", net.is_reserved), ("'this network' (0.0.0.0/8)", net.subnet_of(THIS_NETWORK))):
+        if bad:
+            raise UsageError(f"invalid subnet {text!r}: a {kind} range cannot be routed to the server")
     return net
 
 
@@ -205,6 +220,8 @@ class Config:
             raise UsageError("no ports to publish: give --ports, e.g. --ports 53,53/tcp")
         if not self.command and not self.dry_run:
             raise UsageError("no command given: nswrap [OPTIONS] -- COMMAND [ARG...]")
+        if self.command and not self.command[0]:
+            raise UsageError("empty command name: nswrap [OPTIONS] -- COMMAND [ARG...]")
         if self.firewall not in ("auto", "off"):
             raise UsageError(f"invalid --firewall {self.firewall!r}: auto or off")
         for helper in self.helpers:

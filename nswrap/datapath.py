@@ -209,6 +209,14 @@ def check_uplinks(facts: Facts, instance: Instance) -> None:
         raise NswrapError("no uplink found: no interface has a global address (give one with --uplink)")
 
 
+def absent_addresses(facts: Facts, instance: Instance) -> list[str]:
+    """At start: the --address ones not on the host now (a floating address, say: served once it
+    comes), as warnings."""
+    here = {a.address.ip for a in facts.addresses}
+    return [f"address {a} is not on this host (yet): it is served once it is" for a in instance.addresses
+            if not a.is_loopback and a not in here]
+
+
 def _gateways(instances: tuple[Instance, ...]) -> dict[tuple[str, int], IPAddress]:
     """Gateways given with --uplink IFACE=GATEWAY; two instances must not disagree."""
     given: dict[tuple[str, int], tuple[IPAddress, str]] = {}

@@ -26,7 +26,7 @@ from nswrap import legacy, namespaces, netlink, nft, sync
 from nswrap.apply import Kernel, Transaction
 from nswrap.changes import NftBatch, ServerNetwork, SetSysctl, read_only_message
 from nswrap.config import Config, PortRange
-from nswrap.datapath import Allocation, Instance, allocate_subnet, check_uplinks, conflicts, ula_subnet
+from nswrap.datapath import Allocation, Instance, absent_addresses, allocate_subnet, check_uplinks, conflicts, ula_subnet
 from nswrap.errors import NswrapError, UsageError
 from nswrap.facts import Facts, gather, netns_id
 from nswrap.follow import Follower
@@ -195,6 +195,8 @@ class Life:
             facts, allocation = gather(self.kernel.routing), None
         instance = self._new_instance(facts, live)
         check_uplinks(facts, instance)
+        for warning in absent_addresses(facts, instance):
+            log.warning("%s", warning)
         clash = conflicts(instance, tuple(r.instance for r in live))
         if clash:
             owner = next(r for r in live if r.id in clash)

@@ -265,14 +265,18 @@ def test_uplinks():
 def test_addresses():
     assert parse_address("192.0.2.10") == ipaddress.IPv4Address("192.0.2.10")
     assert parse_address("2001:db8::1") == ipaddress.IPv6Address("2001:db8::1")
-    for bad in ["192.0.2.0/24", "host.example", "", "192.0.2.256", "\u0661\u0669\u0662.0.2.1"]:
+    assert parse_address("127.0.0.1").is_loopback
+    for bad in ["192.0.2.0/24", "host.example", "", "192.0.2.256", "\u0661\u0669\u0662.0.2.1",
+                "0.0.0.0", "::", "::1", "127.0.0.2", "224.0.0.1", "ff02::1", "fe80::1", "169.254.1.1", "255.255.255.255"]:
         refused(parse_address, bad, culprit="invalid address")
 
 
 def test_subnets():
     assert parse_subnet("198.18.7.0/30").prefixlen == 30
     for bad, culprit in [("198.18.7.1/30", "host bits"), ("198.18.7.0/31", "/30"), ("198.18.7.0/29", "/30"),
-                         ("nope", "'nope'"), ("2001:db8::/126", "'2001:db8::/126'")]:
+                         ("nope", "'nope'"), ("2001:db8::/126", "'2001:db8::/126'"), ("224.0.0.0/30", "multicast"),
+                         ("127.0.0.0/30", "loopback"), ("169.254.0.0/30", "link-local"), ("240.0.0.0/30", "reserved"),
+                         ("255.255.255.252/30", "reserved"), ("0.0.0.0/30", "this network")]:
         refused(parse_subnet, bad, culprit=culprit)
 
 

@@ -14,6 +14,7 @@ from nswrap.datapath import (
     Element,
     SysctlChange,
     Uplink,
+    absent_addresses,
     allocate_subnet,
     candidate_uplinks,
     check_marks,
@@ -86,6 +87,14 @@ def test_check_uplinks_at_start():
     bare = host(addresses=(Address("eth0", IF("fe80::10/64"), SCOPE_LINK),))
     with pytest.raises(NswrapError, match="no uplink found"):
         check_uplinks(bare, instance())
+
+
+def test_an_address_not_on_the_host_is_a_warning_not_an_error():
+    """A floating address (keepalived's, say) may come later: served once it does."""
+    facts = host()
+    assert absent_addresses(facts, instance(addresses=("192.0.2.10", "127.0.0.1"))) == []
+    assert absent_addresses(facts, instance(addresses=("192.0.2.99",))) == [
+        "address 192.0.2.99 is not on this host (yet): it is served once it is"]
 
 
 # --- allocation ----------------------------------------------------------------------------------
