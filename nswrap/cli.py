@@ -16,7 +16,18 @@ import click
 from click.core import ParameterSource
 
 from nswrap import __version__, configfile
-from nswrap.config import Config, check_stop_timeout, parse_address, parse_mark_mask, parse_ports, parse_subnet, parse_uplink
+from nswrap.config import (
+    Config,
+    check_ready_fd_number,
+    check_stop_timeout,
+    parse_address,
+    parse_mark_mask,
+    parse_ports,
+    parse_subnet,
+    parse_uplink,
+    parse_user,
+    require_ports,
+)
 from nswrap.errors import EXIT_FAILED, EXIT_USAGE, NswrapError, UsageError
 
 log = logging.getLogger("nswrap")
@@ -129,15 +140,21 @@ def run(ctx, ports, uplinks, subnet, mark_mask, addresses, firewall, no_outbound
     whitespace-separated values there, e.g. NSWRAP_UPLINK="eth0 eth1=198.51.100.1") or in the
     --config file; the command line wins over the environment, the environment over the file.
     """
-    if not command:
-        command = ctx.meta.get(COMMAND_META, ())
+    from_file = not command and COMMAND_META in ctx.meta
+    if from_file:
+        command = ctx.meta[COMMAND_META]
 
     def start() -> int:
         if user is None and "NSWRAP_USER" in os.environ:  # click takes an empty variable for unset
             raise UsageError("invalid NSWRAP_USER '': empty user name (unset it to run the server as root)")
+        if from_file and (not command or not command[0]):  # the rest is checked by Config, below
+            raise UsageError(f"{'empty command name' if command else 'empty command'} "
+                             f"(from key 'command' in config file {ctx.meta.get(CONFIG_META)})")
+        _parsed(ctx, "user", lambda u: u is None or parse_user(u), user)  # checked where they came from;
+        _parsed(ctx, "ready_fd", check_ready_fd_number, ready_fd)  # Config checks them again
         config = Config(
             command=tuple(command),
-            ports=_parsed(ctx, "ports", parse_ports, ports),
+            ports=_parsed(ctx, "ports", lambda p: require_ports(parse_ports(p)), ports),
             uplinks=_parsed(ctx, "uplinks", lambda us: tuple(parse_uplink(u) for u in us), uplinks),
             subnet=_parsed(ctx, "subnet", parse_subnet, subnet) if subnet else None,
             mark_mask=_parsed(ctx, "mark_mask", parse_mark_mask, mark_mask),

@@ -193,6 +193,18 @@ def parse_user(spec: str) -> tuple[str, str]:
     return user, group
 
 
+def require_ports(ports: tuple[PortRange, ...]) -> tuple[PortRange, ...]:
+    if not ports:
+        raise UsageError("no ports to publish: give --ports, e.g. --ports 53,53/tcp")
+    return ports
+
+
+def check_ready_fd_number(fd: int | None) -> int | None:
+    if fd is not None and not 0 <= fd < 1 << 20:
+        raise UsageError(f"invalid --ready-fd {fd}: not a file descriptor number")
+    return fd
+
+
 def check_stop_timeout(value: float) -> float:
     if not math.isfinite(value) or not 0 <= value <= MAX_STOP_TIMEOUT:
         raise UsageError(f"invalid --stop-timeout {value}: 0 to {MAX_STOP_TIMEOUT:g} seconds")
@@ -216,8 +228,7 @@ class Config:
     helpers: tuple[str, ...] = ()  # conntrack helpers for protocols that open related flows
 
     def __post_init__(self) -> None:
-        if not self.ports:
-            raise UsageError("no ports to publish: give --ports, e.g. --ports 53,53/tcp")
+        require_ports(self.ports)
         if not self.command and not self.dry_run:
             raise UsageError("no command given: nswrap [OPTIONS] -- COMMAND [ARG...]")
         if self.command and not self.command[0]:
@@ -232,8 +243,7 @@ class Config:
         check_stop_timeout(self.stop_timeout)
         if self.user is not None:
             parse_user(self.user)
-        if self.ready_fd is not None and not 0 <= self.ready_fd < 1 << 20:
-            raise UsageError(f"invalid --ready-fd {self.ready_fd}: not a file descriptor number")
+        check_ready_fd_number(self.ready_fd)
         seen: dict[str, int | None] = {}
         for u in self.uplinks:  # once, or twice: with an IPv4 and with an IPv6 gateway
             version = u.gateway.version if u.gateway else None

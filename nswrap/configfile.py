@@ -35,7 +35,7 @@ def _load(path: str) -> dict[str, Any]:
     if len(data) > MAX_SIZE:
         raise UsageError(f"config file {path}: larger than {MAX_SIZE // 1024} KiB")
     try:
-        return tomllib.loads(data.decode())
+        return tomllib.loads(data.decode("utf-8-sig"))  # a byte order mark (Windows editors) is fine
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"config file {path}: not valid TOML: {e}") from None
 

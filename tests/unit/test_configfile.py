@@ -125,6 +125,11 @@ def test_bad_files_are_one_usage_error_naming_the_file_and_the_key(tmp_path, tex
         assert culprit in str(raised.value)
 
 
+def test_a_byte_order_mark_is_fine(tmp_path):
+    """Windows editors start UTF-8 files with one."""
+    assert read(write(tmp_path, b'\xef\xbb\xbfports = ["53"]\n')) == {"ports": ["53"]}
+
+
 def test_not_utf8_is_refused(tmp_path):
     path = write(tmp_path, b"ports = ['\xff']\n")
     with pytest.raises(UsageError, match="not valid TOML"):
@@ -301,6 +306,11 @@ def test_every_option_has_a_variable_and_a_key():
         ('stop-timeout = -1\nports = ["53"]\ncommand = ["true"]\n', ["'stop-timeout'", "-1"]),
         ('stop-timeout = inf\nports = ["53"]\ncommand = ["true"]\n', ["'stop-timeout'", "inf"]),
         ('stop-timeout = nan\nports = ["53"]\ncommand = ["true"]\n', ["'stop-timeout'", "nan"]),
+        ('ports = []\ncommand = ["true"]\n', ["'ports'", "no ports"]),
+        ('user = ""\nports = ["53"]\ncommand = ["true"]\n', ["'user'", "--user ''", "empty user"]),
+        ('ready-fd = -1\nports = ["53"]\ncommand = ["true"]\n', ["'ready-fd'", "--ready-fd -1"]),
+        ('ports = ["53"]\ncommand = [""]\n', ["'command'", "empty command name"]),
+        ('ports = ["53"]\ncommand = []\n', ["'command'", "empty command"]),
     ],
 )
 def test_bad_config_files_exit_2_naming_the_key_and_the_file(capsys, tmp_path, text, culprits):
@@ -311,8 +321,6 @@ def test_bad_config_files_exit_2_naming_the_key_and_the_file(capsys, tmp_path, t
 @pytest.mark.parametrize(
     "text, culprits",
     [
-        ('user = ""\n', ["--user ''", "empty user"]),
-        ("ready-fd = -1\n", ["--ready-fd -1"]),
         ('helper = ["tftp"]\n', ["--helper tftp", "udp port 69"]),
     ],
 )
