@@ -537,6 +537,8 @@ def _flow(a: dict[int, bytes]) -> Flow:
         orig=attr(CTA_TUPLE_ORIG | NLA_F_NESTED, a.get(CTA_TUPLE_ORIG, b"")),
         mark=struct.unpack("!I", a[CTA_MARK])[0] if CTA_MARK in a else 0,
         version=version,
+        proto=l4[CTA_PROTO_NUM][0] if CTA_PROTO_NUM in l4 else -1,
+        status=struct.unpack("!I", a[CTA_STATUS])[0] if CTA_STATUS in a else 0,
         dport=struct.unpack("!H", l4[CTA_PROTO_DST_PORT])[0] if CTA_PROTO_DST_PORT in l4 else -1,
         dst=_ip(ip.get(CTA_IP_DST[version])),
         reply_src=_ip(reply_ip.get(CTA_IP_SRC[version])),
@@ -562,6 +564,8 @@ class Flow:
     dport: int = -1  # the original destination port
     dst: object = None  # the original destination address
     reply_src: object = None  # where the replies come from: a server's address, for DNATed flows
+    proto: int = -1  # the original protocol number
+    status: int = 0  # IPS_* bits
 
 
 class Conntrack:
@@ -581,7 +585,7 @@ class Conntrack:
 
     def flows(self, version: int | None, *, orig_proto: int | None = None, orig_dport: int | None = None,
               orig_dst=None, dnat_only: bool = False, deadline: float | None = None) -> list[Flow]:
-        """Entries, filtered in the kernel: of one family by the original protocol, port and
+        """Entries, filtered in the kernel (and again here): of one family by the original protocol, port and
         destination; or, with `version` None, of both families at once (one walk of the whole
         conntrack hash, which is what a dump costs: ~20 ms here), e.g. the DNATed ones."""
         af = FAMILIES[version].af if version is not None else socket.AF_UNSPEC
@@ -598,7 +602,10 @@ class Conntrack:
             messages, complete = self.sock.dump(_ct(IPCTNL_MSG_CT_GET), body, deadline), True
         except DumpTruncated as e:
             messages, complete = e.messages, False
-        out = [_flow(parse_attrs(m.body, _NFGEN.size)) for m in messages]
+        # and here too: kernels before 5.8 ignore CTA_FILTER in dumps (older ones the status too)
+        out = [f for f in (_flow(parse_attrs(m.body, _NFGEN.size)) for m in messages)
+               if (version is None or f.version == version) and orig_proto in (None, f.proto)
+               and orig_dport in (None, f.dport) and orig_dst in (None, f.dst) and (not dnat_only or f.status & IPS_DST_NAT)]
         if not complete:
             raise FlowsTruncated(out)
         return out

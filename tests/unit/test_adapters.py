@@ -7,6 +7,7 @@ No root, no nft, no iptables.
 from __future__ import annotations
 
 import io
+import ipaddress
 import subprocess
 
 import pytest
@@ -238,3 +239,28 @@ def test_read_sysctl(tmp_path, monkeypatch):
 def test_netns_id_names_this_namespace():
     first, second = facts.netns_id(), facts.netns_id()
     assert first == second and first[0] in "ci" and first[1:].isdigit()
+
+
+def test_conntrack_dumps_are_filtered_here_too():
+    """Kernels before 5.8 ignore the dump filters and send every entry: the same filter runs here."""
+    from nswrap import netlink as nl
+
+    def entry(proto: int, dst: str, dport: int, status: int = 0) -> nl.Message:
+        address = ipaddress.ip_address(dst)
+        orig = nl._tuple(address.version, dst=address, proto=proto, dport=dport)
+        body = nl._NFGEN.pack(nl.FAMILIES[address.version].af, 0, 0) + nl.nested(nl.CTA_TUPLE_ORIG, orig)
+        return nl.Message(0, 0, body + nl.be32(nl.CTA_STATUS, status))
+
+    everything = [entry(17, "192.0.2.10", 53), entry(6, "192.0.2.10", 53), entry(17, "192.0.2.11", 53),
+                  entry(17, "192.0.2.10", 54), entry(17, "2001:db8::10", 53), entry(17, "192.0.2.10", 123, nl.IPS_DST_NAT)]
+
+    class OldKernel:
+        def dump(self, kind, body, deadline=None):
+            return everything
+
+    ct = object.__new__(nl.Conntrack)
+    ct.sock = OldKernel()
+    found = ct.flows(4, orig_proto=17, orig_dport=53, orig_dst=ipaddress.ip_address("192.0.2.10"))
+    assert [(f.proto, str(f.dst), f.dport) for f in found] == [(17, "192.0.2.10", 53)]
+    assert [f.dport for f in ct.flows(None, dnat_only=True)] == [123]
+    assert len(ct.flows(6)) == 1
