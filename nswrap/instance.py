@@ -475,7 +475,7 @@ class Readiness:
         self.instance, self.ready_fd = instance, ready_fd
         self.done = False
         self.began = time.monotonic()
-        self.warned = False
+        self.warned = self.warned_loopback = False
         try:
             self.netns: int | None = os.open(f"/proc/{init_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -484,9 +484,14 @@ class Readiness:
     def poll(self) -> float | None:
         if self.done or self.netns is None:
             return None
-        missing = self._missing()
+        missing, loopback = self._missing()
         if missing:
-            if not self.warned and time.monotonic() - self.began > 10:
+            waited = time.monotonic() - self.began
+            if loopback and not self.warned_loopback and waited > 1:
+                self.warned_loopback = True
+                log.warning("the server listens on %s only on its loopback address, which no client reaches: "
+                            "bind it to 0.0.0.0 or :: (or to its namespace's address)", ", ".join(map(str, loopback)))
+            if not self.warned and waited > 10:
                 self.warned = True
                 log.warning("the server does not listen on %s yet: READY waits for it", ", ".join(map(str, missing)))
             return 0.01
@@ -495,13 +500,20 @@ class Readiness:
         announce_ready(self.ready_fd)
         return None
 
-    def _missing(self) -> list[PortRange]:
-        """Published ports the server does not listen on yet, asked of its own namespace."""
+    def _missing(self) -> tuple[list[PortRange], list[PortRange]]:
+        """Published ports the server does not listen on yet (asked of its own namespace), and
+        those of them it listens on only on its loopback address."""
         assert self.netns is not None
         with namespaces.inside(self.netns):
-            bound = {(proto, port) for proto, _, port in netlink.listening()}
-        return [p for p in self.instance.ports
-                if not any((p.proto, port) in bound for port in range(p.inner_lo, p.inner_hi + 1))]
+            sockets = netlink.listening()
+        bound = {(proto, port) for proto, address, port in sockets if not address.is_loopback}
+        local = {(proto, port) for proto, address, port in sockets if address.is_loopback}
+
+        def any_of(p: PortRange, where: set) -> bool:
+            return any((p.proto, port) in where for port in range(p.inner_lo, p.inner_hi + 1))
+
+        missing = [p for p in self.instance.ports if not any_of(p, bound)]
+        return missing, [p for p in missing if any_of(p, local)]
 
 
 def announce_ready(ready_fd: int | None) -> None:

@@ -18,10 +18,12 @@ import select
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 
 import pytest
 
+from tests.lab import wait_until
 from tests.system.common import dual_stack_unbound, output, start
 from tests.system.udpmany import COMMAND as UDPMANY, target
 
@@ -147,3 +149,27 @@ def test_ready_to_notify_socket_is_true(lab, tmp_path, dad):
         notify.close()
         os.unlink(path) if os.path.exists(path) else None
         os.rmdir(directory)
+
+
+def test_a_server_bound_only_to_its_loopback_is_told_and_not_ready(lab, tmp_path):
+    """127.0.0.1 in the server's namespace is reached by no client: no READY, one clear warning."""
+    loopback_only = [sys.executable, "-c", "import socket, time; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+                     "s.bind(('127.0.0.1', 5353)); time.sleep(120)"]
+    ready_r, ready_w = os.pipe()
+    try:
+        proc = start(lab, tmp_path, "--ports", "5353", "--ready-fd", str(ready_w), "--", *loopback_only, pass_fds=(ready_w,))
+        os.close(ready_w)
+        ready_w = -1
+        try:
+            wait_until(lambda: "only on its loopback" in output(tmp_path, stream="err") or proc.poll() is not None,
+                       30, what="the loopback warning")
+            assert proc.poll() is None, output(tmp_path, stream="err")
+            assert select.select([ready_r], [], [], 0)[0] == [], "READY though no client can reach the server"
+            line = next(x for x in output(tmp_path, stream="err").splitlines() if "loopback" in x)
+            assert line.startswith("nswrap: the server listens on 5353/udp only on its loopback address"), line
+        finally:
+            assert lab.stop(proc) == 128 + signal.SIGTERM
+    finally:
+        os.close(ready_r)
+        if ready_w >= 0:
+            os.close(ready_w)
