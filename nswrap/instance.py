@@ -202,6 +202,8 @@ class Life:
             owner = next(r for r in live if r.id in clash)
             raise NswrapError(f"{clash} (pid {owner.pid}: {' '.join(owner.command)})")
         table = nft.read_table()
+        if table is not None and not table.version and allocation is None:
+            log.warning("replacing a table 'inet nswrap' that nswrap did not make (it has no version element)")
         rooms = None
         if table is None or not live:  # the shared part is (re)made: first look at the other firewalls
             rooms = sync.wanted_rooms(sync.probe_firewall(), self.config.firewall, self.config.mark_mask)

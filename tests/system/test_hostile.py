@@ -339,3 +339,18 @@ def test_cleanup_leaves_alone_what_only_looks_like_nswraps(lab, tmp_path):
         assert not diff_states(baseline, lab.state()), diff_states(baseline, lab.state())
     finally:
         lab.exec(lab.host, ["sh", "-c", REMOVE_LOOK_ALIKES])
+
+
+def test_a_foreign_table_of_our_name_is_replaced_with_a_warning(lab, tmp_path):
+    """Someone's own `inet nswrap` table (no version element: not nswrap's) is not silently taken."""
+    lab.exec(lab.host, ["nft", "add table inet nswrap; add chain inet nswrap theirs"])
+    proc = serve(lab, tmp_path)
+    try:
+        line = next(x for x in output(tmp_path, stream="err").splitlines() if "did not make" in x)
+        assert line == "nswrap: replacing a table 'inet nswrap' that nswrap did not make (it has no version element)"
+        chains = [o["chain"]["name"] for o in json.loads(lab.exec(lab.host, ["nft", "-j", "list", "table", "inet", "nswrap"]).stdout)["nftables"]
+                  if "chain" in o]
+        assert "theirs" not in chains and chains, chains
+        assert unanswered(lab, (lab.paths[2],), [PORT]) == []
+    finally:
+        assert lab.stop(proc) == 128 + signal.SIGTERM
