@@ -1,6 +1,6 @@
 """Demonstrate the problem nswrap solves, and that it solves it.
 
-Builds the lab of tests/lab.py (a multihomed host with two uplinks, a
+Builds the lab of tests/lab/ (a multihomed host with two uplinks, a
 secondary address and a directly connected client subnet), then:
 
 1. runs unbound directly on the host and asks it over UDP along every path;

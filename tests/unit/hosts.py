@@ -1,6 +1,6 @@
 """Fabricated hosts for the unit tests: `facts.Facts` built by hand, the instances that run there.
 
-No root, no kernel: what `facts.gather` would have read on this host (the topology of tests/lab.py):
+No root, no kernel: what `facts.gather` would have read on this host (the topology of tests/lab/):
 
     eth0  192.0.2.10/24, 192.0.2.11/24, 2001:db8:1::10/64   default via 192.0.2.1 metric 100, via fe80::1 (IPv6)
     eth1  198.51.100.10/24                                  default via 198.51.100.1 metric 200;
