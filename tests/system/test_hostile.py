@@ -348,8 +348,8 @@ def test_a_foreign_table_of_our_name_is_replaced_with_a_warning(lab, tmp_path):
     try:
         line = next(x for x in output(tmp_path, stream="err").splitlines() if "did not make" in x)
         assert line == "nswrap: replacing a table 'inet nswrap' that nswrap did not make (it has no version element)"
-        chains = [o["chain"]["name"] for o in json.loads(lab.exec(lab.host, ["nft", "-j", "list", "table", "inet", "nswrap"]).stdout)["nftables"]
-                  if "chain" in o]
+        listed = json.loads(lab.exec(lab.host, ["nft", "-j", "list", "table", "inet", "nswrap"]).stdout)["nftables"]
+        chains = [o["chain"]["name"] for o in listed if "chain" in o]
         assert "theirs" not in chains and chains, chains
         assert unanswered(lab, (lab.paths[2],), [PORT]) == []
     finally:
