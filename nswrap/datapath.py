@@ -261,8 +261,9 @@ def _uplink_routes(b: _Builder, uplink: Uplink, version: int, gateway: IPAddress
     anywhere = FAMILIES[version].anywhere
     metric = 1024 if version == 6 else 0
     routes = []
-    if gateway is not None:  # given with --uplink: on the link even outside the uplink's subnets
-        onlink = version == 4 and not any(gateway in a.network for a in b.facts.global_addresses(uplink.ifname, 4))
+    if gateway is not None:  # given with --uplink: on the link even outside its subnets (a /32), unless
+        # it is in another interface's subnet (a typo, most likely: the kernel then refuses it, by name)
+        onlink = version == 4 and not any(gateway in a.address.network for a in b.facts.addresses if a.version == 4)
         routes.append(Route(anywhere, uplink.ifname, gateway, uplink.table, metric=metric, onlink=onlink))
     elif defaults and defaults[0].gateway:  # IPv6: often link-local (fe80::1), hence the device
         routes.append(Route(anywhere, uplink.ifname, defaults[0].gateway, uplink.table, metric=metric,

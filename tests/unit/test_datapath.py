@@ -166,6 +166,25 @@ def test_an_explicit_gateway_wins_over_the_main_table():
     assert dp.warnings == ()
 
 
+def test_onlink_gateways():
+    """A /32 uplink (VPS style): the main table's onlink default is copied onlink; a gateway given
+    outside every subnet is onlink too; one in another interface's subnet is not (a typo: the
+    kernel refuses it, and the start fails naming it)."""
+    addresses = tuple(a for a in host().addresses if a.ifname != "eth1") + (Address("eth1", IF("198.51.100.10/32")),)
+    routes = tuple(r for r in host().routes if r.dev != "eth1") + (
+        Route(N("0.0.0.0/0"), "eth1", A("198.51.100.1"), metric=200, proto=STATIC, onlink=True),)
+    facts = host(addresses=addresses, routes=routes)
+
+    def default(*uplinks: str) -> Route:
+        return next(r for r in datapath(facts, fresh(), (instance(uplinks=uplinks),)).routes if r.is_default and r.dev == "eth1")
+
+    assert default("eth1") == Route(N("0.0.0.0/0"), "eth1", A("198.51.100.1"), 5000, onlink=True)
+    assert default("eth1=198.51.100.254").onlink
+    assert not default("eth1=192.0.2.77").onlink
+    assert Route(N("0.0.0.0/0"), "eth1", A("198.51.100.1"), 5000, onlink=True).render("add") == (
+        "ip route add default via 198.51.100.1 dev eth1 onlink table 5000 proto 110")
+
+
 def test_one_gateway_per_family():
     dp = datapath(host(), fresh(), (instance(uplinks=("eth0=192.0.2.254", "eth0=2001:db8:1::1")),))
     assert {(r.version, r.gateway) for r in dp.routes if r.is_default} == {(4, A("192.0.2.254")), (6, A("2001:db8:1::1"))}
