@@ -113,19 +113,15 @@ def cleanup() -> int:
 def _flows(records: list[Record], marks: dict[int, str], deadline: float) -> tuple[dict[tuple[str, str], int], bool]:
     """Live flows per (instance, uplink), from one kernel-filtered dump of the DNATed flows of
     both families (their replies come from the instance's server); whether counting finished."""
-    owner = {r.instance.server(v): r for r in records for v in r.instance.families}
+    owner = {r.instance.server(v).packed: r for r in records for v in r.instance.families}
     counts: dict[tuple[str, str], int] = {}
-    complete = True
     with netlink.Conntrack() as ct:
-        try:
-            flows = ct.flows(None, dnat_only=True, deadline=deadline)
-        except netlink.FlowsTruncated as e:
-            flows, complete = e.flows, False
-    for flow in flows:
-        record = owner.get(flow.reply_src)
+        tally, complete = ct.tally_dnat(deadline)
+    for (mark, server), n in tally.items():
+        record = owner.get(server)
         if record is not None:
-            key = (record.id, marks.get(flow.mark & record.mark_mask, "lo"))
-            counts[key] = counts.get(key, 0) + 1
+            key = (record.id, marks.get(mark & record.mark_mask, "lo"))
+            counts[key] = counts.get(key, 0) + n
     return counts, complete
 
 

@@ -255,8 +255,8 @@ def test_conntrack_dumps_are_filtered_here_too():
                   entry(17, "192.0.2.10", 54), entry(17, "2001:db8::10", 53), entry(17, "192.0.2.10", 123, nl.IPS_DST_NAT)]
 
     class OldKernel:
-        def dump(self, kind, body, deadline=None):
-            return everything
+        def dump_each(self, kind, body, deadline=None):
+            return iter(everything)
 
     ct = object.__new__(nl.Conntrack)
     ct.sock = OldKernel()
@@ -264,3 +264,27 @@ def test_conntrack_dumps_are_filtered_here_too():
     assert [(f.proto, str(f.dst), f.dport) for f in found] == [(17, "192.0.2.10", 53)]
     assert [f.dport for f in ct.flows(None, dnat_only=True)] == [123]
     assert len(ct.flows(6)) == 1
+
+
+def test_conntrack_tally_of_dnated_flows_by_mark_and_server():
+    """`nswrap list` counts without building a Flow per entry: read straight from the messages."""
+    from nswrap import netlink as nl
+
+    def entry(mark: int, server: str, status: int = nl.IPS_DST_NAT) -> nl.Message:
+        address = ipaddress.ip_address(server)
+        reply = nl.nested(nl.CTA_TUPLE_IP, nl.attr(nl.CTA_IP_SRC[address.version], address.packed))
+        body = (nl._NFGEN.pack(nl.FAMILIES[address.version].af, 0, 0) + nl.nested(nl.CTA_TUPLE_REPLY, reply)
+                + nl.be32(nl.CTA_STATUS, status) + nl.be32(nl.CTA_MARK, mark))
+        return nl.Message(0, 0, body)
+
+    everything = [entry(0x10000000, "198.18.0.2"), entry(0x10000000, "198.18.0.2"), entry(0x20000000, "198.18.0.2"),
+                  entry(0x10000000, "fd6e:7377:7261::2"), entry(0x10000000, "198.18.0.2", status=0)]
+
+    class Kernel:
+        def dump_each(self, kind, body, deadline=None):
+            return iter(everything)
+
+    ct = object.__new__(nl.Conntrack)
+    ct.sock = Kernel()
+    v4, v6 = ipaddress.ip_address("198.18.0.2").packed, ipaddress.ip_address("fd6e:7377:7261::2").packed
+    assert ct.tally_dnat() == ({(0x10000000, v4): 2, (0x20000000, v4): 1, (0x10000000, v6): 1}, True)
