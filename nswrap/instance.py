@@ -177,44 +177,8 @@ class Life:
             os.close(lock)
 
     def _start_locked(self) -> None:
-        self.supervisor.checkpoint()
-        facts = gather(self.kernel.routing)
-        if not facts.ipv6_per_interface and any(a.version == 6 and a.scope == 0 for a in facts.addresses):
-            log.warning("IPv6 clients are not served: this kernel has no per-interface IPv6 forwarding "
-                        "(force_forwarding, Linux >= 6.17), and nswrap never turns on the global switch")
-        if legacy.dead_records():  # an older nswrap's leftovers, swept as that version did at start
-            self._sweep_legacy(facts)
-            facts = gather(self.kernel.routing)
-        records = self.state.records()
-        live = [r for r in records if self.state.dir.is_live(r.id)]
-        allocation = self.state.allocation()
-        if allocation is not None and allocation.mark_mask != self.config.mark_mask:
-            if live:
-                raise NswrapError(f"the nswrap instances here use --mark-mask {allocation.mark_mask:#x}; give the same")
-            self._sweep_dead(facts, allocation)  # a crashed instance's marks: gone before ours are chosen
-            facts, allocation = gather(self.kernel.routing), None
-        instance = self._new_instance(facts, live)
-        check_uplinks(facts, instance)
-        for warning in absent_addresses(facts, instance):
-            log.warning("%s", warning)
-        clash = conflicts(instance, tuple(r.instance for r in live))
-        if clash:
-            owner = next(r for r in live if r.id in clash)
-            raise NswrapError(f"{clash} (pid {owner.pid}: {' '.join(owner.command)})")
-        table = nft.read_table()
-        if table is not None and not table.version and allocation is None:
-            log.warning("replacing a table 'inet nswrap' that nswrap did not make (it has no version element)")
-        rooms = None
-        if table is None or not live:  # the shared part is (re)made: first look at the other firewalls
-            rooms = sync.wanted_rooms(sync.probe_firewall(), self.config.firewall, self.config.mark_mask)
-
-        instances = (*(r.instance for r in live), instance)
-        plan = sync.plan(facts, table, allocation, instances, self.config.mark_mask, rooms)
-        writes = [c.key for c in plan.changes if isinstance(c, SetSysctl)]
-        if writes and proc_sys_read_only():  # say every --sysctl it takes at once, before any change
-            raise NswrapError(read_only_message(writes))
-        for warning in plan.datapath.warnings:
-            log.warning("%s", warning)
+        facts, records, live, allocation = self._look()
+        instance, plan = self._plan(facts, live, allocation)
         record = Record(instance.id, os.getpid(), time.time(), list(self.config.command), instance, self.config.mark_mask)
         _recordable(record)  # before any change: what cannot be read back cannot be cleaned up
         self.live_fd, self.record = hold(self.state, instance.id), record
@@ -240,6 +204,51 @@ class Life:
                 self.state.forget(dead.id)
                 log.warning("removed a dead instance's leftovers: instance %s (pid %d)", dead.id, dead.pid)
         self.facts = facts
+
+    def _look(self) -> tuple[Facts, list[Record], list[Record], Allocation | None]:
+        """The host, the records (all, and the live ones) and the shared allocation, once what an
+        older nswrap or a crashed instance with another --mark-mask left behind is gone."""
+        self.supervisor.checkpoint()
+        facts = gather(self.kernel.routing)
+        if not facts.ipv6_per_interface and any(a.version == 6 and a.scope == 0 for a in facts.addresses):
+            log.warning("IPv6 clients are not served: this kernel has no per-interface IPv6 forwarding "
+                        "(force_forwarding, Linux >= 6.17), and nswrap never turns on the global switch")
+        if legacy.dead_records():  # an older nswrap's leftovers, swept as that version did at start
+            self._sweep_legacy(facts)
+            facts = gather(self.kernel.routing)
+        records = self.state.records()
+        live = [r for r in records if self.state.dir.is_live(r.id)]
+        allocation = self.state.allocation()
+        if allocation is not None and allocation.mark_mask != self.config.mark_mask:
+            if live:
+                raise NswrapError(f"the nswrap instances here use --mark-mask {allocation.mark_mask:#x}; give the same")
+            self._sweep_dead(facts, allocation)  # a crashed instance's marks: gone before ours are chosen
+            facts, allocation = gather(self.kernel.routing), None
+        return facts, records, live, allocation
+
+    def _plan(self, facts: Facts, live: list[Record], allocation: Allocation | None) -> tuple[Instance, sync.Plan]:
+        """This instance, checked against the host and the live ones, and what its start changes."""
+        instance = self._new_instance(facts, live)
+        check_uplinks(facts, instance)
+        for warning in absent_addresses(facts, instance):
+            log.warning("%s", warning)
+        clash = conflicts(instance, tuple(r.instance for r in live))
+        if clash:
+            owner = next(r for r in live if r.id in clash)
+            raise NswrapError(f"{clash} (pid {owner.pid}: {' '.join(owner.command)})")
+        table = nft.read_table()
+        if table is not None and not table.version and allocation is None:
+            log.warning("replacing a table 'inet nswrap' that nswrap did not make (it has no version element)")
+        rooms = None
+        if table is None or not live:  # the shared part is (re)made: first look at the other firewalls
+            rooms = sync.wanted_rooms(sync.probe_firewall(), self.config.firewall, self.config.mark_mask)
+        plan = sync.plan(facts, table, allocation, (*(r.instance for r in live), instance), self.config.mark_mask, rooms)
+        writes = [c.key for c in plan.changes if isinstance(c, SetSysctl)]
+        if writes and proc_sys_read_only():  # say every --sysctl it takes at once, before any change
+            raise NswrapError(read_only_message(writes))
+        for warning in plan.datapath.warnings:
+            log.warning("%s", warning)
+        return instance, plan
 
     def _sweep_dead(self, facts: Facts, allocation: Allocation) -> None:
         tx = Transaction(self.kernel,
