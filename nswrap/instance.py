@@ -411,13 +411,7 @@ class Life:
                 self.state.forget(instance.id)
                 facts = gather(self.kernel.routing)
                 live = tuple(r.instance for r in self.state.live() if r.id != instance.id)
-                try:
-                    table = nft.read_table()
-                except NswrapError as e:
-                    log.warning("teardown: %s", e)
-                    table = None
-                had_flows = table is None or any(packets for (_, e), (packets, _) in table.counters.items()
-                                                 if e.comment == instance.id)
+                table, had_flows = self._table_at_stop(bool(live))
                 plan = sync.plan(facts, table, self.state.allocation(), live, self.config.mark_mask)
                 tx = Transaction(self.kernel)
                 for change in plan.changes:
@@ -435,6 +429,21 @@ class Life:
             self._forget_flows(instance)
         self._forget_record()
         self.kernel.close()
+
+    def _table_at_stop(self, others: bool) -> tuple[nft.Table | None, bool]:
+        """The shared table as the teardown plan needs it, and whether this instance had flows.
+        The last instance deletes the whole table: whether it exists is all it needs to know
+        (reading a table of many elements back as JSON costs more than deleting it)."""
+        try:
+            if not others:
+                return (nft.Table() if nft.has_table() else None), True
+            table = nft.read_table()
+        except NswrapError as e:
+            log.warning("teardown: %s", e)
+            return None, True
+        had_flows = table is None or any(packets for (_, e), (packets, _) in table.counters.items()
+                                         if e.comment == self.instance.id)
+        return table, had_flows
 
     def _leave_no_trace(self) -> None:
         """A start refused before any host change: no directory of ours stays if nothing lives."""

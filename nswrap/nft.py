@@ -143,6 +143,11 @@ def tables() -> list[tuple[str, str]]:
     return [(t["table"]["family"], t["table"]["name"]) for t in json.loads(done.stdout)["nftables"] if "table" in t]
 
 
+def has_table() -> bool:
+    """Does nswrap's table exist? (Without reading its elements back.)"""
+    return ("inet", TABLE) in tables()
+
+
 def ruleset() -> list[dict]:
     """`nft -j list ruleset`: every table, for the firewall and mark checks."""
     done = _nft(["-j", "list", "ruleset"])
