@@ -76,11 +76,14 @@ def wait_line(proc: subprocess.Popen, pattern: str, timeout: float) -> str:
     raise TimeoutError(f"{proc.args!r}: no line matching {pattern!r} within {timeout}s")
 
 
-def tree(pid: int) -> list[int]:
-    """*pid* and all its descendants (from /proc/<pid>/task/*/children)."""
+def tree(pid: int, skip: str | None = None) -> list[int]:
+    """*pid* and all its descendants (from /proc/<pid>/task/*/children), except any process
+    named *skip* and what it runs."""
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
+        if skip is not None and comm(p) == skip:
+            continue
         out.append(p)
         try:
             for task in os.listdir(f"/proc/{p}/task"):
@@ -101,19 +104,7 @@ def comm(pid: int) -> str:
 
 def wrapper_pids(pid: int, server_comm: str) -> list[int]:
     """The wrapper's own processes under *pid*: everything but the server (and what it runs)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        if comm(p) == server_comm:
-            continue
-        out.append(p)
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    todo += [int(c) for c in f.read().split()]
-        except OSError:
-            continue
-    return out
+    return tree(pid, skip=server_comm)
 
 
 def smaps(pid: int) -> dict[str, int]:
