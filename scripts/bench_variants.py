@@ -32,7 +32,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scripts.bench_lab import recipe_2014  # noqa: E402
-from tests.lab import Lab, LabError  # noqa: E402
+from tests.lab import Lab, LabError, unbound_conf  # noqa: E402
 
 NSWRAP = str(ROOT / ".venv" / "bin" / "nswrap")
 HANDWRITTEN = str(ROOT / "scripts" / "bench_handwritten.sh")
@@ -150,39 +150,6 @@ def cpu_seconds(pids: list[int]) -> float:
 # --- servers ------------------------------------------------------------------------------------
 
 
-UNBOUND_CONF = """\
-server:
-    directory: "{directory}"
-    interface: 0.0.0.0
-    interface: ::0
-    interface-automatic: {automatic}
-    port: 53
-    do-ip4: yes
-    do-ip6: yes
-    do-udp: yes
-    do-tcp: yes
-    do-daemonize: no
-    chroot: ""
-    username: ""
-    pidfile: ""
-    use-syslog: no
-    logfile: ""
-    verbosity: 0
-    num-threads: 1
-    so-reuseport: no
-    so-rcvbuf: 4m
-    so-sndbuf: 4m
-    outgoing-range: 64
-    access-control: 0.0.0.0/0 allow
-    access-control: ::/0 allow
-    module-config: "iterator"
-    local-zone: "example." static
-    local-data: "test.example. A 192.0.2.99"
-remote-control:
-    control-enable: no
-"""
-
-
 @dataclasses.dataclass(frozen=True)
 class Server:
     """A server program: how to start it bound to an address or everything, and when it is up."""
@@ -220,8 +187,8 @@ class Server:
 
 
 def write_unbound_confs(directory: pathlib.Path) -> None:
-    for name, automatic in (("wildcard", "no"), ("automatic", "yes")):
-        (directory / f"{name}.conf").write_text(UNBOUND_CONF.format(directory=directory, automatic=automatic))
+    for name, automatic in (("wildcard", False), ("automatic", True)):
+        unbound_conf(directory, ipv6=True, automatic=automatic, name=f"{name}.conf", tuned=True)
 
 
 # --- variants -----------------------------------------------------------------------------------

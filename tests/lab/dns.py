@@ -22,24 +22,32 @@ TEST_NAME = "test.example"
 TEST_ANSWER = "192.0.2.99"
 
 
-def unbound_conf(directory: str | os.PathLike) -> str:
-    """Write ``unbound.conf`` into *directory* and return its path.
+def unbound_conf(directory: str | os.PathLike, *, ipv6: bool = False, automatic: bool = False,
+                 name: str = "unbound.conf", tuned: bool = False) -> str:
+    """Write an unbound config into *directory* and return its path.
 
     A self-contained config for ``unbound -d -c <path>`` as root: listens on
-    0.0.0.0:53 (UDP and TCP), serves ``test.example. A 192.0.2.99`` and uses
-    nothing under /etc/unbound (no chroot, no privilege drop, no pidfile, no
-    trust anchors, no remote control, logs errors to stderr). Validated with
-    ``unbound-checkconf`` when that is installed.
+    0.0.0.0:53 (and [::]:53 with *ipv6*; with *automatic*, unbound's own
+    ``interface-automatic``, which answers from the address asked), UDP and
+    TCP, serves ``test.example. A 192.0.2.99`` and uses nothing under
+    /etc/unbound (no chroot, no privilege drop, no pidfile, no trust anchors,
+    no remote control, logs errors to stderr). *tuned* gives it the socket
+    buffers a benchmark needs. Validated with ``unbound-checkconf`` when that
+    is installed.
     """
     directory = pathlib.Path(directory).resolve()
-    path = directory / "unbound.conf"
+    path = directory / name
+    yes_no = {True: "yes", False: "no"}
+    family = "\n    interface: ::0\n    access-control: ::/0 allow" if ipv6 else ""
+    buffers = "\n    so-rcvbuf: 4m\n    so-sndbuf: 4m\n    outgoing-range: 64" if tuned else ""
     path.write_text(f"""\
 server:
     directory: "{directory}"
-    interface: 0.0.0.0
+    interface: 0.0.0.0{family}
+    interface-automatic: {yes_no[automatic]}
     port: 53
     do-ip4: yes
-    do-ip6: no
+    do-ip6: {yes_no[ipv6]}
     do-udp: yes
     do-tcp: yes
     do-daemonize: no
@@ -50,7 +58,7 @@ server:
     logfile: ""
     verbosity: 0
     num-threads: 1
-    so-reuseport: no
+    so-reuseport: no{buffers}
     access-control: 0.0.0.0/0 allow
     module-config: "iterator"
     local-zone: "example." static

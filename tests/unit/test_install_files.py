@@ -35,6 +35,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.test_examples import dockerfile_instructions
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 INSTALL = REPO / "scripts" / "install"
@@ -90,22 +92,6 @@ def test_unit_runs_the_installed_command():
     lines = (EXAMPLES / "nswrap@.service").read_text().splitlines()
     execs = [line.partition("=")[2].split()[0] for line in lines if line.startswith(("ExecStart=", "ExecStopPost="))]
     assert execs and set(execs) == {command}, execs
-
-
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments), comments dropped, continuation lines joined."""
-    instructions, pending = [], ""
-    for line in (EXAMPLES / "Dockerfile").read_text().splitlines():
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if stripped.endswith("\\"):
-            pending += stripped[:-1] + " "
-            continue
-        keyword, _, rest = (pending + stripped).partition(" ")
-        instructions.append((keyword.upper(), rest.strip()))
-        pending = ""
-    return instructions
 
 
 def test_dockerfile_installs_like_a_host():
