@@ -232,6 +232,37 @@ def _gateways(instances: tuple[Instance, ...]) -> dict[tuple[str, int], IPAddres
     return {key: value[0] for key, value in given.items()}
 
 
+def _given_gateway(instance: Instance, ifname: str, version: int) -> IPAddress | None:
+    return next((spec.gateway for spec in instance.uplinks
+                 if spec.ifname == ifname and spec.gateway is not None and spec.gateway.version == version), None)
+
+
+def _host_gateway(facts: Facts, ifname: str, version: int) -> IPAddress | None:
+    defaults = sorted((r for r in facts.main_routes(ifname, version) if r.is_default), key=lambda r: r.metric)
+    return defaults[0].gateway if defaults else None
+
+
+def gateway_conflict(facts: Facts, new: Instance, live: tuple[Instance, ...]) -> str | None:
+    """At start: an uplink's routing table is shared, so every instance that serves through it
+    must agree on its gateway, whether given with --uplink IFACE=GATEWAY or the host's default.
+    (An uplink without a default route of the host's takes the one given, with no conflict.)"""
+    for other in live:
+        for version in set(new.families) & set(other.families):
+            shared = set(instance_uplinks(facts, new, version)) & set(instance_uplinks(facts, other, version))
+            for ifname in sorted(shared):
+                host = _host_gateway(facts, ifname, version)
+                mine = _given_gateway(new, ifname, version) or host
+                theirs = _given_gateway(other, ifname, version) or host
+                if mine is None or theirs is None or mine == theirs:
+                    continue
+                if theirs == host:
+                    return (f"uplink {ifname}: gateway {mine} differs from the host's {theirs}, "
+                            f"which nswrap instance {other.id} routes through")
+                return (f"uplink {ifname}: nswrap instance {other.id} routes through gateway {theirs}, not {mine}: "
+                        f"give --uplink {ifname}={theirs}, or other uplinks")
+    return None
+
+
 def _allocate_uplinks(b: _Builder, wanted: list[str]) -> tuple[Uplink, ...]:
     """Uplinks kept keep their index and table (their flows stay routed); new ones get free ones."""
     kept = [u for u in b.allocation.uplinks if u.ifname in wanted]

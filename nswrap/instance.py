@@ -26,7 +26,16 @@ from nswrap import legacy, namespaces, netlink, nft, sync
 from nswrap.apply import Kernel, Transaction
 from nswrap.changes import NftBatch, ServerNetwork, SetSysctl, read_only_message
 from nswrap.config import Config, PortRange
-from nswrap.datapath import Allocation, Instance, absent_addresses, allocate_subnet, check_uplinks, conflicts, ula_subnet
+from nswrap.datapath import (
+    Allocation,
+    Instance,
+    absent_addresses,
+    allocate_subnet,
+    check_uplinks,
+    conflicts,
+    gateway_conflict,
+    ula_subnet,
+)
 from nswrap.errors import NswrapError, UsageError
 from nswrap.facts import Facts, gather, netns_id
 from nswrap.follow import Follower
@@ -232,7 +241,8 @@ class Life:
         check_uplinks(facts, instance)
         for warning in absent_addresses(facts, instance):
             log.warning("%s", warning)
-        clash = conflicts(instance, tuple(r.instance for r in live))
+        others = tuple(r.instance for r in live)
+        clash = conflicts(instance, others) or gateway_conflict(facts, instance, others)
         if clash:
             owner = next(r for r in live if r.id in clash)
             raise NswrapError(f"{clash} (pid {owner.pid}: {' '.join(owner.command)})")

@@ -91,6 +91,9 @@ def _remember(mask: int) -> list[Chain]:
         # route_localnet on our veths lets a server reach the host's loopback resolver (DNATed):
         # nothing else on the host's loopback
         'iifname "nsw-*" ip daddr 127.0.0.0/8 ct status & dnat == 0 drop',
+        # --no-outbound: no connection to the host either (its addresses, its services); the
+        # resolver stub's DNAT passes, DNATed flows to other servers end in from_server
+        "iifname @closed ct status & dnat == 0 drop",
     ))
 
 

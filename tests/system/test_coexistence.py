@@ -179,15 +179,26 @@ def test_address_publishes_only_there(lab, tmp_path, unbound):
 
 
 @pytest.mark.parametrize("outbound", [True, False], ids=["default", "no-outbound"])
-def test_the_server_reaches_upstream_unless_no_outbound(lab, tmp_path, outbound):
+def test_the_server_reaches_upstream_and_the_host_unless_no_outbound(lab, tmp_path, outbound):
+    """--no-outbound: no connection of the server's own, whether to the outside, or to a host
+    service (TCP, which answers from the address asked) on the host's uplink address or on the
+    host's end of the server's veth (its gateway)."""
     upstream = lab.spawn(lab.ns("c1"), [*UDPECHO, "serve", "7000"], stdout=(tmp_path / "up.out").open("w"))
     wait_ready(tmp_path, name="up")
-    probe = f"{' '.join(UDPECHO)} ask 203.0.113.2 7000 && echo OUTBOUND-OK || echo OUTBOUND-BLOCKED; echo ready; exec sleep 60"
+    service = lab.spawn(lab.host, ["socat", "TCP4-LISTEN:7001,fork,reuseaddr", "EXEC:echo SERVICE"])
+    wait_until(lambda: "SERVICE" in lab.exec(lab.host, ["socat", "-T2", "-", "TCP4:192.0.2.10:7001"], check=False).stdout,
+               10, what="the host service answers")
+    ask_host = "socat -T2 - TCP4:$a:7001,connect-timeout=2 </dev/null | grep -q SERVICE"
+    probe = (f"{' '.join(UDPECHO)} ask 203.0.113.2 7000 && echo REACHED upstream || echo BLOCKED upstream;"
+             f" for a in 192.0.2.10 $(ip -4 route show default | cut -d' ' -f3); do"
+             f" {ask_host} && echo REACHED $a || echo BLOCKED $a; done; echo ready; exec sleep 60")
     flags = [] if outbound else ["--no-outbound"]
     proc = start(lab, tmp_path, *flags, "--ports", "5353", "--", "sh", "-c", probe)
-    wait_ready(tmp_path)
-    assert ("OUTBOUND-OK" if outbound else "OUTBOUND-BLOCKED") in output(tmp_path)
+    wait_ready(tmp_path, timeout=30)
+    results = [line.split()[0] for line in output(tmp_path).splitlines() if line.startswith(("REACHED", "BLOCKED"))]
+    assert results == ["REACHED" if outbound else "BLOCKED"] * 3, output(tmp_path)
     assert lab.stop(proc) == 128 + signal.SIGTERM
+    lab.stop(service)
     lab.stop(upstream)
 
 
@@ -241,11 +252,13 @@ def loopback_stub(lab, tmp_path):
         lab.stop(stub)
 
 
-def test_a_server_behind_a_loopback_stub_resolver_still_resolves(lab, tmp_path, loopback_stub):
+@pytest.mark.parametrize("flags", [[], ["--no-outbound"]], ids=["default", "no-outbound"])
+def test_a_server_behind_a_loopback_stub_resolver_still_resolves(lab, tmp_path, loopback_stub, flags):
     """The host's resolv.conf names 127.0.0.53, a loopback address the server's namespace has no
-    route to: the server keeps that resolv.conf and its queries still reach the host's stub."""
+    route to: the server keeps that resolv.conf and its queries still reach the host's stub, even
+    with --no-outbound (README: the resolver is the one host service it keeps)."""
     probe = "cat /etc/resolv.conf; dig +short +tries=3 +time=1 test.example; echo ready; exec sleep 60"
-    proc = start(lab, tmp_path, "--ports", "5353", "--", "sh", "-c", probe)
+    proc = start(lab, tmp_path, *flags, "--ports", "5353", "--", "sh", "-c", probe)
     wait_ready(tmp_path)
     seen = output(tmp_path).splitlines()
     assert seen == ["nameserver 127.0.0.53", TEST_ANSWER, "ready"], seen

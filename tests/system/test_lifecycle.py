@@ -129,6 +129,22 @@ def test_publishing_a_port_twice_is_refused_naming_the_owner(lab, tmp_path):
     assert instances(lab) == []
 
 
+def test_a_gateway_that_differs_from_a_running_instances_is_refused(lab, tmp_path):
+    """eth1's routing table is shared: a second instance may not move its gateway away from the
+    host's default that the first one routes through; the first keeps serving eth1's clients."""
+    first = start(lab, tmp_path, "--ports", "5353", "--", *UDPECHO, "serve", "5353")
+    wait_ready(tmp_path)
+    (owner,) = instances(lab)
+    second = nswrap(lab, "--uplink", "eth1=198.51.100.254", "--ports", "5400", "--", "true")
+    assert second.returncode == 125
+    assert second.stderr.strip() == (f"nswrap: uplink eth1: gateway 198.51.100.254 differs from the host's 198.51.100.1, "
+                                     f"which nswrap instance {owner['id']} routes through (pid {owner['pid']}: "
+                                     f"{' '.join(owner['command'])})")
+    c2 = lab.paths[2]
+    assert echo_answered(lab, c2.client, c2.address, 5353)
+    assert lab.stop(first) == 128 + signal.SIGTERM
+
+
 def test_as_pid_1_of_a_container_it_forwards_sigterm_and_reaps_orphans(lab, tmp_path):
     server = ["sh", "-c", f'(sleep 0.3 &); exec {" ".join(SIGECHO)}']  # leaves an orphan behind
     proc = lab.spawn(

@@ -22,6 +22,7 @@ from nswrap.datapath import (
     conflicts,
     datapath,
     free_priority,
+    gateway_conflict,
     guarded,
     instance_uplinks,
     internal_ranges,
@@ -209,6 +210,23 @@ def test_instances_must_agree_on_gateways():
         datapath(host(), fresh(), (first, second))
     same = instance("bbbbbb", subnet="198.18.0.8/30", uplinks=("eth1=198.51.100.1",))
     assert datapath(host(), fresh(), (first, same)).routes
+
+
+def test_a_given_gateway_must_agree_with_the_host_default_a_live_instance_uses():
+    """eth1's table is shared: a --uplink gateway may not replace the host's default that a
+    running instance relies on, nor may a new instance silently route through another's."""
+    auto = instance("aaaaaa")
+    given = instance("bbbbbb", "54", subnet="198.18.0.8/30", uplinks=("eth1=198.51.100.254",))
+    assert gateway_conflict(host(), given, (auto,)) == (
+        "uplink eth1: gateway 198.51.100.254 differs from the host's 198.51.100.1, which nswrap instance aaaaaa routes through")
+    assert gateway_conflict(host(), instance("bbbbbb", "54", subnet="198.18.0.8/30"), (given,)) == (
+        "uplink eth1: nswrap instance bbbbbb routes through gateway 198.51.100.254, not 198.51.100.1: "
+        "give --uplink eth1=198.51.100.254, or other uplinks")
+    assert gateway_conflict(host(), instance("bbbbbb", uplinks=("eth1=198.51.100.1",)), (auto,)) is None  # the same
+    assert gateway_conflict(host(), instance("bbbbbb", uplinks=("eth0",)), (given,)) is None  # not shared
+    assert gateway_conflict(host(), instance("bbbbbb", uplinks=("eth2=203.0.113.126",)), (auto,)) is None  # no host default
+    assert "routes through gateway 198.51.100.77, not 198.51.100.254" in (
+        gateway_conflict(host(), given, (instance("aaaaaa", uplinks=("eth1=198.51.100.77",)),)) or "")
 
 
 # --- rules and marks -----------------------------------------------------------------------------
