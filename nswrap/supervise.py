@@ -198,8 +198,8 @@ class Supervisor:
                     signal.setitimer(signal.ITIMER_REAL, 0)
                     code = self._server_status(os.waitstatus_to_exitcode(status))
                     said = describe_exit(code)
-                    if said and report and not (self.stop_asked is not None and code in (-s for s in STOPPING)):
-                        log.warning("%s", said)  # (dying of the stop signal it was sent is no news)
+                    if said and report and not self._stopped_as_asked(code):
+                        log.warning("%s", said)
                     return exit_status(code)
                 ready = [fd for fd in ready if fd not in (pidfd, self._wakeup_r)]
                 if on_ready and (ready or (due is not None and time.monotonic() >= due)):
@@ -207,6 +207,11 @@ class Supervisor:
                     due = None if next_in is None else time.monotonic() + next_in
         finally:
             os.close(pidfd)
+
+    def _stopped_as_asked(self, code: int) -> bool:
+        """A server that died of the stop signal it was sent, or caught it and exited 128+N as
+        shells and many servers do (socat: 130 after SIGINT): no news."""
+        return self.stop_asked is not None and any(code in (-s, 128 + s) for s in STOPPING)
 
     def _server_status(self, init_code: int) -> int:
         """The server's own exit code (negative: its signal), as the init saw it: the init, PID 1

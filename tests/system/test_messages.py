@@ -14,8 +14,10 @@ nswrap has nothing else to say (eth2 would add "has no gateway" notes).
 
 from __future__ import annotations
 
+import os
 import re
 import signal
+import subprocess
 import time
 
 import pytest
@@ -40,6 +42,19 @@ def test_a_server_that_exits_1_at_once_is_said_in_one_line(lab):
 def test_a_server_killed_by_a_signal_is_named(lab):
     done = nswrap(lab, *PINNED, "-p", "5353", "--", "sh", "-c", "kill -SEGV $$")
     assert (done.returncode, lines(done.stderr)) == (128 + signal.SIGSEGV, ["nswrap: the server was killed by SIGSEGV"])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_server_that_catches_the_stop_signal_and_exits_128_plus_n_says_nothing(lab, tmp_path, sig):
+    """socat and many servers catch SIGINT/SIGTERM and exit 128+N: a normal stop, no line; the
+    status is still the server's."""
+    proc = start(lab, tmp_path, *PINNED, "-p", "5353", "--",
+                 "sh", "-c", f"trap 'exit {128 + sig}' INT TERM; echo ready; while :; do sleep 0.1; done")
+    wait_ready(tmp_path)
+    proc.send_signal(sig)
+    assert proc.wait(15) == 128 + sig
+    lab.stop(proc)
+    assert lines(output(tmp_path, stream="err")) == []
 
 
 def test_waiting_out_the_stop_timeout_is_said_once_with_the_time_left(lab, tmp_path):
@@ -90,6 +105,20 @@ def test_doctor_and_list_as_a_user_say_they_need_root(lab, command):
 def test_list_without_instances_says_so(lab):
     done = nswrap(lab, "list")
     assert (done.returncode, done.stdout, done.stderr) == (0, "no nswrap instances in this network namespace\n", "")
+
+
+@pytest.mark.parametrize("command", ["doctor", "list"])
+def test_doctor_and_list_piped_into_head_end_silently(lab, command):
+    """README: `nswrap doctor | head -1` ends like any Unix tool, killed by SIGPIPE (141 in a
+    shell). Here the reader is gone before nswrap writes a byte: no race with head."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(["ip", "netns", "exec", lab.host, *NSWRAP, command], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (-signal.SIGPIPE, "")
 
 
 # (arguments, a word the one line must contain: the culprit)

@@ -153,7 +153,7 @@ UNIT_KEYS = {
              "ConditionPathExists", "PartOf", "BindsTo"},
     "Service": {"Type", "NotifyAccess", "EnvironmentFile", "Environment", "ExecStartPre",
                 "ExecStart", "ExecStopPost", "KillMode", "TimeoutStartSec", "TimeoutStopSec",
-                "Restart", "RestartSec", "RestartPreventExitStatus"},
+                "Restart", "RestartSec", "RestartPreventExitStatus", "SuccessExitStatus"},
     "Install": {"WantedBy", "RequiredBy", "Alias"},
 }
 
