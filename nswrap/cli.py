@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import traceback
 
@@ -218,6 +219,7 @@ def doctor(ctx, ports, uplinks, mark_mask, firewall, verbose) -> None:
 
         return run_doctor(config)
 
+    _quiet_on_a_closed_pipe()
     _exit_with(check, verbose)
 
 
@@ -227,6 +229,7 @@ def list_(as_json) -> None:
     """List the live nswrap instances on this host (network namespace)."""
     from nswrap.commands import list_instances
 
+    _quiet_on_a_closed_pipe()
     _exit_with(lambda: list_instances(as_json), 0)
 
 
@@ -234,7 +237,7 @@ def list_(as_json) -> None:
 @click.argument("instance", metavar="ID")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def exec_(instance, command) -> None:
-    """Run COMMAND inside instance ID's server namespace (e.g. tcpdump -ni eth0, ss -ulpn)."""
+    """Run COMMAND inside instance ID's network namespace (e.g. tcpdump -ni eth0, ss -ulpn)."""
     from nswrap.commands import exec_in
 
     command = tuple(command)
@@ -305,6 +308,13 @@ def _parsed(ctx: click.Context, name: str, parse, value):
 
 
 # -- running and exiting --------------------------------------------------------------------------
+
+
+def _quiet_on_a_closed_pipe() -> None:
+    """Commands that only read and print (`list`, `doctor`) end like any Unix tool when their
+    reader goes (`nswrap doctor | head -1`): killed by SIGPIPE, silently. Never `run` or
+    `cleanup`: they must finish what they change on the host."""
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
 
 def _exit_with(action, verbose: int) -> None:
