@@ -158,12 +158,13 @@ def chronyd_in_the_lab(argv: list[str], tmp: FsPath) -> list[str]:
     # The lab has no WireGuard interface: its eth1 stands in for wg0, so "only these uplinks"
     # means eth0 and eth1 here, and c3 (eth2) must get no answer.
     argv = replace(argv, "wg0", "eth1")
-    # The clock is not namespaced: -x keeps chronyd's hands off this machine's clock, and the
-    # config makes it serve its own (the lab has no NTP sources) with its files in tmp.
-    conf = tmp / "chrony-server.conf"
-    conf.write_text(f"allow\nlocal stratum 8\nport 123\ncmdport 0\nbindcmdaddress /\nuser root\n"
-                    f"pidfile {tmp / 'chrony-server.pid'}\ndriftfile {tmp / 'chrony-server.drift'}\n")
-    return [*argv, "-x", "-f", str(conf)]
+    # The lab has no internet: its own clock (local stratum 8) stands in for the pool, and -x
+    # keeps chronyd's hands off this machine's clock (not namespaced); its files go to tmp. The
+    # README's `allow` stays as written: without it chronyd would serve nothing.
+    assert "allow" in argv, argv
+    argv = [a for a in argv if not a.startswith("pool ")]
+    return [*argv, "-x", "local stratum 8", "cmdport 0", "bindcmdaddress /", "user root",
+            f"pidfile {tmp / 'chrony-server.pid'}", f"driftfile {tmp / 'chrony-server.drift'}"]
 
 
 def sip_server(argv: list[str], tmp: FsPath) -> list[str]:
