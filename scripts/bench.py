@@ -76,6 +76,7 @@ QUICK_OUT = pathlib.Path(tempfile.gettempdir()) / "nswrap-bench-quick"
 # of each datapath shows instead of scheduler noise. Throughput tests put the client on CPU 0
 # and the server (with its wrapper) on CPU 1.
 SAME_CPU = ["taskset", "-c", "1"]
+CONTROL_TARGET = "203.0.113.1"  # r1, toward c1
 CLIENT_CPU = ["taskset", "-c", "0"]
 SERVER_CPU = ["taskset", "-c", "1"]
 
@@ -491,8 +492,10 @@ def bench_scale_variant(b: Bench, variant: str, counts: tuple[int, ...]) -> dict
     with contextlib.ExitStack() as stack:
         wrapped = stack.enter_context(b.serve(variant, Server("sockperf", 11001), pin=SAME_CPU, mask=mask))
         stack.enter_context(b.serve("direct", Server("sockperf", 11002), pin=SAME_CPU))
-        pingpong(b, "c1", C1_TARGET, 11001, 1)
-        pingpong(b, "c1", C1_TARGET, 11002, 1)
+        stack.enter_context(control_server(b))
+        ports = {"wrapped": (C1_TARGET, 11001), "unrelated": (C1_TARGET, 11002), "control": (CONTROL_TARGET, 11003)}
+        for address, port in ports.values():
+            pingpong(b, "c1", address, port, 1)
 
         def measure(label: str, n: int) -> None:
             point = {"instances": n + 1}
@@ -500,16 +503,17 @@ def bench_scale_variant(b: Bench, variant: str, counts: tuple[int, ...]) -> dict
                 pids = [p for i in [wrapped, *(x.running for x in idles)] for p in tree(i.proc.pid)]
                 point["cpu_cores_after_last_start"] = instance_cpu(b, pids, s.cpu_window_s)
                 point["cpu_cores_later"] = instance_cpu(b, pids, s.cpu_window_s)
-            rt = {"wrapped": [], "unrelated": []}
+            rt: dict[str, list] = {k: [] for k in ports}
             for r in range(s.scale_rounds):
-                for path in rotate(["wrapped", "unrelated"], r):
-                    rt[path].append(pingpong(b, "c1", C1_TARGET, 11001 if path == "wrapped" else 11002, s.pingpong_s))
+                for path in rotate(list(ports), r):
+                    rt[path].append(pingpong(b, "c1", *ports[path], s.pingpong_s))
             point["rounds"] = rt
             point["p50_us"] = {k: median(x["p50_us"] for x in v) for k, v in rt.items()}
             point["true"] = true_pairs(b, {"start_stop": true_argv}, s.scale_reps)["start_stop"]
             out["points"][label] = point
             say(f"scale {variant}: {n} other instances: round trip wrapped {point['p50_us']['wrapped']:.1f} us, "
-                f"unrelated {point['p50_us']['unrelated']:.1f} us, `-- true` {point['true']['median_ms']:.0f} ms"
+                f"unrelated {point['p50_us']['unrelated']:.1f} us, control {point['p50_us']['control']:.1f} us, "
+                f"`-- true` {point['true']['median_ms']:.0f} ms"
                 + (f", CPU {point['cpu_cores_after_last_start']:.3f} then {point['cpu_cores_later']:.3f} cores" if n else ""))
 
         try:
@@ -530,11 +534,28 @@ def bench_scale_variant(b: Bench, variant: str, counts: tuple[int, ...]) -> dict
             measure("0 again", 0)
     base = {k: median([*(x["p50_us"] for x in out["points"]["0"]["rounds"][k]),
                        *(x["p50_us"] for x in out["points"].get("0 again", {"rounds": {k: []}})["rounds"][k])])
-            for k in ("wrapped", "unrelated")}
+            for k in ("wrapped", "unrelated", "control")}
     out["baseline_p50_us"] = base
-    out["ratio"] = {label: {k: p["p50_us"][k] / base[k] for k in base}
-                    for label, p in out["points"].items() if label not in ("0", "0 again")}
+    others = {label: p for label, p in out["points"].items() if label not in ("0", "0 again")}
+    out["raw_ratio"] = {label: {k: p["p50_us"][k] / base[k] for k in ("wrapped", "unrelated")} for label, p in others.items()}
+    # The machine's own drift between points (minutes apart on a shared VM), seen on the control
+    # path that never crosses the host, is divided out: (X_n / control_n) / (X_0 / control_0).
+    out["ratio"] = {label: {k: out["raw_ratio"][label][k] / (p["p50_us"]["control"] / base["control"])
+                            for k in ("wrapped", "unrelated")} for label, p in others.items()}
     return out
+
+
+@contextlib.contextmanager
+def control_server(b: Bench):
+    """A sockperf server on router r1, c1's first hop: a round trip that never reaches the host,
+    the scale section's measure of how fast this machine is at the moment."""
+    proc = b.lab.spawn(b.lab.ns("r1"), [*SAME_CPU, "stdbuf", "-oL", "sockperf", "server", "-i", CONTROL_TARGET,
+                                        "-p", "11003"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0)
+    try:
+        wait_line(proc, r"to block on socket", 30)
+        yield
+    finally:
+        b.lab.stop(proc)
 
 
 def ports_case(b: Bench, variant: str) -> dict:

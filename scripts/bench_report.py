@@ -116,14 +116,14 @@ def targets(r: dict) -> list[tuple[str, str, str, str]]:
     new = sc["nswrap"]
     for label in [k for k in new["ratio"] if k.isdigit()]:
         row(
-            f"round trip of the wrapped server, {label} other instances ÷ none",
+            f"round trip of the wrapped server, {label} other instances ÷ none (drift out)",
             new["ratio"][label]["wrapped"],
             ".3f",
             "≤ 1.05",
             lambda v: v <= 1.05,
         )
         row(
-            f"round trip of unrelated host traffic, {label} other instances ÷ none",
+            f"round trip of unrelated host traffic, {label} other instances ÷ none (drift out)",
             new["ratio"][label]["unrelated"],
             ".3f",
             "≤ 1.05",
@@ -261,21 +261,23 @@ def scale_table(r: dict) -> list[str]:
     sc = r["scale"]
     w = f"{r['meta']['settings']['cpu_window_s']:.0f}"
     lines = [
-        "| instances besides the measured one | variant | round trip, wrapped server (µs, ÷ none) "
-        "| round trip, unrelated traffic (µs, ÷ none) "
+        "| instances besides the measured one | variant | round trip, wrapped server (µs; ÷ none: raw, drift out) "
+        "| round trip, unrelated traffic (µs; ÷ none: raw, drift out) | control round trip (µs) "
         f"| start+stop of one more (`-- true`, ms) | CPU of all instances (cores): first {w} s / next {w} s |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     for v in ("nswrap", "old"):
         if v not in sc:
             continue
         x = sc[v]
         for label, p in x["points"].items():
-            ratio = x["ratio"].get(label)
-            cells = [f"{p['p50_us'][k]:.1f}" + (f" ({ratio[k]:.2f}×)" if ratio else "") for k in ("wrapped", "unrelated")]
+            ratio, raw = x["ratio"].get(label), x.get("raw_ratio", {}).get(label)
+            cells = [f"{p['p50_us'][k]:.1f}" + (f" ({raw[k]:.2f}×, {ratio[k]:.2f}×)" if ratio and raw else "")
+                     for k in ("wrapped", "unrelated")]
+            control = fmt(p["p50_us"].get("control"), ".1f")
             cpu = f"{p['cpu_cores_after_last_start']:.3f} / {p['cpu_cores_later']:.3f}" if "cpu_cores_later" in p else "–"
             name = NAMES[v] + (f" (--mark-mask {x['mask']})" if x.get("mask") else "")
-            lines.append(f"| {label} | {name} | {cells[0]} | {cells[1]} | {p['true']['median_ms']:.0f} | {cpu} |")
+            lines.append(f"| {label} | {name} | {cells[0]} | {cells[1]} | {control} | {p['true']['median_ms']:.0f} | {cpu} |")
     return lines
 
 
@@ -635,7 +637,10 @@ def benchmarks_md(r: dict, charts: str = "bench") -> str:
         "The measured instances are a wrapped sockperf server (*wrapped*) and a sockperf server bound directly on the host "
         "on a port nobody publishes (*unrelated*); the others are idle UDP echo servers, each under its own nswrap, started one "
         "after the other. *0 again* is measured after all others stopped; the ratios divide by the median of both "
-        "0-instance measurements.",
+        "0-instance measurements. The points are minutes apart, and this shared VM's speed drifts in that time, so each "
+        "round also measures a *control* round trip, from c1 to its router r1, that never reaches the host: the first "
+        "ratio is raw, the second (the one the targets use) divides the control's drift out, "
+        "(X at n ÷ control at n) ÷ (X at 0 ÷ control at 0).",
         "",
         f"Start + stop with {s['port_list']} ports listed one by one against one port, and with many unrelated flows in the "
         "conntrack table:",
