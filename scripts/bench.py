@@ -536,19 +536,19 @@ def bench_scale_variant(b: Bench, variant: str, counts: tuple[int, ...]) -> dict
                        *(x["p50_us"] for x in out["points"].get("0 again", {"rounds": {k: []}})["rounds"][k])])
             for k in ("wrapped", "unrelated", "control")}
     out["baseline_p50_us"] = base
-    others = {label: p for label, p in out["points"].items() if label not in ("0", "0 again")}
-    out["raw_ratio"] = {label: {k: p["p50_us"][k] / base[k] for k in ("wrapped", "unrelated")} for label, p in others.items()}
-    # The machine's own drift between points (minutes apart on a shared VM), seen on the control
-    # path that never crosses the host, is divided out: (X_n / control_n) / (X_0 / control_0).
-    out["ratio"] = {label: {k: out["raw_ratio"][label][k] / (p["p50_us"]["control"] / base["control"])
-                            for k in ("wrapped", "unrelated")} for label, p in others.items()}
+    # The control path (c1 to its router) is reported, not divided out: in a full run it moved
+    # 17 to 22 us between points while the wrapped path stayed within 32-34 us (it does not track
+    # the host's paths), so it shows the machine's noise, not a correction.
+    out["ratio"] = {label: {k: p["p50_us"][k] / base[k] for k in ("wrapped", "unrelated")}
+                    for label, p in out["points"].items() if label not in ("0", "0 again")}
     return out
 
 
 @contextlib.contextmanager
 def control_server(b: Bench):
     """A sockperf server on router r1, c1's first hop: a round trip that never reaches the host,
-    the scale section's measure of how fast this machine is at the moment."""
+    measured in the same rounds as the scale section's paths, to show how much this machine
+    moves between points."""
     proc = b.lab.spawn(b.lab.ns("r1"), [*SAME_CPU, "stdbuf", "-oL", "sockperf", "server", "-i", CONTROL_TARGET,
                                         "-p", "11003"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0)
     try:

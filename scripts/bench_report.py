@@ -116,14 +116,14 @@ def targets(r: dict) -> list[tuple[str, str, str, str]]:
     new = sc["nswrap"]
     for label in [k for k in new["ratio"] if k.isdigit()]:
         row(
-            f"round trip of the wrapped server, {label} other instances ÷ none (drift out)",
+            f"round trip of the wrapped server, {label} other instances ÷ none",
             new["ratio"][label]["wrapped"],
             ".3f",
             "≤ 1.05",
             lambda v: v <= 1.05,
         )
         row(
-            f"round trip of unrelated host traffic, {label} other instances ÷ none (drift out)",
+            f"round trip of unrelated host traffic, {label} other instances ÷ none",
             new["ratio"][label]["unrelated"],
             ".3f",
             "≤ 1.05",
@@ -261,8 +261,8 @@ def scale_table(r: dict) -> list[str]:
     sc = r["scale"]
     w = f"{r['meta']['settings']['cpu_window_s']:.0f}"
     lines = [
-        "| instances besides the measured one | variant | round trip, wrapped server (µs; ÷ none: raw, drift out) "
-        "| round trip, unrelated traffic (µs; ÷ none: raw, drift out) | control round trip (µs) "
+        "| instances besides the measured one | variant | round trip, wrapped server (µs, ÷ none) "
+        "| round trip, unrelated traffic (µs, ÷ none) | control round trip (µs) "
         f"| start+stop of one more (`-- true`, ms) | CPU of all instances (cores): first {w} s / next {w} s |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -271,9 +271,8 @@ def scale_table(r: dict) -> list[str]:
             continue
         x = sc[v]
         for label, p in x["points"].items():
-            ratio, raw = x["ratio"].get(label), x.get("raw_ratio", {}).get(label)
-            cells = [f"{p['p50_us'][k]:.1f}" + (f" ({raw[k]:.2f}×, {ratio[k]:.2f}×)" if ratio and raw else "")
-                     for k in ("wrapped", "unrelated")]
+            ratio = x["ratio"].get(label)
+            cells = [f"{p['p50_us'][k]:.1f}" + (f" ({ratio[k]:.2f}×)" if ratio else "") for k in ("wrapped", "unrelated")]
             control = fmt(p["p50_us"].get("control"), ".1f")
             cpu = f"{p['cpu_cores_after_last_start']:.3f} / {p['cpu_cores_later']:.3f}" if "cpu_cores_later" in p else "–"
             name = NAMES[v] + (f" (--mark-mask {x['mask']})" if x.get("mask") else "")
@@ -637,10 +636,9 @@ def benchmarks_md(r: dict, charts: str = "bench") -> str:
         "The measured instances are a wrapped sockperf server (*wrapped*) and a sockperf server bound directly on the host "
         "on a port nobody publishes (*unrelated*); the others are idle UDP echo servers, each under its own nswrap, started one "
         "after the other. *0 again* is measured after all others stopped; the ratios divide by the median of both "
-        "0-instance measurements. The points are minutes apart, and this shared VM's speed drifts in that time, so each "
-        "round also measures a *control* round trip, from c1 to its router r1, that never reaches the host: the first "
-        "ratio is raw, the second (the one the targets use) divides the control's drift out, "
-        "(X at n ÷ control at n) ÷ (X at 0 ÷ control at 0).",
+        "0-instance measurements. Each round also measures a *control* round trip, from c1 to its router r1, that never "
+        "reaches the host: how much it moves from point to point is this shared VM's noise, against which the ratios "
+        "should be read (it is not divided out: it does not move with the host's paths).",
         "",
         f"Start + stop with {s['port_list']} ports listed one by one against one port, and with many unrelated flows in the "
         "conntrack table:",
@@ -692,7 +690,7 @@ def benchmarks_md(r: dict, charts: str = "bench") -> str:
         "## What stands between nswrap and the floor",
         "",
         "- **Flowtables**: this kernel has no `CONFIG_NF_FLOW_TABLE` (creating a flowtable fails), so there is no fast path "
-        "to measure; none ships (DESIGN.md), and these figures say nothing about what one would gain.",
+        "to measure; none ships (docs/design.md), and these figures say nothing about what one would gain.",
         "- **Readiness**: " + readiness_note(r),
         "",
         "### Where a DNS query's CPU goes",
@@ -730,7 +728,8 @@ def benchmarks_md(r: dict, charts: str = "bench") -> str:
         f"- **Scale**: idle instances are added one by one up to {max(s['scale_counts'])}; at each count the CPU "
         f"(utime + stime, plus reaped children, of every process of every instance, from `/proc/<pid>/stat`) is summed "
         f"over two windows of {s['cpu_window_s']:.0f} s right after the last start, then {s['scale_rounds']} rounds of "
-        f"round trips alternate between the wrapped and the unrelated server, then `-- true` runs {s['scale_reps']} times "
+        f"round trips alternate between the wrapped server, the unrelated one and the control (on r1), "
+        f"then `-- true` runs {s['scale_reps']} times "
         f"as one more instance. The full-table case sends {s['unrelated_flows']:,} flows to a port where nothing listens, "
         "with a `ct state` rule in the host and the UDP conntrack timeout raised so that they stay.",
         f"- **Flood**: `scripts/bench_traffic.py blast` (raw socket, at most {s['flood_deadline_s']:.0f} s) and `legit` "
