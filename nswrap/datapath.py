@@ -237,9 +237,14 @@ def _given_gateway(instance: Instance, ifname: str, version: int) -> IPAddress |
                  if spec.ifname == ifname and spec.gateway is not None and spec.gateway.version == version), None)
 
 
+def _host_default(facts: Facts, ifname: str, version: int) -> Route | None:
+    """The uplink's default route in the main table (the lowest metric), if it has one."""
+    return min((r for r in facts.main_routes(ifname, version) if r.is_default), key=lambda r: r.metric, default=None)
+
+
 def _host_gateway(facts: Facts, ifname: str, version: int) -> IPAddress | None:
-    defaults = sorted((r for r in facts.main_routes(ifname, version) if r.is_default), key=lambda r: r.metric)
-    return defaults[0].gateway if defaults else None
+    default = _host_default(facts, ifname, version)
+    return default.gateway if default else None
 
 
 def gateway_conflict(facts: Facts, new: Instance, live: tuple[Instance, ...]) -> str | None:
@@ -288,7 +293,7 @@ def _uplink_routes(b: _Builder, uplink: Uplink, version: int, gateway: IPAddress
     IPv6 routes are written as the kernel keeps them (metric 1024, scope universe), so that
     what nswrap wants and what it reads back compare equal."""
     main = b.facts.main_routes(uplink.ifname, version)
-    defaults = sorted((r for r in main if r.is_default), key=lambda r: r.metric)
+    default = _host_default(b.facts, uplink.ifname, version)
     anywhere = FAMILIES[version].anywhere
     metric = 1024 if version == 6 else 0
     routes = []
@@ -296,10 +301,9 @@ def _uplink_routes(b: _Builder, uplink: Uplink, version: int, gateway: IPAddress
         # it is in another interface's subnet (a typo, most likely: the kernel then refuses it, by name)
         onlink = version == 4 and not any(gateway in a.address.network for a in b.facts.addresses if a.version == 4)
         routes.append(Route(anywhere, uplink.ifname, gateway, uplink.table, metric=metric, onlink=onlink))
-    elif defaults and defaults[0].gateway:  # IPv6: often link-local (fe80::1), hence the device
-        routes.append(Route(anywhere, uplink.ifname, defaults[0].gateway, uplink.table, metric=metric,
-                            onlink=defaults[0].onlink))
-    elif defaults:  # a point-to-point link
+    elif default and default.gateway:  # IPv6: often link-local (fe80::1), hence the device
+        routes.append(Route(anywhere, uplink.ifname, default.gateway, uplink.table, metric=metric, onlink=default.onlink))
+    elif default:  # a point-to-point link
         routes.append(Route(anywhere, uplink.ifname, table=uplink.table, scope=SCOPE_LINK if version == 4 else 0, metric=metric))
     else:
         family = "" if version == 4 else "IPv6 "
