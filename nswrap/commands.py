@@ -20,10 +20,10 @@ from nswrap import legacy, namespaces, netlink, nft, sync
 from nswrap.apply import Kernel, Transaction
 from nswrap.changes import DeleteLink, ServerNetwork
 from nswrap.config import DEFAULT_MARK_MASK, Config
-from nswrap.datapath import Instance, absent_addresses, allocate_subnet, check_uplinks, instance_uplinks, ula_subnet
+from nswrap.datapath import Instance, allocate_subnet, instance_uplinks, ula_subnet
 from nswrap.errors import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, NswrapError, UsageError
 from nswrap.facts import Facts, gather, netns_id
-from nswrap.instance import loopback_ports, require_capabilities
+from nswrap.instance import check_start, loopback_ports, require_capabilities
 from nswrap.state import RUN_DIR, Record, State, StateDir, existing, readable, remove_dir, vanished
 from nswrap.supervise import exit_status
 
@@ -47,9 +47,7 @@ def dry_run(config: Config) -> int:
     subnet = allocate_subnet(facts, tuple(r.instance for r in live), config.subnet)
     instance = Instance("d0d0d0", config.ports, subnet, ula_subnet(subnet) if facts.ipv6_per_interface else None,
                         config.uplinks, config.addresses, loopback_ports(config, facts), config.outbound, config.helpers)
-    check_uplinks(facts, instance)
-    for warning in absent_addresses(facts, instance):
-        log.warning("%s", warning)
+    check_start(facts, instance, live)
     table = nft.read_table()
     rooms = sync.wanted_rooms(sync.probe_firewall(), config.firewall, config.mark_mask) if table is None or not live else None
     plan = sync.plan(facts, table, state.allocation() if state else None, (*(r.instance for r in live), instance),

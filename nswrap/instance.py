@@ -128,6 +128,19 @@ def _recordable(record: Record) -> None:
     raise UsageError("this instance cannot be recorded for cleanup after a crash (a bug: please report it)")
 
 
+def check_start(facts: Facts, instance: Instance, live: list[Record]) -> None:
+    """What refuses a start (or a dry run) before anything changes: its uplinks, and a port or a
+    gateway that a live instance, named with its pid and command, already has otherwise."""
+    check_uplinks(facts, instance)
+    for warning in absent_addresses(facts, instance):
+        log.warning("%s", warning)
+    others = tuple(r.instance for r in live)
+    clash = conflicts(instance, others) or gateway_conflict(facts, instance, others)
+    if clash:
+        owner = next(r for r in live if r.id in clash)
+        raise NswrapError(f"{clash} (pid {owner.pid}: {' '.join(owner.command)})")
+
+
 class FailClosed(NswrapError):
     """nswrap's guard could not be put back: the instance must stop."""
 
@@ -238,14 +251,7 @@ class Life:
     def _plan(self, facts: Facts, live: list[Record], allocation: Allocation | None) -> tuple[Instance, sync.Plan]:
         """This instance, checked against the host and the live ones, and what its start changes."""
         instance = self._new_instance(facts, live)
-        check_uplinks(facts, instance)
-        for warning in absent_addresses(facts, instance):
-            log.warning("%s", warning)
-        others = tuple(r.instance for r in live)
-        clash = conflicts(instance, others) or gateway_conflict(facts, instance, others)
-        if clash:
-            owner = next(r for r in live if r.id in clash)
-            raise NswrapError(f"{clash} (pid {owner.pid}: {' '.join(owner.command)})")
+        check_start(facts, instance, live)
         table = nft.read_table()
         if table is not None and not table.version and allocation is None:
             log.warning("replacing a table 'inet nswrap' that nswrap did not make (it has no version element)")

@@ -125,6 +125,8 @@ def test_publishing_a_port_twice_is_refused_naming_the_owner(lab, tmp_path):
     second = nswrap(lab, "--ports", "5000-5400", "--", "true")
     assert second.returncode == 125
     assert f"already published by nswrap instance {owner['id']} (pid {owner['pid']}" in second.stderr
+    dry = nswrap(lab, "--ports", "5000-5400", "--dry-run")  # a dry run says what the start would
+    assert (dry.returncode, dry.stderr, dry.stdout) == (125, second.stderr, "")
     assert lab.stop(first) == 3
     assert instances(lab) == []
 
