@@ -190,10 +190,10 @@ def list_instances(as_json: bool) -> int:
     for row in rows:
         print(f"{row['id']:8} {row['pid']:>8}  {row['started']:25}  {','.join(row['ports']):20} {' '.join(row['command'])}")
         for u in row["uplinks"]:
-            via = ",".join(u["gateways"]) or "no gateway"
+            via = "via " + ",".join(u["gateways"]) if u["gateways"] else "no gateway"
             more = "" if row["flows_counted"] else "+"
-            print(f"    {u['name']:15} {' '.join(u['addresses']):38} via {via:28} "
-                  f"{u['flows_started']:>9} flows started {u['flows']:>7}{more} live")
+            print(f"    {u['name']:15} {' '.join(u['addresses']):38} {via:32} "
+                  f"flows: {u['flows_started']:>9} started {u['flows']:>7}{more} live")
     if use:
         print(f"conntrack: {use.get('count', '?')} of {use.get('max', '?')} entries in use")
     return 0
