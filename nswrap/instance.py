@@ -40,7 +40,7 @@ from nswrap.errors import NswrapError, UsageError
 from nswrap.facts import Facts, gather, netns_id
 from nswrap.follow import Follower
 from nswrap.state import MAX_FILE, InvalidState, Record, State, StateDir, hold, new_id, parse_record
-from nswrap.supervise import FORWARDED, Credentials, Interrupted, Supervisor, exit_status
+from nswrap.supervise import FORWARDED, Credentials, Interrupted, Supervisor, check_command, exit_status
 
 log = logging.getLogger("nswrap")
 
@@ -126,6 +126,12 @@ def _recordable(record: Record) -> None:
     except InvalidState as e:
         raise UsageError(f"too much to record for cleanup after a crash ({e}): a shorter command line or fewer ports") from None
     raise UsageError("this instance cannot be recorded for cleanup after a crash (a bug: please report it)")
+
+
+def server_env() -> dict[str, str]:
+    """The server's environment: nswrap's own, without what is nswrap's (its settings, and the
+    notify socket, which is nswrap's to write to)."""
+    return {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET" and not k.startswith("NSWRAP_")}
 
 
 def check_start(facts: Facts, instance: Instance, live: list[Record]) -> None:
@@ -330,9 +336,8 @@ class Life:
                 ct.delete(stale)
 
     def start_server(self, creds: Credentials | None) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET" and not k.startswith("NSWRAP_")}
         assert self.netns_fd is not None
-        self.supervisor.start(self.config.command, self.netns_fd, env, creds)
+        self.supervisor.start(self.config.command, self.netns_fd, server_env(), creds)
         os.close(self.netns_fd)  # the server holds its namespace now: it lives exactly as long
         self.netns_fd = None
         assert self.record is not None
@@ -573,6 +578,7 @@ def run(config: Config) -> int:
     """`nswrap run`: start, serve, stop; the server's exit status (or 128+N for a signal)."""
     require_capabilities()
     check_ready_fd(config.ready_fd)
+    check_command(config.command, server_env())
     creds = resolve_user(config.user) if config.user else None
     supervisor = Supervisor(config.stop_timeout)
     supervisor.install()

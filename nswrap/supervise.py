@@ -72,6 +72,15 @@ def describe_exit(waitstatus_code: int) -> str | None:
     return None
 
 
+def check_command(command: tuple[str, ...], env: dict[str, str]) -> None:
+    """Before any host change: a command that exists nowhere (as execvpe would look for it, in
+    the server's PATH) is refused at once, 127. Whether it may be executed is left to the exec."""
+    name = command[0]
+    places = [name] if "/" in name else [os.path.join(d or ".", name) for d in env.get("PATH", os.defpath).split(os.pathsep)]
+    if not any(os.path.exists(p) for p in places):  # (not shutil.which: 4 ms of imports)
+        raise _exec_error(name, errno.ENOENT)
+
+
 def _exec_error(command: str, err: int) -> NswrapError:
     if err == errno.ENOENT:
         return NswrapError(f"command not found: {command}", EXIT_NOT_FOUND)

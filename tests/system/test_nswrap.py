@@ -126,6 +126,8 @@ def test_exit_codes(lab, tmp_path, command, code):
     assert done.returncode == code, done.stderr
     if code in (126, 127):
         assert command[0] in done.stderr.splitlines()[-1] and "Traceback" not in done.stderr
+    if code == 127:  # known before any host change: nothing else is said (no setup warnings)
+        assert done.stderr.splitlines() == [f"nswrap: command not found: {command[0]}"]
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import signal
 import pytest
 
 from nswrap.errors import EXIT_FAILED, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, NswrapError
-from nswrap.supervise import Interrupted, Supervisor, _exec_error, describe_exit, exit_status
+from nswrap.supervise import Interrupted, Supervisor, _exec_error, check_command, describe_exit, exit_status
 
 
 @pytest.mark.parametrize("code, status", [(0, 0), (1, 1), (7, 7), (125, 125), (255, 255), (-9, 137), (-15, 143), (-2, 130),
@@ -92,3 +92,15 @@ def test_waiting_checks_first():
     with pytest.raises(Interrupted, match="SIGHUP"):
         with supervisor.waiting():
             pytest.fail("a pending signal must stop before the wait")
+
+
+def test_a_command_that_exists_nowhere_is_refused_before_any_change(tmp_path):
+    env = {"PATH": f"/nonexistent:{tmp_path}"}
+    (tmp_path / "server").write_text("")  # exists: whether it may be executed is the exec's to say
+    check_command(("server",), env)
+    check_command((str(tmp_path / "server"),), env)
+    check_command((str(tmp_path),), env)  # a directory: the exec says 126
+    for missing in ("no-such-server", str(tmp_path / "nope"), "./nope"):
+        with pytest.raises(NswrapError, match=f"^command not found: {missing}$") as e:
+            check_command((missing,), env)
+        assert e.value.code == EXIT_NOT_FOUND
