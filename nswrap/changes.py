@@ -397,7 +397,8 @@ def _server_sysctl(key: str, value: str) -> None:
 
 @dataclass(frozen=True)
 class DeleteLink(Change):
-    """A dead instance's veth (its record names it); there is nothing to put back."""
+    """An instance's veth once its server is gone (a dead one's: its record names it); there is
+    nothing to put back."""
 
     ifname: str
 
@@ -414,7 +415,7 @@ class DeleteLink(Change):
         return f"ip link del {self.ifname}"
 
     def render_undo(self) -> str:
-        return "# (a dead instance's veth: nothing to put back)"
+        return "# (a veth whose server is gone: nothing to put back)"
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import time
 
 from nswrap import legacy, namespaces, netlink, nft, sync
 from nswrap.apply import Kernel, Transaction
-from nswrap.changes import NftBatch, ServerNetwork, SetSysctl, read_only_message
+from nswrap.changes import DeleteLink, NftBatch, ServerNetwork, SetSysctl, read_only_message
 from nswrap.config import Config, PortRange
 from nswrap.datapath import (
     Allocation,
@@ -434,8 +434,11 @@ class Life:
                 live = tuple(r.instance for r in self.state.live() if r.id != instance.id)
                 table, had_flows = self._table_at_stop(bool(live))
                 plan = sync.plan(facts, table, self.state.allocation(), live, self.config.mark_mask)
+                # the veth goes with the server's namespace, but the kernel destroys that in the
+                # background, some milliseconds later: deleted here, it is gone when nswrap exits
+                mine = [DeleteLink(instance.veth)] if facts.link(instance.veth) else []
                 tx = Transaction(self.kernel)
-                for change in plan.changes:
+                for change in [*mine, *plan.changes]:
                     try:
                         tx.run(change)
                     except Exception as e:
