@@ -261,8 +261,8 @@ def scale_table(r: dict) -> list[str]:
     sc = r["scale"]
     w = f"{r['meta']['settings']['cpu_window_s']:.0f}"
     lines = [
-        "| instances besides the measured one | variant | round trip, wrapped server (µs, ÷ none) "
-        "| round trip, unrelated traffic (µs, ÷ none) | control round trip (µs) "
+        "| instances besides the measured one | variant | round trip, wrapped server (µs, ÷ none; ÷ 0 before / after) "
+        "| round trip, unrelated traffic (µs, ÷ none; ÷ 0 before / after) | control round trip (µs) "
         f"| start+stop of one more (`-- true`, ms) | CPU of all instances (cores): first {w} s / next {w} s |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -272,7 +272,11 @@ def scale_table(r: dict) -> list[str]:
         x = sc[v]
         for label, p in x["points"].items():
             ratio = x["ratio"].get(label)
-            cells = [f"{p['p50_us'][k]:.1f}" + (f" ({ratio[k]:.2f}×)" if ratio else "") for k in ("wrapped", "unrelated")]
+            ends = [x["points"][e]["p50_us"] for e in ("0", "0 again") if e in x["points"]]
+            cells = []
+            for k in ("wrapped", "unrelated"):
+                each = " / ".join(f"{p['p50_us'][k] / e[k]:.2f}" for e in ends)
+                cells.append(f"{p['p50_us'][k]:.1f}" + (f" ({ratio[k]:.2f}×; {each})" if ratio else ""))
             control = fmt(p["p50_us"].get("control"), ".1f")
             cpu = f"{p['cpu_cores_after_last_start']:.3f} / {p['cpu_cores_later']:.3f}" if "cpu_cores_later" in p else "–"
             name = NAMES[v] + (f" (--mark-mask {x['mask']})" if x.get("mask") else "")
@@ -638,7 +642,8 @@ def benchmarks_md(r: dict, charts: str = "bench") -> str:
         "after the other. *0 again* is measured after all others stopped; the ratios divide by the median of both "
         "0-instance measurements. Each round also measures a *control* round trip, from c1 to its router r1, that never "
         "reaches the host: how much it moves from point to point is this shared VM's noise, against which the ratios "
-        "should be read (it is not divided out: it does not move with the host's paths).",
+        "should be read (it is not divided out: in some runs it moves with the host's paths, in others not). Each ratio "
+        "is also given against each 0 point alone: when the two differ much, the machine moved between them.",
         "",
         f"Start + stop with {s['port_list']} ports listed one by one against one port, and with many unrelated flows in the "
         "conntrack table:",
