@@ -100,6 +100,24 @@ class SysctlChange:
     ours: str  # what nswrap set
     ifindex: int = 0  # the interface's index: a renamed interface keeps it (0: not known)
 
+    # the key is always net/<family>/conf/<ifname>/<setting> (state.py refuses any other)
+    @property
+    def family(self) -> str:
+        return self.key.split("/")[1]
+
+    @property
+    def ifname(self) -> str:
+        return self.key.split("/")[3]
+
+    @property
+    def setting(self) -> str:
+        return self.key.split("/")[4]
+
+    def renamed(self, ifname: str) -> SysctlChange:
+        parts = self.key.split("/")
+        parts[3] = ifname
+        return replace(self, key="/".join(parts))
+
 
 @dataclass(frozen=True)
 class Room:
@@ -425,12 +443,11 @@ def guarded(allocation: Allocation, facts: Facts, version: int) -> list[str]:
     setting = "forwarding" if version == 4 else "force_forwarding"
     names = []
     for change in allocation.sysctls:
-        parts = change.key.split("/")
-        if parts[1] == f"ipv{version}" and parts[-1] == setting and change.original == "0":
+        if change.family == f"ipv{version}" and change.setting == setting and change.original == "0":
             if router(facts, version):
                 continue
-            if not parts[3].startswith(HOST_PREFIX):  # a veth's own forwarding is not the host's routing
-                names.append(parts[3])
+            if not change.ifname.startswith(HOST_PREFIX):  # a veth's own forwarding is not the host's routing
+                names.append(change.ifname)
     return sorted(set(names))
 
 

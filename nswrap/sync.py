@@ -111,8 +111,7 @@ def _sysctl_changes(facts: Facts, current: Allocation, wanted: dict[str, str]
 def _admins(change: SysctlChange, ip_forward: bool) -> bool:
     """An interface's forwarding that the admin's `ip_forward=1` (which sets every interface's)
     made theirs since nswrap turned it on: it stays on."""
-    parts = change.key.split("/")
-    return ip_forward and parts[1] == "ipv4" and parts[-1] == "forwarding"
+    return ip_forward and change.family == "ipv4" and change.setting == "forwarding"
 
 
 def _nft_changes(table: nft.Table | None, dp: Datapath, instances: tuple[Instance, ...]) -> list[Change]:
@@ -137,11 +136,9 @@ def _renamed(allocation: Allocation, facts: Facts) -> Allocation:
     wan1`): its original is restored under the new name, and the guard keeps covering it."""
     moved = []
     for change in allocation.sysctls:
-        parts = change.key.split("/")
         link = next((link for link in facts.links if link.index == change.ifindex), None) if change.ifindex else None
-        if link is not None and link.ifname != parts[3] and not facts.link(parts[3]):
-            parts[3] = link.ifname
-            change = replace(change, key="/".join(parts))
+        if link is not None and link.ifname != change.ifname and not facts.link(change.ifname):
+            change = change.renamed(link.ifname)
         moved.append(change)
     return replace(allocation, sysctls=tuple(moved))
 
