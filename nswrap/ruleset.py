@@ -83,45 +83,54 @@ def _render(chain: Chain) -> list[str]:
 def _remember(mask: int) -> list[Chain]:
     """prerouting, after DNAT: every packet of a published flow gets its uplink's mark (one map
     lookup); the first packet of one records the uplink in the ct mark."""
-    return _chain("remember", "filter hook prerouting priority dstnat + 1", _lines(
-        f"ct mark & {mask:#010x} vmap @uplink_flow",
-        "ct state != new accept",
-        "ct status dnat ip daddr @servers4 goto first4",
-        "ct status dnat ip6 daddr @servers6 goto first6",
-        # route_localnet on our veths lets a server reach the host's loopback resolver (DNATed):
-        # nothing else on the host's loopback
-        'iifname "nsw-*" ip daddr 127.0.0.0/8 ct status & dnat == 0 drop',
-        # --no-outbound: no connection to the host either (its addresses, its services); the
-        # resolver stub's DNAT passes, DNATed flows to other servers end in from_server
-        "iifname @closed ct status & dnat == 0 drop",
-    ))
+    return [
+        *_chain("remember", "filter hook prerouting priority dstnat + 1", [
+            f"ct mark & {mask:#010x} vmap @uplink_flow",
+            "ct state != new accept",
+            "ct status dnat goto first",
+            # route_localnet on our veths lets a server reach the host's loopback resolver (DNATed):
+            # nothing else on the host's loopback
+            'iifname "nsw-*" ip daddr 127.0.0.0/8 drop',
+            # --no-outbound: no connection to the host either (its addresses, its services); the
+            # resolver stub's DNAT passes, DNATed flows to other servers end in from_server
+            "iifname @closed drop",
+        ]),
+        *_chain("first", None, ["ip daddr @servers4 goto first4", "ip6 daddr @servers6 goto first6"]),
+    ]
 
 
 def _first(version: int) -> list[Chain]:
     ip = "ip" if version == 4 else "ip6"
     return _chain(f"first{version}", None, [
+        f'ct timeout set meta l4proto map {{ udp : "udp{version}", tcp : "tcp{version}" }}',
         f'{ip} daddr . udp dport @tftp{version} ct helper set "tftp{version}"',
-        f'meta l4proto udp ct timeout set "udp{version}"',
-        f'meta l4proto tcp ct timeout set "tcp{version}"',
         "iifname vmap @uplink_new",
     ])
 
 
 def _publish() -> list[Chain]:
     """nat prerouting: the first packet of each flow. A published (uplink, [address,] proto, port)
-    is DNATed to its server, keeping the port (keep) or remapping it (remap)."""
-    rules = [
+    is DNATed to its server, keeping the port (keep) or remapping it (remap). Ordered for the
+    usual case, a port published on every address: one fib lookup, then one map lookup."""
+    out = _chain("publish", "nat hook prerouting priority dstnat", [
         'iifname "nsw-*" fib daddr type local meta l4proto { udp, tcp } dnat ip to meta l4proto . th dport map @stub4',
         "meta l4proto . th dport != @ports accept",
-    ]
+        "meta nfproto vmap { ipv4 : goto publish4, ipv6 : goto publish6 }",
+    ])
     for version, ip in ((4, "ip"), (6, "ip6")):
-        for kind in ("keep", "remap"):
-            key = f"iifname . {ip} daddr . meta l4proto . th dport"
-            rules.append(f"meta l4proto {{ udp, tcp }} dnat {ip} to {key} map @{kind}{version}")
-        for kind in ("any", "anyremap"):  # a loopback or a veth's address is none of the host's to publish
-            rules.append(f"{ip} daddr != {LOOPBACK[version]} {ip} daddr != @servers{version} fib daddr type local "
-                         f"meta l4proto {{ udp, tcp }} dnat {ip} to iifname . meta l4proto . th dport map @{kind}{version}")
-    return _chain("publish", "nat hook prerouting priority dstnat", rules)
+        specific = [f"dnat {ip} to iifname . {ip} daddr . meta l4proto . th dport map @{kind}{version}"
+                    for kind in ("keep", "remap")]
+        # a loopback or a veth's address is none of the host's to publish on every address
+        out += _chain(f"publish{version}", None, [
+            f"{ip} daddr != {LOOPBACK[version]} {ip} daddr != @servers{version} fib daddr type local "
+            f"goto host{version}",
+            *specific,  # an --address the host does not have (yet): routed through it
+        ])
+        out += _chain(f"host{version}", None, [
+            *(f"dnat {ip} to iifname . meta l4proto . th dport map @{kind}{version}" for kind in ("any", "anyremap")),
+            *specific,
+        ])
+    return out
 
 
 def _publish_local() -> list[Chain]:
@@ -129,11 +138,10 @@ def _publish_local() -> list[Chain]:
     rules = ["meta l4proto . th dport != @ports accept"]
     for version, ip in ((4, "ip"), (6, "ip6")):
         for kind in ("keep", "remap"):
-            key = f"oifname . {ip} daddr . meta l4proto . th dport"
-            rules.append(f"meta l4proto {{ udp, tcp }} dnat {ip} to {key} map @{kind}{version}")
+            rules.append(f"dnat {ip} to oifname . {ip} daddr . meta l4proto . th dport map @{kind}{version}")
         for kind in ("any", "anyremap"):  # routed through lo: one of the host's own addresses
             rules.append(f"{ip} daddr != {LOOPBACK[version]} {ip} daddr != @servers{version} "
-                         f"meta l4proto {{ udp, tcp }} dnat {ip} to oifname . meta l4proto . th dport map @{kind}{version}")
+                         f"dnat {ip} to oifname . meta l4proto . th dport map @{kind}{version}")
     return _chain("publish_local", "nat hook output priority -100", rules)
 
 
@@ -141,7 +149,7 @@ def _outbound() -> list[Chain]:
     """nat postrouting: a loopback client cannot leave through a veth as 127.0.0.1; the servers'
     own connections leave as the host."""
     return _chain("outbound", "nat hook postrouting priority srcnat", [
-        'oifname "nsw-*" ip saddr 127.0.0.0/8 masquerade',
+        'ip saddr 127.0.0.0/8 oifname "nsw-*" masquerade',
         'ip saddr @servers4 oifname != "nsw-*" masquerade',
         'ip6 saddr @servers6 oifname != "nsw-*" masquerade',
     ])
@@ -150,11 +158,13 @@ def _outbound() -> list[Chain]:
 def _guard(mask: int) -> list[Chain]:
     """forward: only published flows (and answers to the servers' own) cross a veth; our mark
     bits are cleared once routing is done; interfaces whose forwarding nswrap turned on forward
-    nothing else."""
+    nothing else. A flow published through an uplink (its ct mark names the uplink) is let through
+    by the first rule, both ways: each of its packets costs one test here."""
     keep = 0xFFFFFFFF & ~mask
     clear = f"meta mark set meta mark & {keep:#010x}"
     return [
         *_chain("guard", "filter hook forward priority filter", [
+            f"ct mark & {mask:#010x} != 0 {clear} accept",
             'oifname "nsw-*" goto into_server',
             'iifname "nsw-*" goto from_server',
             "iifname @guarded4 meta nfproto ipv4 drop",

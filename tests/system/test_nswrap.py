@@ -14,7 +14,7 @@ import signal
 import pytest
 
 from tests.lab import TEST_ANSWER, diff_states, dig, wait_answered, wait_until
-from tests.system.common import SIGECHO, UDPECHO, Held, nswrap, output, setup_steps, start, wait_ready
+from tests.system.common import SIGECHO, UDPECHO, Held, echo_answered, nswrap, output, setup_steps, start, wait_ready
 
 MARK_MASK = 0xF0000000
 
@@ -42,6 +42,32 @@ def test_every_path_is_answered_from_the_asked_address_udp_and_tcp(lab, tmp_path
 
     assert lab.stop(proc) == 0, stderr_of(tmp_path)  # unbound exits 0 on SIGTERM
     assert "Traceback" not in stderr_of(tmp_path)
+
+
+def conntrack_timeouts(lab, port: int) -> list[int]:
+    """Seconds left of each UDP flow to *port* (the third field of `conntrack -L`)."""
+    flows = lab.exec(lab.host, ["conntrack", "-L", "-p", "udp", "--orig-port-dst", str(port)], check=False).stdout
+    return [int(line.split()[2]) for line in flows.splitlines() if line.startswith("udp")]
+
+
+def test_published_flows_get_the_short_conntrack_timeout(lab, tmp_path):
+    """docs/design.md, Floods: a published UDP flow unanswered, or answered within its first 2 s
+    (a DNS query), is forgotten after 10 s; a flow to a port nobody publishes keeps the kernel's 30."""
+    proc = start(lab, tmp_path, "--ports", "5353,5354", "--", *UDPECHO, "serve", "5353")
+    wait_ready(tmp_path)
+    path = lab.paths[2]  # c2 -> eth1, not the main table's uplink
+    assert echo_answered(lab, path.client, path.address, 5353)
+    assert not echo_answered(lab, path.client, path.address, 5354), "nothing listens on 5354"
+    unpublished = lab.spawn(lab.host, [*UDPECHO, "serve", "5355"], stdout=(tmp_path / "host.out").open("w"))
+    wait_ready(tmp_path, name="host")
+    direct = lab.paths[0]  # the main table's uplink: a host service answers there by itself
+    assert echo_answered(lab, direct.client, direct.address, 5355), "a host service on a port nobody publishes"
+    published = conntrack_timeouts(lab, 5353) + conntrack_timeouts(lab, 5354)
+    unrelated = conntrack_timeouts(lab, 5355)
+    assert len(published) == 2 and all(t <= 10 for t in published), published
+    assert unrelated and all(t > 10 for t in unrelated), unrelated
+    assert lab.stop(proc) == 128 + signal.SIGTERM, stderr_of(tmp_path)
+    lab.stop(unpublished)
 
 
 POOL = {4: ("198.18.0.0", 15), 6: ("fd6e:7377:7261::", 48)}  # nswrap's internal ranges
