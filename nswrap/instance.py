@@ -258,12 +258,15 @@ class Life:
         """This instance, checked against the host and the live ones, and what its start changes."""
         instance = self._new_instance(facts, live)
         check_start(facts, instance, live)
-        table = nft.read_table()
+        # the shared part is (re)made when no instance lives: then first look at the other
+        # firewalls, and one listing of the whole ruleset holds nswrap's table too
+        listed = None if live else nft.ruleset()
+        table = nft.read_table() if listed is None else nft.table_in(listed)
         if table is not None and not table.version and allocation is None:
             log.warning("replacing a table 'inet nswrap' that nswrap did not make (it has no version element)")
         rooms = None
-        if table is None or not live:  # the shared part is (re)made: first look at the other firewalls
-            rooms = sync.wanted_rooms(sync.probe_firewall(), self.config.firewall, self.config.mark_mask)
+        if table is None or not live:
+            rooms = sync.wanted_rooms(sync.probe_firewall(listed), self.config.firewall, self.config.mark_mask)
         plan = sync.plan(facts, table, allocation, (*(r.instance for r in live), instance), self.config.mark_mask, rooms)
         writes = [c.key for c in plan.changes if isinstance(c, SetSysctl)]
         if writes and proc_sys_read_only():  # say every --sysctl it takes at once, before any change

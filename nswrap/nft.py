@@ -69,6 +69,13 @@ def read_table() -> Table | None:
     return parse_table(json.loads(done.stdout)["nftables"])
 
 
+def table_in(items: list[dict]) -> Table | None:
+    """nswrap's table out of a whole `nft -j list ruleset`, or None if it has none."""
+    ours = [item for item in items for body in item.values()
+            if isinstance(body, dict) and body.get("family") == "inet" and body.get("table", body.get("name")) == TABLE]
+    return parse_table(ours) if any("table" in item for item in ours) else None
+
+
 def parse_table(items: list[dict]) -> Table:
     table = Table()
     for item in items:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from nswrap import nft, ruleset
 from nswrap.apply import Transaction
@@ -214,11 +215,13 @@ def run(plan_: Plan, tx: Transaction, save: Callable[[Allocation | None], None])
     save(plan_.after)
 
 
-def probe_firewall() -> FirewallFacts:
-    """Other tools' firewalls: the whole nft ruleset and iptables-legacy's loaded tables."""
+def probe_firewall(ruleset: list[dict[str, Any]] | None = None) -> FirewallFacts:
+    """Other tools' firewalls: the whole nft ruleset (*ruleset* if already listed) and
+    iptables-legacy's loaded tables."""
     from nswrap import iptables
 
-    return FirewallFacts(tuple(nft.ruleset()), iptables.legacy_save(), iptables.legacy_save("ip6tables-legacy"))
+    listed = nft.ruleset() if ruleset is None else ruleset
+    return FirewallFacts(tuple(listed), iptables.legacy_save(), iptables.legacy_save("ip6tables-legacy"))
 
 
 def fail_closed(allocation: Allocation | None) -> list[str]:

@@ -71,3 +71,13 @@ def test_every_element_field_kind():
 def test_an_empty_listing():
     table = nft.parse_table([{"metainfo": {"version": "1.0.6"}}, {"table": {"family": "inet", "name": "nswrap"}}])
     assert (table.elements, table.rules, table.version, table.counters) == ({}, {}, "", {})
+
+
+def test_the_table_is_found_in_a_whole_ruleset(table):
+    """The first instance lists the whole ruleset once, for the other firewalls and for its table."""
+    items = json.loads((FIXTURES / "ruleset-docker.json").read_text())["nftables"]
+    found = nft.table_in(items)
+    assert found is not None and found.elements == table.elements and found.version == table.version
+    assert found.rules == table.rules
+    others = [i for i in items if not any(isinstance(b, dict) and b.get("family") == "inet" for b in i.values())]
+    assert nft.table_in(others) is None
