@@ -39,6 +39,7 @@ import platform
 import pstats
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -54,6 +55,7 @@ from scripts.bench_variants import (  # noqa: E402
     NSWRAP,
     OLD_WIDE_MASK,
     TRAFFIC,
+    VENV,
     Running,
     Server,
     cpu_seconds,
@@ -89,7 +91,8 @@ FLOOD_SOURCES = [f"203.0.113.{i}" for i in range(3, 9)]  # extra addresses of c1
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    rounds: int  # rounds of the costs and dns sections (each runs every variant once)
+    rounds: int  # rounds of the costs section (each runs every variant once)
+    dns_rounds: int  # rounds of the dns section: its rates swing most from round to round
     pingpong_s: int  # sockperf run time per variant and round
     iperf_s: int  # iperf3 run time (TCP, then UDP) per variant and round
     flows: int  # new flows per variant and round
@@ -110,11 +113,11 @@ class Settings:
     legit_interval_s: float
 
 
-QUICK = Settings(rounds=1, pingpong_s=1, iperf_s=1, flows=3_000, dnsperf_s=1, dns_clients=(4, 64), reps=2,
+QUICK = Settings(rounds=1, dns_rounds=1, pingpong_s=1, iperf_s=1, flows=3_000, dnsperf_s=1, dns_clients=(4, 64), reps=2,
                  scale_reps=1, scale_counts=(0, 2), old_scale_counts=(0, 2), scale_rounds=1, cpu_window_s=1,
                  port_list=100, unrelated_flows=20_000, flood_flows=20_000, flood_deadline_s=3, flood_before_s=1,
                  flood_after_s=3, legit_interval_s=0.02)
-FULL = Settings(rounds=5, pingpong_s=3, iperf_s=3, flows=50_000, dnsperf_s=5, dns_clients=(4, 256), reps=7,
+FULL = Settings(rounds=5, dns_rounds=8, pingpong_s=3, iperf_s=3, flows=50_000, dnsperf_s=5, dns_clients=(4, 256), reps=7,
                 scale_reps=5, scale_counts=(0, 10, 12, 50), old_scale_counts=(0, 12), scale_rounds=5, cpu_window_s=10,
                 port_list=100, unrelated_flows=200_000, flood_flows=300_000, flood_deadline_s=20,
                 flood_before_s=5, flood_after_s=30, legit_interval_s=0.02)
@@ -123,6 +126,13 @@ FULL = Settings(rounds=5, pingpong_s=3, iperf_s=3, flows=50_000, dnsperf_s=5, dn
 def median(values) -> float:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else float("nan")
+
+
+def paired(runs: list[dict], base: list[dict], key) -> float:
+    """The median of the round-by-round ratios: the variants of one round ran minutes apart, so
+    a ratio within a round is not moved by the machine's drift between rounds (the ratio of
+    medians is)."""
+    return median(key(a) / key(b) for a, b in zip(runs, base, strict=True) if key(a) is not None and key(b))
 
 
 def rotate(items: list, r: int) -> list:
@@ -204,20 +214,35 @@ def new_flows(b: Bench, port: int, count: int) -> dict:
     return json.loads(out)
 
 
+COSTS_VARIANTS = ["direct", "direct+conntrack", "nswrap", "handwritten", "recipe2014"]
+# the processes a new flow runs in: the raw-socket client and the echo server (both Python)
+FLOW_COMMS = "python,python3,ksoftirqd/0,ksoftirqd/1,swapper,swapper/0,swapper/1"
+
+
 def bench_costs(b: Bench) -> dict:
+    """direct+conntrack is the server bound directly on a host whose stateful firewall tracks
+    connections (most do): what conntrack alone costs, which nswrap's design needs too."""
     s = b.s
-    variants = ["direct", "nswrap", "recipe2014", *b.variants_old]
+    variants = [*COSTS_VARIANTS, *b.variants_old]
     runs: dict[str, list[dict]] = {v: [] for v in variants}
+
+    @contextlib.contextmanager
+    def serve(variant: str, server: Server, pin: list[str]):
+        with contextlib.ExitStack() as stack:
+            if variant == "direct+conntrack":
+                stack.enter_context(tracking(b))
+            yield stack.enter_context(b.serve("direct" if variant.startswith("direct") else variant, server, pin=pin))
+
     for r in range(s.rounds):
         for variant in rotate(variants, r):
             x: dict = {}
-            with b.serve(variant, Server("sockperf", 11001), pin=SAME_CPU):
+            with serve(variant, Server("sockperf", 11001), SAME_CPU):
                 pingpong(b, "c1", C1_TARGET, 11001, 1)  # warm-up: neighbours, caches
                 x.update(pingpong(b, "c1", C1_TARGET, 11001, s.pingpong_s))
-            with b.serve(variant, Server("iperf3", 5201), pin=SERVER_CPU):
+            with serve(variant, Server("iperf3", 5201), SERVER_CPU):
                 x["tcp_gbit_s"] = iperf(b, 5201, s.iperf_s, udp=False)
                 x["udp_gbit_s"] = iperf(b, 5201, s.iperf_s, udp=True)
-            with b.serve(variant, Server("echo", 7100), pin=SERVER_CPU):
+            with serve(variant, Server("echo", 7100), SERVER_CPU):
                 flows = new_flows(b, 7100, s.flows)
                 x["flows_per_s"] = flows["flows_per_second"]
                 x["flows_lost"] = flows["lost"]
@@ -225,6 +250,14 @@ def bench_costs(b: Bench) -> dict:
             runs[variant].append(x)
             say(f"costs round {r + 1}/{s.rounds} {variant}: p50 {x['p50_us']:.1f} us, {x['transactions_per_s']} tx/s, "
                 f"TCP {x['tcp_gbit_s']:.2f} / UDP {x['udp_gbit_s']:.2f} Gbit/s, {x['flows_per_s']} flows/s")
+    profile = {}
+    for variant in ("direct", "direct+conntrack", "nswrap", "handwritten") if shutil.which("perf") else ():
+        with serve(variant, Server("echo", 7100), SERVER_CPU):
+            b.flush_conntrack()
+            profile[variant] = perf_profile(b, lambda: new_flows(b, 7100, s.flows)["answered"], FLOW_COMMS)
+            b.flush_conntrack()
+        say(f"flows profile {variant}: {profile[variant]['cpu_us_per_query_total']:.1f} us of CPU per flow: "
+            + ", ".join(f"{g} {v:.2f}" for g, v in list(profile[variant]["cpu_us_per_query"].items())[:5]))
     keys = ["p50_us", "p99_us", "transactions_per_s", "tcp_gbit_s", "udp_gbit_s", "flows_per_s", "flows_lost"]
     med = {v: {k: median(x[k] for x in runs[v]) for k in keys} for v in variants}
     d = med["direct"]
@@ -232,7 +265,11 @@ def bench_costs(b: Bench) -> dict:
                  "tcp": m["tcp_gbit_s"] / d["tcp_gbit_s"], "udp": m["udp_gbit_s"] / d["udp_gbit_s"],
                  "flows": m["flows_per_s"] / d["flows_per_s"], "added_us": m["p50_us"] - d["p50_us"]}
              for v, m in med.items()}
-    return {"runs": runs, "median": med, "ratio_to_direct": ratio}
+    keyed = {"p50": "p50_us", "transactions": "transactions_per_s", "tcp": "tcp_gbit_s", "udp": "udp_gbit_s",
+             "flows": "flows_per_s"}
+    pairs = {v: {name: paired(runs[v], runs["direct"], lambda x, k=k: x[k]) for name, k in keyed.items()}
+             for v in variants}
+    return {"runs": runs, "median": med, "ratio_to_direct": ratio, "paired_to_direct": pairs, "profile": profile}
 
 
 # --- 2. dns -------------------------------------------------------------------------------------
@@ -266,21 +303,23 @@ PROFILE_GROUPS = (
 PROFILE_COMMS = "unbound,dnsperf,ksoftirqd/0,ksoftirqd/1,swapper,swapper/0,swapper/1"
 
 
-def perf_profile(b: Bench, seconds: int) -> dict:
-    """CPU per answered query, by kernel function group, while dnsperf runs (a few sockets):
-    `perf record -a` samples both CPUs at 999 Hz, so samples / 999 is CPU time (of unbound,
-    dnsperf and the softirq work done in their name)."""
+def perf_profile(b: Bench, work, comms: str = PROFILE_COMMS) -> dict:
+    """CPU per operation, by kernel function group, while *work* runs (it returns how many
+    operations it completed: queries answered, flows answered): `perf record -a` samples both
+    CPUs at 999 Hz, so samples / 999 is CPU time (of the processes in *comms* and the softirq work
+    done in their name)."""
     data = b.tmp / "perf.data"
     hz = 999
-    rec = subprocess.Popen(["perf", "record", "-a", "-F", str(hz), "-o", str(data), "--", "sleep", str(seconds + 1)],
+    rec = subprocess.Popen(["perf", "record", "-a", "-F", str(hz), "-o", str(data)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(0.5)  # perf is sampling before the queries begin
-        qps = dnsperf(b, b.s.dns_clients[0], seconds)
+        time.sleep(0.5)  # perf is sampling before the work begins
+        operations = work()
     finally:
-        rec.wait(seconds + 30)
+        rec.send_signal(signal.SIGINT)
+        rec.wait(60)
     report = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "-n", "--sort", "symbol", "--no-children",
-                             "--comms", PROFILE_COMMS],
+                             "--comms", comms],
                             capture_output=True, text=True, timeout=120).stdout
     groups: dict[str, int] = {}
     top: list[tuple[int, str]] = []
@@ -293,11 +332,11 @@ def perf_profile(b: Bench, seconds: int) -> dict:
         groups[group] = groups.get(group, 0) + samples
         if group != "idle":
             top.append((samples, symbol))
-    queries = qps["qps"] * seconds
-    us = {g: n / hz / queries * 1e6 for g, n in groups.items() if g != "idle"} if queries else {}
-    return {"qps": qps["qps"], "cpu_us_per_query": dict(sorted(us.items(), key=lambda kv: -kv[1])),
+    us = {g: n / hz / operations * 1e6 for g, n in groups.items() if g != "idle"} if operations else {}
+    return {"operations": operations, "cpu_us_per_query": dict(sorted(us.items(), key=lambda kv: -kv[1])),
             "cpu_us_per_query_total": sum(us.values()),
-            "top_symbols": [{"symbol": sym, "us_per_query": n / hz / queries * 1e6} for n, sym in sorted(top, reverse=True)[:15]]}
+            "top_symbols": [{"symbol": sym, "us_per_query": n / hz / operations * 1e6}
+                            for n, sym in sorted(top, reverse=True)[:15]] if operations else []}
 
 
 def bench_dns(b: Bench) -> dict:
@@ -306,7 +345,7 @@ def bench_dns(b: Bench) -> dict:
     variants = ["nswrap", "handwritten", "bestalt", *b.variants_old]
     few, many = s.dns_clients
     runs: dict[str, list[dict]] = {v: [] for v in variants}
-    for r in range(s.rounds):
+    for r in range(s.dns_rounds):
         for variant in rotate(variants, r):
             with b.serve(variant, Server("unbound", 53, str(b.tmp)), pin=SERVER_CPU) as running:
                 b.dns_ready(running, "c2", C2_TARGET)
@@ -314,7 +353,7 @@ def bench_dns(b: Bench) -> dict:
                 x["few"] = dnsperf(b, few, s.dnsperf_s)
                 x["many"] = dnsperf(b, many, s.dnsperf_s)
             runs[variant].append(x)
-            say(f"dns round {r + 1}/{s.rounds} {variant}: {x['few']['qps']:.0f} qps ({few} clients), "
+            say(f"dns round {r + 1}/{s.dns_rounds} {variant}: {x['few']['qps']:.0f} qps ({few} clients), "
                 f"{x['many']['qps']:.0f} qps ({many} clients)")
     med = {v: {"few_qps": median(x["few"]["qps"] for x in runs[v]), "many_qps": median(x["many"]["qps"] for x in runs[v])}
            for v in variants}
@@ -332,15 +371,18 @@ def bench_dns(b: Bench) -> dict:
     for variant in ("nswrap", "handwritten", "bestalt") if shutil.which("perf") else ():
         with b.serve(variant, Server("unbound", 53, str(b.tmp)), pin=SERVER_CPU) as running:
             b.dns_ready(running, "c2", C2_TARGET)
-            profile[variant] = perf_profile(b, s.dnsperf_s)
+            profile[variant] = perf_profile(b, lambda: dnsperf(b, few, s.dnsperf_s)["qps"] * s.dnsperf_s)
         say(f"dns profile {variant}: {profile[variant]['cpu_us_per_query_total']:.1f} us of CPU per query: "
             + ", ".join(f"{g} {v:.2f}" for g, v in list(profile[variant]["cpu_us_per_query"].items())[:5]))
     ratios = {"nswrap_to_handwritten": ratio("nswrap", "handwritten"), "nswrap_to_bestalt": ratio("nswrap", "bestalt"),
               "handwritten_to_bestalt": ratio("handwritten", "bestalt")}
+    pairs = {f"{a}_to_{base}": {k: paired(runs[a], runs[base], lambda x, k=k: x[k]["qps"]) for k in ("few", "many")}
+             for a, base in (("nswrap", "handwritten"), ("nswrap", "bestalt"), ("handwritten", "bestalt"))}
     if b.old:
         ratios["old_to_handwritten"] = ratio("old", "handwritten")
         ratios["old_to_bestalt"] = ratio("old", "bestalt")
-    return {"clients": {"few": few, "many": many}, "runs": runs, "median": med, "ratios": ratios, "profile": profile}
+    return {"clients": {"few": few, "many": many}, "runs": runs, "median": med, "ratios": ratios, "paired": pairs,
+            "profile": profile}
 
 
 # --- 3. startup ---------------------------------------------------------------------------------
@@ -386,7 +428,7 @@ def true_pairs(b: Bench, argvs: dict[str, list], reps: int, timeout: float = 120
 
 
 def bench_profile(b: Bench) -> dict:
-    py = str(ROOT / ".venv" / "bin" / "python")
+    py = str(VENV / "bin" / "python")
     # What a real start imports: -X importtime of `nswrap --ports 53 -- true` in the lab.
     res = b.exec("host", [py, "-X", "importtime", "-m", "nswrap", "--ports", "53", "--", "true"], timeout=60)
     imports = []

@@ -34,7 +34,9 @@ sys.path.insert(0, str(ROOT))
 from scripts.bench_lab import recipe_2014  # noqa: E402
 from tests.lab import Lab, LabError, unbound_conf  # noqa: E402
 
-NSWRAP = str(ROOT / ".venv" / "bin" / "nswrap")
+# nswrap as installed for the benchmark (scripts/bench: a venv of its own, not editable)
+VENV = pathlib.Path(os.environ.get("NSWRAP_BENCH_VENV") or ROOT / ".venv")
+NSWRAP = str(VENV / "bin" / "nswrap")
 HANDWRITTEN = str(ROOT / "scripts" / "bench_handwritten.sh")
 TRAFFIC = [sys.executable, str(ROOT / "scripts" / "bench_traffic.py")]
 START_TIMEOUT = 30
