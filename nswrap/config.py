@@ -130,9 +130,12 @@ def parse_uplink(text: str) -> UplinkSpec:
     if not sep:
         return UplinkSpec(ifname)
     try:
-        return UplinkSpec(ifname, ipaddress.ip_address(gateway))
+        address = ipaddress.ip_address(gateway)
     except ValueError:
         raise UsageError(f"invalid uplink {text!r}: {gateway!r} is not a gateway address") from None
+    if address.is_multicast or address.is_unspecified or address.is_loopback:
+        raise UsageError(f"invalid uplink {text!r}: {gateway} is not a unicast address")
+    return UplinkSpec(ifname, address)
 
 
 def parse_address(text: str) -> IPAddress:

@@ -223,6 +223,8 @@ def check_uplinks(facts: Facts, instance: Instance) -> None:
             raise NswrapError(f"no such uplink: {spec.ifname}")
         if not any(facts.global_addresses(spec.ifname, v) for v in instance.families):
             raise NswrapError(f"uplink {spec.ifname} has no global address")
+        if spec.gateway is not None and any(a.address.ip == spec.gateway for a in facts.addresses):
+            raise NswrapError(f"uplink {spec}: {spec.gateway} is an address of this host; give the gateway's")
     if not any(instance_uplinks(facts, instance, v) for v in instance.families):
         raise NswrapError("no uplink found: no interface has a global address (give one with --uplink)")
 

@@ -258,7 +258,8 @@ def test_uplinks():
     assert parse_uplink("eth1=198.51.100.1").gateway == ipaddress.IPv4Address("198.51.100.1")
     assert parse_uplink("eth0=fe80::1").gateway == ipaddress.IPv6Address("fe80::1")
     assert str(parse_uplink("eth1=198.51.100.1")) == "eth1=198.51.100.1"
-    for bad in ["eth0=nope", "eth0=", "=198.51.100.1", "eth0=198.51.100.1=x"]:
+    for bad in ["eth0=nope", "eth0=", "=198.51.100.1", "eth0=198.51.100.1=x", "eth0=0.0.0.0", "eth0=::",
+                "eth0=127.0.0.1", "eth0=::1", "eth0=224.0.0.1", "eth0=ff02::1"]:
         refused(parse_uplink, bad, culprit="invalid uplink")
 
 

@@ -85,6 +85,9 @@ def test_check_uplinks_at_start():
         check_uplinks(facts, instance(uplinks=("wg0",)))
     with pytest.raises(NswrapError, match="uplink lo has no global address"):
         check_uplinks(facts, instance(uplinks=("lo",)))
+    own = str(facts.global_addresses("eth1", 4)[0].ip)
+    with pytest.raises(NswrapError, match=f"uplink eth1={own}: {own} is an address of this host"):
+        check_uplinks(facts, instance(uplinks=(f"eth1={own}",)))
     bare = host(addresses=(Address("eth0", IF("fe80::10/64"), SCOPE_LINK),))
     with pytest.raises(NswrapError, match="no uplink found"):
         check_uplinks(bare, instance())
