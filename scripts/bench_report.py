@@ -427,6 +427,11 @@ def profile_lines(r: dict) -> list[str]:
     return lines
 
 
+PLURAL = {"query": "queries", "flow": "flows"}
+AGAINST = {"handwritten": "the same design by hand", "bestalt": "the best alternative",
+           "direct+conntrack": "the server bound directly on a host that tracks connections"}
+
+
 def cpu_profile_table(prof: dict, what: str = "query") -> list[str]:
     """CPU per answered query (or flow) by kernel function group (perf), side by side."""
     if not prof:
@@ -446,25 +451,48 @@ def cpu_profile_table(prof: dict, what: str = "query") -> list[str]:
         lines.append("| queries/s while profiled | " + " | ".join(f"{prof[v]['qps']:,.0f}" for v in variants) + " |")
     else:
         counts = " | ".join(f"{prof[v]['operations']:,.0f}" for v in variants)
-        lines.append(f"| {what}s answered while profiled | {counts} |")
-    if "nswrap" in prof and "handwritten" in prof:
-        a, b = prof["nswrap"]["cpu_us_per_query"], prof["handwritten"]["cpu_us_per_query"]
+        lines.append(f"| {PLURAL[what]} answered while profiled | {counts} |")
+    for base in ("handwritten", "bestalt", "direct+conntrack"):
+        if "nswrap" not in prof or base not in prof:
+            continue
+        a, b = prof["nswrap"]["cpu_us_per_query"], prof[base]["cpu_us_per_query"]
         diff = sorted(((a.get(g, 0.0) - b.get(g, 0.0), g) for g in groups), reverse=True)
-        total = prof["nswrap"]["cpu_us_per_query_total"] - prof["handwritten"]["cpu_us_per_query_total"]
+        total = prof["nswrap"]["cpu_us_per_query_total"] - prof[base]["cpu_us_per_query_total"]
         lines += [
             "",
-            f"nswrap against the same design by hand: {total:+.2f} µs per {what} in all, "
+            f"nswrap against {AGAINST[base]}: {total:+.2f} µs per {what} in all, "
             + ", ".join(f"{g} {d:+.2f}" for d, g in diff if abs(d) >= 0.05)
             + " (differences under ~0.3 µs are within this profile's noise).",
         ]
     if "nswrap" in prof:
         lines += [
             "",
-            f"Hottest kernel functions under nswrap (µs per {what}): "
+            f"Hottest functions under nswrap (µs per {what}; kernel and user space): "
             + ", ".join(f"`{x['symbol']}` {x['us_per_query']:.2f}" for x in prof["nswrap"]["top_symbols"][:10])
             + ".",
         ]
     return lines
+
+
+def floor_note(r: dict) -> list[str]:
+    """What of the distance to direct conntrack alone and the design itself account for."""
+    q = r["costs"]["ratio_to_direct"]
+    if not all(v in q for v in ("direct+conntrack", "handwritten", "nswrap")):
+        return []
+
+    def cells(v: str) -> str:
+        x = q[v]
+        return (f"round trip {x['p50']:.2f}×, transactions {x['transactions']:.2f}×, TCP {x['tcp']:.2f}×, "
+                f"UDP {x['udp']:.2f}×, new flows {x['flows']:.2f}×")
+
+    return [
+        "- **The design itself**: the aims for round trip, bulk throughput and new flows divide by a server that "
+        "crosses no namespace and whose host tracks no connection. Against direct, in this run: conntrack alone "
+        f"(*direct + stateful firewall*) {cells('direct+conntrack')}; the same design by hand (a second network "
+        f"stack, a veth, DNAT and the marks) {cells('handwritten')}; nswrap {cells('nswrap')}. What nswrap adds to "
+        "the design by hand is in the profiles below: on established packets nothing measurable, on the first "
+        "packet of a flow the checks the hand-written recipe leaves out (docs/design.md, \"The packet path\").",
+    ]
 
 
 def readiness_note(r: dict) -> str:
@@ -691,6 +719,7 @@ def benchmarks_md(r: dict, charts: str = "bench") -> str:
         "- **Flowtables**: this kernel has no `CONFIG_NF_FLOW_TABLE` (creating a flowtable fails), so there is no fast path "
         "to measure; none ships (docs/design.md), and these figures say nothing about what one would gain.",
         "- **Readiness**: " + readiness_note(r),
+        *floor_note(r),
         "",
         "### Where a DNS query's CPU goes",
         "",
