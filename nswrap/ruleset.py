@@ -53,10 +53,6 @@ TIMEOUTS = {
 }
 
 
-def _lines(*rules: str) -> list[str]:
-    return [rule for rule in rules if rule]
-
-
 def _objects() -> list[str]:
     out = []
     for version, l3 in ((4, "ip"), (6, "ip6")):
