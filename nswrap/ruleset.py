@@ -154,15 +154,18 @@ def _outbound() -> list[Chain]:
 def _guard(mask: int) -> list[Chain]:
     """forward: only published flows (and answers to the servers' own) cross a veth; our mark
     bits are cleared once routing is done; interfaces whose forwarding nswrap turned on forward
-    nothing else. A flow published through an uplink (its ct mark names the uplink) is let through
-    by the first rule, both ways: each of its packets costs one test here."""
+    nothing else. A packet of a published flow is judged by the interface it crosses, never by
+    its conntrack entry alone: conntrack matches a reply by addresses and ports, so a LAN peer
+    that forges a server's address would otherwise pass as its reply (docs/design.md)."""
     keep = 0xFFFFFFFF & ~mask
     clear = f"meta mark set meta mark & {keep:#010x}"
     return [
         *_chain("guard", "filter hook forward priority filter", [
-            f"ct mark & {mask:#010x} != 0 {clear} accept",
             'oifname "nsw-*" goto into_server',
             'iifname "nsw-*" goto from_server',
+            # a flow published through an uplink always crosses a veth: one that does not is a
+            # forgery of its reply (a LAN peer posing as the server), on any host, router or not
+            f"ct mark & {mask:#010x} != 0 drop",
             "iifname @guarded4 meta nfproto ipv4 drop",
             "iifname @guarded6 meta nfproto ipv6 drop",
         ]),

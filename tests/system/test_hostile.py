@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from tests.lab import diff_states, wait_until
-from tests.system.common import NSWRAP, nswrap, output, start
+from tests.system.common import NSWRAP, UDPECHO, nswrap, output, start
 from tests.system.udpmany import COMMAND as UDPMANY, unanswered
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
@@ -354,3 +354,66 @@ def test_a_foreign_table_of_our_name_is_replaced_with_a_warning(lab, tmp_path):
         assert unanswered(lab, (lab.paths[2],), [PORT]) == []
     finally:
         assert lab.stop(proc) == 128 + signal.SIGTERM
+
+
+# A client in c1 with one published UDP flow up (it got its echo), then waiting for anything else
+# on that socket: "UP", then "GOT <data>" or "NOTHING".
+VICTIM = """
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.bind(("", 40000)); s.connect((sys.argv[1], 5353)); s.settimeout(0.5)
+for _ in range(10):
+    s.send(b"ping")
+    try:
+        if s.recv(100) == b"ping": break
+    except socket.timeout:
+        pass
+else:
+    sys.exit("no echo")
+print("UP", flush=True)
+s.settimeout(3)
+try:
+    print("GOT", s.recv(100), flush=True)
+except socket.timeout:
+    print("NOTHING", flush=True)
+"""
+# c3, a LAN peer on eth2, poses as the server: its address, port 5353, to the victim's flow.
+FORGER = """
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 5353))
+for _ in range(5):
+    s.sendto(b"INJECT", (sys.argv[2], 40000))
+"""
+
+
+@pytest.mark.parametrize("router", [False, True], ids=["forwarding-off", "host-already-forwards"])
+def test_a_lan_peer_cannot_forge_the_servers_reply(lab, tmp_path, router):
+    """Conntrack takes any packet with a flow's reply addresses and ports as its reply, whatever
+    interface it arrives on: a peer that puts the server's address on its own interface must not
+    get a datagram through the host, reverse-NATed to look like the host's answer (IPv6: no
+    rp_filter), whether nswrap turned forwarding on (a guarded uplink) or the host forwards anyway."""
+    forwarding = "net.ipv6.conf.all.forwarding"
+    before = lab.exec(lab.host, ["sysctl", "-n", forwarding]).stdout.strip()
+    if router:
+        lab.exec(lab.host, ["sysctl", "-qw", f"{forwarding}=1"])
+    try:
+        proc = start(lab, tmp_path, "--ports", "5353", "--", *UDPECHO, "serve", "5353")
+        wait_until(lambda: "ready" in output(tmp_path), 20, what="server ready")
+        victim = lab.spawn(lab.ns("c1"), [sys.executable, "-c", VICTIM, "2001:db8:1::10"],
+                           stdout=subprocess.PIPE, text=True)
+        assert victim.stdout.readline().strip() == "UP"
+        flows = lab.exec(lab.host, ["conntrack", "-L", "-f", "ipv6", "-p", "udp", "--orig-port-dst", "5353"]).stdout
+        line = next(f for f in flows.splitlines() if "sport=40000" in f)
+        server = line.split("src=")[2].split()[0]  # the reply direction's source: the server
+        client = line.split("src=")[1].split()[0]
+        c3 = lab.ns("c3")
+        lab.exec(c3, ["ip", "-6", "addr", "add", f"{server}/128", "dev", "eth0", "nodad"])
+        try:
+            lab.exec(c3, [sys.executable, "-c", FORGER, server, client])
+        finally:
+            lab.exec(c3, ["ip", "-6", "addr", "del", f"{server}/128", "dev", "eth0"])
+        assert victim.communicate(timeout=15)[0].strip() == "NOTHING"
+        assert lab.stop(proc) == 128 + signal.SIGTERM
+    finally:
+        lab.exec(lab.host, ["sysctl", "-qw", f"{forwarding}={before}"])
