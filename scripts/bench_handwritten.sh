@@ -16,8 +16,10 @@
 # Left out, as a person writing it for this one server would: map counters, host-local and
 # loopback clients (output hook, route_localnet), the server's own outbound connections
 # (masquerade), the TFTP helper, conntrack timeout policies, the unreachable safety rule, other
-# instances, following the host's changes. Uplinks: every interface with a global IPv4 address,
-# gateways from the main table; one command per line, undone in reverse from an EXIT trap.
+# instances, following the host's changes, and the guard's interface tests (its `ct status dnat
+# accept` also passes a LAN peer's forged reply that poses as the server: docs/design.md).
+# Uplinks: every interface with a global IPv4 address, gateways from the main table; one command
+# per line, undone in reverse from an EXIT trap.
 # Only for the benchmark lab: it runs in a throwaway namespace, never on a real host.
 set -euo pipefail
 
