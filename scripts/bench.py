@@ -256,8 +256,7 @@ def bench_costs(b: Bench) -> dict:
             b.flush_conntrack()
             profile[variant] = perf_profile(b, lambda: new_flows(b, 7100, s.flows)["answered"], FLOW_COMMS)
             b.flush_conntrack()
-        say(f"flows profile {variant}: {profile[variant]['cpu_us_per_query_total']:.1f} us of CPU per flow: "
-            + ", ".join(f"{g} {v:.2f}" for g, v in list(profile[variant]["cpu_us_per_query"].items())[:5]))
+        say_profile("flows", variant, profile[variant], "flow")
     keys = ["p50_us", "p99_us", "transactions_per_s", "tcp_gbit_s", "udp_gbit_s", "flows_per_s", "flows_lost"]
     med = {v: {k: median(x[k] for x in runs[v]) for k in keys} for v in variants}
     d = med["direct"]
@@ -339,6 +338,11 @@ def perf_profile(b: Bench, work, comms: str = PROFILE_COMMS) -> dict:
                             for n, sym in sorted(top, reverse=True)[:15]] if operations else []}
 
 
+def say_profile(section: str, variant: str, profile: dict, unit: str) -> None:
+    say(f"{section} profile {variant}: {profile['cpu_us_per_query_total']:.1f} us of CPU per {unit}: "
+        + ", ".join(f"{g} {v:.2f}" for g, v in list(profile["cpu_us_per_query"].items())[:5]))
+
+
 def bench_dns(b: Bench) -> dict:
     s = b.s
     (b.tmp / "queries.txt").write_text("test.example A\n")
@@ -372,8 +376,7 @@ def bench_dns(b: Bench) -> dict:
         with b.serve(variant, Server("unbound", 53, str(b.tmp)), pin=SERVER_CPU) as running:
             b.dns_ready(running, "c2", C2_TARGET)
             profile[variant] = perf_profile(b, lambda: dnsperf(b, few, s.dnsperf_s)["qps"] * s.dnsperf_s)
-        say(f"dns profile {variant}: {profile[variant]['cpu_us_per_query_total']:.1f} us of CPU per query: "
-            + ", ".join(f"{g} {v:.2f}" for g, v in list(profile[variant]["cpu_us_per_query"].items())[:5]))
+        say_profile("dns", variant, profile[variant], "query")
     ratios = {"nswrap_to_handwritten": ratio("nswrap", "handwritten"), "nswrap_to_bestalt": ratio("nswrap", "bestalt"),
               "handwritten_to_bestalt": ratio("handwritten", "bestalt")}
     pairs = {f"{a}_to_{base}": {k: paired(runs[a], runs[base], lambda x, k=k: x[k]["qps"]) for k in ("few", "many")}

@@ -432,6 +432,13 @@ AGAINST = {"handwritten": "the same design by hand", "bestalt": "the best altern
            "direct+conntrack": "the server bound directly on a host that tracks connections"}
 
 
+def profile_diff(prof: dict, a: str, b: str) -> tuple[float, dict[str, float]]:
+    """CPU per operation of variant *a* minus *b*: in all, and by function group."""
+    x, y = prof[a]["cpu_us_per_query"], prof[b]["cpu_us_per_query"]
+    return (prof[a]["cpu_us_per_query_total"] - prof[b]["cpu_us_per_query_total"],
+            {g: x.get(g, 0.0) - y.get(g, 0.0) for g in dict.fromkeys([*x, *y, "nftables"])})
+
+
 def cpu_profile_table(prof: dict, what: str = "query") -> list[str]:
     """CPU per answered query (or flow) by kernel function group (perf), side by side."""
     if not prof:
@@ -455,9 +462,8 @@ def cpu_profile_table(prof: dict, what: str = "query") -> list[str]:
     for base in ("handwritten", "bestalt", "direct+conntrack"):
         if "nswrap" not in prof or base not in prof:
             continue
-        a, b = prof["nswrap"]["cpu_us_per_query"], prof[base]["cpu_us_per_query"]
-        diff = sorted(((a.get(g, 0.0) - b.get(g, 0.0), g) for g in groups), reverse=True)
-        total = prof["nswrap"]["cpu_us_per_query_total"] - prof[base]["cpu_us_per_query_total"]
+        total, by_group = profile_diff(prof, "nswrap", base)
+        diff = sorted(((d, g) for g, d in by_group.items()), reverse=True)
         lines += [
             "",
             f"nswrap against {AGAINST[base]}: {total:+.2f} µs per {what} in all, "
@@ -483,9 +489,7 @@ def floor_note(r: dict) -> list[str]:
     prof = r["dns"].get("profile") or {}
     nft_note = ""
     if "nswrap" in prof and "handwritten" in prof:
-        extra = prof["nswrap"]["cpu_us_per_query"].get("nftables", 0.0) - prof["handwritten"]["cpu_us_per_query"].get(
-            "nftables", 0.0)
-        nft_note = f" (nftables {extra:+.2f} µs per DNS query, two packets)"
+        nft_note = f" (nftables {profile_diff(prof, 'nswrap', 'handwritten')[1]['nftables']:+.2f} µs per DNS query, two packets)"
 
     def cells(v: str) -> str:
         x = q[v]
