@@ -18,7 +18,8 @@ import signal
 import pytest
 
 from tests.lab import TEST_ANSWER, Lab, diff_states, dig, dig_from, unbound_conf, wait_answered, wait_until
-from tests.system.common import UDPECHO, dual_stack_unbound, echo_answered, nswrap, output, start, wait_ready
+from tests.system.common import (UDPECHO, dual_stack_unbound, echo_answered, nswrap, output, processes_running, start,
+                                 wait_ready)
 
 DOCKER = """
 iptables -P FORWARD DROP
@@ -263,3 +264,57 @@ def test_a_server_behind_a_loopback_stub_resolver_still_resolves(lab, tmp_path, 
     seen = output(tmp_path).splitlines()
     assert seen == ["nameserver 127.0.0.53", TEST_ANSWER, "ready"], seen
     assert lab.stop(proc) == 128 + signal.SIGTERM
+
+
+# Observers of the mark: where the server's namespace receives a query, and where the host hands
+# an answer to its uplink (after nswrap's chains and NAT). Counters only; they accept everything.
+MARK_OBSERVER = """table inet observer {{
+    chain {chain} {{
+        type filter hook {hook} priority 300; policy accept;
+        {match} meta mark & 0xf0000000 != 0 counter comment "our bits"
+        {match} counter comment "all"
+    }}
+}}
+"""
+
+
+def observed(lab: Lab, prefix: list[str]) -> dict[str, int]:
+    """{comment: packets} of the observer table, read with `nft -j` in a namespace."""
+    listing = json.loads(lab.exec(lab.host, [*prefix, "nft", "-j", "list", "table", "inet", "observer"]).stdout)
+    counts = {}
+    for item in listing["nftables"]:
+        rule = item.get("rule")
+        if rule:
+            (counter,) = [e["counter"] for e in rule["expr"] if "counter" in e]
+            counts[rule["comment"]] = counter["packets"]
+    return counts
+
+
+def test_our_mark_bits_stay_in_the_host(lab, tmp_path):
+    """nswrap marks every packet of a published flow with its uplink's bits. An answer leaves
+    through its uplink with them cleared (a `tc fw` filter or a rule of another tool after nswrap
+    never sees them); a query enters the server's namespace with none either: the kernel zeroes
+    the mark of a packet that changes namespace, which is why nswrap does not clear it there
+    (docs/design.md, step 4). Both families, every path."""
+    inside = MARK_OBSERVER.format(chain="pre", hook="prerouting", match="meta l4proto udp th dport 53")
+    conf = pathlib.Path(dual_stack_unbound(tmp_path, 53)[-1])
+    (tmp_path / "observer.nft").write_text(inside)
+    server = ["sh", "-ec", f"nft -f {tmp_path / 'observer.nft'}; exec unbound -d -c {conf}"]
+    sh(lab, "nft -f - <<'EOF'\n" + MARK_OBSERVER.format(
+        chain="post", hook="postrouting", match='meta l4proto udp th sport 53 oifname != "nsw-*"') + "EOF")
+    sh(lab, "nft add rule inet observer post 'meta l4proto udp th dport 53 oifname \"nsw-*\""
+            " meta mark & 0xf0000000 != 0 counter comment \"query, our bits\"'")
+    try:
+        proc = start(lab, tmp_path, "--ports", "53", "--", *server)
+        paths = (*lab.paths, *lab.paths6)
+        for path in paths:
+            assert wait_answered(lab, path) == TEST_ANSWER, path.name
+        (pid,) = [p.pid for p in processes_running(str(conf), "unbound")]
+        in_server = observed(lab, ["nsenter", f"--net=/proc/{pid}/ns/net"])
+        in_host = observed(lab, [])
+        assert lab.stop(proc) == 0
+    finally:
+        sh(lab, "nft delete table inet observer 2>/dev/null || true")
+    assert in_host["query, our bits"] >= len(paths), in_host  # the queries did carry them in the host
+    assert in_server["all"] >= len(paths) and in_server["our bits"] == 0, in_server
+    assert in_host["all"] >= len(paths) and in_host["our bits"] == 0, in_host
