@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from nswrap import netlink
 from nswrap.changes import Change
+from nswrap.datatypes import datatype, factory
 from nswrap.errors import NswrapError
 
 log = logging.getLogger("nswrap")
@@ -45,7 +45,7 @@ class Kernel:
         self.close()
 
 
-@dataclass
+@datatype(frozen=False)
 class Done:
     """An undo entry: the change applied and how it reads when undone."""
 
@@ -53,12 +53,12 @@ class Done:
     line: str
 
 
-@dataclass
+@datatype(frozen=False)
 class Transaction:
     kernel: Kernel
     checkpoint: Callable[[], None] = lambda: None  # raises to interrupt between changes
     say: Callable[[str], None] = lambda line: log.info("%s", line)
-    done: list[Done] = field(default_factory=list)
+    done: list[Done] = factory(list)
 
     def run(self, change: Change) -> None:
         self.checkpoint()

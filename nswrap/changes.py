@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import errno
 import shlex
-from dataclasses import dataclass
 
 from nswrap import iptables, nft
 from nswrap.datapath import Instance, Room
+from nswrap.datatypes import datatype
 from nswrap.errors import NswrapError
 from nswrap.facts import PROC_SYS, read_sysctl
 from nswrap.objects import Route, Rule
@@ -37,7 +37,7 @@ class Change:
         raise NotImplementedError
 
 
-@dataclass(frozen=True)
+@datatype
 class AddRule(Change):
     rule: Rule
 
@@ -54,7 +54,7 @@ class AddRule(Change):
         return self.rule.render("del")
 
 
-@dataclass(frozen=True)
+@datatype
 class DeleteRule(Change):
     rule: Rule
 
@@ -71,7 +71,7 @@ class DeleteRule(Change):
         return self.rule.render("add")
 
 
-@dataclass(frozen=True)
+@datatype
 class AddRoute(Change):
     route: Route
 
@@ -92,7 +92,7 @@ class AddRoute(Change):
         return self.route.render("del")
 
 
-@dataclass(frozen=True)
+@datatype
 class DeleteRoute(Change):
     route: Route
 
@@ -148,7 +148,7 @@ def read_only_message(keys: list[str]) -> str:
     return f"cannot write {sysctl_name(keys[0])}: /proc/sys is read-only here (a container?); start it with {wanted}"
 
 
-@dataclass(frozen=True)
+@datatype
 class SetSysctl(Change):
     """Set a sysctl; undo puts back `before`, but only if nobody changed it since."""
 
@@ -173,7 +173,7 @@ class SetSysctl(Change):
         return f"sysctl -w {sysctl_name(self.key)}={self.before}"
 
 
-@dataclass(frozen=True)
+@datatype
 class NftBatch(Change):
     """One nft transaction; `undo_text` (may be empty) reverses it."""
 
@@ -200,7 +200,7 @@ class NftBatch(Change):
         return f"nft -f - <<'EOF'\n{self.undo_text}EOF" if self.undo_text else "# (nothing to undo)"
 
 
-@dataclass(frozen=True)
+@datatype
 class InsertRoom(Change):
     room: Room
 
@@ -217,7 +217,7 @@ class InsertRoom(Change):
         return f"{self.room.binary} -D {self.room.chain} {shlex.join(self.room.rule)}"
 
 
-@dataclass(frozen=True)
+@datatype
 class DeleteRoom(Change):
     room: Room
 
@@ -234,7 +234,7 @@ class DeleteRoom(Change):
         return InsertRoom(self.room).render()
 
 
-@dataclass(frozen=True)
+@datatype
 class FlushMark(Change):
     """Forget the flows of an uplink nswrap no longer serves: their routing table is gone."""
 
@@ -257,7 +257,7 @@ class FlushMark(Change):
 SERVER_IF = "eth0"  # the server's end of the veth, inside its namespace
 
 
-@dataclass(frozen=True)
+@datatype
 class ServerNetwork(Change):
     """An instance's own network: the veth pair, its addresses and permanent neighbours (no ARP,
     no duplicate address detection: it forwards the moment it exists), the server's default
@@ -395,7 +395,7 @@ def _server_sysctl(key: str, value: str) -> None:
     write_sysctl(key, value)
 
 
-@dataclass(frozen=True)
+@datatype
 class DeleteLink(Change):
     """An instance's veth once its server is gone (a dead one's: its record names it); there is
     nothing to put back."""
@@ -418,7 +418,7 @@ class DeleteLink(Change):
         return "# (a veth whose server is gone: nothing to put back)"
 
 
-@dataclass(frozen=True)
+@datatype
 class DeleteIptables(Change):
     """An iptables rule an older nswrap left (tagged with its instance id)."""
 

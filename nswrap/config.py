@@ -9,8 +9,8 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from dataclasses import dataclass
 
+from nswrap.datatypes import datatype
 from nswrap.errors import UsageError
 from nswrap.objects import IPAddress
 
@@ -22,7 +22,7 @@ MAX_STOP_TIMEOUT = 86400.0
 MAX_ID = 0xFFFFFFFE  # uid/gid: (uid_t)-1 means "unchanged" to the kernel
 
 
-@dataclass(frozen=True, order=True)
+@datatype(order=True)
 class PortRange:
     """Published ports `outer_lo..outer_hi` of `proto`, delivered to `inner_lo..` in the server."""
 
@@ -101,7 +101,7 @@ def parse_ports(specs: tuple[str, ...] | list[str]) -> tuple[PortRange, ...]:
     return tuple(ranges)
 
 
-@dataclass(frozen=True)
+@datatype
 class UplinkSpec:
     ifname: str
     gateway: IPAddress | None = None
@@ -214,7 +214,7 @@ def check_stop_timeout(value: float) -> float:
     return value
 
 
-@dataclass(frozen=True)
+@datatype
 class Config:
     command: tuple[str, ...]
     ports: tuple[PortRange, ...]

@@ -21,9 +21,9 @@ cost does not grow with the number of instances.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field, replace
 
 from nswrap.config import PortRange, UplinkSpec, valid_ifname
+from nswrap.datatypes import datatype, factory, replace
 from nswrap.errors import NswrapError
 from nswrap.facts import HOST_PREFIX, Facts, sysctl_key
 from nswrap.objects import (
@@ -49,7 +49,7 @@ LOOPBACK4 = ipaddress.IPv4Address("127.0.0.1")
 # --- inputs ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@datatype
 class Instance:
     """A live instance, as its record says (state.py validates records before they get here)."""
 
@@ -84,7 +84,7 @@ class Instance:
         return (4, 6) if self.subnet6 is not None else (4,)
 
 
-@dataclass(frozen=True)
+@datatype
 class Uplink:
     """An uplink of the shared datapath: its mark index (mark = index << the mask's shift) and table."""
 
@@ -93,7 +93,7 @@ class Uplink:
     table: int
 
 
-@dataclass(frozen=True)
+@datatype
 class SysctlChange:
     key: str
     original: str  # what the host had before nswrap changed it: what is restored
@@ -119,7 +119,7 @@ class SysctlChange:
         return replace(self, key="/".join(parts))
 
 
-@dataclass(frozen=True)
+@datatype
 class Room:
     """An iptables ACCEPT nswrap inserted where another firewall would drop its flows."""
 
@@ -128,7 +128,7 @@ class Room:
     rule: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@datatype
 class Allocation:
     """What the shared part uses; kept in the state directory (state.py) while an instance lives."""
 
@@ -163,7 +163,7 @@ def mark_capacity(mask: int) -> int:
 # --- outputs ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, order=True)
+@datatype(order=True)
 class Element:
     """One element of an nftables set or map, as the words nft reads (`key` . joined)."""
 
@@ -172,7 +172,7 @@ class Element:
     comment: str = ""
 
 
-@dataclass(frozen=True)
+@datatype
 class Datapath:
     allocation: Allocation
     rules: frozenset[Rule]
@@ -186,12 +186,12 @@ class Datapath:
         return {u.ifname: self.allocation.mark(u.index) for u in self.allocation.uplinks}
 
 
-@dataclass
+@datatype(frozen=False)
 class _Builder:
     facts: Facts
     allocation: Allocation
     instances: tuple[Instance, ...]
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = factory(list)
 
 
 # --- uplinks ---------------------------------------------------------------------------------

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from nswrap.datatypes import datatype, factory
 from nswrap.objects import FAMILIES, RT_TABLE_MAIN, SCOPE_UNIVERSE, Address, IPAddress, IPInterface, Link, Route, Rule
 
 if TYPE_CHECKING:
@@ -21,13 +21,13 @@ HOST_PREFIX = "nsw-"  # host end of an instance's veth: nsw-<id>
 PROC_SYS = "/proc/sys"
 
 
-@dataclass(frozen=True)
+@datatype
 class Facts:
     links: tuple[Link, ...] = ()
     addresses: tuple[Address, ...] = ()
     routes: tuple[Route, ...] = ()
     rules: tuple[Rule, ...] = ()
-    sysctls: dict[str, str] = field(default_factory=dict)  # key under /proc/sys -> value, for the keys that matter
+    sysctls: dict[str, str] = factory(dict)  # key under /proc/sys -> value, for the keys that matter
     ipv6_per_interface: bool = True  # Linux >= 6.17: per-interface IPv6 forwarding (force_forwarding)
     loopback_listeners: frozenset[tuple[str, int]] = frozenset()  # (proto, port) a host process serves on 127.0.0.1
     resolver_stub: IPAddress | None = None  # the host's only resolver, on its loopback (127.0.0.53, 127.0.0.11)

@@ -18,8 +18,8 @@ import socket
 import struct
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
+from nswrap.datatypes import datatype
 from nswrap.objects import (
     FAMILIES,
     FR_ACT_TO_TBL,
@@ -168,7 +168,7 @@ def _ip(payload: bytes | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address 
 # --- the socket ------------------------------------------------------------------------------
 
 
-@dataclass
+@datatype(frozen=False)
 class Message:
     kind: int
     flags: int
@@ -323,7 +323,7 @@ _RULE = struct.Struct("=BBBBBBBBI")
 _NDMSG = struct.Struct("=BxxxiHBB")
 
 
-@dataclass(frozen=True)
+@datatype
 class LinkInfo:
     """A link as read, with its IPv4 per-interface settings (name -> value)."""
 
@@ -599,7 +599,7 @@ def _tuple(version: int, src=None, dst=None, proto: int | None = None, dport: in
     return nested(CTA_TUPLE_IP, ip) + (nested(CTA_TUPLE_PROTO, l4) if l4 else b"")
 
 
-@dataclass(frozen=True)
+@datatype
 class Flow:
     orig: bytes  # the CTA_TUPLE_ORIG attribute as the kernel sent it: enough to delete the entry
     mark: int
@@ -716,7 +716,7 @@ RTMGRP = (0x1  # links
           | 1 << (24 - 1) | 1 << (25 - 1))  # IPv4 / IPv6 netconf (forwarding)
 
 
-@dataclass(frozen=True)
+@datatype
 class Event:
     """What changed, as much as is needed to tell nswrap's own objects from the host's."""
 

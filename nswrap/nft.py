@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import subprocess
-from dataclasses import dataclass, field
 
 from nswrap.datapath import Element
+from nswrap.datatypes import datatype, factory
 from nswrap.errors import NswrapError
 from nswrap.ruleset import TABLE, VERSION_SET
 
@@ -49,13 +49,13 @@ def check(text: str) -> None:
         raise NswrapError(_first_error(done.stderr))
 
 
-@dataclass
+@datatype(frozen=False)
 class Table:
     """nswrap's table as the kernel has it."""
 
-    elements: dict[str, frozenset[Element]] = field(default_factory=dict)
-    counters: dict[tuple[str, Element], tuple[int, int]] = field(default_factory=dict)  # packets, bytes
-    rules: dict[str, int] = field(default_factory=dict)  # chain -> number of rules
+    elements: dict[str, frozenset[Element]] = factory(dict)
+    counters: dict[tuple[str, Element], tuple[int, int]] = factory(dict)  # packets, bytes
+    rules: dict[str, int] = factory(dict)  # chain -> number of rules
     version: str = ""
 
 

@@ -25,10 +25,10 @@ import os
 import re
 import stat
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 from nswrap.config import HELPERS, PortRange, parse_port_item, parse_uplink, valid_ifname
 from nswrap.datapath import POOL6, Allocation, Instance, Room, SysctlChange, Uplink, mark_capacity
+from nswrap.datatypes import datatype, factory
 from nswrap.errors import NswrapError, UsageError
 
 log = logging.getLogger("nswrap")
@@ -307,7 +307,7 @@ def remove_dir(name: str, root: str = RUN_DIR) -> None:
 # --- records ---------------------------------------------------------------------------------
 
 
-@dataclass
+@datatype(frozen=False)
 class Record:
     """What an instance publishes and where its server lives; the input of the datapath."""
 
@@ -461,10 +461,10 @@ def parse_allocation(raw: bytes) -> Allocation:
 # --- this namespace's state, as one object ----------------------------------------------------
 
 
-@dataclass
+@datatype(frozen=False)
 class State:
     dir: StateDir
-    problems: list[str] = field(default_factory=list)  # invalid files found (reported, skipped)
+    problems: list[str] = factory(list)  # invalid files found (reported, skipped)
 
     def records(self) -> list[Record]:
         """Valid records of this namespace, live or dead."""

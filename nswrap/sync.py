@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from typing import Any
 
 from nswrap import nft, ruleset
@@ -43,6 +42,7 @@ from nswrap.datapath import (
     guarded,
     router,
 )
+from nswrap.datatypes import datatype, replace
 from nswrap.errors import NswrapError
 from nswrap.facts import Facts
 from nswrap.firewall import FirewallFacts, blockers, how_to_fix, mark_users, rooms
@@ -51,7 +51,7 @@ from nswrap.objects import PROTO, Route, Rule
 log = logging.getLogger("nswrap")
 
 
-@dataclass(frozen=True)
+@datatype
 class Plan:
     changes: list[Change]
     datapath: Datapath

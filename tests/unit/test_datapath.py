@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import replace
 
 import pytest
 
@@ -29,6 +28,7 @@ from nswrap.datapath import (
     mark_capacity,
     ula_subnet,
 )
+from nswrap.datatypes import replace
 from nswrap.errors import NswrapError
 from nswrap.objects import FR_ACT_UNREACHABLE, PROTO, RT_TABLE_MAIN, SCOPE_LINK, Address, Link, Route, Rule
 from tests.unit.hosts import IF, MASK, STATIC, A, N, fresh, host, instance, with_sysctls

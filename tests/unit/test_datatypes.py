@@ -1,0 +1,92 @@
+"""nswrap.datatypes: what @dataclass(frozen=True) gives, which the rest of nswrap relies on."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from nswrap.datatypes import FrozenError, datatype, factory, fields, replace
+
+
+@datatype(order=True)
+class Point:
+    x: int
+    y: int = 0
+    tags: tuple[str, ...] = ()
+
+
+@datatype
+class Other:
+    x: int
+    y: int = 0
+    tags: tuple[str, ...] = ()
+
+
+@datatype(frozen=False)
+class Bag:
+    name: str
+    items: list[str] = factory(list)
+
+
+@datatype
+class Checked:
+    n: int
+
+    def __post_init__(self) -> None:
+        if self.n < 0:
+            raise ValueError("negative")
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Reference:
+    x: int
+    y: int = 0
+    tags: tuple[str, ...] = ()
+
+
+def test_construction_equality_and_hash_as_dataclasses():
+    assert Point(1) == Point(1, 0, ()) == Point(x=1, tags=())
+    assert Point(1, 2) != Point(2, 1)
+    assert len({Point(1), Point(1), Point(2)}) == 2
+    assert Point(1) != Other(1) and Point(1) != (1, 0, ())  # the exact class, not the field values
+    assert repr(Point(1, 2, ("a",))) == repr(Reference(1, 2, ("a",))).replace("Reference", "Point")
+    assert fields(Point(1)) == ("x", "y", "tags")
+    with pytest.raises(TypeError):
+        Point()  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        Point(1, z=3)  # type: ignore[call-arg]
+
+
+def test_order_as_dataclasses():
+    values = [(2, 1), (1, 5), (1, 2), (3, 0)]
+    assert [(p.x, p.y) for p in sorted(Point(*v) for v in values)] == \
+        [(r.x, r.y) for r in sorted(Reference(*v) for v in values)]
+    assert Point(1) <= Point(1) < Point(1, 1) and Point(2) > Point(1, 9) >= Point(1, 9)
+    with pytest.raises(TypeError):
+        _ = Point(1) < Other(2)
+
+
+def test_frozen_unless_asked():
+    p = Point(1)
+    with pytest.raises(FrozenError):
+        p.x = 2  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        del p.x
+    bag = Bag("b")
+    bag.items.append("one")
+    bag.name = "c"
+    assert Bag("b").items == [] and bag == Bag("c", ["one"])  # a fresh list each
+    with pytest.raises(TypeError):
+        hash(bag)
+
+
+def test_post_init_and_replace():
+    assert Checked(1).n == 1
+    with pytest.raises(ValueError):
+        Checked(-1)
+    assert replace(Point(1, 2), y=3) == Point(1, 3)
+    with pytest.raises(ValueError):
+        replace(Checked(1), n=-1)
+    with pytest.raises(TypeError):
+        replace(Point(1), z=1)
