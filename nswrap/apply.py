@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from nswrap import netlink
 from nswrap.changes import Change
-from nswrap.datatypes import datatype, factory
+from nswrap.datatypes import datatype, field
 from nswrap.errors import NswrapError
 
 log = logging.getLogger("nswrap")
@@ -58,7 +58,7 @@ class Transaction:
     kernel: Kernel
     checkpoint: Callable[[], None] = lambda: None  # raises to interrupt between changes
     say: Callable[[str], None] = lambda line: log.info("%s", line)
-    done: list[Done] = factory(list)
+    done: list[Done] = field(default_factory=list)
 
     def run(self, change: Change) -> None:
         self.checkpoint()

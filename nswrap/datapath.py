@@ -23,7 +23,7 @@ from __future__ import annotations
 import ipaddress
 
 from nswrap.config import PortRange, UplinkSpec, valid_ifname
-from nswrap.datatypes import datatype, factory, replace
+from nswrap.datatypes import datatype, field, replace
 from nswrap.errors import NswrapError
 from nswrap.facts import HOST_PREFIX, Facts, sysctl_key
 from nswrap.objects import (
@@ -191,7 +191,7 @@ class _Builder:
     facts: Facts
     allocation: Allocation
     instances: tuple[Instance, ...]
-    warnings: list[str] = factory(list)
+    warnings: list[str] = field(default_factory=list)
 
 
 # --- uplinks ---------------------------------------------------------------------------------

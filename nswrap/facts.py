@@ -11,7 +11,7 @@ import os
 import socket
 from typing import TYPE_CHECKING
 
-from nswrap.datatypes import datatype, factory
+from nswrap.datatypes import datatype, field
 from nswrap.objects import FAMILIES, RT_TABLE_MAIN, SCOPE_UNIVERSE, Address, IPAddress, IPInterface, Link, Route, Rule
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ class Facts:
     addresses: tuple[Address, ...] = ()
     routes: tuple[Route, ...] = ()
     rules: tuple[Rule, ...] = ()
-    sysctls: dict[str, str] = factory(dict)  # key under /proc/sys -> value, for the keys that matter
+    sysctls: dict[str, str] = field(default_factory=dict)  # key under /proc/sys -> value, for the keys that matter
     ipv6_per_interface: bool = True  # Linux >= 6.17: per-interface IPv6 forwarding (force_forwarding)
     loopback_listeners: frozenset[tuple[str, int]] = frozenset()  # (proto, port) a host process serves on 127.0.0.1
     resolver_stub: IPAddress | None = None  # the host's only resolver, on its loopback (127.0.0.53, 127.0.0.11)

@@ -11,7 +11,7 @@ import json
 import subprocess
 
 from nswrap.datapath import Element
-from nswrap.datatypes import datatype, factory
+from nswrap.datatypes import datatype, field
 from nswrap.errors import NswrapError
 from nswrap.ruleset import TABLE, VERSION_SET
 
@@ -53,9 +53,9 @@ def check(text: str) -> None:
 class Table:
     """nswrap's table as the kernel has it."""
 
-    elements: dict[str, frozenset[Element]] = factory(dict)
-    counters: dict[tuple[str, Element], tuple[int, int]] = factory(dict)  # packets, bytes
-    rules: dict[str, int] = factory(dict)  # chain -> number of rules
+    elements: dict[str, frozenset[Element]] = field(default_factory=dict)
+    counters: dict[tuple[str, Element], tuple[int, int]] = field(default_factory=dict)  # packets, bytes
+    rules: dict[str, int] = field(default_factory=dict)  # chain -> number of rules
     version: str = ""
 
 

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 
 from nswrap.config import HELPERS, PortRange, parse_port_item, parse_uplink, valid_ifname
 from nswrap.datapath import POOL6, Allocation, Instance, Room, SysctlChange, Uplink, mark_capacity
-from nswrap.datatypes import datatype, factory
+from nswrap.datatypes import datatype, field
 from nswrap.errors import NswrapError, UsageError
 
 log = logging.getLogger("nswrap")
@@ -464,7 +464,7 @@ def parse_allocation(raw: bytes) -> Allocation:
 @datatype(frozen=False)
 class State:
     dir: StateDir
-    problems: list[str] = factory(list)  # invalid files found (reported, skipped)
+    problems: list[str] = field(default_factory=list)  # invalid files found (reported, skipped)
 
     def records(self) -> list[Record]:
         """Valid records of this namespace, live or dead."""

@@ -18,8 +18,7 @@ import signal
 import pytest
 
 from tests.lab import TEST_ANSWER, Lab, diff_states, dig, dig_from, unbound_conf, wait_answered, wait_until
-from tests.system.common import (UDPECHO, dual_stack_unbound, echo_answered, nswrap, output, processes_running, start,
-                                 wait_ready)
+from tests.system.common import UDPECHO, dual_stack_unbound, echo_answered, nswrap, output, processes_running, start, wait_ready
 
 DOCKER = """
 iptables -P FORWARD DROP

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from nswrap.datatypes import FrozenError, datatype, factory, fields, replace
+from nswrap.datatypes import FrozenError, datatype, field, fields, replace
 
 
 @datatype(order=True)
@@ -26,7 +26,7 @@ class Other:
 @datatype(frozen=False)
 class Bag:
     name: str
-    items: list[str] = factory(list)
+    items: list[str] = field(default_factory=list)
 
 
 @datatype
