@@ -153,12 +153,12 @@ def _outbound() -> list[Chain]:
 
 def _guard(mask: int) -> list[Chain]:
     """forward: only published flows (and answers to the servers' own) cross a veth; our mark
-    bits are cleared once routing is done on what leaves a veth (what enters one has them cleared
-    by the kernel as it crosses into the server's namespace); interfaces whose forwarding nswrap
-    turned on forward nothing else. A packet of a published flow is judged by the interface it
-    crosses, never by its conntrack entry alone: conntrack matches a reply by addresses and ports,
-    so a LAN peer that forges a server's address would otherwise pass as its reply
-    (docs/design.md)."""
+    bits are cleared once routing is done, both ways (the kernel would zero them as a packet
+    enters the server's namespace, but a later chain, postrouting or `tc` on the veth of the
+    host would see them: docs/design.md); interfaces whose forwarding nswrap turned on forward
+    nothing else. A packet of a published flow is judged by the interface it crosses, never by
+    its conntrack entry alone: conntrack matches a reply by addresses and ports, so a LAN peer
+    that forges a server's address would otherwise pass as its reply (docs/design.md)."""
     keep = 0xFFFFFFFF & ~mask
     clear = f"meta mark set meta mark & {keep:#010x}"
     return [
@@ -172,7 +172,8 @@ def _guard(mask: int) -> list[Chain]:
             "iifname @guarded6 meta nfproto ipv6 drop",
         ]),
         *_chain("into_server", None, [
-            "ct status dnat accept",  # a published flow, either way (a server that asks another's port)
+            clear,
+            "ct status dnat accept",  # a published flow (its other direction leaves the server)
             "ct direction reply accept",
             "ct state related accept",
             "drop",

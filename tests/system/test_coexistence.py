@@ -265,16 +265,18 @@ def test_a_server_behind_a_loopback_stub_resolver_still_resolves(lab, tmp_path, 
     assert lab.stop(proc) == 128 + signal.SIGTERM
 
 
-# Observers of the mark: where the server's namespace receives a query, and where the host hands
-# an answer to its uplink (after nswrap's chains and NAT). Counters only; they accept everything.
-MARK_OBSERVER = """table inet observer {{
-    chain {chain} {{
+# Observers of the mark, in the host and in the server's namespace: counters only, each chain
+# runs after every other of its hook (priority 300) and accepts everything.
+def mark_observer(**chains: tuple[str, str]) -> str:
+    """{label: (hook, match)} -> an nft table counting, per label, the matching packets and those
+    of them that carry bits of nswrap's default mask."""
+    body = "".join(f"""    chain {label} {{
         type filter hook {hook} priority 300; policy accept;
-        {match} meta mark & 0xf0000000 != 0 counter comment "our bits"
-        {match} counter comment "all"
+        {match} meta mark & 0xf0000000 != 0 counter comment "{label}, our bits"
+        {match} counter comment "{label}"
     }}
-}}
-"""
+""" for label, (hook, match) in chains.items())
+    return f"table inet observer {{\n{body}}}\n"
 
 
 def observed(lab: Lab, prefix: list[str]) -> dict[str, int]:
@@ -290,19 +292,18 @@ def observed(lab: Lab, prefix: list[str]) -> dict[str, int]:
 
 
 def test_our_mark_bits_stay_in_the_host(lab, tmp_path):
-    """nswrap marks every packet of a published flow with its uplink's bits. An answer leaves
-    through its uplink with them cleared (a `tc fw` filter or a rule of another tool after nswrap
-    never sees them); a query enters the server's namespace with none either: the kernel zeroes
-    the mark of a packet that changes namespace, which is why nswrap does not clear it there
+    """nswrap marks every packet of a published flow with its uplink's bits, for routing. Once
+    routed, both ways, the bits are cleared: no rule, `tc fw` filter or reflected ICMP error
+    after nswrap's sees them, on an uplink or on a veth, and the server's namespace gets none
     (docs/design.md, step 4). Both families, every path."""
-    inside = MARK_OBSERVER.format(chain="pre", hook="prerouting", match="meta l4proto udp th dport 53")
+    dns = "meta l4proto udp th dport 53"
     conf = pathlib.Path(dual_stack_unbound(tmp_path, 53)[-1])
-    (tmp_path / "observer.nft").write_text(inside)
+    (tmp_path / "observer.nft").write_text(mark_observer(server=("prerouting", dns)))
     server = ["sh", "-ec", f"nft -f {tmp_path / 'observer.nft'}; exec unbound -d -c {conf}"]
-    sh(lab, "nft -f - <<'EOF'\n" + MARK_OBSERVER.format(
-        chain="post", hook="postrouting", match='meta l4proto udp th sport 53 oifname != "nsw-*"') + "EOF")
-    sh(lab, "nft add rule inet observer post 'meta l4proto udp th dport 53 oifname \"nsw-*\""
-            " meta mark & 0xf0000000 != 0 counter comment \"query, our bits\"'")
+    host = mark_observer(queries=("prerouting", f'iifname != "nsw-*" {dns}'),  # marked here, for routing
+                         into_veth=("postrouting", f'oifname "nsw-*" {dns}'),
+                         answers=("postrouting", 'oifname != "nsw-*" meta l4proto udp th sport 53'))
+    sh(lab, f"nft -f - <<'EOF'\n{host}EOF")
     try:
         proc = start(lab, tmp_path, "--ports", "53", "--", *server)
         paths = (*lab.paths, *lab.paths6)
@@ -314,6 +315,7 @@ def test_our_mark_bits_stay_in_the_host(lab, tmp_path):
         assert lab.stop(proc) == 0
     finally:
         sh(lab, "nft delete table inet observer 2>/dev/null || true")
-    assert in_host["query, our bits"] >= len(paths), in_host  # the queries did carry them in the host
-    assert in_server["all"] >= len(paths) and in_server["our bits"] == 0, in_server
-    assert in_host["all"] >= len(paths) and in_host["our bits"] == 0, in_host
+    assert in_host["queries, our bits"] >= len(paths), in_host  # nswrap did mark them
+    for label in ("into_veth", "answers"):
+        assert in_host[label] >= len(paths) and in_host[f"{label}, our bits"] == 0, in_host
+    assert in_server["server"] >= len(paths) and in_server["server, our bits"] == 0, in_server
