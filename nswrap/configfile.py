@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import stat
-import tomllib
 from typing import Any
 
 from nswrap.errors import UsageError
@@ -34,6 +33,8 @@ def _load(path: str) -> dict[str, Any]:
         os.close(fd)
     if len(data) > MAX_SIZE:
         raise UsageError(f"config file {path}: larger than {MAX_SIZE // 1024} KiB")
+    import tomllib  # here: only a start with --config pays for it (docs/design.md, "Why our own netlink")
+
     try:
         return tomllib.loads(data.decode("utf-8-sig"))  # a byte order mark (Windows editors) is fine
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
