@@ -117,7 +117,7 @@ QUICK = Settings(rounds=1, dns_rounds=1, pingpong_s=1, iperf_s=1, flows=3_000, d
                  scale_reps=1, scale_counts=(0, 2), old_scale_counts=(0, 2), scale_rounds=1, cpu_window_s=1,
                  port_list=100, unrelated_flows=20_000, flood_flows=20_000, flood_deadline_s=3, flood_before_s=1,
                  flood_after_s=3, legit_interval_s=0.02)
-FULL = Settings(rounds=5, dns_rounds=8, pingpong_s=3, iperf_s=3, flows=50_000, dnsperf_s=5, dns_clients=(4, 256), reps=7,
+FULL = Settings(rounds=5, dns_rounds=8, pingpong_s=3, iperf_s=3, flows=50_000, dnsperf_s=8, dns_clients=(4, 256), reps=7,
                 scale_reps=5, scale_counts=(0, 10, 12, 50), old_scale_counts=(0, 12), scale_rounds=5, cpu_window_s=10,
                 port_list=100, unrelated_flows=200_000, flood_flows=300_000, flood_deadline_s=20,
                 flood_before_s=5, flood_after_s=30, legit_interval_s=0.02)
@@ -138,6 +138,14 @@ def paired(runs: list[dict], base: list[dict], key) -> float:
 def rotate(items: list, r: int) -> list:
     k = r % len(items)
     return items[k:] + items[:k]
+
+
+def adjacent_pair(pair: tuple[str, str], others: list[str], r: int) -> list[str]:
+    """Round *r*'s order: *others* and the *pair* rotated as one unit, the pair's own order
+    alternating, so that the two variants whose ratio a target is judged on always run one right
+    after the other (the machine drifts less in seconds than in minutes)."""
+    first, second = pair if r % 2 == 0 else pair[::-1]
+    return [v for unit in rotate([[first, second], *([o] for o in others)], r) for v in unit]
 
 
 @dataclasses.dataclass
@@ -350,7 +358,7 @@ def bench_dns(b: Bench) -> dict:
     few, many = s.dns_clients
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for r in range(s.dns_rounds):
-        for variant in rotate(variants, r):
+        for variant in adjacent_pair(("nswrap", "handwritten"), ["bestalt", *b.variants_old], r):
             with b.serve(variant, Server("unbound", 53, str(b.tmp)), pin=SERVER_CPU) as running:
                 b.dns_ready(running, "c2", C2_TARGET)
                 x = {"memory": running.memory() if variant in ("nswrap", "old", "handwritten") else None}

@@ -764,8 +764,9 @@ def benchmarks_md(r: dict, charts: str = "bench") -> str:
         "with its wrapper to CPU 1.",
         f"- **Rounds**: {s['rounds']} rounds ({s.get('dns_rounds', s['rounds'])} for DNS, whose rates swing most); each "
         "round runs every variant once, in a rotated order, each started alone and stopped before the next (so none "
-        "sees another's rules). Figures are medians over rounds; *paired* ratios are medians of the ratios within "
-        "each round.",
+        "sees another's rules); in the DNS rounds nswrap and the same design by hand always run one right after the "
+        "other (their order alternating), since a target is judged on their ratio. Figures are medians over rounds; "
+        "*paired* ratios are medians of the ratios within each round.",
         "- **Installed as users install it**: scripts/bench pip-installs this checkout (not editable, as scripts/install "
         "does) into a venv of its own and measures that; the old version is installed the same way.",
         f"- **Round trip**: `sockperf ping-pong -m 64 --full-rtt -t {s['pingpong_s']}` from c1 to 192.0.2.10 (via r1, "
