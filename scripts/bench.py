@@ -440,8 +440,10 @@ def true_pairs(b: Bench, argvs: dict[str, list], reps: int, timeout: float = 120
 
 def bench_profile(b: Bench) -> dict:
     py = str(VENV / "bin" / "python")
-    # What a real start imports: -X importtime of `nswrap --ports 53 -- true` in the lab.
-    res = b.exec("host", [py, "-X", "importtime", "-m", "nswrap", "--ports", "53", "--", "true"], timeout=60)
+    # What a real start imports: -X importtime of `nswrap --ports 53 -- true` in the lab. -P: the
+    # installed nswrap, not the checkout in the working directory (`-m` would put it first on
+    # sys.path, and profile sources that are not the ones measured elsewhere).
+    res = b.exec("host", [py, "-P", "-X", "importtime", "-m", "nswrap", "--ports", "53", "--", "true"], timeout=60)
     imports = []
     for line in res.stderr.splitlines():
         m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \| (\s*)(\S+)", line)
@@ -450,7 +452,7 @@ def bench_profile(b: Bench) -> dict:
                             "depth": len(m[3]) // 2})
     top_level = sorted((i for i in imports if i["depth"] == 0), key=lambda i: -i["cumulative_ms"])[:15]
     prof = b.tmp / "start.prof"
-    b.exec("host", [py, "-m", "cProfile", "-o", prof, "-m", "nswrap", "--ports", "53", "--", "true"], timeout=60)
+    b.exec("host", [py, "-P", "-m", "cProfile", "-o", prof, "-m", "nswrap", "--ports", "53", "--", "true"], timeout=60)
     stats = pstats.Stats(str(prof))
 
     def top(key: str, n: int) -> list[dict]:
@@ -465,7 +467,7 @@ def bench_profile(b: Bench) -> dict:
     wall = []
     for _ in range(3):
         t0 = time.monotonic()
-        subprocess.run([py, "-c", "pass"], check=True, timeout=30)
+        subprocess.run([py, "-P", "-c", "pass"], check=True, timeout=30)
         wall.append((time.monotonic() - t0) * 1000)
     return {"python_startup_ms": median(wall), "imports_total_ms": sum(i["self_ms"] for i in imports),
             "imports_nswrap_ms": sum(i["self_ms"] for i in imports if i["module"].startswith("nswrap")),
