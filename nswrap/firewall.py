@@ -41,6 +41,7 @@ class FirewallFacts:
 # iptables-nft's compat extensions for marks: nft lists them as {"xt": {"name": "MARK"}}, without
 # the value (tests/unit/fixtures/ruleset-marks-iptables-nft.json); iptables-nft-save shows it
 XT_MARKS = frozenset({"MARK", "CONNMARK", "mark", "connmark"})
+XT_TABLES = frozenset({"filter", "nat", "mangle", "raw", "security"})  # the only ones iptables-nft-save -t lists
 
 
 def _walk(node: Any) -> Iterator[Any]:
@@ -212,7 +213,7 @@ def hidden_marks(items: tuple[dict[str, Any], ...] | list[dict[str, Any]]) -> li
     found = set()
     for item in items:
         rule = item.get("rule")
-        if rule and rule["family"] in IPTABLES_NFT and any(
+        if rule and rule["family"] in IPTABLES_NFT and rule["table"] in XT_TABLES and any(
                 isinstance(node, dict) and node.get("name") in XT_MARKS and "type" in node for node in _walk(rule["expr"])):
             found.add((rule["family"], rule["table"]))
     return sorted(found)

@@ -148,6 +148,10 @@ def test_an_iptables_nft_mark_target_is_read_from_iptables_nft_save():
     assert mark_users(with_saves(facts, "marks-iptables-nft"), 0x0000FF00) == [
         "nft table ip mangle chain FORWARD", "nft table ip mangle chain PREROUTING"]  # 0x4000; /0xffffffff
     assert hidden_marks(ruleset("docker").nft) == []  # no mark extension: no iptables-nft-save at start
+    xt = [{"xt": {"type": "target", "name": "MARK"}}]
+    odd = [{"rule": {"family": "ip", "table": "-t", "chain": "c", "expr": xt}},  # never an argument of ours
+           {"rule": {"family": "inet", "table": "mangle", "chain": "c", "expr": xt}}]
+    assert hidden_marks(odd) == []
 
 
 def test_legacy_mark_users():
