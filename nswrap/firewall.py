@@ -34,14 +34,6 @@ class FirewallFacts:
     nft: tuple[dict[str, Any], ...] = ()  # `nft -j list ruleset` items
     legacy: str = ""  # `iptables-legacy-save`, "" when no legacy table is loaded
     legacy6: str = ""  # `ip6tables-legacy-save`, the same for IPv6
-    # (family, table, `iptables-nft-save -t table`) of the tables with hidden_marks()
-    xt_saves: tuple[tuple[str, str, str], ...] = ()
-
-
-# iptables-nft's compat extensions for marks: nft lists them as {"xt": {"name": "MARK"}}, without
-# the value (tests/unit/fixtures/ruleset-marks-iptables-nft.json); iptables-nft-save shows it
-XT_MARKS = frozenset({"MARK", "CONNMARK", "mark", "connmark"})
-XT_TABLES = frozenset({"filter", "nat", "mangle", "raw", "security"})  # the only ones iptables-nft-save -t lists
 
 
 def _walk(node: Any) -> Iterator[Any]:
@@ -208,38 +200,19 @@ def _uses_mark(stmt: Any) -> bool:
     return '"key": "mark"' in json.dumps(stmt)
 
 
-def hidden_marks(items: tuple[dict[str, Any], ...] | list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """(family, table) of the iptables-nft tables with a mark extension whose value nft hides."""
-    found = set()
-    for item in items:
-        rule = item.get("rule")
-        if rule and rule["family"] in IPTABLES_NFT and rule["table"] in XT_TABLES and any(
-                isinstance(node, dict) and node.get("name") in XT_MARKS and "type" in node for node in _walk(rule["expr"])):
-            found.add((rule["family"], rule["table"]))
-    return sorted(found)
-
-
-def _saved_mark_users(save: str, mask: int) -> Iterator[tuple[str, str]]:
-    """(table, chain) of the rules of an iptables-save text that use a value under the mask."""
-    table = "?"
-    for line in save.splitlines():
-        if line.startswith("*"):
-            table = line[1:]
-        elif "mark" in line.lower() and line.startswith("-A"):
-            if any(int(v, 16) & mask for v in re.findall(r"0x([0-9a-fA-F]{1,8})", line)):
-                yield table, line.split()[1]
-
-
 def mark_users(facts: FirewallFacts, mask: int) -> list[str]:
-    """Other tables' rules, iptables-nft's mark extensions and iptables-legacy rules that use a
-    value under our mask."""
+    """Other tables' rules and iptables-legacy rules that use a value under our mask."""
     users = []
     for item in facts.nft:
         rule = item.get("rule")
         if rule and rule["table"] != TABLE and any(_uses_mark(s) and _mark_conflict(s, mask) for s in rule["expr"]):
             users.append(f"nft table {rule['family']} {rule['table']} chain {rule['chain']}")
-    for family, table, save in facts.xt_saves:
-        users += [f"nft table {family} {table} chain {chain}" for _, chain in _saved_mark_users(save, mask)]
     for binary, save in (("iptables-legacy", facts.legacy), ("ip6tables-legacy", facts.legacy6)):
-        users += [f"{binary} table {table} chain {chain}" for table, chain in _saved_mark_users(save, mask)]
+        table = "?"
+        for line in save.splitlines():
+            if line.startswith("*"):
+                table = line[1:]
+            elif "mark" in line.lower() and line.startswith("-A"):
+                if any(int(v, 16) & mask for v in re.findall(r"0x([0-9a-fA-F]{1,8})", line)):
+                    users.append(f"{binary} table {table} chain {line.split()[1]}")
     return sorted(set(users))

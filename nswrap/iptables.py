@@ -1,9 +1,8 @@
 """The only module that runs iptables (iptables-nft and iptables-legacy).
 
 Reads the legacy rules nswrap must know about (nftables' own listing already includes
-iptables-nft, except the values of its compat extensions, read with iptables-nft-save), and
-inserts or deletes nswrap's narrow ACCEPT rules. A command that cannot run raises (NswrapError):
-a firewall nswrap could not read is never taken for an empty one.
+iptables-nft), and inserts or deletes nswrap's narrow ACCEPT rules. A command that cannot run
+raises (NswrapError): a firewall nswrap could not read is never taken for an empty one.
 """
 
 from __future__ import annotations
@@ -43,15 +42,6 @@ def legacy_save(binary: str = "iptables-legacy") -> str:
     done = _run([f"{binary}-save"])
     if done.returncode != 0:
         raise NswrapError(f"{binary}-save: {done.stderr.strip() or done.returncode}")
-    return done.stdout
-
-
-def nft_save(binary: str, table: str) -> str:
-    """`iptables-nft-save -t TABLE` (or ip6tables'): the values of iptables-nft's compat
-    extensions, which nft's own listing does not show (an `-j MARK` target's mark)."""
-    done = _run([f"{binary}-save", "-t", table])
-    if done.returncode != 0:
-        raise NswrapError(f"{binary}-save -t {table}: {done.stderr.strip() or done.returncode}")
     return done.stdout
 
 

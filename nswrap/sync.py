@@ -45,7 +45,7 @@ from nswrap.datapath import (
 from nswrap.datatypes import datatype, replace
 from nswrap.errors import NswrapError
 from nswrap.facts import Facts
-from nswrap.firewall import IPTABLES_NFT, FirewallFacts, blockers, hidden_marks, how_to_fix, mark_users, rooms
+from nswrap.firewall import FirewallFacts, blockers, how_to_fix, mark_users, rooms
 from nswrap.objects import PROTO, Route, Rule
 
 log = logging.getLogger("nswrap")
@@ -216,13 +216,12 @@ def run(plan_: Plan, tx: Transaction, save: Callable[[Allocation | None], None])
 
 
 def probe_firewall(ruleset: list[dict[str, Any]] | None = None) -> FirewallFacts:
-    """Other tools' firewalls: the whole nft ruleset (*ruleset* if already listed), the values of
-    iptables-nft's mark extensions where it has some, and iptables-legacy's loaded tables."""
+    """Other tools' firewalls: the whole nft ruleset (*ruleset* if already listed) and
+    iptables-legacy's loaded tables."""
     from nswrap import iptables
 
     listed = nft.ruleset() if ruleset is None else ruleset
-    xt = tuple((family, table, iptables.nft_save(IPTABLES_NFT[family], table)) for family, table in hidden_marks(listed))
-    return FirewallFacts(tuple(listed), iptables.legacy_save(), iptables.legacy_save("ip6tables-legacy"), xt)
+    return FirewallFacts(tuple(listed), iptables.legacy_save(), iptables.legacy_save("ip6tables-legacy"))
 
 
 def fail_closed(allocation: Allocation | None) -> list[str]:

@@ -42,7 +42,6 @@ ip rule add fwmark 0xca6c lookup 51820 priority 5210
 NFT_DROP = "nft add table inet mine; nft add chain inet mine fw '{ type filter hook forward priority 0; policy drop; }'"
 REMOVE_ALL = """
 nft delete table ip filter 2>/dev/null || true
-nft delete table ip mangle 2>/dev/null || true
 nft delete table inet othertool 2>/dev/null || true
 nft delete table inet mine 2>/dev/null || true
 ip rule del priority 100 2>/dev/null || true
@@ -158,17 +157,6 @@ def test_a_foreign_rule_on_our_mark_bits_is_refused_by_name(lab, foreign):
             " nft add rule inet othertool pre meta mark set 0x10000000")
     done = nswrap(lab, "--ports", "53", "--", "true")
     assert done.returncode == 125 and "nft table inet othertool chain pre" in done.stderr, done.stderr
-    assert nswrap(lab, "--mark-mask", "0x0f000000", "--ports", "53", "--", "true").returncode == 0
-
-
-def test_an_iptables_nft_mark_target_on_our_bits_is_refused_by_name(lab, foreign):
-    """nft lists iptables-nft's `-j MARK` without its value: nswrap reads it from iptables-nft-save.
-    kube-proxy's bit (0x4000) is no conflict."""
-    foreign("iptables-nft -t mangle -A PREROUTING -s 203.0.113.0/26 -j MARK --set-xmark 0x20000000/0x20000000;"
-            " iptables-nft -t mangle -A FORWARD -j MARK --set-xmark 0x4000/0x4000")
-    done = nswrap(lab, "--ports", "53", "--", "true")
-    assert done.returncode == 125, done.stderr
-    assert "nft table ip mangle chain PREROUTING" in done.stderr and "FORWARD" not in done.stderr, done.stderr
     assert nswrap(lab, "--mark-mask", "0x0f000000", "--ports", "53", "--", "true").returncode == 0
 
 

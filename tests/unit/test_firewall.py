@@ -11,7 +11,7 @@ import pathlib
 import pytest
 
 from nswrap.datapath import Room
-from nswrap.firewall import Blocker, FirewallFacts, blockers, hidden_marks, how_to_fix, mark_users, rooms
+from nswrap.firewall import Blocker, FirewallFacts, blockers, how_to_fix, mark_users, rooms
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 MASK = 0xF0000000
@@ -129,29 +129,10 @@ def test_an_iptables_nft_mark_match():
     assert "nft table ip mangle chain OUTPUT" in mark_users(ruleset("marks-iptables-nft"), MASK)
 
 
-def with_saves(facts: FirewallFacts, name: str) -> FirewallFacts:
-    """What sync.probe_firewall adds: iptables-nft-save of the tables where nft hides a mark."""
-    binaries = {"ip": "iptables-nft", "ip6": "ip6tables-nft"}
-    saves = tuple((family, table, (FIXTURES / f"{name}.{binaries[family]}-save").read_text())
-                  for family, table in hidden_marks(facts.nft))
-    return FirewallFacts(facts.nft, facts.legacy, facts.legacy6, saves)
-
-
-def test_an_iptables_nft_mark_target_is_read_from_iptables_nft_save():
-    """nft lists `-j MARK --set-xmark 0x20000000` as {'xt': {'type': 'target', 'name': 'MARK'}}
-    without its value: iptables-nft-save has it."""
-    facts = ruleset("marks-iptables-nft")
-    assert hidden_marks(facts.nft) == [("ip", "mangle"), ("ip6", "mangle")]
-    assert "nft table ip mangle chain PREROUTING" not in mark_users(facts, MASK)  # nft alone cannot tell
-    users = mark_users(with_saves(facts, "marks-iptables-nft"), MASK)
-    assert users == ["nft table ip mangle chain OUTPUT", "nft table ip mangle chain PREROUTING"]  # not 0x4000, 0x10
-    assert mark_users(with_saves(facts, "marks-iptables-nft"), 0x0000FF00) == [
-        "nft table ip mangle chain FORWARD", "nft table ip mangle chain PREROUTING"]  # 0x4000; /0xffffffff
-    assert hidden_marks(ruleset("docker").nft) == []  # no mark extension: no iptables-nft-save at start
-    xt = [{"xt": {"type": "target", "name": "MARK"}}]
-    odd = [{"rule": {"family": "ip", "table": "-t", "chain": "c", "expr": xt}},  # never an argument of ours
-           {"rule": {"family": "inet", "table": "mangle", "chain": "c", "expr": xt}}]
-    assert hidden_marks(odd) == []
+@pytest.mark.xfail(strict=True, reason="BUG firewall.mark_users: iptables-nft's `-j MARK --set-xmark 0x20000000` lists as "
+                                       "{'xt': {'type': 'target', 'name': 'MARK'}} without its value: unnoticed")
+def test_an_iptables_nft_mark_target():
+    assert "nft table ip mangle chain PREROUTING" in mark_users(ruleset("marks-iptables-nft"), MASK)
 
 
 def test_legacy_mark_users():
