@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from collections.abc import Iterator
 from typing import Any
 
@@ -212,7 +213,30 @@ def mark_users(facts: FirewallFacts, mask: int) -> list[str]:
         for line in save.splitlines():
             if line.startswith("*"):
                 table = line[1:]
-            elif "mark" in line.lower() and line.startswith("-A"):
-                if any(int(v, 16) & mask for v in re.findall(r"0x([0-9a-fA-F]{1,8})", line)):
-                    users.append(f"{binary} table {table} chain {line.split()[1]}")
+            elif line.startswith("-A") and any(v & mask for v in _mark_values(line)):
+                users.append(f"{binary} table {table} chain {line.split()[1]}")
     return sorted(set(users))
+
+
+# The options of iptables-save's lines that carry a mark value or mask (MARK, CONNMARK, TPROXY,
+# HMARK, the mark and connmark matches)
+MARK_OPTIONS = frozenset({"--set-xmark", "--set-mark", "--and-mark", "--or-mark", "--xor-mark", "--mark", "--nfmask",
+                          "--ctmask", "--mask", "--tproxy-mark", "--hmark-offset"})
+
+
+def _mark_values(line: str) -> list[int]:
+    """The numbers an iptables-save line gives its mark options (`0x4000/0x4000`: both), and only
+    those: a comment or an interface name that reads `0xf0000000` is not a mark."""
+    try:
+        words = shlex.split(line)
+    except ValueError:  # an unbalanced quote: take every word
+        words = line.split()
+    values = []
+    for option, value in zip(words, words[1:], strict=False):  # each word and the next
+        if option in MARK_OPTIONS:
+            for number in value.split("/"):
+                try:
+                    values.append(int(number, 0))
+                except ValueError:
+                    pass  # `--mask 255.255.255.255` of the recent match, say
+    return values

@@ -135,6 +135,23 @@ def test_an_iptables_nft_mark_target():
     assert "nft table ip mangle chain PREROUTING" in mark_users(ruleset("marks-iptables-nft"), MASK)
 
 
+def test_legacy_mark_users_read_mark_options_only():
+    """A comment or an interface name that reads like a mark is not one: a Kubernetes tenant can
+    name a Service port `0xf0000000`, and kube-proxy writes it into a rule with KUBE-MARK-MASQ."""
+    save = "\n".join([
+        "*nat",
+        "-A KUBE-SVC-X -m comment --comment \"default/web:0xf0000000\" -j KUBE-MARK-MASQ",
+        "-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000",
+        "-A PREROUTING -i vx0xf0000000 -j MARK --set-xmark 0x4000/0x4000",
+        "*mangle",
+        "-A PREROUTING -p tcp -j TPROXY --on-port 1 --on-ip 0.0.0.0 --tproxy-mark 0x10000000/0x10000000",
+        "-A OUTPUT -m mark --mark 268435456 -j ACCEPT",  # 0x10000000, written in decimal
+        "-A INPUT -m recent --set --name x --mask 255.255.255.255 --rsource",
+        "COMMIT", ""])
+    assert mark_users(FirewallFacts((), save), MASK) == [
+        "iptables-legacy table mangle chain OUTPUT", "iptables-legacy table mangle chain PREROUTING"]
+
+
 def test_legacy_mark_users():
     assert mark_users(legacy("legacy-docker"), MASK) == ["iptables-legacy table mangle chain PREROUTING"]
     assert mark_users(legacy("legacy-docker"), 0x0F000000) == ["iptables-legacy table mangle chain PREROUTING"]  # /0xffffffff
