@@ -15,6 +15,7 @@ functions over one `operator.attrgetter` per class.
 
 from __future__ import annotations
 
+import inspect
 import operator
 from collections.abc import Callable
 from typing import Any, TypeVar, dataclass_transform
@@ -22,6 +23,7 @@ from typing import Any, TypeVar, dataclass_transform
 T = TypeVar("T")
 
 FIELDS = "__datatype_fields__"
+FROZEN = "__datatype_frozen__"
 _MISSING = object()
 
 
@@ -60,10 +62,10 @@ def _init(cls, names: tuple[str, ...], defaults: dict):
         else:
             scope[f"_default_{name}"] = defaults[name]
             params.append(f"{name}=_default_{name}")
-        body.append(f"d[{name!r}] = {name}")
+        body.append(f"_d[{name!r}] = {name}")
     post = "self.__post_init__()" if hasattr(cls, "__post_init__") else ""
-    source = f"def __init__(self, {', '.join(params)}):\n d = self.__dict__\n " + "\n ".join([*body, post, "pass"])
-    exec(source, scope)  # noqa: S102 (our own field names, checked to be identifiers)
+    source = f"def __init__(self, {', '.join(params)}):\n _d = self.__dict__\n " + "\n ".join([*body, post, "pass"])
+    exec(source, scope)  # noqa: S102 (our own field names, checked by _fields)
     init = scope["__init__"]
     init.__qualname__ = f"{cls.__qualname__}.__init__"
     return init
@@ -72,13 +74,7 @@ def _init(cls, names: tuple[str, ...], defaults: dict):
 @dataclass_transform(frozen_default=True, field_specifiers=(field,))  # type checkers see a dataclass
 def datatype(cls: Any = None, /, *, frozen: bool = True, order: bool = False) -> Any:
     def make(cls):
-        inherited = next((getattr(base, FIELDS) for base in cls.__mro__[1:] if hasattr(base, FIELDS)), ())
-        annotations = cls.__dict__.get("__annotations__", {})
-        own = tuple(n for n, kind in annotations.items() if not str(kind).startswith(("ClassVar", "typing.ClassVar")))
-        names = inherited + tuple(n for n in own if n not in inherited)
-        if not all(n.isidentifier() for n in names):
-            raise TypeError(f"{cls.__name__}: field names must be identifiers")
-        defaults = {n: getattr(cls, n) for n in names if hasattr(cls, n)}
+        names, defaults = _fields(cls, frozen)
         key = _key(names)
 
         def __eq__(self, other):  # noqa: N807
@@ -87,23 +83,48 @@ def datatype(cls: Any = None, /, *, frozen: bool = True, order: bool = False) ->
         def __repr__(self):  # noqa: N807
             return f"{type(self).__qualname__}({', '.join(f'{n}={getattr(self, n)!r}' for n in names)})"
 
-        setattr(cls, FIELDS, names)
-        cls.__match_args__ = names
-        cls.__init__ = _init(cls, names, defaults)
-        cls.__eq__, cls.__repr__ = __eq__, __repr__
+        methods = {"__init__": _init(cls, names, defaults), "__eq__": __eq__, "__repr__": __repr__,
+                   "__hash__": (lambda self: hash(key(self))) if frozen else None}
         if frozen:
-            cls.__hash__ = lambda self: hash(key(self))
-            cls.__setattr__ = _refuse
-            cls.__delattr__ = _refuse
-        else:
-            cls.__hash__ = None
+            methods.update(__setattr__=_refuse, __delattr__=_refuse)
         if order:
             for name, compare in (("__lt__", operator.lt), ("__le__", operator.le), ("__gt__", operator.gt),
                                   ("__ge__", operator.ge)):
-                setattr(cls, name, _comparison(key, compare))
+                methods[name] = _comparison(key, compare)
+        for name, method in methods.items():
+            # a method the class writes itself stays (as with dataclasses), except the __hash__
+            # that Python sets to None in a class body that defines __eq__
+            if name not in cls.__dict__ or (name == "__hash__" and cls.__dict__[name] is None):
+                setattr(cls, name, method)
+        setattr(cls, FIELDS, names)
+        setattr(cls, FROZEN, frozen)
+        cls.__match_args__ = names
         return cls
 
     return make if cls is None else make(cls)
+
+
+def _fields(cls: type, frozen: bool) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """The fields of *cls* in order (its base's first) and their defaults, refused where
+    dataclasses refuses them, or where the compiled __init__ could not take them."""
+    bases = [base for base in cls.__mro__[1:] if FIELDS in base.__dict__]
+    if len({getattr(base, FIELDS) for base in bases if base in cls.__bases__}) > 1:
+        raise TypeError(f"{cls.__name__}: fields from more than one base")
+    if bases and getattr(bases[0], FROZEN) != frozen:
+        raise TypeError(f"{cls.__name__}: frozen and not frozen datatypes cannot inherit from each other")
+    inherited = getattr(bases[0], FIELDS) if bases else ()
+    own = tuple(n for n, kind in inspect.get_annotations(cls).items() if "ClassVar" not in str(kind))
+    names = inherited + tuple(n for n in own if n not in inherited)
+    defaults = {n: getattr(cls, n) for n in names if hasattr(cls, n)}
+    for n in names:
+        if not n.isidentifier() or n.startswith("_") or n == "self":
+            raise TypeError(f"{cls.__name__}: {n!r} cannot be a field name")
+        if isinstance(defaults.get(n), list | dict | set):
+            raise TypeError(f"{cls.__name__}.{n}: a mutable default is shared; use field(default_factory=...)")
+    missing = [n for n in names if n not in defaults]
+    if missing and names.index(missing[-1]) > min((names.index(n) for n in defaults), default=len(names)):
+        raise TypeError(f"{cls.__name__}: field {missing[-1]!r} without a default follows one with a default")
+    return names, defaults
 
 
 def _refuse(self, name, *_):

@@ -90,3 +90,43 @@ def test_post_init_and_replace():
         replace(Checked(1), n=-1)
     with pytest.raises(TypeError):
         replace(Point(1), z=1)
+
+
+def test_any_field_name_and_own_methods():
+    @datatype
+    class Names:
+        d: int  # the compiled __init__'s own locals cannot shadow a field
+        missing: int = 0
+
+        def __repr__(self) -> str:  # written by the class: kept
+            return "mine"
+
+    assert (Names(1, 2).d, Names(1, 2).missing, repr(Names(1))) == (1, 2, "mine")
+
+
+@pytest.mark.parametrize("body", [
+    "x: int = 0\n    y: int",  # a field without a default after one with
+    "xs: list = []",  # one list for every instance
+    "_x: int",  # a name the compiled __init__ keeps for itself
+    "self: int",
+], ids=["order", "mutable-default", "underscore", "self"])
+def test_refused_as_dataclasses_refuses_or_init_could_not_take(body):
+    scope = {"datatype": datatype}
+    with pytest.raises(TypeError):
+        exec(f"@datatype\nclass Bad:\n    {body}\n", scope)
+
+
+def test_inheritance():
+    @datatype
+    class Base:
+        a: int
+
+    @datatype
+    class Child(Base):
+        b: int = 0
+
+    assert fields(Child(1)) == ("a", "b") and Child(1) != Base(1)
+    with pytest.raises(TypeError):
+        @datatype(frozen=False)
+        class Loose(Base):
+            c: int = 0
