@@ -24,6 +24,7 @@ T = TypeVar("T")
 
 FIELDS = "__datatype_fields__"
 FROZEN = "__datatype_frozen__"
+MUTABLE = (list, dict, set)  # as a default, shared by every instance: dataclasses refuses them
 _MISSING = object()
 
 
@@ -107,23 +108,27 @@ def datatype(cls: Any = None, /, *, frozen: bool = True, order: bool = False) ->
 def _fields(cls: type, frozen: bool) -> tuple[tuple[str, ...], dict[str, Any]]:
     """The fields of *cls* in order (its base's first) and their defaults, refused where
     dataclasses refuses them, or where the compiled __init__ could not take them."""
-    bases = [base for base in cls.__mro__[1:] if FIELDS in base.__dict__]
+    bases = [base for base in cls.__mro__[1:-1] if FIELDS in base.__dict__]
     if len({getattr(base, FIELDS) for base in bases if base in cls.__bases__}) > 1:
         raise TypeError(f"{cls.__name__}: fields from more than one base")
     if bases and getattr(bases[0], FROZEN) != frozen:
         raise TypeError(f"{cls.__name__}: frozen and not frozen datatypes cannot inherit from each other")
     inherited = getattr(bases[0], FIELDS) if bases else ()
-    own = tuple(n for n, kind in inspect.get_annotations(cls).items() if "ClassVar" not in str(kind))
+    # the class body's dict where there is one (to Python 3.13); 3.14 makes annotations lazily
+    annotations = cls.__dict__.get("__annotations__") or inspect.get_annotations(cls)
+    own = tuple(n for n, kind in annotations.items() if "ClassVar" not in str(kind))
     names = inherited + tuple(n for n in own if n not in inherited)
-    defaults = {n: getattr(cls, n) for n in names if hasattr(cls, n)}
+    defaults, seen_default = {}, ""
     for n in names:
         if not n.isidentifier() or n.startswith("_") or n == "self":
             raise TypeError(f"{cls.__name__}: {n!r} cannot be a field name")
-        if isinstance(defaults.get(n), list | dict | set):
-            raise TypeError(f"{cls.__name__}.{n}: a mutable default is shared; use field(default_factory=...)")
-    missing = [n for n in names if n not in defaults]
-    if missing and names.index(missing[-1]) > min((names.index(n) for n in defaults), default=len(names)):
-        raise TypeError(f"{cls.__name__}: field {missing[-1]!r} without a default follows one with a default")
+        if hasattr(cls, n):
+            defaults[n] = getattr(cls, n)
+            if isinstance(defaults[n], MUTABLE):
+                raise TypeError(f"{cls.__name__}.{n}: a mutable default is shared; use field(default_factory=...)")
+            seen_default = n
+        elif seen_default:
+            raise TypeError(f"{cls.__name__}: field {n!r} without a default follows one with a default")
     return names, defaults
 
 
