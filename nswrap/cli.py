@@ -100,6 +100,8 @@ def cli() -> None:
       nswrap --ports 53,53/tcp -- unbound -d -c examples/unbound.conf
       nswrap --ports 123 --uplink eth0 --uplink eth1=198.51.100.1 -- chronyd -d
       nswrap --config /etc/nswrap/dns.toml
+
+    Without a command name, the options go to `run`: its options are in `nswrap run --help`.
     """
 
 
