@@ -23,6 +23,8 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess:
         return subprocess.run(argv, capture_output=True, text=True, timeout=30, env=ENV)
     except FileNotFoundError:
         raise NswrapError(f"{argv[0]} not found: install iptables") from None
+    except subprocess.TimeoutExpired:
+        raise NswrapError(f"{argv[0]} did not answer within 30 s (another tool holding the xtables lock?)") from None
 
 
 def legacy_loaded(binary: str = "iptables-legacy") -> list[str]:
@@ -35,13 +37,19 @@ def legacy_loaded(binary: str = "iptables-legacy") -> list[str]:
         return []
 
 
+def _last_line(stderr: str) -> str:
+    """iptables' message, one line (a usage error adds "Try `iptables -h'" after it)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip() and not line.startswith("Try `")]
+    return lines[-1] if lines else ""
+
+
 def legacy_save(binary: str = "iptables-legacy") -> str:
     """`iptables-legacy-save` (or ip6tables') of the loaded tables, "" when none is loaded."""
     if not legacy_loaded(binary):
         return ""
     done = _run([f"{binary}-save"])
     if done.returncode != 0:
-        raise NswrapError(f"{binary}-save: {done.stderr.strip() or done.returncode}")
+        raise NswrapError(f"{binary}-save: {_last_line(done.stderr) or done.returncode}")
     return done.stdout
 
 
@@ -49,7 +57,7 @@ def run(binary: str, action: str, chain: str, rule: list[str]) -> None:
     """Insert (-I) or delete (-D) one rule in the filter table; deleting one already gone is fine."""
     done = _run([binary, "-w", "5", action, chain, *rule])
     if done.returncode != 0:
-        message = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+        message = _last_line(done.stderr) or f"exit {done.returncode}"
         if action == "-D" and any(text in message for text in GONE_MESSAGES):
             return
         raise NswrapError(f"{binary} {action} {chain} {shlex.join(rule)}: {message}")
@@ -61,5 +69,5 @@ def rules(binary: str) -> list[list[str]]:
     if done.returncode != 0:
         if "does not exist" in done.stderr or "Table does not exist" in done.stderr:
             return []
-        raise NswrapError(f"{binary} -S: {done.stderr.strip() or done.returncode}")
+        raise NswrapError(f"{binary} -S: {_last_line(done.stderr) or done.returncode}")
     return [shlex.split(line) for line in done.stdout.splitlines()]

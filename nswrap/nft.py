@@ -29,6 +29,8 @@ def _nft(args: list[str], text: str | None = None, namespace_fd: int | None = No
                               preexec_fn=preexec, pass_fds=(namespace_fd,) if namespace_fd is not None else ())
     except FileNotFoundError:
         raise NswrapError("nft not found: install nftables") from None
+    except subprocess.TimeoutExpired:
+        raise NswrapError(f"nft {' '.join(args)} did not answer within 60 s") from None
 
 
 def _first_error(stderr: str) -> str:

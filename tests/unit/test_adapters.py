@@ -288,3 +288,21 @@ def test_conntrack_tally_of_dnated_flows_by_mark_and_server():
     ct.sock = Kernel()
     v4, v6 = ipaddress.ip_address("198.18.0.2").packed, ipaddress.ip_address("fd6e:7377:7261::2").packed
     assert ct.tally_dnat() == ({(0x10000000, v4): 2, (0x20000000, v4): 1, (0x10000000, v6): 1}, True)
+
+
+@pytest.mark.parametrize("call", [lambda: iptables.rules("iptables-nft"), lambda: nft.apply("flush ruleset\n")],
+                         ids=["iptables", "nft"])
+def test_a_tool_that_hangs_is_one_clear_error(monkeypatch, call):
+    def hang(argv, **kwargs):
+        raise subprocess.TimeoutExpired(argv, kwargs.get("timeout"))
+
+    monkeypatch.setattr(subprocess, "run", hang)
+    with pytest.raises(NswrapError, match="did not answer within"):
+        call()
+
+
+def test_iptables_errors_are_their_message_line():
+    assert iptables._last_line("iptables v1.8.9 (nf_tables): unknown option \"--bogus\"\n"
+                               "Try `iptables -h' or 'iptables --help' for more information.\n") == \
+        'iptables v1.8.9 (nf_tables): unknown option "--bogus"'
+    assert iptables._last_line("") == ""
