@@ -11,10 +11,10 @@ deleted, uplink chains added and deleted) as one nft batch, applied atomically b
 
 from __future__ import annotations
 
-import operator
 import zlib
 
 from nswrap.datapath import ELEMENT_SETS, Datapath, Element, mark_value
+from nswrap.datatypes import sort_key
 
 TABLE = "nswrap"  # inet nswrap: one per network namespace
 LOOPBACK = {4: "127.0.0.0/8", 6: "::1"}
@@ -240,15 +240,10 @@ def element_text(e: Element) -> str:
     return text
 
 
-# Element's own order (its fields in turn), compared in C: sorting a thousand elements (100 ports
-# published on every uplink) through Element.__lt__ took a few ms of every such start
-_ORDER = operator.attrgetter("key", "value", "comment")
-
-
 def _elements(verb: str, name: str, elements: list[Element]) -> list[str]:
     if not elements:
         return []
-    items = [element_text(e) if verb == "add" else " . ".join(e.key) for e in sorted(elements, key=_ORDER)]
+    items = [element_text(e) if verb == "add" else " . ".join(e.key) for e in sorted(elements, key=sort_key(Element))]
     return [f"{verb} element inet {TABLE} {name} {{ {', '.join(items)} }}"]
 
 

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from nswrap.datatypes import FrozenError, datatype, field, fields, replace
+from nswrap.datatypes import FrozenError, datatype, field, fields, replace, sort_key
 
 
 @datatype(order=True)
@@ -62,6 +62,7 @@ def test_order_as_dataclasses():
     values = [(2, 1), (1, 5), (1, 2), (3, 0)]
     assert [(p.x, p.y) for p in sorted(Point(*v) for v in values)] == \
         [(r.x, r.y) for r in sorted(Reference(*v) for v in values)]
+    assert sorted((Point(*v) for v in values), key=sort_key(Point)) == sorted(Point(*v) for v in values)
     assert Point(1) <= Point(1) < Point(1, 1) and Point(2) > Point(1, 9) >= Point(1, 9)
     with pytest.raises(TypeError):
         _ = Point(1) < Other(2)
