@@ -65,9 +65,20 @@ def nswrap_table(lab) -> list[str] | None:
 
 def server_processes(nswrap_pid: int) -> tuple[psutil.Process, psutil.Process]:
     """(the init nswrap forked as PID 1 of the server's PID namespace, the server's first process)."""
-    (init,) = psutil.Process(nswrap_pid).children()
+    # nswrap may have another child for a moment (an nft or conntrack it runs): the init is the
+    # one that is PID 1 of a PID namespace of its own
+    (init,) = [c for c in psutil.Process(nswrap_pid).children() if _pid_in_own_namespace(c.pid) == 1]
     (server,) = init.children()
     return init, server
+
+
+def _pid_in_own_namespace(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            nspid = next(line.split()[1:] for line in f if line.startswith("NSpid:"))
+    except (OSError, StopIteration):
+        return None
+    return int(nspid[-1]) if len(nspid) > 1 else None
 
 
 @pytest.mark.parametrize("reload", list(RELOADS))
