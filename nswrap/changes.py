@@ -8,13 +8,15 @@ success: an object may have vanished with its namespace, or another instance rem
 from __future__ import annotations
 
 import errno
+import os
 import shlex
+import socket
 
 from nswrap import iptables, nft
-from nswrap.datapath import Instance, Room
+from nswrap.datapath import Instance, Room, Switch6
 from nswrap.datatypes import datatype
 from nswrap.errors import NswrapError
-from nswrap.facts import PROC_SYS, read_sysctl
+from nswrap.facts import HOST_PREFIX, PROC_SYS, read_sysctl, sysctl_key
 from nswrap.objects import Route, Rule
 
 GONE = frozenset({errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNOTAVAIL})
@@ -171,6 +173,67 @@ class SetSysctl(Change):
 
     def render_undo(self) -> str:
         return f"sysctl -w {sysctl_name(self.key)}={self.before}"
+
+
+@datatype
+class Forwarding6(Change):
+    """net.ipv6.conf.all.forwarding, the one IPv6 forwarding switch before Linux 6.17, on
+    (`on`) or back off. Writing it rewrites every interface's `forwarding` and `default`'s
+    (addrconf_fixup_forwarding), so off means: the switch as it was, then each interface's
+    own value as `switch` recorded it (one that came meanwhile: `default`'s). accept_ra is
+    SetSysctl's business, before it is turned on and after it is off (docs/design.md)."""
+
+    on: bool
+    switch: Switch6
+
+    def do(self, kernel) -> None:
+        self._hold() if self.on else self._release()
+
+    def undo(self, kernel) -> None:
+        self._release() if self.on else self._hold()
+
+    @staticmethod
+    def _hold() -> None:
+        write_sysctl(sysctl_key(6, "all", "forwarding"), "1")
+
+    def _release(self) -> None:
+        if read_sysctl(sysctl_key(6, "all", "forwarding")) == "1":
+            write_sysctl(sysctl_key(6, "all", "forwarding"), "0")
+        for ifname, value in self._values():
+            try:
+                if read_sysctl(sysctl_key(6, ifname, "forwarding")) not in (None, value):
+                    write_sysctl(sysctl_key(6, ifname, "forwarding"), value)
+            except FileNotFoundError:
+                pass  # gone with its interface
+
+    def _values(self) -> list[tuple[str, str]]:
+        """(interface, forwarding it had) for every interface there is now, and default."""
+        out = [("default", self.switch.default_forwarding)]
+        for ifname in sorted(os.listdir(f"{PROC_SYS}/net/ipv6/conf")):
+            if ifname in ("all", "default") or ifname.startswith(HOST_PREFIX):
+                continue
+            try:
+                index = socket.if_nametoindex(ifname)
+            except OSError:
+                continue
+            out.append((ifname, self.switch.before(ifname, index).forwarding))
+        return out
+
+    def render(self) -> str:
+        return self._render(self.on)
+
+    def render_undo(self) -> str:
+        return self._render(not self.on)
+
+    def _render(self, on: bool) -> str:
+        if on:
+            return "sysctl -w net.ipv6.conf.all.forwarding=1"
+        lines = ["sysctl -w net.ipv6.conf.all.forwarding=0  # and every interface's forwarding with it: put back"]
+        lines += [f"sysctl -w {sysctl_name(sysctl_key(6, s.ifname, 'forwarding'))}=1"
+                  for s in self.switch.interfaces if s.forwarding != "0"]
+        if self.switch.default_forwarding != "0":
+            lines.append("sysctl -w net.ipv6.conf.default.forwarding=1")
+        return "\n".join(lines)
 
 
 @datatype

@@ -18,6 +18,7 @@ from click.core import ParameterSource
 
 from nswrap import __version__, configfile
 from nswrap.config import (
+    IPV6_FORWARDING,
     Config,
     check_ready_fd_number,
     check_stop_timeout,
@@ -122,6 +123,12 @@ def cli() -> None:
 @click.option("--firewall", type=click.Choice(["auto", "off"]), default="auto", show_default=True, **_env("FIREWALL"),
               help="auto: where iptables (Docker, ufw) would drop the forwarded flows, add narrow accepts; off: refuse instead.")
 @click.option("--no-outbound", is_flag=True, **_env("NO_OUTBOUND"), help="The server may not open connections of its own.")
+@click.option("--ipv6-forwarding", type=click.Choice(IPV6_FORWARDING), default="auto", show_default=True,
+              **_env("IPV6_FORWARDING"),
+              help="How IPv6 clients are served: interface (per-interface forwarding, Linux >= 6.17); global "
+                   "(nswrap holds net.ipv6.conf.all.forwarding while it runs, router advertisements kept, nothing "
+                   "else forwarded); auto (interface where the kernel has it, else IPv6 only if the host "
+                   "forwards already); off.")
 @click.option("--helper", "helpers", multiple=True, type=click.Choice(["tftp"]), **_env("HELPER"),
               help="Conntrack helper for a protocol whose server answers from a new port (tftp: udp 69 must be published).")
 @click.option("--user", metavar="USER[:GROUP]", **_env("USER"),
@@ -135,8 +142,8 @@ def cli() -> None:
 @click.option("-v", "--verbose", count=True, **_env("VERBOSE"), help="-v: log each host change as a shell line; -vv: debug.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
-def run(ctx, ports, uplinks, subnet, mark_mask, addresses, firewall, no_outbound, helpers, user, stop_timeout, ready_fd,
-        dry_run, verbose, command) -> None:
+def run(ctx, ports, uplinks, subnet, mark_mask, addresses, firewall, no_outbound, ipv6_forwarding, helpers, user,
+        stop_timeout, ready_fd, dry_run, verbose, command) -> None:
     """Run COMMAND in its own network namespace, publishing --ports on the uplinks.
 
     Every option may also be set in the environment (NSWRAP_PORTS, ...; a repeatable option takes
@@ -169,6 +176,7 @@ def run(ctx, ports, uplinks, subnet, mark_mask, addresses, firewall, no_outbound
             firewall=firewall,
             outbound=not no_outbound,
             helpers=tuple(helpers),
+            ipv6_forwarding=ipv6_forwarding,
         )
         if config.dry_run:
             from nswrap.commands import dry_run as print_plan
@@ -199,9 +207,11 @@ def cleanup(verbose) -> None:
               help="The uplinks you would use.")
 @click.option("--mark-mask", default="0xf0000000", show_default=True, metavar="MASK", **_env("MARK_MASK"))
 @click.option("--firewall", type=click.Choice(["auto", "off"]), default="auto", show_default=True, **_env("FIREWALL"))
+@click.option("--ipv6-forwarding", type=click.Choice(IPV6_FORWARDING), default="auto", show_default=True,
+              **_env("IPV6_FORWARDING"))
 @click.option("-v", "--verbose", count=True, **_env("VERBOSE"), help="-vv: tracebacks.")
 @click.pass_context
-def doctor(ctx, ports, uplinks, mark_mask, firewall, verbose) -> None:
+def doctor(ctx, ports, uplinks, mark_mask, firewall, ipv6_forwarding, verbose) -> None:
     """Check whether nswrap would work on this host, one verdict per line; exit 0 only if it would.
 
     Reads the same NSWRAP_* variables and --config file as `run` (keys it has no use for are
@@ -216,6 +226,7 @@ def doctor(ctx, ports, uplinks, mark_mask, firewall, verbose) -> None:
             mark_mask=_parsed(ctx, "mark_mask", parse_mark_mask, mark_mask),
             firewall=firewall,
             dry_run=True,
+            ipv6_forwarding=ipv6_forwarding,
         )
         from nswrap.doctor import doctor as run_doctor
 

@@ -20,7 +20,7 @@ from nswrap import legacy, namespaces, netlink, nft, sync
 from nswrap.apply import Kernel, Transaction
 from nswrap.changes import DeleteLink, ServerNetwork
 from nswrap.config import DEFAULT_MARK_MASK, Config
-from nswrap.datapath import Instance, allocate_subnet, instance_uplinks, ula_subnet
+from nswrap.datapath import Instance, allocate_subnet, choose_forwarding6, instance_uplinks, ula_subnet
 from nswrap.errors import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, NswrapError, UsageError
 from nswrap.facts import Facts, gather, netns_id
 from nswrap.instance import check_start, loopback_ports, require_capabilities
@@ -44,21 +44,24 @@ def dry_run(config: Config) -> int:
     with netlink.Routing() as routing:
         facts = gather(routing)
     live = state.live() if state else []
+    allocation = state.allocation() if state else None
     subnet = allocate_subnet(facts, tuple(r.instance for r in live), config.subnet)
-    instance = Instance("d0d0d0", config.ports, subnet, ula_subnet(subnet) if facts.ipv6_per_interface else None,
-                        config.uplinks, config.addresses, loopback_ports(config, facts), config.outbound, config.helpers)
+    forwarding6 = choose_forwarding6(config.ipv6_forwarding, facts, allocation)
+    instance = Instance("d0d0d0", config.ports, subnet, ula_subnet(subnet) if forwarding6 else None,
+                        config.uplinks, config.addresses, loopback_ports(config, facts), config.outbound, config.helpers,
+                        forwarding6 or "interface")
     check_start(facts, instance, live)
     table = nft.read_table()
     rooms = sync.wanted_rooms(sync.probe_firewall(), config.firewall, config.mark_mask) if table is None or not live else None
-    plan = sync.plan(facts, table, state.allocation() if state else None, (*(r.instance for r in live), instance),
-                     config.mark_mask, rooms)
+    plan = sync.plan(facts, table, allocation, (*(r.instance for r in live), instance), config.mark_mask, rooms)
     for warning in plan.datapath.warnings:
         log.warning("%s", warning)
     out = [f"# nswrap, dry run: ports {', '.join(map(str, config.ports))}; uplinks "
            + ", ".join(sorted({u for v in instance.families for u in instance_uplinks(facts, instance, v)})),
            "", "# the server's own network: a veth pair, one end in its (anonymous) namespace",
            ServerNetwork(instance, -1, 1500, str(facts.resolver_stub) if facts.resolver_stub else None,
-                         config.user is not None, facts.sysctl("net/ipv6/conf/all/forwarding") != "1").render(),
+                         config.user is not None,
+                         forwarding6 == "interface" and facts.sysctl("net/ipv6/conf/all/forwarding") != "1").render(),
            "", "# the shared datapath: what changes for this instance (all of it for the first one)"]
     out += [change.render() for change in plan.changes]
     sys.stdout.write("\n".join(out) + "\n")
@@ -140,6 +143,9 @@ def _rows(state: State, facts: Facts) -> list[dict]:
     table = nft.read_table()
     live = state.live()
     flows, complete = _flows(live, marks, time.monotonic() + LIST_FLOWS_SECONDS)
+    forged = {e.key[0].strip('"'): packets for (name, e), (packets, _) in (table.counters.items() if table else ())
+              if name == "forged"}
+    misrouted = table.named_counters.get("misrouted", 0) if table else 0
     rows = []
     for record in live:
         started: dict[str, int] = {}
@@ -169,6 +175,9 @@ def _rows(state: State, facts: Facts) -> list[dict]:
             "local_flows": flows.get((record.id, "lo"), 0),
             "flows_counted": complete,
             "uplinks": uplinks,
+            "forwarding6": record.instance.forwarding6 if 6 in record.instance.families else None,
+            "forged": forged.get(record.instance.veth, 0),
+            "misrouted": misrouted,
         })
     return rows
 
@@ -194,8 +203,17 @@ def list_instances(as_json: bool) -> int:
             more = "" if row["flows_counted"] else "+"
             print(f"    {u['name']:15} {' '.join(u['addresses']):38} {via:32} "
                   f"flows: {u['flows_started']:>9} started {u['flows']:>7}{more} live")
+        if row["forged"]:
+            print(f"    dropped {row['forged']} packets the server sent from an address not its own")
+    if rows and rows[0]["misrouted"]:
+        print(f"dropped {rows[0]['misrouted']} replies that no route of their uplink could take "
+              "(an uplink without a gateway: give --uplink IFACE=GATEWAY)")
     if use:
         print(f"conntrack: {use.get('count', '?')} of {use.get('max', '?')} entries in use")
+    if state is not None and (allocation := state.allocation()) is not None and allocation.switch6 is not None:
+        needing = [r["id"] for r in rows if r["forwarding6"] == "global"]
+        print(f"IPv6: nswrap holds net.ipv6.conf.all.forwarding=1 for {', '.join(needing) or 'no live instance'} "
+              "(--ipv6-forwarding global: accept_ra=2 where it was 1; nothing else is forwarded)")
     return 0
 
 

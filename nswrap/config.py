@@ -16,6 +16,7 @@ from nswrap.objects import IPAddress
 
 PROTOCOLS = ("udp", "tcp")
 IFNAMSIZ = 15  # the kernel's limit on interface names, without the NUL
+IPV6_FORWARDING = ("auto", "global", "interface", "off")  # --ipv6-forwarding (docs/design.md)
 HELPERS = ("tftp",)  # conntrack helpers nswrap can attach (the server answers from a new port)
 DEFAULT_MARK_MASK = 0xF0000000  # free of kube-proxy, wg-quick, Tailscale, Cilium, mwan3, OpenWrt pbr
 MAX_STOP_TIMEOUT = 86400.0
@@ -229,6 +230,7 @@ class Config:
     firewall: str = "auto"  # auto: make room in iptables FORWARD/DOCKER-USER; off: refuse if blocked
     outbound: bool = True  # the server may open its own connections, masqueraded
     helpers: tuple[str, ...] = ()  # conntrack helpers for protocols that open related flows
+    ipv6_forwarding: str = "auto"  # how IPv6 is forwarded to the server: IPV6_FORWARDING
 
     def __post_init__(self) -> None:
         require_ports(self.ports)
@@ -238,6 +240,8 @@ class Config:
             raise UsageError("empty command name: nswrap [OPTIONS] -- COMMAND [ARG...]")
         if self.firewall not in ("auto", "off"):
             raise UsageError(f"invalid --firewall {self.firewall!r}: auto or off")
+        if self.ipv6_forwarding not in IPV6_FORWARDING:
+            raise UsageError(f"invalid --ipv6-forwarding {self.ipv6_forwarding[:20]!r}: one of {', '.join(IPV6_FORWARDING)}")
         for helper in self.helpers:
             if helper not in HELPERS:
                 raise UsageError(f"invalid --helper {helper!r}: one of {', '.join(HELPERS)}")

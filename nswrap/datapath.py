@@ -24,7 +24,7 @@ import ipaddress
 
 from nswrap.config import PortRange, UplinkSpec, valid_ifname
 from nswrap.datatypes import datatype, field, replace
-from nswrap.errors import NswrapError
+from nswrap.errors import NswrapError, UsageError
 from nswrap.facts import HOST_PREFIX, Facts, sysctl_key
 from nswrap.objects import (
     FAMILIES,
@@ -62,6 +62,9 @@ class Instance:
     loopback_ports: tuple[PortRange, ...] = ()  # also published on 127.0.0.1 (decided at start)
     outbound: bool = True
     helpers: tuple[str, ...] = ()
+    # how IPv6 is forwarded for it: "interface" (force_forwarding, Linux >= 6.17), "global" (the
+    # switch nswrap holds while an instance needs it), "host" (the switch the host had on already)
+    forwarding6: str = "interface"
 
     @property
     def veth(self) -> str:
@@ -120,6 +123,33 @@ class SysctlChange:
 
 
 @datatype
+class Setting6:
+    """An interface's IPv6 settings before nswrap held the global forwarding switch."""
+
+    ifname: str
+    ifindex: int
+    forwarding: str
+    accept_ra: str
+
+
+@datatype
+class Switch6:
+    """nswrap holds net.ipv6.conf.all.forwarding (docs/design.md, "IPv6 forwarding before 6.17"):
+    what every interface, and `default`, had before, so that all of it comes back. Writing
+    `all.forwarding` rewrites every interface's `forwarding` and `default.forwarding`."""
+
+    interfaces: tuple[Setting6, ...]
+    default_forwarding: str = "0"
+    default_accept_ra: str = "1"
+
+    def before(self, ifname: str, ifindex: int) -> Setting6:
+        """What an interface had, or would have had: one that came while nswrap held the switch
+        took `default`'s values, which nswrap changed."""
+        return next((s for s in self.interfaces if s.ifindex == ifindex and s.ifname == ifname),
+                    Setting6(ifname, ifindex, self.default_forwarding, self.default_accept_ra))
+
+
+@datatype
 class Room:
     """An iptables ACCEPT nswrap inserted where another firewall would drop its flows."""
 
@@ -137,6 +167,7 @@ class Allocation:
     uplinks: tuple[Uplink, ...] = ()
     sysctls: tuple[SysctlChange, ...] = ()
     rooms: tuple[Room, ...] = ()
+    switch6: Switch6 | None = None  # nswrap holds the global IPv6 forwarding switch
 
     def mark(self, index: int) -> int:
         return mark_value(self.mark_mask, index)
@@ -180,6 +211,7 @@ class Datapath:
     sysctls: dict[str, str]  # key -> the value nswrap needs
     elements: dict[str, frozenset[Element]]  # nft set or map name -> its elements
     warnings: tuple[str, ...] = ()
+    hold6: bool = False  # an instance needs the global IPv6 forwarding switch that nswrap turns on
 
     @property
     def marks(self) -> dict[str, int]:
@@ -327,7 +359,8 @@ def _uplink_routes(b: _Builder, uplink: Uplink, version: int, gateway: IPAddress
         routes.append(Route(anywhere, uplink.ifname, table=uplink.table, scope=SCOPE_LINK if version == 4 else 0, metric=metric))
     else:
         family = "" if version == 4 else "IPv6 "
-        b.warnings.append(f"uplink {uplink.ifname} has no {family}gateway: it serves only {family}clients on its own subnets")
+        b.warnings.append(f"uplink {uplink.ifname} has no {family}gateway: it serves only {family}clients on its own "
+                          f"subnets (give one with --uplink {uplink.ifname}=GATEWAY to serve the others)")
     seen = set()
     for r in main:
         if not r.is_default and r.dst not in seen:
@@ -388,6 +421,14 @@ def free_priority(facts: Facts) -> int:
 # --- sysctls ---------------------------------------------------------------------------------
 
 
+def interface_forwarding6(instances: tuple[Instance, ...]) -> bool:
+    return any(6 in i.families and i.forwarding6 == "interface" for i in instances)
+
+
+def wants_switch6(instances: tuple[Instance, ...]) -> bool:
+    return any(6 in i.families and i.forwarding6 == "global" for i in instances)
+
+
 def _effective(facts: Facts, version: int, ifname: str, setting: str) -> str | None:
     """The value that decides for this interface: some settings are the OR of all and the device."""
     own = facts.sysctl(sysctl_key(version, ifname, setting))
@@ -411,21 +452,23 @@ def _sysctls(b: _Builder, uplinks: tuple[Uplink, ...], families: dict[str, tuple
         if ours is not None or _effective(b.facts, version, ifname, setting) != "1":
             wanted[key] = "1"
 
+    per_interface6 = interface_forwarding6(b.instances)  # else the global switch forwards IPv6
     for u in uplinks:
         for version in families[u.ifname]:
             if version == 4:
                 want(4, u.ifname, "forwarding")
                 want(4, u.ifname, "src_valid_mark")
-            else:
+            elif per_interface6:
                 want(6, u.ifname, "force_forwarding")
     for instance in b.instances:  # set when the veth is made; put back if someone resets it
         if b.facts.sysctl(sysctl_key(4, instance.veth, "forwarding")) is not None:
             want(4, instance.veth, "forwarding")
-        if 6 in instance.families and b.facts.sysctl(sysctl_key(6, instance.veth, "force_forwarding")) is not None:
+        if (6 in instance.families and instance.forwarding6 == "interface"
+                and b.facts.sysctl(sysctl_key(6, instance.veth, "force_forwarding")) is not None):
             want(6, instance.veth, "force_forwarding")
     if any(i.outbound for i in b.instances):
         for version in (4, 6):
-            if version == 6 and not any(i.subnet6 for i in b.instances):
+            if version == 6 and not per_interface6:
                 continue
             setting = "forwarding" if version == 4 else "force_forwarding"
             for r in b.facts.routes:
@@ -434,9 +477,12 @@ def _sysctls(b: _Builder, uplinks: tuple[Uplink, ...], families: dict[str, tuple
     return wanted
 
 
-def router(facts: Facts, version: int) -> bool:
+def router(facts: Facts, version: int, allocation: Allocation | None = None) -> bool:
     """Has the admin made the host a router (`ip_forward=1`, IPv6 `forwarding=1`)? Then it
-    forwards whatever arrives: nswrap neither guards its uplinks nor turns their forwarding off."""
+    forwards whatever arrives: nswrap neither guards its uplinks nor turns their forwarding off.
+    (The global IPv6 switch that nswrap holds is not the admin's.)"""
+    if version == 6 and allocation is not None and allocation.switch6 is not None:
+        return False
     return facts.sysctl(f"net/ipv{version}/conf/all/forwarding") == "1"
 
 
@@ -446,7 +492,7 @@ def guarded(allocation: Allocation, facts: Facts, version: int) -> list[str]:
     names = []
     for change in allocation.sysctls:
         if change.family == f"ipv{version}" and change.setting == setting and change.original == "0":
-            if router(facts, version):
+            if router(facts, version, allocation):
                 continue
             if not change.ifname.startswith(HOST_PREFIX):  # a veth's own forwarding is not the host's routing
                 names.append(change.ifname)
@@ -495,7 +541,8 @@ def _merged(ports: list[PortRange]) -> list[tuple[str, int, int]]:
 
 
 ELEMENT_SETS = ("ports", "keep4", "remap4", "keep6", "remap6", "any4", "anyremap4", "any6", "anyremap6", "servers4",
-                "servers6", "tftp4", "tftp6", "closed", "stub4", "uplink_new", "uplink_flow", "guarded4", "guarded6")
+                "servers6", "tftp4", "tftp6", "closed", "stub4", "uplink_new", "uplink_flow", "guarded4", "guarded6",
+                "sources4", "sources6", "egress", "held", "routed6")
 
 
 def _elements(b: _Builder, uplinks: tuple[Uplink, ...], families: dict[str, tuple[int, ...]]) -> dict[str, frozenset[Element]]:
@@ -519,6 +566,8 @@ def _elements(b: _Builder, uplinks: tuple[Uplink, ...], families: dict[str, tupl
                         sets[f"tftp{version}"].add(Element((str(instance.server(version)), inner), (), instance.id))
         if not instance.outbound:
             sets["closed"].add(Element((f'"{instance.veth}"',), (), instance.id))
+        for version in instance.families:
+            sets[f"sources{version}"].add(Element((f'"{instance.veth}"', str(instance.server(version))), (), instance.id))
     published = [p for i in b.instances for p in (*i.ports, *i.loopback_ports)]
     sets["ports"] = {Element((proto, _span(lo, hi))) for proto, lo, hi in _merged(published)}
     for version, ranges in internal_ranges(b.instances).items():
@@ -529,9 +578,20 @@ def _elements(b: _Builder, uplinks: tuple[Uplink, ...], families: dict[str, tupl
     for u in uplinks:
         sets["uplink_new"].add(Element((f'"{u.ifname}"',), (f"goto new_{u.index}",)))
         sets["uplink_flow"].add(Element((f"{b.allocation.mark(u.index):#010x}",), (f"goto flow_{u.index}",)))
+        sets["egress"].add(Element((f"{b.allocation.mark(u.index):#010x}", f'"{u.ifname}"')))
     for version in (4, 6):
         sets[f"guarded{version}"] = {Element((f'"{name}"',)) for name in guarded(b.allocation, b.facts, version)}
     return {name: frozenset(items) for name, items in sets.items()}
+
+
+def switch6_elements(facts: Facts, switch: Switch6 | None) -> dict[str, frozenset[Element]]:
+    """While nswrap holds the global IPv6 switch, the guard drops IPv6 forwarded from any
+    interface but those that forwarded before (force_forwarding=1 that is not nswrap's)."""
+    if switch is None:
+        return {"held": frozenset(), "routed6": frozenset()}
+    routed = [link.ifname for link in facts.links if not link.ifname.startswith(HOST_PREFIX)
+              and facts.sysctl(sysctl_key(6, link.ifname, "force_forwarding")) == "1"]
+    return {"held": frozenset({Element(("ipv6",))}), "routed6": frozenset(Element((f'"{n}"',)) for n in routed)}
 
 
 # --- the whole -------------------------------------------------------------------------------
@@ -565,10 +625,54 @@ def datapath(facts: Facts, allocation: Allocation, instances: tuple[Instance, ..
         sysctls=_sysctls(b, uplinks, families),
         elements=_elements(b, uplinks, families),
         warnings=tuple(dict.fromkeys(b.warnings)),
+        hold6=wants_switch6(instances),
     )
 
 
 # --- allocation of an instance ----------------------------------------------------------------
+
+
+NO_IPV6_OLD_KERNEL = ("IPv6 clients are not served: this kernel has no per-interface IPv6 forwarding (Linux >= 6.17) "
+                      "and net.ipv6.conf.all.forwarding is off; --ipv6-forwarding global turns that switch on while "
+                      "nswrap runs (router advertisements are kept, nothing else is forwarded)")
+
+
+def describe_forwarding6(mode: str, facts: Facts, allocation: Allocation | None) -> str:
+    """`nswrap doctor`: which case this host is in, and what nswrap would change for IPv6."""
+    chosen = choose_forwarding6(mode, facts, allocation)
+    if chosen is None:
+        return "off (--ipv6-forwarding off): IPv4 only" if mode == "off" else NO_IPV6_OLD_KERNEL
+    if chosen == "interface":
+        return "per interface (force_forwarding on the uplinks and nswrap's veths, Linux >= 6.17)"
+    if chosen == "host":
+        return "the host's own global switch (net.ipv6.conf.all.forwarding is on already): nswrap changes nothing for it"
+    if allocation is not None and allocation.switch6 is not None:
+        return ("the global switch, which nswrap holds now for its instances (net.ipv6.conf.all.forwarding=1, "
+                "accept_ra=2 where it was 1; nothing else is forwarded)")
+    if facts.sysctl("net/ipv6/conf/all/forwarding") == "1":
+        return "the host's own global switch (net.ipv6.conf.all.forwarding is on already): nswrap changes nothing for it"
+    return ("the global switch: nswrap turns net.ipv6.conf.all.forwarding on while it runs and restores it after "
+            "(accept_ra=2 first where it is 1, so routes learned from router advertisements stay; nothing else is forwarded)")
+
+
+def choose_forwarding6(mode: str, facts: Facts, allocation: Allocation | None) -> str | None:
+    """How a new instance's IPv6 is forwarded (Instance.forwarding6), or None: IPv4 only.
+    `auto`: per interface where the kernel can; else the global switch if it is on already (if
+    nswrap holds it, this instance holds it too, so that it stays on while it runs)."""
+    if mode == "off":
+        return None
+    if mode == "global":
+        return "global"
+    if mode == "interface":
+        if not facts.ipv6_per_interface:
+            raise UsageError("--ipv6-forwarding interface: this kernel has no per-interface IPv6 forwarding "
+                             "(force_forwarding, Linux >= 6.17); use --ipv6-forwarding global or auto")
+        return "interface"
+    if facts.ipv6_per_interface:
+        return "interface"
+    if facts.sysctl("net/ipv6/conf/all/forwarding") == "1":
+        return "global" if allocation is not None and allocation.switch6 is not None else "host"
+    return None
 
 
 def ula_subnet(subnet: ipaddress.IPv4Network) -> ipaddress.IPv6Network:

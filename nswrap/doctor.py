@@ -13,10 +13,21 @@ from collections.abc import Callable
 from nswrap import namespaces, netlink, nft, ruleset, sync
 from nswrap.changes import read_only_message
 from nswrap.config import Config
-from nswrap.datapath import Allocation, Instance, allocate_subnet, check_uplinks, datapath, free_priority, ula_subnet
+from nswrap.datapath import (
+    Allocation,
+    Instance,
+    allocate_subnet,
+    check_uplinks,
+    choose_forwarding6,
+    datapath,
+    describe_forwarding6,
+    free_priority,
+    ula_subnet,
+)
 from nswrap.errors import NswrapError
-from nswrap.facts import Facts, gather
+from nswrap.facts import Facts, gather, netns_id
 from nswrap.instance import require_capabilities
+from nswrap.state import existing
 
 RP_FILTER = {"0": "off", "1": "strict", "2": "loose"}
 
@@ -111,10 +122,16 @@ def doctor(config: Config) -> int:
         facts = gather(routing)
     found: dict = {}
 
+    state = existing(netns_id())
+    allocation = state.allocation() if state else None
+    check("IPv6 forwarding", lambda: describe_forwarding6(config.ipv6_forwarding, facts, allocation))
+
     def planning() -> str:
         subnet = allocate_subnet(facts, (), config.subnet)
-        instance = Instance("d0d0d0", config.ports, subnet, ula_subnet(subnet) if facts.ipv6_per_interface else None,
-                            config.uplinks, config.addresses, (), config.outbound, config.helpers)
+        forwarding6 = choose_forwarding6(config.ipv6_forwarding, facts, allocation)
+        instance = Instance("d0d0d0", config.ports, subnet, ula_subnet(subnet) if forwarding6 else None,
+                            config.uplinks, config.addresses, (), config.outbound, config.helpers,
+                            forwarding6 or "interface")
         check_uplinks(facts, instance)
         dp = datapath(facts, Allocation(config.mark_mask, free_priority(facts)), (instance,))
         found["dp"] = dp

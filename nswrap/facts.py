@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 
 HOST_PREFIX = "nsw-"  # host end of an instance's veth: nsw-<id>
 PROC_SYS = "/proc/sys"
+# A test seam, not an option: the system tests make nswrap see a kernel older than 6.17 (no
+# per-interface IPv6 forwarding) on the kernel they run on.
+OLD_KERNEL_SEAM = "NSWRAP_TEST_NO_FORCE_FORWARDING"
 
 
 @datatype
@@ -49,11 +52,16 @@ class Facts:
 def sysctl_keys(names: list[str]) -> list[str]:
     """The settings the datapath depends on, for these interfaces."""
     keys = ["net/ipv4/conf/all/src_valid_mark", "net/ipv4/conf/all/route_localnet", "net/ipv6/conf/all/forwarding",
-            "net/ipv4/conf/all/forwarding"]
+            "net/ipv4/conf/all/forwarding", "net/ipv6/conf/default/forwarding", "net/ipv6/conf/default/accept_ra"]
     for name in names:
         keys += [sysctl_key(4, name, "forwarding"), sysctl_key(4, name, "src_valid_mark"),
                  sysctl_key(6, name, "force_forwarding")]
     return keys
+
+
+def per_interface_forwarding6() -> bool:
+    """Linux >= 6.17: IPv6 forwarding per interface (force_forwarding)."""
+    return os.path.exists(f"{PROC_SYS}/net/ipv6/conf/lo/force_forwarding") and not os.environ.get(OLD_KERNEL_SEAM)
 
 
 def sysctl_key(family: int, ifname: str, setting: str) -> str:
@@ -108,10 +116,15 @@ def gather(routing: Routing) -> Facts:
     names = {link.index: link.ifname for link in links}
     sysctls = {}
     keys = sysctl_keys([link.ifname for link in links if link.ifname != "lo" and not link.ifname.startswith(HOST_PREFIX)])
-    for link in links:  # nswrap's veths: a write to net.ipv4.ip_forward resets their forwarding too
-        if link.ifname.startswith(HOST_PREFIX):
+    for link in links:
+        if link.ifname.startswith(HOST_PREFIX):  # a write to net.ipv4.ip_forward resets their forwarding too
             keys += [sysctl_key(4, link.ifname, "forwarding"), sysctl_key(6, link.ifname, "force_forwarding")]
+        else:  # what the global IPv6 switch rewrites, and what keeps router advertisements working
+            keys += [sysctl_key(6, link.ifname, "forwarding"), sysctl_key(6, link.ifname, "accept_ra")]
+    per_interface6 = per_interface_forwarding6()
     for key in keys:
+        if not per_interface6 and key.endswith("/force_forwarding"):
+            continue
         value = read_sysctl(key)
         if value is not None:
             sysctls[key] = value
@@ -121,7 +134,7 @@ def gather(routing: Routing) -> Facts:
         routes=tuple(routing.routes(names)),
         rules=tuple(routing.rules()),
         sysctls=sysctls,
-        ipv6_per_interface=os.path.exists(f"{PROC_SYS}/net/ipv6/conf/lo/force_forwarding"),
+        ipv6_per_interface=per_interface6,
         loopback_listeners=_loopback_listeners(),
         resolver_stub=_resolver_stub(),
     )

@@ -24,14 +24,16 @@ import time
 
 from nswrap import legacy, namespaces, netlink, nft, sync
 from nswrap.apply import Kernel, Transaction
-from nswrap.changes import DeleteLink, NftBatch, ServerNetwork, SetSysctl, read_only_message
+from nswrap.changes import DeleteLink, Forwarding6, NftBatch, ServerNetwork, SetSysctl, read_only_message
 from nswrap.config import Config, PortRange
 from nswrap.datapath import (
+    NO_IPV6_OLD_KERNEL,
     Allocation,
     Instance,
     absent_addresses,
     allocate_subnet,
     check_uplinks,
+    choose_forwarding6,
     conflicts,
     gateway_conflict,
     ula_subnet,
@@ -45,6 +47,7 @@ from nswrap.supervise import FORWARDED, Credentials, Interrupted, Supervisor, ch
 log = logging.getLogger("nswrap")
 
 CAP_NET_ADMIN, CAP_SYS_ADMIN = 12, 21
+ALL6 = "net/ipv6/conf/all/forwarding"
 STOP_FLUSH_SECONDS = 2.0  # forgetting this instance's flows at stop: bounded, the rest expire
 
 
@@ -174,22 +177,27 @@ class Life:
 
     # --- start ---------------------------------------------------------------------------
 
-    def _new_instance(self, facts: Facts, live: list[Record]) -> Instance:
+    def _new_instance(self, facts: Facts, live: list[Record], allocation: Allocation | None) -> Instance:
         config = self.config
         ids = {r.id for r in self.state.records()}
         instance_id = new_id(self.state, ids)
         subnet = allocate_subnet(facts, tuple(r.instance for r in live), config.subnet)
-        ipv6 = facts.ipv6_per_interface
-        if ipv6 and proc_sys_read_only() and facts.sysctl("net/ipv6/conf/all/forwarding") != "1":
-            ipv6 = False  # IPv6 forwarding cannot be turned on here
-            if any(a.version == 6 and a.scope == 0 for a in facts.addresses):
+        forwarding6 = choose_forwarding6(config.ipv6_forwarding, facts, allocation)
+        serves6 = any(a.version == 6 and a.scope == 0 for a in facts.addresses)
+        if forwarding6 is None and config.ipv6_forwarding == "auto" and serves6:
+            log.warning("%s", NO_IPV6_OLD_KERNEL)
+        if forwarding6 in ("interface", "global") and proc_sys_read_only() and facts.sysctl(ALL6) != "1":
+            if config.ipv6_forwarding != "auto":
+                raise NswrapError(read_only_message([ALL6]))
+            forwarding6 = None  # IPv6 forwarding cannot be turned on here
+            if serves6:
                 log.warning("IPv6 clients are not served: /proc/sys is read-only and IPv6 forwarding is off "
                             "(a container? start it with --sysctl net.ipv6.conf.all.forwarding=1)")
         return Instance(
             id=instance_id, ports=config.ports, subnet=subnet,
-            subnet6=ula_subnet(subnet) if ipv6 else None,
+            subnet6=ula_subnet(subnet) if forwarding6 else None,
             uplinks=config.uplinks, addresses=config.addresses, loopback_ports=loopback_ports(config, facts),
-            outbound=config.outbound, helpers=config.helpers,
+            outbound=config.outbound, helpers=config.helpers, forwarding6=forwarding6 or "interface",
         )
 
     def start(self) -> None:
@@ -218,7 +226,7 @@ class Life:
                 instance, self.netns_fd, _mtu(facts),
                 resolver_stub=str(facts.resolver_stub) if facts.resolver_stub else None,
                 unprivileged_ports=self.config.user is not None and not proc_sys_read_only(),
-                ipv6_forwarding=facts.sysctl("net/ipv6/conf/all/forwarding") != "1",
+                ipv6_forwarding=_veth_forwarding6(facts, instance),
             ))
             sync.run(plan, tx, self.state.save_allocation)
         except BaseException:
@@ -238,9 +246,6 @@ class Life:
         older nswrap or a crashed instance with another --mark-mask left behind is gone."""
         self.supervisor.checkpoint()
         facts = gather(self.kernel.routing)
-        if not facts.ipv6_per_interface and any(a.version == 6 and a.scope == 0 for a in facts.addresses):
-            log.warning("IPv6 clients are not served: this kernel has no per-interface IPv6 forwarding "
-                        "(force_forwarding, Linux >= 6.17), and nswrap never turns on the global switch")
         if legacy.dead_records():  # an older nswrap's leftovers, swept as that version did at start
             self._sweep_legacy(facts)
             facts = gather(self.kernel.routing)
@@ -256,7 +261,7 @@ class Life:
 
     def _plan(self, facts: Facts, live: list[Record], allocation: Allocation | None) -> tuple[Instance, sync.Plan]:
         """This instance, checked against the host and the live ones, and what its start changes."""
-        instance = self._new_instance(facts, live)
+        instance = self._new_instance(facts, live, allocation)
         check_start(facts, instance, live)
         # the shared part is (re)made when no instance lives: then first look at the other
         # firewalls, and one listing of the whole ruleset holds nswrap's table too
@@ -268,7 +273,7 @@ class Life:
         if table is None or not live:
             rooms = sync.wanted_rooms(sync.probe_firewall(listed), self.config.firewall, self.config.mark_mask)
         plan = sync.plan(facts, table, allocation, (*(r.instance for r in live), instance), self.config.mark_mask, rooms)
-        writes = [c.key for c in plan.changes if isinstance(c, SetSysctl)]
+        writes = [c.key if isinstance(c, SetSysctl) else ALL6 for c in plan.changes if isinstance(c, (SetSysctl, Forwarding6))]
         if writes and proc_sys_read_only():  # say every --sysctl it takes at once, before any change
             raise NswrapError(read_only_message(writes))
         for warning in plan.datapath.warnings:
@@ -411,7 +416,7 @@ class Life:
                     self.instance, fd, _mtu(facts),
                     resolver_stub=str(facts.resolver_stub) if facts.resolver_stub else None,
                     unprivileged_ports=self.config.user is not None and not proc_sys_read_only(),
-                    ipv6_forwarding=facts.sysctl("net/ipv6/conf/all/forwarding") != "1"))
+                    ipv6_forwarding=_veth_forwarding6(facts, self.instance)))
             log.warning("the veth %s was deleted: made it again", self.instance.veth)
         finally:
             os.close(fd)
@@ -502,6 +507,12 @@ class Life:
                     ct.delete(mine[i:i + 1000])
         except OSError as e:
             log.warning("conntrack: could not forget this instance's flows: %s", e)
+
+
+def _veth_forwarding6(facts: Facts, instance: Instance) -> bool:
+    """Does the veth need its own force_forwarding (the instance forwards IPv6 per interface, and
+    the global switch is off)?"""
+    return 6 in instance.families and instance.forwarding6 == "interface" and facts.sysctl(ALL6) != "1"
 
 
 def _mtu(facts: Facts) -> int:

@@ -59,6 +59,7 @@ class Table:
     counters: dict[tuple[str, Element], tuple[int, int]] = field(default_factory=dict)  # packets, bytes
     rules: dict[str, int] = field(default_factory=dict)  # chain -> number of rules
     version: str = ""
+    named_counters: dict[str, int] = field(default_factory=dict)  # counter object -> packets
 
 
 def read_table() -> Table | None:
@@ -86,6 +87,8 @@ def parse_table(items: list[dict]) -> Table:
         elif "rule" in item:
             chain = item["rule"]["chain"]
             table.rules[chain] = table.rules.get(chain, 0) + 1
+        if "counter" in item and isinstance(item["counter"], dict):
+            table.named_counters[item["counter"]["name"]] = item["counter"].get("packets", 0)
         for kind in ("set", "map"):
             if kind in item:
                 _read_set(table, item[kind])

@@ -42,7 +42,16 @@ SETS = {
     "uplink_flow": "type mark : verdict;",  # ct mark -> goto flow_<k>: mark each packet of one
     "guarded4": "type ifname;",  # forwarding turned on by nswrap: route nothing else arriving here
     "guarded6": "type ifname;",
+    "sources4": "type ifname . ipv4_addr;",  # veth . its server's address: the only source it may send from
+    "sources6": "type ifname . ipv6_addr;",
+    "egress": "type mark . ifname;",  # an uplink's mark . the uplink: where its flows' replies may leave
+    "held": "type nf_proto;",  # families whose global forwarding switch nswrap holds (IPv6 before 6.17)
+    "routed6": "type ifname;",  # interfaces that forwarded IPv6 before nswrap held the switch
 }
+# not elements nswrap computes: what the kernel counts (per veth, the packets of forged sources
+# dropped), and one counter (replies that no route of their uplink could take)
+DYNAMIC = {"forged": "type ifname; size 65536; flags dynamic; counter;"}
+COUNTERS = ("misrouted",)
 assert set(SETS) == set(ELEMENT_SETS)
 
 # the conntrack timeouts of published flows: an unanswered (or answered within 2 s, as a DNS
@@ -77,20 +86,38 @@ def _render(chain: Chain) -> list[str]:
     return [f"\tchain {name} {{", *head, *(f"\t\t{r}" for r in rules), "\t}"]
 
 
+def _sources() -> list[Chain]:
+    """prerouting, before conntrack: a server sends from its own address only, whatever
+    rp_filter says (IPv6 has none), so that a forged packet never reaches conntrack, where it
+    would pass as another flow's reply (another instance's, say), nor leaves the host. IPv6
+    link-local traffic (neighbour discovery) stays on the link: the kernel never forwards it."""
+    return [
+        *_chain("sources", "filter hook prerouting priority raw", ['iifname "nsw-*" goto from_veth']),
+        *_chain("from_veth", None, [
+            "iifname . ip saddr @sources4 accept",
+            "iifname . ip6 saddr @sources6 accept",
+            "ip6 saddr { ::, fe80::/10 } ip6 daddr { fe80::/10, ff02::/16 } accept",
+            "update @forged { iifname } drop",
+        ]),
+    ]
+
+
 def _remember(mask: int) -> list[Chain]:
     """prerouting, after DNAT: every packet of a published flow gets its uplink's mark (one map
     lookup); the first packet of one records the uplink in the ct mark."""
     return [
         *_chain("remember", "filter hook prerouting priority dstnat + 1", [
             f"ct mark & {mask:#010x} vmap @uplink_flow",
+            # --no-outbound: nothing reaches the host from such a server but the resolver stub's
+            # DNAT, whatever conntrack makes of a packet (an INVALID one, a SYN|ACK to nobody);
+            # DNATed flows to other servers end in from_server
+            'iifname "nsw-*" iifname @closed ct status dnat accept',
+            'iifname "nsw-*" iifname @closed drop',
             "ct state != new accept",
             "ct status dnat goto first",
             # route_localnet on our veths lets a server reach the host's loopback resolver (DNATed):
             # nothing else on the host's loopback
             'iifname "nsw-*" ip daddr 127.0.0.0/8 drop',
-            # --no-outbound: no connection to the host either (its addresses, its services); the
-            # resolver stub's DNAT passes, DNATed flows to other servers end in from_server
-            "iifname @closed drop",
         ]),
         *_chain("first", None, ["ip daddr @servers4 goto first4", "ip6 daddr @servers6 goto first6"]),
     ]
@@ -171,6 +198,8 @@ def _guard(mask: int) -> list[Chain]:
             f"ct mark & {mask:#010x} != 0 drop",
             "iifname @guarded4 meta nfproto ipv4 drop",
             "iifname @guarded6 meta nfproto ipv6 drop",
+            # the global IPv6 switch nswrap holds forwards nothing the host did not forward before
+            "meta nfproto @held iifname != @routed6 drop",
         ]),
         *_chain("into_server", None, [
             clear,
@@ -180,6 +209,10 @@ def _guard(mask: int) -> list[Chain]:
             "drop",
         ]),
         *_chain("from_server", None, [
+            # a reply leaves through its flow's uplink or not at all (an uplink without a gateway
+            # has no route for an off-subnet client: main's default would take it elsewhere)
+            f"ct direction reply meta mark & {mask:#010x} != 0 meta mark & {mask:#010x} . oifname != @egress "
+            'counter name "misrouted" drop',
             clear,
             "ct direction reply accept",
             "ct status expected accept",
@@ -214,11 +247,14 @@ def uplink_chains(mask: int, index: int) -> dict[str, list[str]]:
 
 
 def chains(mask: int) -> list[Chain]:
-    return _remember(mask) + _first(4) + _first(6) + _publish() + _publish_local() + _outbound() + _guard(mask) + _local_out()
+    return (_sources() + _remember(mask) + _first(4) + _first(6) + _publish() + _publish_local() + _outbound()
+            + _guard(mask) + _local_out())
 
 
 def base(mask: int) -> list[str]:
     out = [f"\t{'map' if ':' in decl else 'set'} {name} {{ {decl} }}" for name, decl in SETS.items()]
+    out += [f"\tset {name} {{ {decl} }}" for name, decl in DYNAMIC.items()]
+    out += [f"\tcounter {name} {{ }}" for name in COUNTERS]
     out.append(f"\tset {VERSION_SET} {{ type inet_service; }}")
     out += _objects()
     for chain in chains(mask):

@@ -27,7 +27,7 @@ import stat
 from collections.abc import Callable, Iterator
 
 from nswrap.config import HELPERS, PortRange, parse_port_item, parse_uplink, valid_ifname
-from nswrap.datapath import POOL6, Allocation, Instance, Room, SysctlChange, Uplink, mark_capacity
+from nswrap.datapath import POOL6, Allocation, Instance, Room, Setting6, Switch6, SysctlChange, Uplink, mark_capacity
 from nswrap.datatypes import datatype, field
 from nswrap.errors import NswrapError, UsageError
 
@@ -40,6 +40,7 @@ MAX_ARG_STRLEN = 32 * 4096  # the kernel's limit on one argument of exec
 MAX_FILE = 1 << 20  # a record holds the command line: the kernel allows up to 128 KiB per argument
 ID = re.compile(r"[0-9a-f]{6}")  # always fullmatch()ed
 SYSCTL_VALUE = re.compile(r"[0-2]")
+FORWARDING6 = ("interface", "global", "host")
 
 
 def sysctl_key_ok(key: object, settings: dict[str, tuple[str, ...]] | None = None) -> bool:
@@ -326,7 +327,8 @@ class Record:
             "ports": [str(p) for p in i.ports], "uplinks": [str(u) for u in i.uplinks],
             "addresses": [str(a) for a in i.addresses], "loopback_ports": [str(p) for p in i.loopback_ports],
             "outbound": i.outbound, "helpers": list(i.helpers), "subnet": str(i.subnet),
-            "subnet6": str(i.subnet6) if i.subnet6 else None, "init_pid": self.init_pid, "mark_mask": self.mark_mask,
+            "subnet6": str(i.subnet6) if i.subnet6 else None, "forwarding6": i.forwarding6,
+            "init_pid": self.init_pid, "mark_mask": self.mark_mask,
         }, indent=1).encode()
 
 
@@ -379,6 +381,9 @@ def parse_record(raw: bytes, name: str) -> Record:
         raise InvalidState("subnet is not a /30")
     if subnet6 is not None and (subnet6.prefixlen != 64 or not subnet6.subnet_of(POOL6)):
         raise InvalidState(f"subnet6 is not a /64 of {POOL6}")
+    forwarding6 = data.get("forwarding6", "interface")  # records of nswrap before 0.? have none
+    if forwarding6 not in FORWARDING6:
+        raise InvalidState("bad forwarding6")
     helpers = tuple(_list_of(data, "helpers", 4))
     if any(h not in HELPERS for h in helpers):
         raise InvalidState("unknown helper")
@@ -394,7 +399,7 @@ def parse_record(raw: bytes, name: str) -> Record:
     instance = Instance(
         id=rid, ports=_ports(_list_of(data, "ports", 65536)), subnet=subnet, subnet6=subnet6, uplinks=uplinks,
         addresses=addresses, loopback_ports=_ports(_list_of(data, "loopback_ports", 65536)),
-        outbound=_need(data, "outbound", bool), helpers=helpers,
+        outbound=_need(data, "outbound", bool), helpers=helpers, forwarding6=forwarding6,
     )
     if not instance.ports:
         raise InvalidState("no ports")
@@ -412,7 +417,40 @@ def allocation_to_json(a: Allocation) -> bytes:
         "uplinks": [{"ifname": u.ifname, "index": u.index, "table": u.table} for u in a.uplinks],
         "sysctls": [{"key": s.key, "original": s.original, "ours": s.ours, "ifindex": s.ifindex} for s in a.sysctls],
         "rooms": [{"binary": r.binary, "chain": r.chain, "rule": list(r.rule)} for r in a.rooms],
+        "switch6": None if a.switch6 is None else {
+            "default_forwarding": a.switch6.default_forwarding, "default_accept_ra": a.switch6.default_accept_ra,
+            "interfaces": [{"ifname": i.ifname, "ifindex": i.ifindex, "forwarding": i.forwarding, "accept_ra": i.accept_ra}
+                           for i in a.switch6.interfaces]},
     }, indent=1).encode()
+
+
+def _setting_value(value: object) -> str:
+    if not isinstance(value, str) or not SYSCTL_VALUE.fullmatch(value):
+        raise InvalidState("bad sysctl value")
+    return value
+
+
+def _index(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 31:
+        raise InvalidState("bad interface index")
+    return value
+
+
+def _switch6(data: object) -> Switch6 | None:
+    """What every interface had before nswrap held the global IPv6 switch (at most one entry a
+    possible interface: 1 << 20 of them would not fit in MAX_FILE anyway)."""
+    if data is None:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("interfaces"), list):
+        raise InvalidState("bad switch6")
+    interfaces = []
+    for i in data["interfaces"]:
+        if not isinstance(i, dict) or not isinstance(i.get("ifname"), str) or not valid_ifname(i["ifname"]):
+            raise InvalidState("bad switch6 interface")
+        interfaces.append(Setting6(i["ifname"], _index(i.get("ifindex")), _setting_value(i.get("forwarding")),
+                                   _setting_value(i.get("accept_ra"))))
+    return Switch6(tuple(interfaces), _setting_value(data.get("default_forwarding")),
+                   _setting_value(data.get("default_accept_ra")))
 
 
 def _known_rooms() -> set[tuple[str, ...]]:
@@ -455,7 +493,7 @@ def parse_allocation(raw: bytes) -> Allocation:
                 or r.get("chain") not in ("FORWARD", "DOCKER-USER") or tuple(r.get("rule", ())) not in known):
             raise InvalidState("an iptables rule that is not nswrap's")
         rooms.append(Room(r["binary"], r["chain"], tuple(r["rule"])))
-    return Allocation(mask, priority, tuple(uplinks), tuple(sysctls), tuple(rooms))
+    return Allocation(mask, priority, tuple(uplinks), tuple(sysctls), tuple(rooms), _switch6(data.get("switch6")))
 
 
 # --- this namespace's state, as one object ----------------------------------------------------

@@ -25,6 +25,7 @@ from nswrap.changes import (
     DeleteRoute,
     DeleteRule,
     FlushMark,
+    Forwarding6,
     InsertRoom,
     NftBatch,
     SetSysctl,
@@ -36,15 +37,18 @@ from nswrap.datapath import (
     Element,
     Instance,
     Room,
+    Setting6,
+    Switch6,
     SysctlChange,
     datapath,
     free_priority,
     guarded,
     router,
+    switch6_elements,
 )
 from nswrap.datatypes import datatype, replace
 from nswrap.errors import NswrapError
-from nswrap.facts import Facts
+from nswrap.facts import HOST_PREFIX, Facts, sysctl_key
 from nswrap.firewall import FirewallFacts, blockers, how_to_fix, mark_users, rooms
 from nswrap.objects import PROTO, Route, Rule
 
@@ -109,6 +113,54 @@ def _sysctl_changes(facts: Facts, current: Allocation, wanted: dict[str, str]
     return restores, sets, changed
 
 
+ALL6 = "net/ipv6/conf/all/forwarding"
+
+
+def snapshot6(facts: Facts) -> Switch6:
+    """Every interface's IPv6 forwarding and accept_ra, and `default`'s, before nswrap turns the
+    global switch on."""
+    def value(ifname: str, setting: str, fallback: str) -> str:
+        return facts.sysctl(sysctl_key(6, ifname, setting)) or fallback
+
+    interfaces = tuple(Setting6(link.ifname, link.index, value(link.ifname, "forwarding", "0"),
+                                value(link.ifname, "accept_ra", "1"))
+                       for link in facts.links if not link.ifname.startswith(HOST_PREFIX)
+                       and facts.sysctl(sysctl_key(6, link.ifname, "forwarding")) is not None)
+    return Switch6(interfaces, value("default", "forwarding", "0"), value("default", "accept_ra", "1"))
+
+
+def _switch6_changes(facts: Facts, current: Switch6 | None, hold: bool) -> tuple[list[Change], list[Change], Switch6 | None]:
+    """(release, take, the switch nswrap holds after): the global IPv6 forwarding switch, for
+    instances on kernels without per-interface forwarding (docs/design.md). Router
+    advertisements keep working while it is on: every interface with accept_ra=1, and
+    `default` for those to come, gets accept_ra=2 first (forwarding on purges the routes RAs
+    gave where accept_ra is not 2). Released, every interface gets its forwarding back (writing
+    `all` rewrote them all), then its accept_ra, if nobody changed it since."""
+    on = facts.sysctl(ALL6) == "1"
+    if hold:
+        switch = current if current is not None or on else snapshot6(facts)
+        if switch is None:
+            return [], [], None  # the host's own switch, on already: not nswrap's to hold
+        take: list[Change] = []
+        for ifname in ["default", *(link.ifname for link in facts.links)]:
+            key = sysctl_key(6, ifname, "accept_ra")
+            if not ifname.startswith(HOST_PREFIX) and facts.sysctl(key) == "1":
+                take.append(SetSysctl(key, "2", "1"))
+        if not on:
+            take.append(Forwarding6(True, switch))
+        return [], take, switch
+    if current is None:
+        return [], [], None
+    release: list[Change] = [Forwarding6(False, current)]
+    for link in facts.links:
+        key = sysctl_key(6, link.ifname, "accept_ra")
+        if facts.sysctl(key) == "2" and current.before(link.ifname, link.index).accept_ra == "1":
+            release.append(SetSysctl(key, "1", "2"))
+    if facts.sysctl(sysctl_key(6, "default", "accept_ra")) == "2" and current.default_accept_ra == "1":
+        release.append(SetSysctl(sysctl_key(6, "default", "accept_ra"), "1", "2"))
+    return release, [], None
+
+
 def _admins(change: SysctlChange, ip_forward: bool) -> bool:
     """An interface's forwarding that the admin's `ip_forward=1` (which sets every interface's)
     made theirs since nswrap turned it on: it stays on."""
@@ -152,11 +204,12 @@ def plan(facts: Facts, table: nft.Table | None, allocation: Allocation | None, i
     target = dp.allocation
     restores, sets, changed = _sysctl_changes(facts, current, dp.sysctls)
     sysctls = tuple(changed.values())
+    release6, take6, switch6 = _switch6_changes(facts, current.switch6, dp.hold6)
 
     # the guard covers every interface whose forwarding nswrap turns on, from this very change
     if instances:
-        guarding = replace(target, sysctls=sysctls)
-        dp = replace(dp, elements={**dp.elements, **{
+        guarding = replace(target, sysctls=sysctls, switch6=switch6)
+        dp = replace(dp, elements={**dp.elements, **switch6_elements(facts, switch6), **{
             f"guarded{v}": frozenset(Element((f'"{name}"',)) for name in guarded(guarding, facts, v)) for v in (4, 6)}})
 
     rooms = () if not instances else (firewall_rooms if firewall_rooms is not None else current.rooms)
@@ -178,12 +231,14 @@ def plan(facts: Facts, table: nft.Table | None, allocation: Allocation | None, i
     # the guard exists before forwarding is turned on; forwarding is restored before the guard goes
     after: Allocation | None
     if instances:
-        changes = [*restores, *nft_changes, *route_adds, *rule_adds, *rule_dels, *route_dels, *room_changes, *sets, *flushes]
-        after = replace(target, sysctls=sysctls, rooms=rooms)
+        changes = [*release6, *restores, *nft_changes, *route_adds, *rule_adds, *rule_dels, *route_dels, *room_changes,
+                   *sets, *take6, *flushes]
+        after = replace(target, sysctls=sysctls, rooms=rooms, switch6=switch6)
     else:
-        changes = [*restores, *rule_dels, *route_dels, *room_changes, *nft_changes, *flushes]
+        changes = [*release6, *restores, *rule_dels, *route_dels, *room_changes, *nft_changes, *flushes]
         after = None
-    before = None if allocation is None and not instances else _union(current, replace(target, sysctls=sysctls, rooms=rooms))
+    before = None if allocation is None and not instances else _union(
+        current, replace(target, sysctls=sysctls, rooms=rooms, switch6=switch6 or current.switch6))
     return Plan(changes, dp, before, after)
 
 
@@ -231,6 +286,13 @@ def fail_closed(allocation: Allocation | None) -> list[str]:
     from nswrap.facts import read_sysctl
 
     done = []
+    if allocation is not None and allocation.switch6 is not None:
+        try:
+            if read_sysctl(ALL6) == "1":
+                Forwarding6(False, allocation.switch6).do(None)
+                done.append(f"{ALL6}=0")
+        except (OSError, NswrapError) as e:
+            log.warning("could not restore %s: %s", ALL6, e)
     for change in allocation.sysctls if allocation else ():
         if _admins(change, read_sysctl("net/ipv4/conf/all/forwarding") == "1"):
             continue

@@ -18,6 +18,7 @@ STATE_SYSCTLS = (
     "/proc/sys/net/ipv4/ip_forward",
     "/proc/sys/net/ipv6/conf/*/forwarding",
     "/proc/sys/net/ipv6/conf/*/force_forwarding",
+    "/proc/sys/net/ipv6/conf/*/accept_ra",
 )
 
 # iptables-legacy's rules, when its tables are loaded at all: listing them would load them, and
@@ -48,11 +49,17 @@ def snapshot(read: Callable[[list[str]], str]) -> dict[str, Any]:
         "rule4": ip_json("-4", "rule", "show"),
         "rule6": ip_json("-6", "rule", "show"),
         "route4": ip_json("-4", "route", "show", "table", "all"),
-        "route6": ip_json("-6", "route", "show", "table", "all"),
+        "route6": [_timeless(r) for r in ip_json("-6", "route", "show", "table", "all")],
         "nft": zero_counters(json.loads(read(["nft", "-j", "list", "ruleset"]))["nftables"]),
         "iptables_legacy": read(["sh", "-c", _LEGACY_SAVE]),
         "sysctl": sysctls,
     }
+
+
+def _timeless(route: dict[str, Any]) -> dict[str, Any]:
+    """A route learned from a router advertisement counts down its lifetime: the route is the
+    same whatever is left of it."""
+    return {k: v for k, v in route.items() if k != "expires"}
 
 
 def zero_counters(node: Any) -> Any:

@@ -225,7 +225,7 @@ def test_no_resolv_conf(files):
 def test_sysctl_keys_the_datapath_reads():
     assert facts.sysctl_keys(["eth0"]) == [
         "net/ipv4/conf/all/src_valid_mark", "net/ipv4/conf/all/route_localnet", "net/ipv6/conf/all/forwarding",
-        "net/ipv4/conf/all/forwarding",
+        "net/ipv4/conf/all/forwarding", "net/ipv6/conf/default/forwarding", "net/ipv6/conf/default/accept_ra",
         "net/ipv4/conf/eth0/forwarding", "net/ipv4/conf/eth0/src_valid_mark", "net/ipv6/conf/eth0/force_forwarding"]
 
 

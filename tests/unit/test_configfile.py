@@ -289,7 +289,7 @@ def test_every_option_has_a_variable_and_a_key():
                 if command is cli.run and long_name != "config":
                     assert keys[long_name][0] == param.name
     assert set(keys) == {"command", "ports", "uplink", "subnet", "mark-mask", "address", "firewall", "no-outbound",
-                         "helper", "user", "stop-timeout", "ready-fd", "dry-run", "verbose"}
+                         "helper", "user", "stop-timeout", "ready-fd", "dry-run", "verbose", "ipv6-forwarding"}
 
 
 # --- errors through the command line (in-process: exit 2, one line) -------------------------------

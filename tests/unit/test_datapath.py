@@ -160,7 +160,8 @@ def test_routes_of_each_uplink_table():
 
 def test_an_uplink_without_gateway_is_a_warning():
     dp = datapath(host(), fresh(), (instance(),))
-    assert dp.warnings == ("uplink eth2 has no gateway: it serves only clients on its own subnets",)
+    assert dp.warnings == ("uplink eth2 has no gateway: it serves only clients on its own subnets "
+                           "(give one with --uplink eth2=GATEWAY to serve the others)",)
 
 
 def test_an_explicit_gateway_wins_over_the_main_table():
