@@ -1,0 +1,139 @@
+"""A wrapped server is contained: it sends from its own address or not at all.
+
+A hostile server (tests/system/forger.py, root in its own namespace as nswrap's servers are by
+default) gives its interface the addresses it wants to forge and sends from them: the host's own
+addresses, foreign ones, another instance's private ones. The host's reverse-path filtering is
+loose (systemd's default), which lets such packets through by itself. r1, the next hop, counts
+what reaches it from the host, per destination port (one port per source): only the datagram
+from the server's own address (masqueraded on the way out, as every connection of a server's own
+is) may arrive.
+
+A second test plays the cross-instance injection: a client of instance B waits for B's answer,
+which never comes; instance A's server forges it, from B's private address and port.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.lab import wait_until
+from tests.system.common import HERE, nswrap, output, start, wait_ready
+
+FORGER = [sys.executable, str(HERE / "forger.py")]
+C1 = ("203.0.113.2", "2001:db8:a::2")
+CAPTURE = """
+table inet capture {
+    set seen { type inet_service; size 1024; flags dynamic; counter; }
+    chain pre {
+        type filter hook prerouting priority raw; policy accept;
+        iifname "eth0" udp dport 7000-7999 update @seen { udp dport }
+    }
+}
+"""
+SILENT = """
+import socket, sys
+s4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s4.bind(("0.0.0.0", 5300))
+s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+s6.bind(("::", 5300))
+print("ready", flush=True)
+while True:
+    s4.recvfrom(100)  # reads, never answers
+"""
+CLIENT = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 40000))
+s.settimeout(6)
+s.sendto(b"query", ("192.0.2.10", 5300))
+print("sent", flush=True)
+try:
+    data, peer = s.recvfrom(100)
+    print("answered", peer, data, flush=True)
+except TimeoutError:
+    print("silence", flush=True)
+"""
+
+
+def seen_at_r1(lab) -> dict[int, int]:
+    out = lab.exec(lab.ns("r1"), ["nft", "-j", "list", "set", "inet", "capture", "seen"]).stdout
+    items = next(i["set"] for i in json.loads(out)["nftables"] if "set" in i).get("elem", [])
+    return {e["elem"]["val"]: e["elem"]["counter"]["packets"] for e in items}
+
+
+def server_address(lab, marker: str, version: int) -> str:
+    """The private address nswrap gave a server (read in its namespace, with iproute2)."""
+    from tests.system.common import processes_running
+
+    (pid,) = [p.pid for p in processes_running(marker) if "nswrap" not in p.cmdline()]
+    out = lab.exec(lab.host, ["nsenter", "-t", str(pid), "-n", "ip", "-json", f"-{version}", "addr", "show", "eth0"]).stdout
+    return next(a["local"] for link in json.loads(out) for a in link["addr_info"] if a.get("scope") == "global")
+
+
+def loose_rp_filter(lab) -> dict[str, str]:
+    keys = ["net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter"]
+    before = {k: lab.exec(lab.host, ["sysctl", "-n", k]).stdout.strip() for k in keys}
+    lab.sysctl(lab.host, dict.fromkeys(keys, "2"))
+    return before
+
+
+def test_a_server_sends_from_its_own_address_only(lab, tmp_path):
+    lab.exec(lab.ns("r1"), ["nft", "-f", "-"], input=CAPTURE)
+    restore = loose_rp_filter(lab)
+    try:
+        other = start(lab, tmp_path, "--ports", "5300", "--", sys.executable, "-c", SILENT, str(tmp_path / "b"), name="b")
+        wait_ready(tmp_path, "b")
+        b4, b6 = server_address(lab, str(tmp_path / "b"), 4), server_address(lab, str(tmp_path / "b"), 6)
+        go = tmp_path / "go"
+        sources = {
+            7000: "own4", 7001: "192.0.2.10", 7002: "198.51.100.77", 7003: b4,
+            7100: "own6", 7101: "2001:db8:1::10", 7102: "2001:db8:0:1::10", 7103: "2001:db8:0:2::77", 7104: b6,
+        }
+        specs = [f"{source}:{6000 + i}:{dport}" for i, (dport, source) in enumerate(sources.items())]
+        forger = start(lab, tmp_path, "--ports", "5400", "--", *FORGER, str(go), *C1, *specs, name="a")
+        wait_ready(tmp_path, "a")
+        go.touch()
+        wait_until(lambda: "done" in output(tmp_path, "a"), 20, what="the forger sent")
+        wait_until(lambda: seen_at_r1(lab).get(7000) and seen_at_r1(lab).get(7100), 10,
+                   what="the server's ordinary datagrams, IPv4 and IPv6, reach r1")
+        seen = seen_at_r1(lab)
+        assert {port: n for port, n in seen.items() if port not in (7000, 7100)} == {}, \
+            f"forged sources left the host: {({sources[p]: n for p, n in seen.items() if p not in (7000, 7100)})}"
+        listed = json.loads(nswrap(lab, "list", "--json").stdout)
+        assert max(row["forged"] for row in listed["instances"]) >= 3 * (len(sources) - 2), listed
+        text = nswrap(lab, "list").stdout
+        assert "packets the server sent from an address not its own" in text, text
+        assert lab.stop(forger) == 128 + 15
+        assert lab.stop(other) == 128 + 15
+    finally:
+        lab.sysctl(lab.host, restore)
+        lab.exec(lab.ns("r1"), ["nft", "delete", "table", "inet", "capture"])
+
+
+def test_another_instances_reply_cannot_be_forged(lab, tmp_path):
+    restore = loose_rp_filter(lab)
+    try:
+        victim = start(lab, tmp_path, "--ports", "5300", "--", sys.executable, "-c", SILENT, str(tmp_path / "b"), name="b")
+        wait_ready(tmp_path, "b")
+        b4 = server_address(lab, str(tmp_path / "b"), 4)
+        go = tmp_path / "go"
+        forger = start(lab, tmp_path, "--ports", "5400", "--", *FORGER, str(go), *C1, f"{b4}:5300:40000", name="a")
+        wait_ready(tmp_path, "a")
+        client = subprocess.Popen(["ip", "netns", "exec", lab.ns("c1"), sys.executable, "-c", CLIENT],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert client.stdout.readline().strip() == "sent"
+            wait_until(lambda: "5300" in lab.exec(lab.host, ["conntrack", "-L", "-p", "udp", "--dport", "5300"],
+                                                    check=False).stdout, 5, what="the client's flow to B exists")
+            go.touch()
+            wait_until(lambda: "done" in output(tmp_path, "a"), 20, what="the forger sent")
+            answer = client.stdout.readline().strip()
+        finally:
+            client.kill()
+            client.wait()
+        assert answer == "silence", f"the forged reply reached B's client: {answer}"
+        assert lab.stop(forger) == 128 + 15
+        assert lab.stop(victim) == 128 + 15
+    finally:
+        lab.sysctl(lab.host, restore)
