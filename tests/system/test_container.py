@@ -175,7 +175,8 @@ def test_a_container_on_two_networks_answers_both(lab, networks, tmp_path, varia
                 assert ask("b", b_client, b_address, tcp) == TEST_ANSWER, err()
             assert nswrap_lines(err()) == [], err()
         else:
-            assert nswrap_lines(err()) == ["nswrap: uplink net1 has no gateway: it serves only clients on its own subnets"]
+            assert nswrap_lines(err()) == ["nswrap: uplink net1 has no gateway: it serves only clients on its own subnets "
+                                           "(give one with --uplink net1=GATEWAY to serve the others)"]
 
     cookie = netns_cookie(["nsenter", f"--net=/proc/{pid1.pid}/ns/net"])
     started = time.monotonic()
