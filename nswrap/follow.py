@@ -99,7 +99,9 @@ class Follower:
         poll = self._poll(now)
         if not self.reasons or self.first is None or self.last is None:
             return poll
-        due = min(self.last + SETTLE, self.first + MAX_WAIT)
+        # a flushed table is no guard: repaired at once (the forwarding nswrap turned on goes
+        # off first), not after the host settles
+        due = now if "table" in self.reasons else min(self.last + SETTLE, self.first + MAX_WAIT)
         if now < due:
             return due - now
         reasons, self.reasons, self.first, self.last = self.reasons, set(), None, None

@@ -361,21 +361,27 @@ class Life:
     def follow(self, why: str) -> None:
         """A host change (or a dead instance, or a flushed table): bring the shared datapath in
         line, once, for every instance (this instance follows the host for all). Every change
-        that can be made is made; what fails is tried again (TryAgain) once the host settles,
-        except nswrap's nft table: if that cannot be put back, the forwarding nswrap turned on
-        is restored first and nswrap stops (fail closed)."""
+        that can be made is made; what fails is tried again (TryAgain) once the host settles.
+        nswrap's guard comes first: a table found flushed means no guard, so the forwarding
+        nswrap turned on is restored before anything else, and turned on again only once the
+        table is back (the plan's order); a table that cannot be put back, or cannot even be
+        read, stops nswrap with the forwarding restored (fail closed), whatever the error."""
         with self.state.dir.lock():
             allocation = self.state.allocation()
+            guarded = False  # is nswrap's guard known to be in place?
             try:
+                table = nft.read_table()
+                guarded = table is not None and sync.intact(table, allocation)
+                if not guarded:  # no guard: before anything else, route nothing for others
+                    sync.fail_closed(allocation)
+                    if why == "table":
+                        log.warning("nswrap's nft table was flushed or deleted (a firewall reload?): putting it back")
                 facts = gather(self.kernel.routing)
                 live = tuple(r.instance for r in self.state.live())
-                table = nft.read_table()
-                if why == "table" and (table is None or not sync.intact(table, allocation)):
-                    log.warning("nswrap's nft table was flushed or deleted (a firewall reload?): putting it back")
                 plan = sync.plan(facts, table, allocation, live, self.config.mark_mask)
-            except (NswrapError, OSError) as e:
-                self._fail_closed_if(why == "table", allocation, e)
-                raise TryAgain(str(e)) from None
+            except Exception as e:
+                self._fail_closed_if(not guarded, allocation, e)
+                raise TryAgain(str(e) or type(e).__name__) from None
             if plan.before is not None:
                 self.state.save_allocation(plan.before)
             tx = Transaction(self.kernel, say=lambda line: log.warning("following the host: %s", line.splitlines()[0]))
@@ -383,8 +389,8 @@ class Life:
             for change in plan.changes:
                 try:
                     tx.run(change)
-                except (NswrapError, OSError) as e:
-                    self._fail_closed_if(isinstance(change, NftBatch) and why == "table", allocation, e)
+                except Exception as e:
+                    self._fail_closed_if(isinstance(change, NftBatch) and not guarded, allocation, e)
                     failed.append(f"{change.render().splitlines()[0]}: {e}")
             tx.commit()  # what was done moves toward what is wanted: it stays
             if failed:
@@ -398,7 +404,8 @@ class Life:
     def _fail_closed_if(self, table_lost: bool, allocation, error: Exception) -> None:
         if table_lost:
             restored = sync.fail_closed(allocation)
-            raise FailClosed(f"could not put back nswrap's nft table ({error}); forwarding restored "
+            said = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+            raise FailClosed(f"could not put back nswrap's nft table ({said}); forwarding restored "
                              f"({', '.join(restored) or 'nothing to restore'}): stopping") from None
 
     def repair(self) -> None:
@@ -455,8 +462,9 @@ class Life:
                 self.state.save_allocation(plan.after)
                 if plan.after is None and not live:
                     self.state.dir.retire()
-        except (NswrapError, OSError) as e:
-            log.warning("teardown: %s (nswrap cleanup removes what is left)", e)
+        except Exception as e:  # whatever failed, the rest of the teardown still runs
+            log.warning("teardown: %s (nswrap cleanup removes what is left)", str(e).splitlines()[0][:200] if str(e) else
+                        type(e).__name__)
         if had_flows and conntrack_count() != 0:
             self._forget_flows(instance)
         self._forget_record()
@@ -470,8 +478,9 @@ class Life:
             if not others:
                 return (nft.Table() if nft.has_table() else None), True
             table = nft.read_table()
-        except NswrapError as e:
-            log.warning("teardown: %s", e)
+        except Exception as e:  # NswrapError, or nft's output unreadable
+            log.warning("teardown: cannot read nswrap's nft table: %s", str(e).splitlines()[0][:200] if str(e) else
+                        type(e).__name__)
             return None, True
         had_flows = table is None or any(packets for (_, e), (packets, _) in table.counters.items()
                                          if e.comment == self.instance.id)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import time
 
 import psutil
@@ -151,3 +152,83 @@ def test_killing_the_servers_processes_ends_nswrap_with_their_status(lab, tmp_pa
     assert proc.wait(15) == 128 + signal.SIGKILL
     assert "SIGKILL" in output(tmp_path, stream="err") or "status 137" in output(tmp_path, stream="err")
     lab.stop(proc)
+
+
+GARBAGE_NFT = """#!/bin/sh
+# nft as after a broken upgrade: listings (-j) answer garbage once {trigger} exists
+for arg in "$@"; do
+    if [ "$arg" = "-j" ] && [ -e {trigger} ]; then echo '{{"nftables": [{{"table": '; exit 0; fi
+done
+exec {real} "$@"
+"""
+PEER = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:  # bounded: one datagram every 5 ms for argv[1] seconds
+    s.sendto(b"route me", ("203.0.113.2", 9999))
+    time.sleep(0.005)
+"""
+R1_COUNTER = """
+table inet probe {
+    counter routed { }
+    chain pre {
+        type filter hook prerouting priority raw; policy accept;
+        iifname "eth0" ip saddr 203.0.113.66 udp dport 9999 counter name "routed"
+    }
+}
+"""
+
+
+def routed_at_r1(lab) -> int:
+    out = lab.exec(lab.ns("r1"), ["nft", "-j", "list", "counter", "inet", "probe", "routed"]).stdout
+    return next(item["counter"]["packets"] for item in json.loads(out)["nftables"] if "counter" in item)
+
+
+def test_any_error_while_repairing_fails_closed_at_once(lab, tmp_path):
+    """nft answers garbage (a ValueError in nswrap, not its own error) once the table is flushed,
+    while a LAN peer keeps asking the host to route for it: forwarding goes off within 1 s (at
+    once, before nswrap even reads the table), nswrap exits with one line, and after cleanup with
+    a working nft the host is as it was."""
+    before = lab.state()
+    lab.exec(lab.ns("r1"), ["nft", "-f", "-"], input=R1_COUNTER)
+    proc, _ = serving(lab, tmp_path)
+    trigger, real, fake = tmp_path / "garbage", tmp_path / "nft.real", tmp_path / "nft"
+    subprocess.run(["cp", "/usr/sbin/nft", str(real)], check=True)
+    fake.write_text(GARBAGE_NFT.format(trigger=trigger, real=real))
+    fake.chmod(0o755)
+    peer = None
+    try:
+        subprocess.run(["nsenter", f"--mount=/proc/{proc.pid}/ns/mnt", "mount", "--bind", str(fake), "/usr/sbin/nft"],
+                       check=True, timeout=30)
+        received = lambda: int(lab.exec(lab.host, ["cat", "/sys/class/net/eth2/statistics/rx_packets"]).stdout)  # noqa: E731
+        quiet = received()
+        peer = subprocess.Popen(["ip", "netns", "exec", lab.ns("c3"), sys.executable, "-c", PEER, "3"])
+        wait_until(lambda: received() > quiet + 10, 5, what="the peer is sending")
+        assert routed_at_r1(lab) == 0, "the guard let the peer through before any flush"
+        trigger.touch()
+        lab.exec(lab.host, ["nft", "flush", "ruleset"])
+        flushed = time.monotonic()
+        wait_until(lambda: all(lab.exec(lab.host, ["sysctl", "-n", f"net.ipv4.conf.{i}.forwarding"]).stdout.strip() == "0"
+                               for i in ("eth0", "eth1", "eth2")), 1.0, interval=0.01,
+                   what="forwarding off within 1 s of the flush")
+        off_after = time.monotonic() - flushed
+        window = routed_at_r1(lab)
+        status = proc.wait(10)
+        peer.wait(10)
+        assert routed_at_r1(lab) == window, "routed for others once forwarding was off"
+        err = output(tmp_path, stream="err")
+        assert status == 125, err
+        assert "Traceback" not in err
+        lines = [line for line in err.splitlines() if "could not put back" in line]
+        assert len(lines) == 1 and "forwarding restored" in lines[0], err
+        print(f"forwarding off {off_after * 1000:.0f} ms after the flush; {window} of the peer's datagrams routed meanwhile")
+    finally:
+        if peer is not None:
+            peer.kill()
+            peer.wait()
+        lab.stop(proc)
+        lab.exec(lab.ns("r1"), ["nft", "delete", "table", "inet", "probe"])
+        done = nswrap(lab, "cleanup")  # with a working nft: the host is exactly as before
+        assert done.returncode == 0, done.stderr
+    assert not diff_states(before, lab.state()), diff_states(before, lab.state())
