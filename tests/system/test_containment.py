@@ -18,6 +18,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.lab import wait_until
 from tests.system.common import HERE, nswrap, output, start, wait_ready
 
@@ -137,3 +139,66 @@ def test_another_instances_reply_cannot_be_forged(lab, tmp_path):
         assert lab.stop(victim) == 128 + 15
     finally:
         lab.sysctl(lab.host, restore)
+
+
+INVALID = """
+import socket, struct, sys, time
+
+def checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+own = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+own.connect(("192.0.2.10", 9))
+source = own.getsockname()[0]
+tcp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+icmp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+print("ready", flush=True)
+while not __import__("os").path.exists(sys.argv[1]):
+    time.sleep(0.02)
+for i in range(50):
+    for target in ("192.0.2.10", sys.argv[2]):
+        header = struct.pack("!HHIIBBHHH", 40000 + i, 22, 1000 + i, 2000 + i, 5 << 4, 0x12, 8192, 0, 0)
+        pseudo = socket.inet_aton(source) + socket.inet_aton(target) + struct.pack("!BBH", 0, 6, len(header))
+        header = header[:16] + struct.pack("!H", checksum(pseudo + header)) + header[18:]
+        tcp.sendto(header, (target, 0))
+        body = struct.pack("!BBHHH", 0, 0, 0, 4242, i) + b"pong"
+        icmp.sendto(body[:2] + struct.pack("!H", checksum(body)) + body[4:], (target, 0))
+print("done", flush=True)
+time.sleep(600)
+"""
+
+
+def host_snmp(lab) -> dict[str, int]:
+    """The host's own IP stack counters (/proc/net/snmp): what reached it, what it answered."""
+    lines = lab.exec(lab.host, ["cat", "/proc/net/snmp"]).stdout.splitlines()
+    out = {}
+    for names, values in zip(lines[::2], lines[1::2], strict=True):
+        proto = names.split(":")[0]
+        out.update({f"{proto}.{n}": int(v) for n, v in zip(names.split()[1:], values.split()[1:], strict=True)})
+    return out
+
+
+@pytest.mark.parametrize("closed", [True, False], ids=["no-outbound", "control"])
+def test_a_closed_server_reaches_nothing_on_the_host_whatever_conntrack_thinks(lab, tmp_path, closed):
+    """50 TCP SYN|ACK and 50 ICMP echo replies out of nowhere (conntrack: INVALID), to the host's
+    address and to its end of the veth: from a --no-outbound server none reaches the host's stack
+    (which would answer each SYN|ACK with a RST); the control, an ordinary server, shows they would."""
+    go = tmp_path / "go"
+    proc = start(lab, tmp_path, *(["--no-outbound"] if closed else []), "--ports", "5400", "--",
+                 sys.executable, "-c", INVALID, str(go), "198.18.0.1")
+    wait_ready(tmp_path)
+    before = host_snmp(lab)
+    go.touch()
+    wait_until(lambda: "done" in output(tmp_path), 20, what="sent")
+    after = host_snmp(lab)
+    reached = {k: after[k] - before[k] for k in ("Tcp.InSegs", "Tcp.OutRsts", "Icmp.InEchoReps")}
+    if closed:
+        assert reached == {"Tcp.InSegs": 0, "Tcp.OutRsts": 0, "Icmp.InEchoReps": 0}, reached
+    else:
+        assert reached["Tcp.OutRsts"] >= 50 and reached["Icmp.InEchoReps"] >= 50, reached
+    assert lab.stop(proc) == 128 + 15
