@@ -202,3 +202,32 @@ def test_a_closed_server_reaches_nothing_on_the_host_whatever_conntrack_thinks(l
     else:
         assert reached["Tcp.OutRsts"] >= 50 and reached["Icmp.InEchoReps"] >= 50, reached
     assert lab.stop(proc) == 128 + 15
+
+
+def test_a_reply_with_no_route_through_its_uplink_is_dropped_and_counted(lab, tmp_path, unbound):
+    """eth2 has no gateway: a client beyond its subnet that reaches it anyway (loose reverse-path
+    filtering, and IPv6 has none) cannot be answered through eth2. Its reply must not leave
+    through another uplink (main's default: eth0), as the warning says; `list` counts it."""
+    lab.exec(lab.ns("r1"), ["nft", "-f", "-"], input=CAPTURE.replace("udp dport 7000-7999 update @seen { udp dport }",
+                                                                      "udp sport 53 update @seen { udp sport }"))
+    restore = loose_rp_filter(lab)
+    c3 = lab.ns("c3")
+    lab.exec(c3, ["ip", "addr", "add", "203.0.113.200/32", "dev", "eth0"])
+    lab.exec(c3, ["ip", "-6", "addr", "add", "2001:db8:c::200/128", "dev", "eth0", "nodad"])
+    try:
+        proc = start(lab, tmp_path, "--ports", "53", "--", *unbound)
+        from tests.lab import TEST_ANSWER, wait_answered
+
+        assert wait_answered(lab, lab.paths[3]) == TEST_ANSWER  # c3, on eth2's subnet: served
+        for source, address in (("203.0.113.200", "203.0.113.65"), ("2001:db8:c::200", "2001:db8:3::65")):
+            done = lab.exec(c3, ["dig", f"@{address}", "-b", source, "test.example", "+short", "+tries=2", "+time=1"],
+                            check=False)
+            assert TEST_ANSWER not in done.stdout, f"{source} answered through eth2 without a route back?"
+        assert seen_at_r1(lab) == {}, "a reply for eth2's client left through eth0"
+        listed = json.loads(nswrap(lab, "list", "--json").stdout)
+        assert listed["instances"][0]["misrouted"] >= 2, listed
+        assert "replies that no route of their uplink could take" in nswrap(lab, "list").stdout
+        assert lab.stop(proc) == 0
+    finally:
+        lab.sysctl(lab.host, restore)
+        lab.exec(lab.ns("r1"), ["nft", "delete", "table", "inet", "capture"])
