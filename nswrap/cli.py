@@ -137,13 +137,16 @@ def cli() -> None:
               help="After forwarding SIGTERM/SIGINT, SIGKILL the server's processes after this long (0: never).")
 @click.option("--ready-fd", type=int, metavar="N", **_env("READY_FD"),
               help="Write READY to fd N once the server listens on every published port.")
+@click.option("--take-over", is_flag=True, **_env("TAKE_OVER"),
+              help="Publish even where a host process serves a published port (its clients reach the server "
+                   "from then on); without it, such a start is refused.")
 @click.option("--dry-run", is_flag=True, **_env("DRY_RUN"),
               help="Print what a start would change here, as shell lines, and exit; change nothing.")
 @click.option("-v", "--verbose", count=True, **_env("VERBOSE"), help="-v: log each host change as a shell line; -vv: debug.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def run(ctx, ports, uplinks, subnet, mark_mask, addresses, firewall, no_outbound, ipv6_forwarding, helpers, user,
-        stop_timeout, ready_fd, dry_run, verbose, command) -> None:
+        stop_timeout, ready_fd, take_over, dry_run, verbose, command) -> None:
     """Run COMMAND in its own network namespace, publishing --ports on the uplinks.
 
     Every option may also be set in the environment (NSWRAP_PORTS, ...; a repeatable option takes
@@ -177,6 +180,7 @@ def run(ctx, ports, uplinks, subnet, mark_mask, addresses, firewall, no_outbound
             outbound=not no_outbound,
             helpers=tuple(helpers),
             ipv6_forwarding=ipv6_forwarding,
+            take_over=take_over,
         )
         if config.dry_run:
             from nswrap.commands import dry_run as print_plan

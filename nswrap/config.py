@@ -231,6 +231,7 @@ class Config:
     outbound: bool = True  # the server may open its own connections, masqueraded
     helpers: tuple[str, ...] = ()  # conntrack helpers for protocols that open related flows
     ipv6_forwarding: str = "auto"  # how IPv6 is forwarded to the server: IPV6_FORWARDING
+    take_over: bool = False  # publish even where a host socket serves the port (its clients go to the server)
 
     def __post_init__(self) -> None:
         require_ports(self.ports)

@@ -34,6 +34,7 @@ from nswrap.objects import (
     SCOPE_LINK,
     IPAddress,
     IPNetwork,
+    Listener,
     Route,
     Rule,
 )
@@ -710,3 +711,39 @@ def conflicts(new: Instance, live: tuple[Instance, ...]) -> str | None:
                 if p.overlaps(q):
                     return f"port {p} is already published by nswrap instance {other.id}"
     return None
+
+
+def _publishes(ports: tuple[PortRange, ...], listener: Listener) -> bool:
+    return any(p.proto == listener.proto and p.outer_lo <= listener.port <= p.outer_hi for p in ports)
+
+
+def taken_over(facts: Facts, instance: Instance) -> list[Listener]:
+    """The host's sockets whose clients this instance would take (issue 23): bound to a published
+    protocol and port on an address it publishes on. A wildcard (0.0.0.0, or :: which takes IPv4
+    too unless IPV6_V6ONLY) covers every address of its family, 127.0.0.1 included; without
+    --address every address of the host is published (but a veth's of nswrap's); 127.0.0.1 only
+    for `loopback_ports`, never another loopback address (systemd-resolved's 127.0.0.53). The
+    sockets are few and a range may be 64k ports: each socket is tested against the ranges."""
+    veths = {a.address.ip for a in facts.addresses if a.ifname.startswith(HOST_PREFIX)}
+
+    def published(version: int) -> bool:  # does it publish on some address of this family?
+        if version not in instance.families:
+            return False
+        return not instance.addresses or any(a.version == version and not a.is_loopback for a in instance.addresses)
+
+    found = []
+    for listener in facts.listeners:
+        address = listener.address
+        if address.is_unspecified:
+            versions = (6,) if listener.v6only else (4, 6) if address.version == 6 else (4,)
+            hit = (any(published(v) for v in versions) and _publishes(instance.ports, listener)
+                   or 4 in versions and _publishes(instance.loopback_ports, listener))
+        elif address == LOOPBACK4:
+            hit = _publishes(instance.loopback_ports, listener)
+        elif address.is_loopback or address in veths or not published(address.version):
+            hit = False
+        else:
+            hit = (not instance.addresses or address in instance.addresses) and _publishes(instance.ports, listener)
+        if hit:
+            found.append(listener)
+    return found

@@ -12,7 +12,18 @@ import socket
 from typing import TYPE_CHECKING
 
 from nswrap.datatypes import datatype, field
-from nswrap.objects import FAMILIES, RT_TABLE_MAIN, SCOPE_UNIVERSE, Address, IPAddress, IPInterface, Link, Route, Rule
+from nswrap.objects import (
+    FAMILIES,
+    RT_TABLE_MAIN,
+    SCOPE_UNIVERSE,
+    Address,
+    IPAddress,
+    IPInterface,
+    Link,
+    Listener,
+    Route,
+    Rule,
+)
 
 if TYPE_CHECKING:
     from nswrap.netlink import Routing
@@ -32,7 +43,7 @@ class Facts:
     rules: tuple[Rule, ...] = ()
     sysctls: dict[str, str] = field(default_factory=dict)  # key under /proc/sys -> value, for the keys that matter
     ipv6_per_interface: bool = True  # Linux >= 6.17: per-interface IPv6 forwarding (force_forwarding)
-    loopback_listeners: frozenset[tuple[str, int]] = frozenset()  # (proto, port) a host process serves on 127.0.0.1
+    listeners: tuple[Listener, ...] = ()  # the host's sockets that clients reach (TCP listening, UDP bound)
     resolver_stub: IPAddress | None = None  # the host's only resolver, on its loopback (127.0.0.53, 127.0.0.11)
 
     def link(self, ifname: str) -> Link | None:
@@ -78,12 +89,41 @@ def read_sysctl(key: str) -> str | None:
         return None
 
 
-def _loopback_listeners() -> frozenset[tuple[str, int]]:
-    """Ports a host process already serves on 127.0.0.1 (bound to it or to a wildcard)."""
+def _listeners() -> tuple[Listener, ...]:
+    """The host's sockets that clients reach, any user's (sock_diag: netlink.listeners)."""
     from nswrap import netlink
 
-    loopback = {"127.0.0.1", "0.0.0.0", "::", "::ffff:127.0.0.1"}
-    return frozenset((proto, port) for proto, address, port in netlink.listening() if str(address) in loopback)
+    return tuple(sorted(netlink.listeners(), key=lambda s: (s.proto, s.port, s.address.version, s.address, s.inode)))
+
+
+def socket_owners(inodes: set[int], proc: str = "/proc") -> dict[int, tuple[int, str]]:
+    """{inode: (pid, command name)} of the processes holding these sockets: the lowest pid of
+    those that hold one (a forking server's parent). Walks every process's descriptors, so it is
+    called only once there is something to name; what is not found is left out (a process of
+    another PID namespace, a socket of the kernel's own)."""
+    wanted = {f"socket:[{inode}]": inode for inode in inodes if inode}
+    found: dict[int, tuple[int, str]] = {}
+    pids = sorted(int(name) for name in os.listdir(proc) if name.isdigit())
+    for pid in pids:
+        if len(found) == len(wanted):
+            break
+        try:
+            fds = os.listdir(f"{proc}/{pid}/fd")
+        except OSError:  # gone, or a kernel thread
+            continue
+        for fd in fds:
+            try:
+                inode = wanted.get(os.readlink(f"{proc}/{pid}/fd/{fd}"))
+            except OSError:
+                continue
+            if inode is not None and inode not in found:
+                try:
+                    with open(f"{proc}/{pid}/comm") as f:
+                        name = f.read().strip()
+                except OSError:
+                    name = "?"
+                found[inode] = (pid, name)
+    return found
 
 
 def _resolver_stub() -> IPAddress | None:
@@ -135,7 +175,7 @@ def gather(routing: Routing) -> Facts:
         rules=tuple(routing.rules()),
         sysctls=sysctls,
         ipv6_per_interface=per_interface6,
-        loopback_listeners=_loopback_listeners(),
+        listeners=_listeners(),
         resolver_stub=_resolver_stub(),
     )
 

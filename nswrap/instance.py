@@ -36,11 +36,13 @@ from nswrap.datapath import (
     choose_forwarding6,
     conflicts,
     gateway_conflict,
+    taken_over,
     ula_subnet,
 )
 from nswrap.errors import NswrapError, UsageError
-from nswrap.facts import Facts, gather, netns_id
+from nswrap.facts import Facts, gather, netns_id, socket_owners
 from nswrap.follow import Follower
+from nswrap.objects import Listener
 from nswrap.state import MAX_FILE, InvalidState, Record, State, StateDir, hold, new_id, parse_record
 from nswrap.supervise import FORWARDED, Credentials, Interrupted, Supervisor, check_command, exit_status
 
@@ -104,18 +106,13 @@ def check_ready_fd(fd: int | None) -> None:
         raise UsageError(f"invalid --ready-fd {fd}: open for reading only")
 
 
-def loopback_ports(config: Config, facts: Facts) -> tuple[PortRange, ...]:
-    """Published ports the host may reach on 127.0.0.1: never one a host process serves there."""
+def loopback_ports(config: Config) -> tuple[PortRange, ...]:
+    """Published ports the host's own clients reach on 127.0.0.1: all of them, unless --address
+    leaves 127.0.0.1 out. A host socket already there is refused at start, or taken over with
+    --take-over (check_start)."""
     if config.addresses and not any(a.is_loopback and a.version == 4 for a in config.addresses):
         return ()
-    kept = []
-    for p in config.ports:
-        taken = sorted(port for proto, port in facts.loopback_listeners if proto == p.proto and p.outer_lo <= port <= p.outer_hi)
-        if taken:
-            log.warning("127.0.0.1:%d/%s is already served on this host: not redirecting %s on loopback", taken[0], p.proto, p)
-        else:
-            kept.append(p)
-    return tuple(kept)
+    return config.ports
 
 
 def _recordable(record: Record) -> None:
@@ -137,9 +134,10 @@ def server_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET" and not k.startswith("NSWRAP_")}
 
 
-def check_start(facts: Facts, instance: Instance, live: list[Record]) -> None:
-    """What refuses a start (or a dry run) before anything changes: its uplinks, and a port or a
-    gateway that a live instance, named with its pid and command, already has otherwise."""
+def check_start(facts: Facts, instance: Instance, live: list[Record], take_over: bool = False) -> None:
+    """What refuses a start (or a dry run) before anything changes: its uplinks, a port or a
+    gateway that a live instance, named with its pid and command, already has otherwise, and a
+    host socket whose clients it would take (unless --take-over)."""
     check_uplinks(facts, instance)
     for warning in absent_addresses(facts, instance):
         log.warning("%s", warning)
@@ -148,6 +146,45 @@ def check_start(facts: Facts, instance: Instance, live: list[Record]) -> None:
     if clash:
         owner = next(r for r in live if r.id in clash)
         raise NswrapError(f"{clash} (pid {owner.pid}: {' '.join(owner.command)})")
+    check_host_sockets(facts, instance, take_over)
+
+
+MORE_SOCKETS = 3  # named besides the first, in the one line that says which host sockets are taken
+
+
+def check_host_sockets(facts: Facts, instance: Instance, take_over: bool, proc: str = "/proc") -> None:
+    """A host process serving a published port where the instance publishes it would lose its
+    clients to the server, silently (issue 23: an sshd on 0.0.0.0:22 and --ports 1-65535/tcp; a
+    local user who binds 127.0.0.1:PORT first to capture the host's own clients): refused, naming
+    the socket and its owner, unless --take-over says it is intended (then one warning)."""
+    taken = taken_over(facts, instance)
+    if not taken:
+        return
+    owners = socket_owners({s.inode for s in taken}, proc)
+    sockets = list({(s.proto, s.address, s.port): s for s in taken}.values())  # SO_REUSEPORT: one of each
+
+    def owner(s: Listener, listed: bool = False) -> str:
+        if s.inode in owners:
+            pid, name = owners[s.inode]
+            return f"{name}, pid {pid}" if listed else f"{name} (pid {pid})"
+        if not s.inode:
+            return "the kernel"
+        return f"not found, socket inode {s.inode}" if listed else f"a process nswrap cannot find (socket inode {s.inode})"
+
+    def more(rest: list[Listener], with_owner: bool) -> str:
+        named = [f"{s} ({owner(s, listed=True)})" if with_owner else str(s) for s in rest[:MORE_SOCKETS]]
+        if len(rest) > MORE_SOCKETS:
+            named.append(f"{len(rest) - MORE_SOCKETS} more")
+        return ", ".join(named)
+
+    if take_over:
+        log.warning("--take-over: clients of %s reach the server from now on", more(sockets, True))
+        return
+    first, rest = sockets[0], sockets[1:]
+    also = f" (also {more(rest, False)})" if rest else ""
+    raise UsageError(f"port {first.port}/{first.proto} is served on this host by {owner(first)} on {first.address}{also}: "
+                     "publishing it would take its clients; leave it out of --ports, narrow with --address, "
+                     "or give --take-over")
 
 
 class FailClosed(NswrapError):
@@ -196,7 +233,7 @@ class Life:
         return Instance(
             id=instance_id, ports=config.ports, subnet=subnet,
             subnet6=ula_subnet(subnet) if forwarding6 else None,
-            uplinks=config.uplinks, addresses=config.addresses, loopback_ports=loopback_ports(config, facts),
+            uplinks=config.uplinks, addresses=config.addresses, loopback_ports=loopback_ports(config),
             outbound=config.outbound, helpers=config.helpers, forwarding6=forwarding6 or "interface",
         )
 
@@ -262,7 +299,7 @@ class Life:
     def _plan(self, facts: Facts, live: list[Record], allocation: Allocation | None) -> tuple[Instance, sync.Plan]:
         """This instance, checked against the host and the live ones, and what its start changes."""
         instance = self._new_instance(facts, live, allocation)
-        check_start(facts, instance, live)
+        check_start(facts, instance, live, self.config.take_over)
         # the shared part is (re)made when no instance lives: then first look at the other
         # firewalls, and one listing of the whole ruleset holds nswrap's table too
         listed = None if live else nft.ruleset()

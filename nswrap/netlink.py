@@ -27,6 +27,7 @@ from nswrap.objects import (
     RT_TABLE_MAIN,
     Address,
     Link,
+    Listener,
     Neighbour,
     Route,
     Rule,
@@ -687,24 +688,43 @@ class Conntrack:
 # --- sockets (sock_diag) ---------------------------------------------------------------------
 
 NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY = 4, 20
-TCP_LISTEN = 10
+TCP_ESTABLISHED, TCP_CLOSE, TCP_LISTEN = 1, 7, 10  # a UDP socket is TCP_CLOSE until connect()ed
+INET_DIAG_SKV6ONLY = 11  # sent for IPv6 sockets in TCP_LISTEN or TCP_CLOSE
 _DIAG_REQ = struct.Struct("=BBBxI48x")  # inet_diag_req_v2: family, protocol, ext, pad, states, id
-_DIAG_MSG = struct.Struct("=BBBBHH16s16s")  # inet_diag_msg: family, state, timer, retrans, sport, dport, src, dst
+# inet_diag_msg: family, state, timer, retrans, sport, dport, src, dst, if, cookie, expires, rqueue, wqueue, uid, inode
+_DIAG_MSG = struct.Struct("=BBBBHH16s16sI8sIIIII")
+
+
+def listeners() -> list[Listener]:
+    """The TCP sockets listening and the UDP sockets bound but not connected in the calling
+    thread's network namespace: those a client's first packet can reach. A connected UDP socket
+    (a client's query socket on an ephemeral port) takes only its peer's packets: not one.
+    sock_diag walks only what it must (TCP: the listening hash), where /proc/net/tcp formats
+    every connection of the host: milliseconds each time."""
+    found = []
+    with Socket(NETLINK_SOCK_DIAG) as sock:
+        for proto, number, state in (("udp", socket.IPPROTO_UDP, TCP_CLOSE), ("tcp", socket.IPPROTO_TCP, TCP_LISTEN)):
+            for family in FAMILIES.values():
+                for m in sock.dump(SOCK_DIAG_BY_FAMILY, _DIAG_REQ.pack(family.af, number, 0, 1 << state)):
+                    af, got, _t, _r, sport, _d, src, _dst, _if, _c, _e, _rq, _wq, _uid, inode = _DIAG_MSG.unpack_from(m.body)
+                    port = socket.ntohs(sport)
+                    if got != state or not port:  # the kernel filters by state: this is a second look
+                        continue
+                    address = ipaddress.ip_address(src[:4] if af == socket.AF_INET else src)
+                    v6only = False
+                    if address.version == 6:
+                        mapped = address.ipv4_mapped
+                        if mapped is not None:
+                            address = mapped
+                        else:
+                            v6only = parse_attrs(m.body, _DIAG_MSG.size).get(INET_DIAG_SKV6ONLY, b"\0")[:1] != b"\0"
+                    found.append(Listener(proto, address, port, inode, v6only))
+    return found
 
 
 def listening() -> set[tuple[str, ipaddress.IPv4Address | ipaddress.IPv6Address, int]]:
-    """(proto, address, port) of the UDP sockets bound and TCP sockets listening in the calling
-    thread's network namespace. sock_diag walks only what it must (TCP: the listening hash), where
-    /proc/net/tcp formats every connection of the host: milliseconds each time."""
-    found = set()
-    with Socket(NETLINK_SOCK_DIAG) as sock:
-        for proto, number, states in (("udp", socket.IPPROTO_UDP, 0xFFFFFFFF), ("tcp", socket.IPPROTO_TCP, 1 << TCP_LISTEN)):
-            for family in FAMILIES.values():
-                for m in sock.dump(SOCK_DIAG_BY_FAMILY, _DIAG_REQ.pack(family.af, number, 0, states)):
-                    af, _state, _t, _r, sport, _d, src, _dst = _DIAG_MSG.unpack_from(m.body)
-                    raw = src[:4] if af == socket.AF_INET else src
-                    found.add((proto, ipaddress.ip_address(raw), socket.ntohs(sport)))
-    return found
+    """(proto, address, port) of `listeners()`."""
+    return {(s.proto, s.address, s.port) for s in listeners()}
 
 
 # --- events ----------------------------------------------------------------------------------

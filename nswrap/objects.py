@@ -120,6 +120,21 @@ class Route:
         return " ".join(words)
 
 
+@datatype
+class Listener:
+    """A socket of the host that clients reach: TCP listening, or UDP bound and not connected.
+    An IPv4-mapped address (::ffff:a.b.c.d) is stored as the IPv4 address it is."""
+
+    proto: str  # udp, tcp
+    address: IPAddress  # 0.0.0.0 or :: for every address
+    port: int
+    inode: int = 0  # the socket's inode, to find its owner in /proc/*/fd
+    v6only: bool = False  # an IPv6 socket that takes no IPv4 (IPV6_V6ONLY)
+
+    def __str__(self) -> str:
+        return f"{self.port}/{self.proto} on {self.address}"
+
+
 FR_ACT_TO_TBL, FR_ACT_UNREACHABLE = 1, 7
 
 

@@ -185,18 +185,44 @@ HEADER_UDP = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->whe
 HEADER_TCP = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
 
 
-def test_loopback_listeners(monkeypatch):
-    """What sock_diag reports, kept where it serves 127.0.0.1 (bound there or to a wildcard)."""
-    import ipaddress
-
+def test_listeners_are_sock_diags_in_a_stable_order(monkeypatch):
+    """Every socket sock_diag reports, any address, sorted (Facts compare equal from one look to the next)."""
     from nswrap import netlink
+    from nswrap.objects import Listener
 
-    A = ipaddress.ip_address
-    monkeypatch.setattr(netlink, "listening", lambda: {
-        ("udp", A("127.0.0.53"), 53), ("udp", A("127.0.0.1"), 5353), ("udp", A("0.0.0.0"), 123),
-        ("tcp", A("127.0.0.1"), 631), ("tcp", A("10.0.2.15"), 22), ("tcp", A("::"), 443)})
-    # 127.0.0.53:53 is not 127.0.0.1; 22 on another address; 443 on [::] (dual-stack)
-    assert facts._loopback_listeners() == {("udp", 5353), ("udp", 123), ("tcp", 631), ("tcp", 443)}
+    found = [Listener("udp", A("::"), 53, 9, v6only=True), Listener("tcp", A("10.0.2.15"), 22, 8),
+             Listener("udp", A("127.0.0.53"), 53, 7), Listener("tcp", A("0.0.0.0"), 22, 6)]
+    monkeypatch.setattr(netlink, "listeners", lambda: list(found))
+    assert facts._listeners() == (found[3], found[1], found[2], found[0])
+
+
+def test_socket_owners_reads_the_descriptors_of_every_process(tmp_path):
+    """/proc/PID/fd/N -> socket:[INODE]: the lowest pid holding it (a forking server's parent) and
+    its command name; a process that vanished mid-walk or a socket no process holds is left out."""
+    def process(pid: int, comm: str, links: dict[str, str]) -> None:
+        (tmp_path / str(pid) / "fd").mkdir(parents=True)
+        (tmp_path / str(pid) / "comm").write_text(comm + "\n")
+        for fd, target in links.items():
+            (tmp_path / str(pid) / "fd" / fd).symlink_to(target)
+
+    process(812, "sshd", {"0": "/dev/null", "3": "socket:[1001]"})
+    process(9000, "sshd", {"3": "socket:[1001]"})  # a session's child holds the listener too
+    process(77, "python3", {"5": "socket:[1002]", "6": "pipe:[5]"})
+    (tmp_path / "31").mkdir()  # gone: no fd directory
+    (tmp_path / "self").mkdir()
+    assert facts.socket_owners({1001, 1002, 1003, 0}, str(tmp_path)) == {1001: (812, "sshd"), 1002: (77, "python3")}
+    assert facts.socket_owners(set(), str(tmp_path)) == {}
+
+
+def test_socket_owners_finds_this_process():
+    import os
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:  # never bound: nothing on the network
+        inode = os.fstat(sock.fileno()).st_ino
+        with open("/proc/self/comm") as f:
+            comm = f.read().strip()
+        assert facts.socket_owners({inode}) == {inode: (os.getpid(), comm)}
 
 
 @pytest.mark.parametrize(

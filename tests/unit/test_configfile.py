@@ -37,6 +37,7 @@ helper = ["tftp"]
 user = "nobody"
 stop-timeout = 2.5
 ready-fd = 3
+take-over = true
 dry-run = true
 verbose = 2
 command = ["unbound", "-d", "-c", "/etc/unbound/unbound.conf"]
@@ -54,6 +55,7 @@ EVERY_OPTION_ENV = {
     "NSWRAP_USER": "nobody",
     "NSWRAP_STOP_TIMEOUT": "2.5",
     "NSWRAP_READY_FD": "3",
+    "NSWRAP_TAKE_OVER": "1",
     "NSWRAP_DRY_RUN": "true",
     "NSWRAP_VERBOSE": "2",
 }
@@ -81,7 +83,7 @@ def test_every_key_is_read_with_its_kind(tmp_path):
         "ports": ["53,69", "53/tcp"], "uplinks": ["eth0", "eth1=198.51.100.1"], "subnet": "198.18.4.0/30",
         "mark_mask": "0x0f000000", "addresses": ["192.0.2.10", "198.51.100.10"], "firewall": "off",
         "no_outbound": True, "helpers": ["tftp"], "user": "nobody", "stop_timeout": 2.5, "ready_fd": 3,
-        "dry_run": True, "verbose": 2, "command": ["unbound", "-d", "-c", "/etc/unbound/unbound.conf"],
+        "take_over": True, "dry_run": True, "verbose": 2, "command": ["unbound", "-d", "-c", "/etc/unbound/unbound.conf"],
     }
 
 
@@ -210,7 +212,7 @@ def assert_every_option(config):
     assert config.addresses == (ipaddress.IPv4Address("192.0.2.10"), ipaddress.IPv4Address("198.51.100.10"))
     assert config.firewall == "off" and config.outbound is False and config.helpers == ("tftp",)
     assert config.user == "nobody" and config.stop_timeout == 2.5 and config.ready_fd == 3
-    assert config.dry_run is True
+    assert config.dry_run is True and config.take_over is True
     assert logging.getLogger("nswrap").level == logging.DEBUG  # verbose = 2
 
 
@@ -289,7 +291,7 @@ def test_every_option_has_a_variable_and_a_key():
                 if command is cli.run and long_name != "config":
                     assert keys[long_name][0] == param.name
     assert set(keys) == {"command", "ports", "uplink", "subnet", "mark-mask", "address", "firewall", "no-outbound",
-                         "helper", "user", "stop-timeout", "ready-fd", "dry-run", "verbose", "ipv6-forwarding"}
+                         "helper", "user", "stop-timeout", "ready-fd", "take-over", "dry-run", "verbose", "ipv6-forwarding"}
 
 
 # --- errors through the command line (in-process: exit 2, one line) -------------------------------

@@ -26,11 +26,12 @@ from nswrap.datapath import (
     instance_uplinks,
     internal_ranges,
     mark_capacity,
+    taken_over,
     ula_subnet,
 )
 from nswrap.datatypes import replace
 from nswrap.errors import NswrapError
-from nswrap.objects import FR_ACT_UNREACHABLE, PROTO, RT_TABLE_MAIN, SCOPE_LINK, Address, Link, Route, Rule
+from nswrap.objects import FR_ACT_UNREACHABLE, PROTO, RT_TABLE_MAIN, SCOPE_LINK, Address, Link, Listener, Route, Rule
 from tests.unit.hosts import IF, MASK, STATIC, A, N, fresh, host, instance, with_sysctls
 
 
@@ -427,6 +428,63 @@ def test_loopback_ports_conflict_too():
     live = (instance("aaaaaa", "53", addresses=("192.0.2.10",), loopback="5353"),)
     assert conflicts(instance("bbbbbb", "5353", addresses=("192.0.2.11",)), live) is None
     assert "5353/udp" in (conflicts(instance("bbbbbb", "5353"), live) or "")
+
+
+# --- host sockets an instance would take over (issue 23) --------------------------------------------
+
+SOCKETS = {
+    "sshd": Listener("tcp", A("0.0.0.0"), 22, 1),
+    "resolved": Listener("udp", A("127.0.0.53"), 53, 2),
+    "squatter": Listener("udp", A("127.0.0.1"), 5353, 3),
+    "web": Listener("tcp", A("192.0.2.11"), 80, 4),
+    "v6only": Listener("tcp", A("::"), 443, 5, v6only=True),
+    "dual": Listener("tcp", A("::"), 8080, 6),
+    "on a veth": Listener("udp", A("198.18.0.1"), 53, 7),  # nsw-0ld0ld's: no client of the host's
+    "ipv6 loopback": Listener("udp", A("::1"), 53, 8),
+    "ntp6": Listener("udp", A("2001:db8:1::10"), 123, 9),
+    "local tcp": Listener("tcp", A("127.0.0.1"), 631, 10),
+}
+
+
+def taken(ports: str, addresses: tuple[str, ...] = (), ipv6: bool = True) -> set[str]:
+    """The names of SOCKETS a start with these options would take (loopback as loopback_ports says)."""
+    loopback = ports if not addresses or "127.0.0.1" in addresses else None
+    new = instance(ports=ports, addresses=addresses, ipv6=ipv6, loopback=loopback)
+    found = taken_over(host(listeners=tuple(SOCKETS.values())), new)
+    return {name for name, s in SOCKETS.items() if s in found}
+
+
+def test_every_address_takes_wildcards_host_addresses_and_127_0_0_1():
+    assert taken("1-65535/tcp") == {"sshd", "web", "v6only", "dual", "local tcp"}
+    assert taken("1-65535") == {"squatter", "ntp6"}  # not 127.0.0.53, a veth's address or ::1
+    assert taken("1-21,23-65535/tcp") == {"web", "v6only", "dual", "local tcp"}  # sshd's port left out
+    assert taken("53,53/tcp") == set()  # systemd-resolved's stub on 127.0.0.53 is not taken over
+    assert taken("5353:53") == {"squatter"}  # the host's port, not the server's
+
+
+def test_address_narrows_what_is_taken():
+    assert taken("1-65535/tcp", ("192.0.2.10",)) == {"sshd", "dual"}  # wildcards take 192.0.2.10's clients
+    assert taken("1-65535/tcp", ("192.0.2.11",)) == {"sshd", "web", "dual"}
+    assert taken("1-65535", ("192.0.2.10",)) == set()  # no 127.0.0.1 then: the squatter keeps its clients
+    assert taken("1-65535", ("127.0.0.1",)) == {"squatter"}
+    assert taken("1-65535/tcp", ("2001:db8:1::11",)) == {"v6only", "dual"}  # no IPv4 published: 0.0.0.0 keeps them
+    assert taken("1-65535", ("2001:db8:1::11",)) == set()  # another IPv6 address than ntp6's
+
+
+def test_a_host_without_ipv6_serving_leaves_ipv6_only_sockets_alone():
+    assert taken("1-65535/tcp", ipv6=False) == {"sshd", "web", "dual", "local tcp"}
+    assert taken("123", ipv6=False) == set()
+
+
+def test_many_sockets_and_the_whole_range_are_quick():
+    """Each socket is tested against the ranges: never a loop over 65535 ports."""
+    import time
+
+    many = tuple(Listener("udp", A("0.0.0.0"), port, port) for port in range(1, 65536, 3))
+    new = instance(ports="1-65535,1-65535/tcp", loopback="1-65535,1-65535/tcp")
+    began = time.monotonic()
+    assert len(taken_over(host(listeners=many), new)) == len(many)
+    assert time.monotonic() - began < 0.5
 
 
 # --- the subnet of an instance ------------------------------------------------------------------
