@@ -46,7 +46,8 @@ def dry_run(config: Config) -> int:
     live = state.live() if state else []
     subnet = allocate_subnet(facts, tuple(r.instance for r in live), config.subnet)
     instance = Instance("d0d0d0", config.ports, subnet, ula_subnet(subnet) if facts.ipv6_per_interface else None,
-                        config.uplinks, config.addresses, loopback_ports(config, facts), config.outbound, config.helpers)
+                        config.uplinks, config.addresses, loopback_ports(config, facts), config.outbound, config.helpers,
+                        config.udp_timeout)
     check_start(facts, instance, live)
     table = nft.read_table()
     rooms = sync.wanted_rooms(sync.probe_firewall(), config.firewall, config.mark_mask) if table is None or not live else None

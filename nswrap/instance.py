@@ -34,6 +34,7 @@ from nswrap.datapath import (
     check_uplinks,
     conflicts,
     gateway_conflict,
+    udp_timeout_conflict,
     ula_subnet,
 )
 from nswrap.errors import NswrapError, UsageError
@@ -141,7 +142,7 @@ def check_start(facts: Facts, instance: Instance, live: list[Record]) -> None:
     for warning in absent_addresses(facts, instance):
         log.warning("%s", warning)
     others = tuple(r.instance for r in live)
-    clash = conflicts(instance, others) or gateway_conflict(facts, instance, others)
+    clash = conflicts(instance, others) or gateway_conflict(facts, instance, others) or udp_timeout_conflict(instance, others)
     if clash:
         owner = next(r for r in live if r.id in clash)
         raise NswrapError(f"{clash} (pid {owner.pid}: {' '.join(owner.command)})")
@@ -189,7 +190,7 @@ class Life:
             id=instance_id, ports=config.ports, subnet=subnet,
             subnet6=ula_subnet(subnet) if ipv6 else None,
             uplinks=config.uplinks, addresses=config.addresses, loopback_ports=loopback_ports(config, facts),
-            outbound=config.outbound, helpers=config.helpers,
+            outbound=config.outbound, helpers=config.helpers, udp_timeout=config.udp_timeout,
         )
 
     def start(self) -> None:
@@ -365,7 +366,7 @@ class Life:
                 facts = gather(self.kernel.routing)
                 live = tuple(r.instance for r in self.state.live())
                 table = nft.read_table()
-                if why == "table" and (table is None or not sync.intact(table, allocation)):
+                if why == "table" and (table is None or not sync.intact(table, allocation, live)):
                     log.warning("nswrap's nft table was flushed or deleted (a firewall reload?): putting it back")
                 plan = sync.plan(facts, table, allocation, live, self.config.mark_mask)
             except (NswrapError, OSError) as e:
