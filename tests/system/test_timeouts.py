@@ -133,6 +133,20 @@ def test_a_flow_asked_again_after_expiry_is_answered_on_its_own_uplink(lab, tmp_
         lab.stop(proc)
 
 
+def test_a_start_asking_another_udp_timeout_than_a_live_instance_is_refused(lab, tmp_path):
+    """The timeouts are the shared table's: one value per host, like an uplink's gateway."""
+    proc = serving(lab, tmp_path)
+    try:
+        for command in (["--udp-timeout", "300", "--ports", "5301", "--", "true"],
+                        ["--udp-timeout", "300", "--ports", "5301", "--dry-run"]):
+            done = common.nswrap(lab, *command)
+            assert done.returncode == 125 and len(done.stderr.splitlines()) == 1, done
+            assert "--udp-timeout 300 differs from 20, which nswrap instance" in done.stderr, done.stderr
+        assert common.nswrap(lab, "--udp-timeout", "20", "--ports", "5301", "--", "true").returncode == 0
+    finally:
+        lab.stop(proc)
+
+
 # -- OpenVPN ---------------------------------------------------------------------------------------
 
 IDLE_S = 180  # three minutes of nothing but keepalives
