@@ -19,9 +19,11 @@ from click.core import ParameterSource
 from nswrap import __version__, configfile
 from nswrap.config import (
     IPV6_FORWARDING,
+    DEFAULT_UDP_TIMEOUT,
     Config,
     check_ready_fd_number,
     check_stop_timeout,
+    check_udp_timeout,
     parse_address,
     parse_mark_mask,
     parse_ports,
@@ -135,6 +137,10 @@ def cli() -> None:
               help="Run the server as this user (it may still bind ports below 1024).")
 @click.option("--stop-timeout", type=float, default=10.0, show_default=True, metavar="SECONDS", **_env("STOP_TIMEOUT"),
               help="After forwarding SIGTERM/SIGINT, SIGKILL the server's processes after this long (0: never).")
+@click.option("--udp-timeout", type=int, default=DEFAULT_UDP_TIMEOUT, show_default=True, metavar="SECONDS",
+              **_env("UDP_TIMEOUT"),
+              help="Forget an answered UDP flow this long after its last packet; one value for every instance on the "
+                   "host. Longer keeps quieter sessions, but lets a spoofed flood pin conntrack entries longer.")
 @click.option("--ready-fd", type=int, metavar="N", **_env("READY_FD"),
               help="Write READY to fd N once the server listens on every published port.")
 @click.option("--take-over", is_flag=True, **_env("TAKE_OVER"),
@@ -146,7 +152,7 @@ def cli() -> None:
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def run(ctx, ports, uplinks, subnet, mark_mask, addresses, firewall, no_outbound, ipv6_forwarding, helpers, user,
-        stop_timeout, ready_fd, take_over, dry_run, verbose, command) -> None:
+        stop_timeout, udp_timeout, ready_fd, take_over, dry_run, verbose, command) -> None:
     """Run COMMAND in its own network namespace, publishing --ports on the uplinks.
 
     Every option may also be set in the environment (NSWRAP_PORTS, ...; a repeatable option takes
@@ -174,6 +180,7 @@ def run(ctx, ports, uplinks, subnet, mark_mask, addresses, firewall, no_outbound
             dry_run=dry_run,
             user=user,
             stop_timeout=_parsed(ctx, "stop_timeout", check_stop_timeout, stop_timeout),
+            udp_timeout=_parsed(ctx, "udp_timeout", check_udp_timeout, udp_timeout),
             ready_fd=ready_fd,
             addresses=_parsed(ctx, "addresses", lambda a: tuple(map(parse_address, a)), addresses),
             firewall=firewall,

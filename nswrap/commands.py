@@ -49,7 +49,7 @@ def dry_run(config: Config) -> int:
     forwarding6 = choose_forwarding6(config.ipv6_forwarding, facts, allocation)
     instance = Instance("d0d0d0", config.ports, subnet, ula_subnet(subnet) if forwarding6 else None,
                         config.uplinks, config.addresses, loopback_ports(config), config.outbound, config.helpers,
-                        forwarding6 or "interface")
+                        forwarding6 or "interface", config.udp_timeout)
     check_start(facts, instance, live, config.take_over)
     table = nft.read_table()
     rooms = sync.wanted_rooms(sync.probe_firewall(), config.firewall, config.mark_mask) if table is None or not live else None

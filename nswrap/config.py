@@ -21,6 +21,12 @@ HELPERS = ("tftp",)  # conntrack helpers nswrap can attach (the server answers f
 DEFAULT_MARK_MASK = 0xF0000000  # free of kube-proxy, wg-quick, Tailscale, Cilium, mwan3, OpenWrt pbr
 MAX_STOP_TIMEOUT = 86400.0
 MAX_ID = 0xFFFFFFFE  # uid/gid: (uid_t)-1 means "unchanged" to the kernel
+# How long an answered UDP flow of a published port outlives its last packet (conntrack's
+# `replied` state; the kernel's own is 120 s): a spoofed flood the server answers drains within
+# it once the flood stops; a session that sends at least every DEFAULT/2 s (OpenVPN's
+# `keepalive 10 60`) lives on (docs/design.md, "Floods").
+DEFAULT_UDP_TIMEOUT = 20
+MIN_UDP_TIMEOUT, MAX_UDP_TIMEOUT = 10, 86400  # never below `unreplied` (10 s); at most a day
 
 
 @datatype(order=True)
@@ -215,6 +221,12 @@ def check_stop_timeout(value: float) -> float:
     return value
 
 
+def check_udp_timeout(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_UDP_TIMEOUT <= value <= MAX_UDP_TIMEOUT:
+        raise UsageError(f"invalid --udp-timeout {value}: {MIN_UDP_TIMEOUT} to {MAX_UDP_TIMEOUT} seconds")
+    return value
+
+
 @datatype
 class Config:
     command: tuple[str, ...]
@@ -232,6 +244,7 @@ class Config:
     helpers: tuple[str, ...] = ()  # conntrack helpers for protocols that open related flows
     ipv6_forwarding: str = "auto"  # how IPv6 is forwarded to the server: IPV6_FORWARDING
     take_over: bool = False  # publish even where a host socket serves the port (its clients go to the server)
+    udp_timeout: int = DEFAULT_UDP_TIMEOUT  # answered UDP flows: seconds after their last packet (per host)
 
     def __post_init__(self) -> None:
         require_ports(self.ports)
@@ -252,6 +265,7 @@ class Config:
         if self.user is not None:
             parse_user(self.user)
         check_ready_fd_number(self.ready_fd)
+        check_udp_timeout(self.udp_timeout)
         seen: dict[str, int | None] = {}
         for u in self.uplinks:  # once, or twice: with an IPv4 and with an IPv6 gateway
             version = u.gateway.version if u.gateway else None

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from nswrap.config import PortRange, UplinkSpec, valid_ifname
+from nswrap.config import DEFAULT_UDP_TIMEOUT, PortRange, UplinkSpec, valid_ifname
 from nswrap.datatypes import datatype, field, replace
 from nswrap.errors import NswrapError, UsageError
 from nswrap.facts import HOST_PREFIX, Facts, sysctl_key
@@ -66,6 +66,7 @@ class Instance:
     # how IPv6 is forwarded for it: "interface" (force_forwarding, Linux >= 6.17), "global" (the
     # switch nswrap holds while an instance needs it), "host" (the switch the host had on already)
     forwarding6: str = "interface"
+    udp_timeout: int = DEFAULT_UDP_TIMEOUT  # --udp-timeout: the same for every live instance
 
     @property
     def veth(self) -> str:
@@ -213,6 +214,7 @@ class Datapath:
     elements: dict[str, frozenset[Element]]  # nft set or map name -> its elements
     warnings: tuple[str, ...] = ()
     hold6: bool = False  # an instance needs the global IPv6 forwarding switch that nswrap turns on
+    udp_timeout: int = DEFAULT_UDP_TIMEOUT  # of the table's ct timeout objects (shared_udp_timeout)
 
     @property
     def marks(self) -> dict[str, int]:
@@ -319,6 +321,23 @@ def gateway_conflict(facts: Facts, new: Instance, live: tuple[Instance, ...]) ->
                 return (f"uplink {ifname}: nswrap instance {other.id} routes through gateway {theirs}, not {mine}: "
                         f"give --uplink {ifname}={theirs}, or other uplinks")
     return None
+
+
+def shared_udp_timeout(instances: tuple[Instance, ...]) -> int:
+    """The `replied` timeout of the table's UDP ct timeout objects. nft 1.0.6 has no map of ct
+    timeout objects (`type ipv4_addr : ct timeout` is a syntax error, its JSON an "invalid map
+    type"), so the value is one per host, which udp_timeout_conflict makes every live instance
+    agree on; the longest, should records ever disagree."""
+    return max((i.udp_timeout for i in instances), default=DEFAULT_UDP_TIMEOUT)
+
+
+def udp_timeout_conflict(new: Instance, live: tuple[Instance, ...]) -> str | None:
+    """At start: the conntrack timeouts are shared by every instance of the host (above)."""
+    other = next((i for i in live if i.udp_timeout != new.udp_timeout), None)
+    if other is None:
+        return None
+    return (f"--udp-timeout {new.udp_timeout} differs from {other.udp_timeout}, which nswrap instance {other.id} uses "
+            f"(conntrack timeouts are shared by every instance on this host): give --udp-timeout {other.udp_timeout}")
 
 
 def _allocate_uplinks(b: _Builder, wanted: list[str]) -> tuple[Uplink, ...]:
@@ -627,6 +646,7 @@ def datapath(facts: Facts, allocation: Allocation, instances: tuple[Instance, ..
         elements=_elements(b, uplinks, families),
         warnings=tuple(dict.fromkeys(b.warnings)),
         hold6=wants_switch6(instances),
+        udp_timeout=shared_udp_timeout(instances),
     )
 
 

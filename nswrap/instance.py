@@ -37,6 +37,7 @@ from nswrap.datapath import (
     conflicts,
     gateway_conflict,
     taken_over,
+    udp_timeout_conflict,
     ula_subnet,
 )
 from nswrap.errors import NswrapError, UsageError
@@ -142,7 +143,7 @@ def check_start(facts: Facts, instance: Instance, live: list[Record], take_over:
     for warning in absent_addresses(facts, instance):
         log.warning("%s", warning)
     others = tuple(r.instance for r in live)
-    clash = conflicts(instance, others) or gateway_conflict(facts, instance, others)
+    clash = conflicts(instance, others) or gateway_conflict(facts, instance, others) or udp_timeout_conflict(instance, others)
     if clash:
         owner = next(r for r in live if r.id in clash)
         raise NswrapError(f"{clash} (pid {owner.pid}: {' '.join(owner.command)})")
@@ -235,6 +236,7 @@ class Life:
             subnet6=ula_subnet(subnet) if forwarding6 else None,
             uplinks=config.uplinks, addresses=config.addresses, loopback_ports=loopback_ports(config),
             outbound=config.outbound, helpers=config.helpers, forwarding6=forwarding6 or "interface",
+            udp_timeout=config.udp_timeout,
         )
 
     def start(self) -> None:
@@ -407,14 +409,14 @@ class Life:
             allocation = self.state.allocation()
             guarded = False  # is nswrap's guard known to be in place?
             try:
+                live = tuple(r.instance for r in self.state.live())
                 table = nft.read_table()
-                guarded = table is not None and sync.intact(table, allocation)
+                guarded = table is not None and sync.intact(table, allocation, live)
                 if not guarded:  # no guard: before anything else, route nothing for others
                     sync.fail_closed(allocation)
                     if why == "table":
                         log.warning("nswrap's nft table was flushed or deleted (a firewall reload?): putting it back")
                 facts = gather(self.kernel.routing)
-                live = tuple(r.instance for r in self.state.live())
                 plan = sync.plan(facts, table, allocation, live, self.config.mark_mask)
             except Exception as e:
                 self._fail_closed_if(not guarded, allocation, e)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import zlib
 
+from nswrap.config import DEFAULT_UDP_TIMEOUT
 from nswrap.datapath import ELEMENT_SETS, Datapath, Element, mark_value
 from nswrap.datatypes import sort_key
 
@@ -54,19 +55,21 @@ DYNAMIC = {"forged": "type ifname; size 65536; flags dynamic; counter;"}
 COUNTERS = ("misrouted",)
 assert set(SETS) == set(ELEMENT_SETS)
 
-# the conntrack timeouts of published flows: an unanswered (or answered within 2 s, as a DNS
-# query is) UDP flow is forgotten after 10 s instead of 30, half-open TCP after 10 s instead of
-# 60-120; so a flood of new flows drains from the conntrack table quickly once it stops.
-TIMEOUTS = {
-    "udp": "unreplied : 10",
-    "tcp": "syn_sent : 10, syn_recv : 10",
-}
+
+def timeouts(udp_timeout: int = DEFAULT_UDP_TIMEOUT) -> dict[str, str]:
+    """The conntrack timeouts of published flows: an unanswered (or answered within 2 s, as a DNS
+    query is) UDP flow is forgotten after 10 s instead of 30, an answered one `udp_timeout` s after
+    its last packet instead of 120 (a spoofed flood the server answers would otherwise pin the
+    table: the kernel's UDP `stream` state uses `replied`), half-open TCP after 10 s instead of
+    60-120; so a flood of new flows drains from the conntrack table quickly once it stops
+    (docs/design.md, "Floods"). Established TCP keeps the kernel's: spoofed sources never get there."""
+    return {"udp": f"unreplied : 10, replied : {udp_timeout}", "tcp": "syn_sent : 10, syn_recv : 10"}
 
 
-def _objects() -> list[str]:
+def _objects(udp_timeout: int = DEFAULT_UDP_TIMEOUT) -> list[str]:
     out = []
     for version, l3 in ((4, "ip"), (6, "ip6")):
-        for proto, policy in TIMEOUTS.items():
+        for proto, policy in timeouts(udp_timeout).items():
             out += [f"\tct timeout {proto}{version} {{", f"\t\tprotocol {proto}", f"\t\tl3proto {l3}",
                     f"\t\tpolicy = {{ {policy} }}", "\t}"]
         out += [f"\tct helper tftp{version} {{", '\t\ttype "tftp" protocol udp', f"\t\tl3proto {l3}", "\t}"]
@@ -251,20 +254,22 @@ def chains(mask: int) -> list[Chain]:
             + _guard(mask) + _local_out())
 
 
-def base(mask: int) -> list[str]:
+def base(mask: int, udp_timeout: int = DEFAULT_UDP_TIMEOUT) -> list[str]:
     out = [f"\t{'map' if ':' in decl else 'set'} {name} {{ {decl} }}" for name, decl in SETS.items()]
     out += [f"\tset {name} {{ {decl} }}" for name, decl in DYNAMIC.items()]
     out += [f"\tcounter {name} {{ }}" for name in COUNTERS]
     out.append(f"\tset {VERSION_SET} {{ type inet_service; }}")
-    out += _objects()
+    out += _objects(udp_timeout)
     for chain in chains(mask):
         out += _render(chain)
     return out
 
 
-def version(mask: int) -> str:
-    """Identifies the base: when nswrap's rules change (an upgrade), the table is rebuilt."""
-    return f"{zlib.crc32(chr(10).join(base(mask)).encode()):08x}"  # not a secret: a change detector
+def version(mask: int, udp_timeout: int = DEFAULT_UDP_TIMEOUT) -> str:
+    """Identifies the base: when nswrap's rules change (an upgrade), the table is rebuilt; so it
+    is when the UDP timeout changes, which live instances never make it do (they agree on it:
+    datapath.udp_timeout_conflict), only a start after every instance with another value died."""
+    return f"{zlib.crc32(chr(10).join(base(mask, udp_timeout)).encode()):08x}"  # not a secret: a change detector
 
 
 def element_text(e: Element) -> str:
@@ -288,12 +293,12 @@ def table_text(dp: Datapath) -> str:
     mask = dp.allocation.mark_mask
     lines = [f"add table inet {TABLE}", f"delete table inet {TABLE}", f"table inet {TABLE} {{",
              '\tcomment "nswrap: the datapath its instances share in this network namespace (docs/design.md)"']
-    lines += base(mask)
+    lines += base(mask, dp.udp_timeout)
     for u in dp.allocation.uplinks:
         for name, rules in uplink_chains(mask, u.index).items():
             lines += _render((name, None, rules))
     lines.append("}")
-    lines.append(f"add element inet {TABLE} {VERSION_SET} {{ 1 comment \"{version(mask)}\" }}")
+    lines.append(f"add element inet {TABLE} {VERSION_SET} {{ 1 comment \"{version(mask, dp.udp_timeout)}\" }}")
     for name in SETS:
         lines += _elements("add", name, list(dp.elements.get(name, ())))
     return "\n".join(lines) + "\n"

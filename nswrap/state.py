@@ -26,7 +26,15 @@ import re
 import stat
 from collections.abc import Callable, Iterator
 
-from nswrap.config import HELPERS, PortRange, parse_port_item, parse_uplink, valid_ifname
+from nswrap.config import (
+    DEFAULT_UDP_TIMEOUT,
+    HELPERS,
+    PortRange,
+    check_udp_timeout,
+    parse_port_item,
+    parse_uplink,
+    valid_ifname,
+)
 from nswrap.datapath import POOL6, Allocation, Instance, Room, Setting6, Switch6, SysctlChange, Uplink, mark_capacity
 from nswrap.datatypes import datatype, field
 from nswrap.errors import NswrapError, UsageError
@@ -328,7 +336,7 @@ class Record:
             "addresses": [str(a) for a in i.addresses], "loopback_ports": [str(p) for p in i.loopback_ports],
             "outbound": i.outbound, "helpers": list(i.helpers), "subnet": str(i.subnet),
             "subnet6": str(i.subnet6) if i.subnet6 else None, "forwarding6": i.forwarding6,
-            "init_pid": self.init_pid, "mark_mask": self.mark_mask,
+            "init_pid": self.init_pid, "mark_mask": self.mark_mask, "udp_timeout": i.udp_timeout,
         }, indent=1).encode()
 
 
@@ -396,10 +404,15 @@ def parse_record(raw: bytes, name: str) -> Record:
     started = _need(data, "started", (int, float))
     if not 0 < started < 1e11:  # a time, not 1e300, NaN or 400 digits
         raise InvalidState("bad start time")
+    udp_timeout = data.get("udp_timeout", DEFAULT_UDP_TIMEOUT)  # an older nswrap's record has none
+    try:
+        check_udp_timeout(udp_timeout)
+    except UsageError:
+        raise InvalidState("udp_timeout is not a number of seconds nswrap takes") from None
     instance = Instance(
         id=rid, ports=_ports(_list_of(data, "ports", 65536)), subnet=subnet, subnet6=subnet6, uplinks=uplinks,
         addresses=addresses, loopback_ports=_ports(_list_of(data, "loopback_ports", 65536)),
-        outbound=_need(data, "outbound", bool), helpers=helpers, forwarding6=forwarding6,
+        outbound=_need(data, "outbound", bool), helpers=helpers, forwarding6=forwarding6, udp_timeout=udp_timeout,
     )
     if not instance.ports:
         raise InvalidState("no ports")

@@ -45,6 +45,7 @@ from nswrap.datapath import (
     guarded,
     router,
     switch6_elements,
+    shared_udp_timeout,
 )
 from nswrap.datatypes import datatype, replace
 from nswrap.errors import NswrapError
@@ -173,7 +174,7 @@ def _nft_changes(table: nft.Table | None, dp: Datapath, instances: tuple[Instanc
     mask, name = dp.allocation.mark_mask, f"table inet {ruleset.TABLE}"
     if not instances:
         return [NftBatch(ruleset.delete_text(), what=f"{name} deleted")] if table is not None else []
-    if table is None or table.version != ruleset.version(mask) or not _intact(table, dp):
+    if table is None or table.version != ruleset.version(mask, dp.udp_timeout) or not _intact(table, dp):
         return [NftBatch(ruleset.table_text(dp), ruleset.delete_text() if table is None else "", what=f"{name} (re)built")]
     chains, indexes = set(table.rules), [u.index for u in dp.allocation.uplinks]
     text = ruleset.changes(table.elements, chains, dp.elements, indexes, mask)
@@ -252,11 +253,11 @@ def _intact(table: nft.Table, dp: Datapath) -> bool:
     return all(table.rules.get(name) == count for name, count in expected.items())
 
 
-def intact(table: nft.Table, allocation: Allocation | None) -> bool:
+def intact(table: nft.Table, allocation: Allocation | None, instances: tuple[Instance, ...] = ()) -> bool:
     if allocation is None:
         return False
     empty = Datapath(allocation, frozenset(), frozenset(), {}, {})
-    return table.version == ruleset.version(allocation.mark_mask) and _intact(table, empty)
+    return table.version == ruleset.version(allocation.mark_mask, shared_udp_timeout(instances)) and _intact(table, empty)
 
 
 def run(plan_: Plan, tx: Transaction, save: Callable[[Allocation | None], None]) -> None:

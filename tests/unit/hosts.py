@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from nswrap.config import parse_ports, parse_uplink
+from nswrap.config import DEFAULT_UDP_TIMEOUT, parse_ports, parse_uplink
 from nswrap.datapath import Allocation, Datapath, Instance, datapath, ula_subnet
 from nswrap.datatypes import replace
 from nswrap.facts import Facts, sysctl_keys
@@ -79,12 +79,13 @@ def with_sysctls(facts: Facts, **values: str) -> Facts:
 
 def instance(id: str = "aaaaaa", ports: str = "53,53/tcp", subnet: str = "198.18.0.4/30", ipv6: bool = True,
              uplinks: tuple[str, ...] = (), addresses: tuple[str, ...] = (), loopback: str | None = None,
-             outbound: bool = True, helpers: tuple[str, ...] = ()) -> Instance:
+             outbound: bool = True, helpers: tuple[str, ...] = (), udp_timeout: int = DEFAULT_UDP_TIMEOUT) -> Instance:
     net = ipaddress.IPv4Network(subnet)
     return Instance(
         id=id, ports=parse_ports([ports]), subnet=net, subnet6=ula_subnet(net) if ipv6 else None,
         uplinks=tuple(parse_uplink(u) for u in uplinks), addresses=tuple(A(a) for a in addresses),
         loopback_ports=parse_ports([loopback]) if loopback else (), outbound=outbound, helpers=helpers,
+        udp_timeout=udp_timeout,
     )
 
 

@@ -44,6 +44,9 @@ BAD_INPUT = [
     (["-p", "53", "--stop-timeout", "nan", "--", "true"], "--stop-timeout nan"),
     (["-p", "53", "--stop-timeout", "-1", "--", "true"], "-1"),
     (["-p", "53", "--stop-timeout", "soon", "--", "true"], "'--stop-timeout'"),
+    (["-p", "53", "--udp-timeout", "9", "--", "true"], "--udp-timeout 9: 10 to 86400 seconds"),
+    (["-p", "53", "--udp-timeout", "86401", "--", "true"], "--udp-timeout 86401"),
+    (["-p", "53", "--udp-timeout", "20s", "--", "true"], "'--udp-timeout'"),
     (["-p", "53", "--firewall", "maybe", "--", "true"], "maybe"),
     (["-p", "53", "--helper", "tftp", "--", "true"], "udp port 69"),
     (["-p", "53", "--ready-fd", "-1", "--", "true"], "--ready-fd -1"),
@@ -73,6 +76,8 @@ def test_bad_input_exits_2_with_one_line_as_a_process():
         ({"NSWRAP_FIREWALL": "bogus"}, ["NSWRAP_FIREWALL", "bogus"]),
         ({"NSWRAP_UPLINK": "eth0=not-an-address"}, ["NSWRAP_UPLINK", "not-an-address"]),
         ({"NSWRAP_MARK_MASK": "0x5"}, ["NSWRAP_MARK_MASK", "0x5"]),
+        ({"NSWRAP_UDP_TIMEOUT": "5"}, ["NSWRAP_UDP_TIMEOUT", "--udp-timeout 5"]),
+        ({"NSWRAP_UDP_TIMEOUT": "long"}, ["NSWRAP_UDP_TIMEOUT", "long"]),
         ({"NSWRAP_VERBOSE": "vv"}, ["NSWRAP_VERBOSE", "vv"]),
     ],
 )

@@ -9,11 +9,15 @@ import tracemalloc
 import pytest
 
 from nswrap.config import (
+    DEFAULT_UDP_TIMEOUT,
     MAX_STOP_TIMEOUT,
+    MAX_UDP_TIMEOUT,
+    MIN_UDP_TIMEOUT,
     Config,
     PortRange,
     check_ifname,
     check_stop_timeout,
+    check_udp_timeout,
     parse_address,
     parse_mark_mask,
     parse_port_item,
@@ -179,6 +183,25 @@ def test_valid_stop_timeouts(value):
 def test_invalid_stop_timeouts(value):
     refused(check_stop_timeout, value, culprit="--stop-timeout")
     refused(lambda: Config(command=("true",), ports=parse_ports(["53"]), stop_timeout=value), culprit="--stop-timeout")
+
+
+# --- --udp-timeout -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [MIN_UDP_TIMEOUT, DEFAULT_UDP_TIMEOUT, 300, MAX_UDP_TIMEOUT])
+def test_valid_udp_timeouts(value):
+    assert check_udp_timeout(value) == value
+    assert Config(command=("true",), ports=parse_ports(["53"]), udp_timeout=value).udp_timeout == value
+
+
+@pytest.mark.parametrize("value", [0, -20, MIN_UDP_TIMEOUT - 1, MAX_UDP_TIMEOUT + 1, 10**100, True, 20.5])
+def test_invalid_udp_timeouts(value):
+    refused(check_udp_timeout, value, culprit="--udp-timeout")
+    refused(lambda: Config(command=("true",), ports=parse_ports(["53"]), udp_timeout=value), culprit="--udp-timeout")
+
+
+def test_the_default_udp_timeout_outlives_a_10_s_keepalive_twice_and_drains_a_flood_within_30_s():
+    assert 2 * 10 <= DEFAULT_UDP_TIMEOUT < 30
 
 
 # --- --mark-mask -------------------------------------------------------------------------------

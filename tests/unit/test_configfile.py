@@ -36,6 +36,7 @@ no-outbound = true
 helper = ["tftp"]
 user = "nobody"
 stop-timeout = 2.5
+udp-timeout = 300
 ready-fd = 3
 take-over = true
 dry-run = true
@@ -54,6 +55,7 @@ EVERY_OPTION_ENV = {
     "NSWRAP_HELPER": "tftp",
     "NSWRAP_USER": "nobody",
     "NSWRAP_STOP_TIMEOUT": "2.5",
+    "NSWRAP_UDP_TIMEOUT": "300",
     "NSWRAP_READY_FD": "3",
     "NSWRAP_TAKE_OVER": "1",
     "NSWRAP_DRY_RUN": "true",
@@ -83,7 +85,8 @@ def test_every_key_is_read_with_its_kind(tmp_path):
         "ports": ["53,69", "53/tcp"], "uplinks": ["eth0", "eth1=198.51.100.1"], "subnet": "198.18.4.0/30",
         "mark_mask": "0x0f000000", "addresses": ["192.0.2.10", "198.51.100.10"], "firewall": "off",
         "no_outbound": True, "helpers": ["tftp"], "user": "nobody", "stop_timeout": 2.5, "ready_fd": 3,
-        "take_over": True, "dry_run": True, "verbose": 2, "command": ["unbound", "-d", "-c", "/etc/unbound/unbound.conf"],
+        "take_over": True, "udp_timeout": 300, "dry_run": True, "verbose": 2,
+        "command": ["unbound", "-d", "-c", "/etc/unbound/unbound.conf"],
     }
 
 
@@ -212,6 +215,7 @@ def assert_every_option(config):
     assert config.addresses == (ipaddress.IPv4Address("192.0.2.10"), ipaddress.IPv4Address("198.51.100.10"))
     assert config.firewall == "off" and config.outbound is False and config.helpers == ("tftp",)
     assert config.user == "nobody" and config.stop_timeout == 2.5 and config.ready_fd == 3
+    assert config.udp_timeout == 300
     assert config.dry_run is True and config.take_over is True
     assert logging.getLogger("nswrap").level == logging.DEBUG  # verbose = 2
 
@@ -291,7 +295,8 @@ def test_every_option_has_a_variable_and_a_key():
                 if command is cli.run and long_name != "config":
                     assert keys[long_name][0] == param.name
     assert set(keys) == {"command", "ports", "uplink", "subnet", "mark-mask", "address", "firewall", "no-outbound",
-                         "helper", "user", "stop-timeout", "ready-fd", "take-over", "dry-run", "verbose", "ipv6-forwarding"}
+                         "helper", "user", "stop-timeout", "udp-timeout", "ready-fd", "take-over", "dry-run", "verbose",
+                         "ipv6-forwarding"}
 
 
 # --- errors through the command line (in-process: exit 2, one line) -------------------------------
@@ -311,6 +316,9 @@ def test_every_option_has_a_variable_and_a_key():
         ('ports = []\ncommand = ["true"]\n', ["'ports'", "no ports"]),
         ('user = ""\nports = ["53"]\ncommand = ["true"]\n', ["'user'", "--user ''", "empty user"]),
         ('ready-fd = -1\nports = ["53"]\ncommand = ["true"]\n', ["'ready-fd'", "--ready-fd -1"]),
+        ('udp-timeout = 5\nports = ["53"]\ncommand = ["true"]\n', ["'udp-timeout'", "--udp-timeout 5: 10 to 86400"]),
+        ('udp-timeout = "20"\nports = ["53"]\ncommand = ["true"]\n', ["'udp-timeout'", "integer"]),
+        ('udp-timeout = 20.5\nports = ["53"]\ncommand = ["true"]\n', ["'udp-timeout'", "integer"]),
         ('ports = ["53"]\ncommand = [""]\n', ["'command'", "empty command name"]),
         ('ports = ["53"]\ncommand = []\n', ["'command'", "empty command"]),
     ],

@@ -27,6 +27,8 @@ from nswrap.datapath import (
     internal_ranges,
     mark_capacity,
     taken_over,
+    shared_udp_timeout,
+    udp_timeout_conflict,
     ula_subnet,
 )
 from nswrap.datatypes import replace
@@ -232,6 +234,19 @@ def test_a_given_gateway_must_agree_with_the_host_default_a_live_instance_uses()
     assert gateway_conflict(host(), instance("bbbbbb", uplinks=("eth2=203.0.113.126",)), (auto,)) is None  # no host default
     assert "routes through gateway 198.51.100.77, not 198.51.100.254" in (
         gateway_conflict(host(), given, (instance("aaaaaa", uplinks=("eth1=198.51.100.77",)),)) or "")
+
+
+def test_live_instances_agree_on_the_udp_timeout():
+    """nft 1.0.6 has no map of ct timeout objects: one value per host, the one live instances use."""
+    default, longer = instance("aaaaaa"), instance("bbbbbb", "54", subnet="198.18.0.8/30", udp_timeout=300)
+    assert udp_timeout_conflict(longer, (default,)) == (
+        "--udp-timeout 300 differs from 20, which nswrap instance aaaaaa uses "
+        "(conntrack timeouts are shared by every instance on this host): give --udp-timeout 20")
+    assert udp_timeout_conflict(default, (longer,)) is not None
+    assert udp_timeout_conflict(longer, ()) is None
+    assert udp_timeout_conflict(instance("cccccc", udp_timeout=300), (longer,)) is None
+    assert datapath(host(), fresh(), (longer,)).udp_timeout == 300
+    assert shared_udp_timeout(()) == 20 and shared_udp_timeout((default, longer)) == 300  # records that disagree: the longest
 
 
 # --- rules and marks -----------------------------------------------------------------------------

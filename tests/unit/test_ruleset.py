@@ -94,6 +94,29 @@ def test_version_names_the_base_and_the_mask():
     assert re.fullmatch(r"[0-9a-f]{8,64}", ruleset.version(MASK))
 
 
+def test_published_udp_flows_get_the_udp_timeout_when_replied():
+    """Issue 23: a flood the server answers becomes UDP `stream`s, which the kernel keeps for
+    `replied` (120 s of its own): the ct timeout objects say how long instead."""
+    dp = golden_datapath()
+    assert dp.udp_timeout == 20
+    text = ruleset.table_text(dp)
+    for version, l3 in ((4, "ip"), (6, "ip6")):
+        assert (f"\tct timeout udp{version} {{\n\t\tprotocol udp\n\t\tl3proto {l3}\n"
+                "\t\tpolicy = { unreplied : 10, replied : 20 }\n\t}") in text
+        assert (f"\tct timeout tcp{version} {{\n\t\tprotocol tcp\n\t\tl3proto {l3}\n"
+                "\t\tpolicy = { syn_sent : 10, syn_recv : 10 }\n\t}") in text  # established TCP: the kernel's
+    longer = ruleset.table_text(replace(dp, udp_timeout=300))
+    assert longer.count("policy = { unreplied : 10, replied : 300 }") == 2 and "replied : 20 " not in longer
+    assert f'comment "{ruleset.version(MASK, 300)}"' in longer
+
+
+def test_the_version_names_the_udp_timeout():
+    """The objects are the base's: a table made for another value is rebuilt (only ever when no
+    instance of that value lives: they agree on it)."""
+    assert ruleset.version(MASK) == ruleset.version(MASK, 20)
+    assert ruleset.version(MASK, 20) != ruleset.version(MASK, 21)
+
+
 def test_expected_chains_count_every_rule():
     dp = golden_datapath()
     expected = ruleset.expected_chains(dp)

@@ -77,9 +77,20 @@ def test_a_record_round_trips():
     assert parse_record(plain.to_json(), "abcdef.json") == plain
 
 
+def test_a_record_keeps_the_udp_timeout_and_an_older_one_has_the_default():
+    longer = record(udp_timeout=300)
+    assert parse_record(longer.to_json(), "abcdef.json").instance.udp_timeout == 300
+    older = with_(good_record(), udp_timeout=DELETE)
+    assert parse_record(older, "abcdef.json").instance.udp_timeout == 20
+
+
 @pytest.mark.parametrize(
     "changes, culprit",
     [
+        ({"udp_timeout": 5}, "udp_timeout"),
+        ({"udp_timeout": "20"}, "udp_timeout"),
+        ({"udp_timeout": True}, "udp_timeout"),
+        ({"udp_timeout": None}, "udp_timeout"),
         ({"id": "../.."}, "not 6 hex digits"),
         ({"id": "../../etc/passwd"}, "not 6 hex digits"),
         ({"id": "ABCDEF"}, "not 6 hex digits"),

@@ -59,7 +59,7 @@ def table_after(plan: sync.Plan) -> nft.Table | None:
         return None
     dp = plan.datapath
     return nft.Table(elements={name: items for name, items in dp.elements.items()}, rules=ruleset.expected_chains(dp),
-                     version=ruleset.version(dp.allocation.mark_mask))
+                     version=ruleset.version(dp.allocation.mark_mask, dp.udp_timeout))
 
 
 def kinds(changes: list[Change]) -> list[str]:
@@ -159,6 +159,20 @@ def test_a_flushed_or_outdated_table_is_rebuilt(first):
         assert batch.text == ruleset.table_text(plan.datapath) and batch.undo_text == ""  # it existed: no undo by deletion
         assert sync.intact(table, plan.after) and not sync.intact(broken, plan.after)
     assert not sync.intact(table, None)
+
+
+def test_a_table_made_for_another_udp_timeout_is_rebuilt(first):
+    """Every instance with the old value died (kill -9: their table stayed); a start with another
+    value rebuilds the table, objects included. Instances that agree change elements only."""
+    facts, plan = first
+    now, table = applied(facts, plan), table_after(plan)
+    longer = (instance(udp_timeout=300),)
+    [batch] = sync.plan(now, table, plan.after, longer, MASK).changes
+    assert batch.what == "table inet nswrap (re)built" and "replied : 300 }" in batch.text
+    assert sync.intact(table, plan.after, (instance(),)) and not sync.intact(table, plan.after, longer)
+    both = (instance(), instance("bbbbbb", "123", subnet="198.18.0.8/30"))
+    [batch] = sync.plan(now, table, plan.after, both, MASK).changes
+    assert batch.what == "elements"
 
 
 # --- the last instance ---------------------------------------------------------------------------
