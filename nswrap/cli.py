@@ -18,8 +18,8 @@ from click.core import ParameterSource
 
 from nswrap import __version__, configfile
 from nswrap.config import (
-    IPV6_FORWARDING,
     DEFAULT_UDP_TIMEOUT,
+    IPV6_FORWARDING,
     Config,
     check_ready_fd_number,
     check_stop_timeout,

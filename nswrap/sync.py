@@ -44,8 +44,8 @@ from nswrap.datapath import (
     free_priority,
     guarded,
     router,
-    switch6_elements,
     shared_udp_timeout,
+    switch6_elements,
 )
 from nswrap.datatypes import datatype, replace
 from nswrap.errors import NswrapError

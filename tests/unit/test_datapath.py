@@ -26,8 +26,8 @@ from nswrap.datapath import (
     instance_uplinks,
     internal_ranges,
     mark_capacity,
-    taken_over,
     shared_udp_timeout,
+    taken_over,
     udp_timeout_conflict,
     ula_subnet,
 )
