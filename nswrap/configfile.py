@@ -7,12 +7,21 @@ problem is one UsageError naming the file (and the key).
 from __future__ import annotations
 
 import os
+import re
 import stat
 from typing import Any
 
 from nswrap.errors import UsageError
 
 MAX_SIZE = 1 << 20
+MAX_DEPTH = 32  # nested arrays/tables and parts of a dotted key; nswrap's keys need 1
+
+# What tomllib reads as text, never as structure: strings (multi-line first) and comments. A string
+# left open runs to the end of its line (or file) so that no text is scanned twice: linear time.
+_OPAQUE = re.compile("|".join((r'"""(?:\\.|.)*?(?:"""|\Z)', r"'''.*?(?:'''|\Z)", r'"(?:\\[^\n]|[^"\\\n])*"?', r"'[^'\n]*'?",
+                               r"#[^\n]*")), re.DOTALL)
+_BRACKETS = re.compile(r"[\[{]+|[\]}]+")
+_DOTTED = re.compile(rf"(?<![A-Za-z0-9_-])(?:[A-Za-z0-9_-]++[ \t]*+\.[ \t]*+){{{MAX_DEPTH}}}")  # linear: no backtracking
 
 KIND_TEXT = {"list": "a list of strings", "str": "a string", "number": "a number", "int": "an integer",
              "bool": "true or false"}
@@ -36,9 +45,38 @@ def _load(path: str) -> dict[str, Any]:
     import tomllib  # here: only a start with --config pays for it (docs/design.md, "Why our own netlink")
 
     try:
-        return tomllib.loads(data.decode("utf-8-sig"))  # a byte order mark (Windows editors) is fine
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        text = data.decode("utf-8-sig")  # a byte order mark (Windows editors) is fine
+    except UnicodeDecodeError as e:
         raise UsageError(f"config file {path}: not valid TOML: {e}") from None
+    if too_deep(text):
+        raise UsageError(f"config file {path}: nested too deeply (more than {MAX_DEPTH} levels)")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"config file {path}: not valid TOML: {e}") from None
+    except ValueError:  # int() past sys.get_int_max_str_digits() (4300 digits), raised through tomllib
+        raise UsageError(f"config file {path}: not valid TOML: a number too long to read") from None
+    except RecursionError:  # too_deep() should have said so already
+        raise UsageError(f"config file {path}: nested too deeply") from None
+
+
+def too_deep(text: str) -> bool:
+    """Whether TOML text nests arrays and tables, or dots a key, more than MAX_DEPTH deep.
+
+    Checked before tomllib sees the text: it parses nesting by recursion (a 200 KB `[[[[...` is
+    a RecursionError thousands of lines long), and a key of n dotted parts costs it n² time and
+    memory (a 400 KB `a.a.a...` key takes gigabytes). Strings and comments are skipped as tomllib
+    would; on text that is not TOML the count may be off, and tomllib then says what is wrong.
+    """
+    code = _OPAQUE.sub("_", text)  # a quoted key part stays a key part
+    if _DOTTED.search(code):
+        return True
+    depth = 0
+    for run in _BRACKETS.finditer(code):
+        depth = depth + len(run[0]) if run[0][0] in "[{" else max(0, depth - len(run[0]))
+        if depth > MAX_DEPTH:
+            return True
+    return False
 
 
 def read(path: str, keys: dict[str, tuple[str, str]]) -> dict[str, Any]:
