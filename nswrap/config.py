@@ -133,9 +133,36 @@ def parse_uplink(text: str) -> UplinkSpec:
         address = ipaddress.ip_address(gateway)
     except ValueError:
         raise UsageError(f"invalid uplink {text!r}: {gateway!r} is not a gateway address") from None
-    if address.is_multicast or address.is_unspecified or address.is_loopback:
-        raise UsageError(f"invalid uplink {text!r}: {gateway} is not a unicast address")
+    problem = _not_plain(address) or _not_unicast(address)
+    if problem:
+        raise UsageError(f"invalid uplink {text!r}: {problem}")
     return UplinkSpec(ifname, address)
+
+
+LIMITED_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
+
+
+def _not_plain(address: IPAddress) -> str | None:
+    """Why an address is not one nswrap can use as it is: an IPv6 zone (`fe80::1%eth0`) is text
+    that would reach shell lines and nft (the uplink is the zone); an IPv4-mapped IPv6 address is
+    an IPv4 address, never on a link as IPv6."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.scope_id is not None:
+            return "give it without a %zone"
+        if address.ipv4_mapped is not None:
+            return f"{address} is an IPv4-mapped IPv6 address: give {address.ipv4_mapped}"
+    return None
+
+
+def _not_unicast(address: IPAddress) -> str | None:
+    """Why a gateway cannot be one: the kernel refuses these, or routes to them nowhere useful."""
+    for kind, bad in (("a multicast address", address.is_multicast), ("the unspecified address", address.is_unspecified),
+                      ("a loopback address", address.is_loopback), ("the broadcast address", address == LIMITED_BROADCAST),
+                      ("in 'this network' (0.0.0.0/8)", address.version == 4 and address in THIS_NETWORK)):
+        if bad:
+            return f"{address} is {kind}, not a unicast gateway"
+    return None
 
 
 def parse_address(text: str) -> IPAddress:
@@ -144,16 +171,17 @@ def parse_address(text: str) -> IPAddress:
         address = ipaddress.ip_address(text)
     except ValueError:
         raise UsageError(f"invalid address {text!r}: expected an address of this host") from None
+    problem = _not_plain(address)
+    if problem:
+        raise UsageError(f"invalid address {text!r}: {problem}")
     if address.is_unspecified:
         raise UsageError(f"invalid address {text!r}: for every address of the host, leave --address out")
     if address.is_loopback and address != ipaddress.IPv4Address("127.0.0.1"):
         raise UsageError(f"invalid address {text!r}: of the loopback addresses, only 127.0.0.1 is served")
-    if address.is_multicast or address.is_link_local or address == ipaddress.IPv4Address("255.255.255.255"):
+    if address.is_multicast or address.is_link_local or address == LIMITED_BROADCAST:
         raise UsageError(f"invalid address {text!r}: expected a unicast address of this host")
     return address
 
-
-THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
 
 
 def parse_subnet(text: str) -> ipaddress.IPv4Network:

@@ -34,6 +34,8 @@ BAD_INPUT = [
     (["-p", "53", "--uplink", "this-name-is-too-long", "--", "true"], "this-name-is-too-long"),
     (["-p", "53", "--uplink", 'eth0"', "--", "true"], "eth0\""),
     (["-p", "53", "--uplink", "eth0=nope", "--", "true"], "nope"),
+    (["-p", "53", "--uplink", "eth0=255.255.255.255", "--", "true"], "255.255.255.255 is the broadcast address"),
+    (["-p", "53", "--uplink", "eth0=ff02::1", "--", "true"], "ff02::1 is a multicast address"),
     (["-p", "53", "--subnet", "198.18.0.1/30", "--", "true"], "198.18.0.1/30"),
     (["-p", "53", "--mark-mask", "0x5", "--", "true"], "0x5"),
     (["-p", "53", "--mark-mask", "0", "--", "true"], "mark mask"),
