@@ -21,6 +21,7 @@ from nswrap.config import (
     Config,
     check_ready_fd_number,
     check_stop_timeout,
+    command_problem,
     parse_address,
     parse_mark_mask,
     parse_ports,
@@ -86,7 +87,7 @@ def _load_config(ctx: click.Context, param: click.Parameter, path: str | None) -
 
 config_option = click.option(
     "--config", type=click.Path(), metavar="FILE", is_eager=True, expose_value=False, callback=_load_config, **_env("CONFIG"),
-    help="Read options from this TOML file (keys named like the long options, plus `command`).",
+    help="Read options from this TOML file (keys named like the long options, plus `command`: a list of strings).",
 )
 
 
@@ -150,9 +151,9 @@ def run(ctx, ports, uplinks, subnet, mark_mask, addresses, firewall, no_outbound
     def start() -> int:
         if user is None and "NSWRAP_USER" in os.environ:  # click takes an empty variable for unset
             raise UsageError("invalid NSWRAP_USER '': empty user name (unset it to run the server as root)")
-        if from_file and (not command or not command[0]):  # the rest is checked by Config, below
-            raise UsageError(f"{'empty command name' if command else 'empty command'} "
-                             f"(from key 'command' in config file {ctx.meta.get(CONFIG_META)})")
+        problem = command_problem(command) if from_file else None  # Config checks it again, not naming the file
+        if problem:
+            raise UsageError(f"{problem} (from key 'command' in config file {ctx.meta.get(CONFIG_META)})")
         _parsed(ctx, "user", lambda u: u is None or parse_user(u), user)  # checked where they came from;
         _parsed(ctx, "ready_fd", check_ready_fd_number, ready_fd)  # Config checks them again
         config = Config(
@@ -254,9 +255,10 @@ def exec_(instance, command) -> None:
 def config_keys() -> dict[str, tuple[str, str]]:
     """{TOML key: (parameter name, kind)}: every long option of `run` (but --config) and `command`.
 
-    kind: "list" (a list of strings, or one string), "str", "number", "int" or "bool".
+    kind: "list" (a list of strings, or one string), "argv" (a list of strings: one string would be
+    one program name, spaces and all), "str", "number", "int" or "bool".
     """
-    keys = {"command": ("command", "list")}
+    keys = {"command": ("command", "argv")}
     for param in run.params:
         if not isinstance(param, click.Option) or param.name == "config":
             continue

@@ -224,6 +224,19 @@ def parse_user(spec: str) -> tuple[str, str]:
     return user, group
 
 
+def command_problem(command: tuple[str, ...] | list[str]) -> str | None:
+    """Why nswrap cannot exec this command: exec takes a program name, and C strings (a NUL byte,
+    which only a config file's "\\u0000" can give, would end an argument early, or fail the exec)."""
+    if not command:
+        return "empty command"
+    if not command[0]:
+        return "empty command name"
+    nul = next((i for i, arg in enumerate(command) if "\0" in arg), None)
+    if nul is not None:
+        return f"a NUL byte in {'the command name' if nul == 0 else f'argument {nul} of the command'}"
+    return None
+
+
 def require_ports(ports: tuple[PortRange, ...]) -> tuple[PortRange, ...]:
     if not ports:
         raise UsageError("no ports to publish: give --ports, e.g. --ports 53,53/tcp")
@@ -262,8 +275,9 @@ class Config:
         require_ports(self.ports)
         if not self.command and not self.dry_run:
             raise UsageError("no command given: nswrap [OPTIONS] -- COMMAND [ARG...]")
-        if self.command and not self.command[0]:
-            raise UsageError("empty command name: nswrap [OPTIONS] -- COMMAND [ARG...]")
+        problem = command_problem(self.command) if self.command else None
+        if problem:
+            raise UsageError(f"{problem}: nswrap [OPTIONS] -- COMMAND [ARG...]")
         if self.firewall not in ("auto", "off"):
             raise UsageError(f"invalid --firewall {self.firewall!r}: auto or off")
         for helper in self.helpers:

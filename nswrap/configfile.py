@@ -23,8 +23,9 @@ _OPAQUE = re.compile("|".join((r'"""(?:\\.|.)*?(?:"""|\Z)', r"'''.*?(?:'''|\Z)",
 _BRACKETS = re.compile(r"[\[{]+|[\]}]+")
 _DOTTED = re.compile(rf"(?<![A-Za-z0-9_-])(?:[A-Za-z0-9_-]++[ \t]*+\.[ \t]*+){{{MAX_DEPTH}}}")  # linear: no backtracking
 
-KIND_TEXT = {"list": "a list of strings", "str": "a string", "number": "a number", "int": "an integer",
-             "bool": "true or false"}
+KIND_TEXT = {"list": "a list of strings", "argv": 'a list of strings, e.g. ["unbound", "-d"]', "str": "a string",
+             "number": "a number", "int": "an integer", "bool": "true or false"}
+MAX_INT = 1 << 64  # far past any value of nswrap's; str(), float() and click take any integer below it
 
 
 def _load(path: str) -> dict[str, Any]:
@@ -81,20 +82,26 @@ def too_deep(text: str) -> bool:
 
 def read(path: str, keys: dict[str, tuple[str, str]]) -> dict[str, Any]:
     """{parameter name: value} from the file; `keys` maps TOML keys to (parameter, kind)."""
-    data = _load(path)
     values = {}
-    for key, value in data.items():
+    for key, value in _load(path).items():
         if key not in keys:
             raise UsageError(f"config file {path}: unknown key {key!r} (known: {', '.join(sorted(keys))})")
         name, kind = keys[key]
-        if key in ("ports", "mark-mask"):  # TOML numbers are fine here: ports = [53], mark-mask = 0xf0000000
-            value = [_int_to_str(v) for v in value] if isinstance(value, list) else _int_to_str(value)
-        if kind == "list" and isinstance(value, str):
-            value = [value]
-        if not _has_kind(value, kind):
-            raise UsageError(f"config file {path}: key {key!r} must be {KIND_TEXT[kind]}, not {_toml_type(value)} {value!r}")
-        values[name] = value
+        values[name] = _checked(path, key, kind, value)
     return values
+
+
+def _checked(path: str, key: str, kind: str, value: Any) -> Any:
+    """The value as click takes it from a default_map, or a UsageError naming the key."""
+    if any(isinstance(v, int) and abs(v) >= MAX_INT for v in (value if isinstance(value, list) else [value])):
+        raise UsageError(f"config file {path}: key {key!r}: an integer out of range (64 bits at most)")
+    if key in ("ports", "mark-mask"):  # TOML integers are fine here: ports = [53], mark-mask = 0xf0000000
+        value = [_int_to_str(v) for v in value] if isinstance(value, list) else _int_to_str(value)
+    if kind == "list" and isinstance(value, str):
+        value = [value]
+    if not _has_kind(value, kind):
+        raise UsageError(f"config file {path}: key {key!r} must be {KIND_TEXT[kind]}, not {_toml_type(value)} {value!r}")
+    return value
 
 
 def _int_to_str(value: object) -> object:
@@ -102,7 +109,7 @@ def _int_to_str(value: object) -> object:
 
 
 def _has_kind(value: object, kind: str) -> bool:
-    if kind == "list":
+    if kind in ("list", "argv"):
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
     if kind == "str":
         return isinstance(value, str)

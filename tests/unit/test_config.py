@@ -331,6 +331,8 @@ def test_config_needs_ports_and_command():
         ({"ready_fd": -1}, "--ready-fd -1"),
         ({"ready_fd": 1 << 20}, "--ready-fd"),
         ({"user": ""}, "empty user"),
+        ({"command": ("",)}, "empty command name"),
+        ({"command": ("true", "a\0b")}, "a NUL byte in argument 1 of the command"),
         ({"user": "0:4294967296"}, "out of range"),
         ({"uplinks": (parse_uplink("eth0"), parse_uplink("eth0"))}, "given twice"),
         ({"uplinks": (parse_uplink("eth0"), parse_uplink("eth0=2001:db8::1"))}, "given twice"),

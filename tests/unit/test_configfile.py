@@ -87,9 +87,11 @@ def test_every_key_is_read_with_its_kind(tmp_path):
 
 
 def test_toml_numbers_and_single_strings(tmp_path):
+    """As README says: a repeatable option takes one string too, ports and mark-mask TOML integers."""
     values = read(write(tmp_path, 'ports = [53, "53/tcp"]\nmark-mask = 0xf0000000\nstop-timeout = 5\nuplink = "eth0"\n'))
     assert values == {"ports": ["53", "53/tcp"], "mark_mask": "4026531840", "stop_timeout": 5, "uplinks": ["eth0"]}
     assert read(write(tmp_path, "ports = 53\n")) == {"ports": ["53"]}
+    assert read(write(tmp_path, f"mark-mask = {(1 << 64) - 1}\n")) == {"mark_mask": str((1 << 64) - 1)}  # config.py refuses it
     assert read(write(tmp_path, "")) == {}
 
 
@@ -113,6 +115,12 @@ def test_toml_numbers_and_single_strings(tmp_path):
         ("verbose = true\n", ["'verbose' must be an integer, not boolean"]),
         ("firewall = 1979-05-27\n", ["'firewall' must be a string, not date/time"]),
         ("mark-mask = true\n", ["'mark-mask' must be a string, not boolean"]),
+        ('command = "unbound -d"\n', ["'command' must be a list of strings", "not string 'unbound -d'"]),
+        ("command = [53]\n", ["'command' must be a list of strings", "not array [53]"]),
+        ("ready-fd = 0x" + "f" * 5000 + "\n", ["'ready-fd': an integer out of range"]),  # str() or float() of it would raise
+        ("mark-mask = 0x" + "f" * 5000 + "\n", ["'mark-mask': an integer out of range"]),
+        ("stop-timeout = -1" + "0" * 20 + "\n", ["'stop-timeout': an integer out of range"]),
+        ("ports = [53, 0o" + "7" * 30 + "]\n", ["'ports': an integer out of range"]),
         ('command = "unbound -d"\nports = ["53"]\ncommand = ["x"]\n', ["not valid TOML"]),  # a key given twice
         ("ports = [\n", ["not valid TOML"]),
     ],
@@ -389,6 +397,9 @@ def test_every_option_has_a_variable_and_a_key():
         ('ready-fd = -1\nports = ["53"]\ncommand = ["true"]\n', ["'ready-fd'", "--ready-fd -1"]),
         ('ports = ["53"]\ncommand = [""]\n', ["'command'", "empty command name"]),
         ('ports = ["53"]\ncommand = []\n', ["'command'", "empty command"]),
+        ('ports = ["53"]\ncommand = ["true", "-x\\u0000y"]\n', ["'command'", "a NUL byte in argument 1 of the command"]),
+        ('ports = ["53"]\ncommand = ["tr\\u0000ue"]\n', ["'command'", "a NUL byte in the command name"]),
+        ('ports = ["53"]\ncommand = "true"\n', ["'command'", "list of strings"]),
     ],
 )
 def test_bad_config_files_exit_2_naming_the_key_and_the_file(capsys, tmp_path, text, culprits):
