@@ -11,7 +11,7 @@ import math
 import re
 
 from nswrap.datatypes import datatype
-from nswrap.errors import UsageError
+from nswrap.errors import QUOTED, UsageError, cut, quoted
 from nswrap.objects import IPAddress
 
 PROTOCOLS = ("udp", "tcp")
@@ -66,23 +66,23 @@ def _parse_span(text: str, item: str) -> tuple[int, int]:
     lo, hi = int(lo_s), int(hi_s or lo_s)
     for port in (lo, hi):
         if not 1 <= port <= 65535:
-            raise UsageError(f"invalid port spec {item!r}: port {port} is not in 1-65535")
+            raise UsageError(f"invalid port spec {quoted(item)}: port {port} is not in 1-65535")
     if hi < lo:
-        raise UsageError(f"invalid port spec {item!r}: range {text} ends before it starts")
+        raise UsageError(f"invalid port spec {quoted(item)}: range {text} ends before it starts")
     return lo, hi
 
 
 def parse_port_item(item: str) -> PortRange:
     match = _ITEM.match(item.strip().lower())
     if not match:
-        raise UsageError(f"invalid port spec {item!r}: expected PORT, OUTER:INNER or A-B[:C-D], optionally /udp or /tcp")
+        raise UsageError(f"invalid port spec {quoted(item)}: expected PORT, OUTER:INNER or A-B[:C-D], optionally /udp or /tcp")
     proto = match["proto"] or "udp"
     if proto not in PROTOCOLS:
-        raise UsageError(f"invalid port spec {item!r}: protocol must be udp or tcp")
+        raise UsageError(f"invalid port spec {quoted(item)}: protocol must be udp or tcp")
     outer_lo, outer_hi = _parse_span(match["outer"], item)
     inner_lo, inner_hi = _parse_span(match["inner"], item) if match["inner"] else (outer_lo, outer_hi)
     if inner_hi - inner_lo != outer_hi - outer_lo:
-        raise UsageError(f"invalid port spec {item!r}: both ranges must have the same length")
+        raise UsageError(f"invalid port spec {quoted(item)}: both ranges must have the same length")
     return PortRange(proto, outer_lo, outer_hi, inner_lo)
 
 
@@ -92,7 +92,7 @@ def parse_ports(specs: tuple[str, ...] | list[str]) -> tuple[PortRange, ...]:
     for spec in specs:
         for item in spec.split(","):
             if not item.strip():
-                raise UsageError(f"invalid port spec {spec!r}: empty item")
+                raise UsageError(f"invalid port spec {quoted(spec)}: empty item")
             items.append(parse_port_item(item))
     ranges = sorted(items)
     for before, after in zip(ranges, ranges[1:], strict=False):
@@ -120,7 +120,7 @@ def valid_ifname(name: str) -> bool:
 
 def check_ifname(name: str, what: str = "interface name") -> str:
     if not valid_ifname(name):
-        raise UsageError(f"invalid {what} {name!r}: 1-{IFNAMSIZ} characters of A-Z a-z 0-9 _ . @ + -")
+        raise UsageError(f"invalid {what} {quoted(name)}: 1-{IFNAMSIZ} characters of A-Z a-z 0-9 _ . @ + -")
     return name
 
 
@@ -132,10 +132,10 @@ def parse_uplink(text: str) -> UplinkSpec:
     try:
         address = ipaddress.ip_address(gateway)
     except ValueError:
-        raise UsageError(f"invalid uplink {text!r}: {gateway!r} is not a gateway address") from None
+        raise UsageError(f"invalid uplink {quoted(text)}: {quoted(gateway)} is not a gateway address") from None
     problem = _not_plain(address) or _not_unicast(address)
     if problem:
-        raise UsageError(f"invalid uplink {text!r}: {problem}")
+        raise UsageError(f"invalid uplink {quoted(text)}: {problem}")
     return UplinkSpec(ifname, address)
 
 
@@ -170,16 +170,16 @@ def parse_address(text: str) -> IPAddress:
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
-        raise UsageError(f"invalid address {text!r}: expected an address of this host") from None
+        raise UsageError(f"invalid address {quoted(text)}: expected an address of this host") from None
     problem = _not_plain(address)
     if problem:
-        raise UsageError(f"invalid address {text!r}: {problem}")
+        raise UsageError(f"invalid address {quoted(text)}: {problem}")
     if address.is_unspecified:
-        raise UsageError(f"invalid address {text!r}: for every address of the host, leave --address out")
+        raise UsageError(f"invalid address {quoted(text)}: for every address of the host, leave --address out")
     if address.is_loopback and address != ipaddress.IPv4Address("127.0.0.1"):
-        raise UsageError(f"invalid address {text!r}: of the loopback addresses, only 127.0.0.1 is served")
+        raise UsageError(f"invalid address {quoted(text)}: of the loopback addresses, only 127.0.0.1 is served")
     if address.is_multicast or address.is_link_local or address == LIMITED_BROADCAST:
-        raise UsageError(f"invalid address {text!r}: expected a unicast address of this host")
+        raise UsageError(f"invalid address {quoted(text)}: expected a unicast address of this host")
     return address
 
 
@@ -188,25 +188,25 @@ def parse_subnet(text: str) -> ipaddress.IPv4Network:
     try:
         net = ipaddress.IPv4Network(text, strict=True)
     except ValueError as e:
-        raise UsageError(f"invalid subnet {text!r}: {e}") from None
+        raise UsageError(f"invalid subnet {quoted(text)}: {cut(str(e), QUOTED * 2)}") from None  # e quotes text too
     if net.prefixlen != 30:
-        raise UsageError(f"invalid subnet {text!r}: must be a /30 (the host's end and the server's)")
+        raise UsageError(f"invalid subnet {quoted(text)}: must be a /30 (the host's end and the server's)")
     for kind, bad in (("multicast", net.is_multicast), ("loopback", net.is_loopback), ("link-local", net.is_link_local),
                       ("reserved", net.is_reserved), ("'this network' (0.0.0.0/8)", net.subnet_of(THIS_NETWORK))):
         if bad:
-            raise UsageError(f"invalid subnet {text!r}: a {kind} range cannot be routed to the server")
+            raise UsageError(f"invalid subnet {quoted(text)}: a {kind} range cannot be routed to the server")
     return net
 
 
 def parse_mark_mask(text: str) -> int:
     if not re.fullmatch(r"(0[xX][0-9a-fA-F]{1,8}|[0-9]{1,10})", text.strip()):
-        raise UsageError(f"invalid mark mask {text!r}: expected a number such as 0xf0000000")
+        raise UsageError(f"invalid mark mask {quoted(text)}: expected a number such as 0xf0000000")
     mask = int(text, 0)
     if not 0 < mask <= 0xFFFFFFFF:
-        raise UsageError(f"invalid mark mask {text!r}: must be a non-zero 32-bit value")
+        raise UsageError(f"invalid mark mask {quoted(text)}: must be a non-zero 32-bit value")
     low = mask & -mask
     if (mask + low) & mask:
-        raise UsageError(f"invalid mark mask {text!r}: must be one contiguous run of bits")
+        raise UsageError(f"invalid mark mask {quoted(text)}: must be one contiguous run of bits")
     return mask
 
 
@@ -215,12 +215,11 @@ def parse_user(spec: str) -> tuple[str, str]:
     user, sep, group = spec.partition(":")
     for what, value in (("user", user), ("group", group)):
         if not value and (what == "user" or sep):
-            raise UsageError(f"invalid --user {spec!r}: empty {what} name")
-        shown = spec if len(spec) <= 40 else spec[:37] + "..."
+            raise UsageError(f"invalid --user {quoted(spec)}: empty {what} name")
         if re.fullmatch(r"[0-9]+", value) and (len(value) > 10 or int(value) > MAX_ID):
-            raise UsageError(f"invalid --user {shown!r}: {what} id {value if len(value) <= 10 else shown} is out of range")
+            raise UsageError(f"invalid --user {quoted(spec)}: {what} id {cut(value, 10)} is out of range")
         if value and not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.-]{0,31}\$?", value):
-            raise UsageError(f"invalid --user {shown!r}: {value[:40]!r} is not a {what} name or number")
+            raise UsageError(f"invalid --user {quoted(spec)}: {quoted(value)} is not a {what} name or number")
     return user, group
 
 
@@ -279,10 +278,10 @@ class Config:
         if problem:
             raise UsageError(f"{problem}: nswrap [OPTIONS] -- COMMAND [ARG...]")
         if self.firewall not in ("auto", "off"):
-            raise UsageError(f"invalid --firewall {self.firewall!r}: auto or off")
+            raise UsageError(f"invalid --firewall {quoted(self.firewall)}: auto or off")
         for helper in self.helpers:
             if helper not in HELPERS:
-                raise UsageError(f"invalid --helper {helper!r}: one of {', '.join(HELPERS)}")
+                raise UsageError(f"invalid --helper {quoted(helper)}: one of {', '.join(HELPERS)}")
         if "tftp" in self.helpers and not any(p.proto == "udp" and p.outer_lo <= 69 <= p.outer_hi for p in self.ports):
             raise UsageError("--helper tftp needs udp port 69 published (e.g. --ports 69)")
         check_stop_timeout(self.stop_timeout)

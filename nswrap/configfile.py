@@ -11,7 +11,7 @@ import re
 import stat
 from typing import Any
 
-from nswrap.errors import UsageError
+from nswrap.errors import UsageError, quoted
 
 MAX_SIZE = 1 << 20
 MAX_DEPTH = 32  # nested arrays/tables and parts of a dotted key; nswrap's keys need 1
@@ -85,7 +85,7 @@ def read(path: str, keys: dict[str, tuple[str, str]]) -> dict[str, Any]:
     values = {}
     for key, value in _load(path).items():
         if key not in keys:
-            raise UsageError(f"config file {path}: unknown key {key!r} (known: {', '.join(sorted(keys))})")
+            raise UsageError(f"config file {path}: unknown key {quoted(key)} (known: {', '.join(sorted(keys))})")
         name, kind = keys[key]
         values[name] = _checked(path, key, kind, value)
     return values
@@ -100,7 +100,7 @@ def _checked(path: str, key: str, kind: str, value: Any) -> Any:
     if kind == "list" and isinstance(value, str):
         value = [value]
     if not _has_kind(value, kind):
-        raise UsageError(f"config file {path}: key {key!r} must be {KIND_TEXT[kind]}, not {_toml_type(value)} {value!r}")
+        raise UsageError(f"config file {path}: key {key!r} must be {KIND_TEXT[kind]}, not {_toml_type(value)} {quoted(value)}")
     return value
 
 

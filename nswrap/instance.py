@@ -36,7 +36,7 @@ from nswrap.datapath import (
     gateway_conflict,
     ula_subnet,
 )
-from nswrap.errors import NswrapError, UsageError
+from nswrap.errors import NswrapError, UsageError, quoted
 from nswrap.facts import Facts, gather, netns_id
 from nswrap.follow import Follower
 from nswrap.state import MAX_FILE, InvalidState, Record, State, StateDir, hold, new_id, parse_record
@@ -77,13 +77,13 @@ def resolve_user(spec: str) -> Credentials:
     try:
         entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
     except (KeyError, OverflowError):
-        raise UsageError(f"invalid --user {spec!r}: no such user {user!r}") from None
+        raise UsageError(f"invalid --user {quoted(spec)}: no such user {quoted(user)}") from None
     gid = entry.pw_gid
     if group:
         try:
             gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
         except KeyError:
-            raise UsageError(f"invalid --user {spec!r}: no such group {group!r}") from None
+            raise UsageError(f"invalid --user {quoted(spec)}: no such group {quoted(group)}") from None
     return Credentials(entry.pw_uid, gid, tuple(os.getgrouplist(entry.pw_name, gid)), proc_sys_read_only())
 
 
