@@ -14,6 +14,7 @@ while holding the lock.
 
 from __future__ import annotations
 
+import bisect
 import grp
 import logging
 import os
@@ -25,7 +26,7 @@ import time
 from nswrap import legacy, namespaces, netlink, nft, sync
 from nswrap.apply import Kernel, Transaction
 from nswrap.changes import DeleteLink, NftBatch, ServerNetwork, SetSysctl, read_only_message
-from nswrap.config import Config, PortRange
+from nswrap.config import PROTOCOLS, Config, PortRange
 from nswrap.datapath import (
     Allocation,
     Instance,
@@ -36,7 +37,7 @@ from nswrap.datapath import (
     gateway_conflict,
     ula_subnet,
 )
-from nswrap.errors import NswrapError, UsageError, quoted
+from nswrap.errors import NswrapError, UsageError, cut, listed, quoted
 from nswrap.facts import Facts, gather, netns_id
 from nswrap.follow import Follower
 from nswrap.state import MAX_FILE, InvalidState, Record, State, StateDir, hold, new_id, parse_record
@@ -105,13 +106,18 @@ def loopback_ports(config: Config, facts: Facts) -> tuple[PortRange, ...]:
     """Published ports the host may reach on 127.0.0.1: never one a host process serves there."""
     if config.addresses and not any(a.is_loopback and a.version == 4 for a in config.addresses):
         return ()
-    kept = []
-    for p in config.ports:
-        taken = sorted(port for proto, port in facts.loopback_listeners if proto == p.proto and p.outer_lo <= port <= p.outer_hi)
-        if taken:
-            log.warning("127.0.0.1:%d/%s is already served on this host: not redirecting %s on loopback", taken[0], p.proto, p)
+    listening = {proto: sorted(port for pr, port in facts.loopback_listeners if pr == proto) for proto in PROTOCOLS}
+    kept, served = [], []
+    for p in config.ports:  # ports and listeners may be thousands each: no scan of one per the other
+        ports = listening[p.proto]
+        first = bisect.bisect_left(ports, p.outer_lo)
+        if first < len(ports) and ports[first] <= p.outer_hi:
+            served.append((p, f"{ports[first]}/{p.proto}"))
         else:
             kept.append(p)
+    if served:  # one line, however many ports (10,000 of them were 10,000 lines)
+        log.warning("127.0.0.1 already serves %s on this host: not redirecting %s on loopback",
+                    listed(taken for _, taken in served), listed(p for p, _ in served))
     return tuple(kept)
 
 
@@ -144,7 +150,7 @@ def check_start(facts: Facts, instance: Instance, live: list[Record]) -> None:
     clash = conflicts(instance, others) or gateway_conflict(facts, instance, others)
     if clash:
         owner = next(r for r in live if r.id in clash)
-        raise NswrapError(f"{clash} (pid {owner.pid}: {' '.join(owner.command)})")
+        raise NswrapError(f"{clash} (pid {owner.pid}: {cut(' '.join(owner.command), 200)})")
 
 
 class FailClosed(NswrapError):
@@ -537,10 +543,10 @@ class Readiness:
             if loopback and not self.warned_loopback and waited > 1:
                 self.warned_loopback = True
                 log.warning("the server listens on %s only on its loopback address, which no client reaches: "
-                            "bind it to 0.0.0.0 or :: (or to its namespace's address)", ", ".join(map(str, loopback)))
+                            "bind it to 0.0.0.0 or :: (or to its namespace's address)", listed(loopback))
             if not self.warned and waited > 10:
                 self.warned = True
-                log.warning("the server does not listen on %s yet: READY waits for it", ", ".join(map(str, missing)))
+                log.warning("the server does not listen on %s yet: READY waits for it", listed(missing))
             return readiness_interval(waited)
         self.done = True
         os.close(self.netns)
@@ -602,7 +608,7 @@ def run(config: Config) -> int:
         supervisor.checkpoint()
         life.start_server(creds)
         life.forget_stale_flows()
-        log.info("instance %s: serving %s", life.instance.id, ", ".join(map(str, config.ports)))
+        log.info("instance %s: serving %s", life.instance.id, listed(config.ports))
         return life.serve()
     except Interrupted as e:
         log.warning("%s during setup: rolling back", e)

@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from nswrap import cli
-from nswrap.errors import EXIT_USAGE, QUOTED, UsageError, cut, quoted
+from nswrap.errors import EXIT_USAGE, QUOTED, UsageError, cut, listed, quoted
 from nswrap.instance import check_ready_fd
 from tests.unit.clirun import clean_env, invoke, nswrap, one_line_usage_error, python
 
@@ -271,3 +271,39 @@ def test_a_megabyte_value_from_a_config_file_is_quoted_as_a_short_prefix(capsys,
     done = invoke(capsys, "--config", path)
     one_line_usage_error(done, path, culprit, "characters)")
     assert len(done.stderr) < 1200, done.stderr[:300]
+
+
+def test_listed_shows_the_first_few_and_how_many_more():
+    assert listed([]) == "" and listed(["53/udp"]) == "53/udp" and listed(range(5)) == "0, 1, 2, 3, 4"
+    assert listed(range(10_000)) == "0, 1, 2, 3, 4 … and 9995 more"
+    assert listed(iter(range(7)), shown=2) == "0, 1 … and 5 more"
+
+
+def test_10000_ports_served_on_loopback_are_one_short_warning(caplog):
+    """Ports a host process already serves on 127.0.0.1 are not redirected there: said in one line."""
+    from nswrap.config import Config, parse_ports
+    from nswrap.facts import Facts
+    from nswrap.instance import loopback_ports
+    from tests.unit.hosts import host
+
+    ports = parse_ports([",".join(str(p) for p in range(10_001, 20_001))])
+    facts: Facts = host(loopback_listeners=frozenset(("udp", p) for p in range(10_001, 20_001)))
+    with caplog.at_level("WARNING", logger="nswrap"):
+        assert loopback_ports(Config(command=("true",), ports=ports), facts) == ()
+    [record] = caplog.records
+    assert record.getMessage() == ("127.0.0.1 already serves 10001/udp, 10002/udp, 10003/udp, 10004/udp, 10005/udp … "
+                                   "and 9995 more on this host: not redirecting 10001/udp, 10002/udp, 10003/udp, "
+                                   "10004/udp, 10005/udp … and 9995 more on loopback")
+
+
+def test_a_loopback_listener_inside_a_range_keeps_the_range_off_loopback(caplog):
+    from nswrap.config import Config, parse_ports
+    from nswrap.instance import loopback_ports
+    from tests.unit.hosts import host
+
+    facts = host(loopback_listeners=frozenset({("udp", 55), ("tcp", 61)}))
+    config = Config(command=("true",), ports=parse_ports(["50-60,61,53/tcp,61/tcp"]))
+    with caplog.at_level("WARNING", logger="nswrap"):
+        assert loopback_ports(config, facts) == parse_ports(["61,53/tcp"])
+    assert [r.getMessage() for r in caplog.records] == [
+        "127.0.0.1 already serves 61/tcp, 55/udp on this host: not redirecting 61/tcp, 50-60/udp on loopback"]
