@@ -244,7 +244,7 @@ def require_ports(ports: tuple[PortRange, ...]) -> tuple[PortRange, ...]:
 
 def check_ready_fd_number(fd: int | None) -> int | None:
     if fd is not None and not 0 <= fd < 1 << 20:
-        raise UsageError(f"invalid --ready-fd {fd}: not a file descriptor number")
+        raise UsageError(f"invalid --ready-fd {cut(str(fd), 20)}: not a file descriptor number")
     return fd
 
 

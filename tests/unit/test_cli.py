@@ -235,6 +235,7 @@ def test_quoted_shows_a_bounded_prefix_and_the_length():
         (["--ports", "53", "--subnet", HUGE, "--", "true"], {}, "invalid subnet 'xxx"),
         (["--ports", "53", "--mark-mask", HUGE, "--", "true"], {}, "invalid mark mask 'xxx"),
         (["--ports", "53", "--user", HUGE, "--", "true"], {}, "invalid --user 'xxx"),
+        (["--ports", "53", "--ready-fd", "9" * 4000, "--", "true"], {}, "invalid --ready-fd 99999999999999999999…"),
         (["--ports", "53", "--stop-timeout", HUGE, "--", "true"], {}, "'--stop-timeout': 'xxx"),  # click's own message
         (["--ports", "53", "--firewall", HUGE, "--", "true"], {}, "'--firewall': 'xxx"),
         (["--ports", "53", "--", "true"], {"NSWRAP_READY_FD": HUGE}, "NSWRAP_READY_FD: 'xxx"),
