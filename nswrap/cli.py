@@ -12,6 +12,8 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Callable
+from typing import Any
 
 import click
 from click.core import ParameterSource
@@ -24,6 +26,7 @@ from nswrap.config import (
     check_ready_fd_number,
     check_stop_timeout,
     check_udp_timeout,
+    command_problem,
     parse_address,
     parse_mark_mask,
     parse_ports,
@@ -32,7 +35,7 @@ from nswrap.config import (
     parse_user,
     require_ports,
 )
-from nswrap.errors import EXIT_FAILED, EXIT_USAGE, NswrapError, UsageError
+from nswrap.errors import EXIT_FAILED, EXIT_USAGE, NswrapError, UsageError, cut, quoted
 
 log = logging.getLogger("nswrap")
 
@@ -71,6 +74,24 @@ def _complete_interfaces(ctx: click.Context, param: click.Parameter, incomplete:
     return [name for name in names if name.startswith(incomplete) and name != "lo"]
 
 
+class Option(click.Option):
+    """click.Option whose own messages (`'…' is not a valid integer.`) quote a bad value as every
+    nswrap message does: a bounded prefix (errors.quoted), whether from NSWRAP_* or the file."""
+
+    def type_cast_value(self, ctx: click.Context, value: Any) -> Any:
+        try:
+            return super().type_cast_value(ctx, value)
+        except click.BadParameter as e:
+            for item in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(item, str):
+                    e.message = e.message.replace(repr(item), quoted(item))
+            raise
+
+
+def option(*decls: str, **attrs: Any) -> Callable:
+    return click.option(*decls, cls=Option, **attrs)
+
+
 def _env(name: str) -> dict:
     return {"envvar": f"NSWRAP_{name}", "show_envvar": True}
 
@@ -87,9 +108,9 @@ def _load_config(ctx: click.Context, param: click.Parameter, path: str | None) -
     ctx.default_map = {**(ctx.default_map or {}), **{k: v for k, v in values.items() if k in names}}
 
 
-config_option = click.option(
+config_option = option(
     "--config", type=click.Path(), metavar="FILE", is_eager=True, expose_value=False, callback=_load_config, **_env("CONFIG"),
-    help="Read options from this TOML file (keys named like the long options, plus `command`).",
+    help="Read options from this TOML file (keys named like the long options, plus `command`: a list of strings).",
 )
 
 
@@ -110,45 +131,45 @@ def cli() -> None:
 
 @cli.command(context_settings={"allow_interspersed_args": False})
 @config_option
-@click.option("-p", "--ports", "ports", multiple=True, metavar="SPEC", **_env("PORTS"),
+@option("-p", "--ports", "ports", multiple=True, metavar="SPEC", **_env("PORTS"),
               help="Published ports: PORT, OUTER:INNER, A-B or A-B:C-D, each optionally /udp (default) or /tcp; "
                    "comma-separated, repeatable.")
-@click.option("-u", "--uplink", "uplinks", multiple=True, metavar="IFACE[=GATEWAY]", **_env("UPLINK"),
+@option("-u", "--uplink", "uplinks", multiple=True, metavar="IFACE[=GATEWAY]", **_env("UPLINK"),
               shell_complete=_complete_interfaces,
               help="Serve clients arriving on IFACE (repeatable). Default: every interface with a global address.")
-@click.option("--subnet", metavar="CIDR", **_env("SUBNET"),
+@option("--subnet", metavar="CIDR", **_env("SUBNET"),
               help="Internal subnet between host and server (default: a free /30 in 198.18.0.0/15).")
-@click.option("--mark-mask", default="0xf0000000", show_default=True, metavar="MASK", **_env("MARK_MASK"),
+@option("--mark-mask", default="0xf0000000", show_default=True, metavar="MASK", **_env("MARK_MASK"),
               help="fwmark bits nswrap may use.")
-@click.option("-a", "--address", "addresses", multiple=True, metavar="ADDR", **_env("ADDRESS"),
+@option("-a", "--address", "addresses", multiple=True, metavar="ADDR", **_env("ADDRESS"),
               help="Publish only on this host address (repeatable). Default: every address of the host, and 127.0.0.1.")
-@click.option("--firewall", type=click.Choice(["auto", "off"]), default="auto", show_default=True, **_env("FIREWALL"),
+@option("--firewall", type=click.Choice(["auto", "off"]), default="auto", show_default=True, **_env("FIREWALL"),
               help="auto: where iptables (Docker, ufw) would drop the forwarded flows, add narrow accepts; off: refuse instead.")
-@click.option("--no-outbound", is_flag=True, **_env("NO_OUTBOUND"), help="The server may not open connections of its own.")
-@click.option("--ipv6-forwarding", type=click.Choice(IPV6_FORWARDING), default="auto", show_default=True,
-              **_env("IPV6_FORWARDING"),
-              help="How IPv6 clients are served: interface (per-interface forwarding, Linux >= 6.17); global "
-                   "(nswrap holds net.ipv6.conf.all.forwarding while it runs, router advertisements kept, nothing "
-                   "else forwarded); auto (interface where the kernel has it, else IPv6 only if the host "
-                   "forwards already); off.")
-@click.option("--helper", "helpers", multiple=True, type=click.Choice(["tftp"]), **_env("HELPER"),
+@option("--no-outbound", is_flag=True, **_env("NO_OUTBOUND"), help="The server may not open connections of its own.")
+@option("--ipv6-forwarding", type=click.Choice(IPV6_FORWARDING), default="auto", show_default=True,
+        **_env("IPV6_FORWARDING"),
+        help="How IPv6 clients are served: interface (per-interface forwarding, Linux >= 6.17); global "
+             "(nswrap holds net.ipv6.conf.all.forwarding while it runs, router advertisements kept, nothing "
+             "else forwarded); auto (interface where the kernel has it, else IPv6 only if the host "
+             "forwards already); off.")
+@option("--helper", "helpers", multiple=True, type=click.Choice(["tftp"]), **_env("HELPER"),
               help="Conntrack helper for a protocol whose server answers from a new port (tftp: udp 69 must be published).")
-@click.option("--user", metavar="USER[:GROUP]", **_env("USER"),
+@option("--user", metavar="USER[:GROUP]", **_env("USER"),
               help="Run the server as this user (it may still bind ports below 1024).")
-@click.option("--stop-timeout", type=float, default=10.0, show_default=True, metavar="SECONDS", **_env("STOP_TIMEOUT"),
+@option("--stop-timeout", type=float, default=10.0, show_default=True, metavar="SECONDS", **_env("STOP_TIMEOUT"),
               help="After forwarding SIGTERM/SIGINT, SIGKILL the server's processes after this long (0: never).")
-@click.option("--udp-timeout", type=int, default=DEFAULT_UDP_TIMEOUT, show_default=True, metavar="SECONDS",
+@option("--udp-timeout", type=int, default=DEFAULT_UDP_TIMEOUT, show_default=True, metavar="SECONDS",
               **_env("UDP_TIMEOUT"),
               help="Forget an answered UDP flow this long after its last packet; one value for every instance on the "
                    "host. Longer keeps quieter sessions, but lets a spoofed flood pin conntrack entries longer.")
-@click.option("--ready-fd", type=int, metavar="N", **_env("READY_FD"),
+@option("--ready-fd", type=int, metavar="N", **_env("READY_FD"),
               help="Write READY to fd N once the server listens on every published port.")
-@click.option("--take-over", is_flag=True, **_env("TAKE_OVER"),
+@option("--take-over", is_flag=True, **_env("TAKE_OVER"),
               help="Publish even where a host process serves a published port (its clients reach the server "
                    "from then on); without it, such a start is refused.")
-@click.option("--dry-run", is_flag=True, **_env("DRY_RUN"),
+@option("--dry-run", is_flag=True, **_env("DRY_RUN"),
               help="Print what a start would change here, as shell lines, and exit; change nothing.")
-@click.option("-v", "--verbose", count=True, **_env("VERBOSE"), help="-v: log each host change as a shell line; -vv: debug.")
+@option("-v", "--verbose", count=True, **_env("VERBOSE"), help="-v: log each host change as a shell line; -vv: debug.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def run(ctx, ports, uplinks, subnet, mark_mask, addresses, firewall, no_outbound, ipv6_forwarding, helpers, user,
@@ -166,9 +187,9 @@ def run(ctx, ports, uplinks, subnet, mark_mask, addresses, firewall, no_outbound
     def start() -> int:
         if user is None and "NSWRAP_USER" in os.environ:  # click takes an empty variable for unset
             raise UsageError("invalid NSWRAP_USER '': empty user name (unset it to run the server as root)")
-        if from_file and (not command or not command[0]):  # the rest is checked by Config, below
-            raise UsageError(f"{'empty command name' if command else 'empty command'} "
-                             f"(from key 'command' in config file {ctx.meta.get(CONFIG_META)})")
+        problem = command_problem(command) if from_file else None  # Config checks it again, not naming the file
+        if problem:
+            raise UsageError(f"{problem} (from key 'command' in config file {ctx.meta.get(CONFIG_META)})")
         _parsed(ctx, "user", lambda u: u is None or parse_user(u), user)  # checked where they came from;
         _parsed(ctx, "ready_fd", check_ready_fd_number, ready_fd)  # Config checks them again
         config = Config(
@@ -201,7 +222,7 @@ def run(ctx, ports, uplinks, subnet, mark_mask, addresses, firewall, no_outbound
 
 
 @cli.command()
-@click.option("-v", "--verbose", count=True, **_env("VERBOSE"), help="-vv: debug output and tracebacks.")
+@option("-v", "--verbose", count=True, **_env("VERBOSE"), help="-vv: debug output and tracebacks.")
 def cleanup(verbose) -> None:
     """Remove what dead nswrap instances left behind (never touches a live one); idempotent."""
     from nswrap.commands import cleanup as run_cleanup
@@ -211,16 +232,16 @@ def cleanup(verbose) -> None:
 
 @cli.command()
 @config_option
-@click.option("-p", "--ports", "ports", multiple=True, default=["53,53/tcp"], show_default=True, metavar="SPEC",
+@option("-p", "--ports", "ports", multiple=True, default=["53,53/tcp"], show_default=True, metavar="SPEC",
               **_env("PORTS"), help="The ports you would publish.")
-@click.option("-u", "--uplink", "uplinks", multiple=True, metavar="IFACE[=GATEWAY]", **_env("UPLINK"),
+@option("-u", "--uplink", "uplinks", multiple=True, metavar="IFACE[=GATEWAY]", **_env("UPLINK"),
               shell_complete=_complete_interfaces,
               help="The uplinks you would use.")
-@click.option("--mark-mask", default="0xf0000000", show_default=True, metavar="MASK", **_env("MARK_MASK"))
-@click.option("--firewall", type=click.Choice(["auto", "off"]), default="auto", show_default=True, **_env("FIREWALL"))
-@click.option("--ipv6-forwarding", type=click.Choice(IPV6_FORWARDING), default="auto", show_default=True,
+@option("--mark-mask", default="0xf0000000", show_default=True, metavar="MASK", **_env("MARK_MASK"))
+@option("--firewall", type=click.Choice(["auto", "off"]), default="auto", show_default=True, **_env("FIREWALL"))
+@option("--ipv6-forwarding", type=click.Choice(IPV6_FORWARDING), default="auto", show_default=True,
               **_env("IPV6_FORWARDING"))
-@click.option("-v", "--verbose", count=True, **_env("VERBOSE"), help="-vv: tracebacks.")
+@option("-v", "--verbose", count=True, **_env("VERBOSE"), help="-vv: tracebacks.")
 @click.pass_context
 def doctor(ctx, ports, uplinks, mark_mask, firewall, ipv6_forwarding, verbose) -> None:
     """Check whether nswrap would work on this host, one verdict per line; exit 0 only if it would.
@@ -248,7 +269,7 @@ def doctor(ctx, ports, uplinks, mark_mask, firewall, ipv6_forwarding, verbose) -
 
 
 @cli.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_(as_json) -> None:
     """List the live nswrap instances on this host (network namespace)."""
     from nswrap.commands import list_instances
@@ -276,9 +297,10 @@ def exec_(instance, command) -> None:
 def config_keys() -> dict[str, tuple[str, str]]:
     """{TOML key: (parameter name, kind)}: every long option of `run` (but --config) and `command`.
 
-    kind: "list" (a list of strings, or one string), "str", "number", "int" or "bool".
+    kind: "list" (a list of strings, or one string), "argv" (a list of strings: one string would be
+    one program name, spaces and all), "str", "number", "int" or "bool".
     """
-    keys = {"command": ("command", "list")}
+    keys = {"command": ("command", "argv")}
     for param in run.params:
         if not isinstance(param, click.Option) or param.name == "config":
             continue
@@ -378,5 +400,5 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(e, click.BadParameter) and e.param is not None and e.param_hint is None:
             # Name where the bad value came from: the option, NSWRAP_X or the config file's key.
             e.param_hint = _origin(e.ctx, e.param.name) or " / ".join(repr(o) for o in e.param.opts)
-        click.echo(f"nswrap: {e.format_message()}", err=True)
+        click.echo(f"nswrap: {cut(e.format_message(), 1000)}", err=True)  # an unknown 1 MB option, say
         sys.exit(EXIT_USAGE if isinstance(e, click.UsageError) else e.exit_code)

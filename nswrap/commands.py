@@ -21,7 +21,7 @@ from nswrap.apply import Kernel, Transaction
 from nswrap.changes import DeleteLink, ServerNetwork
 from nswrap.config import DEFAULT_MARK_MASK, Config
 from nswrap.datapath import Instance, allocate_subnet, choose_forwarding6, instance_uplinks, ula_subnet
-from nswrap.errors import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, NswrapError, UsageError
+from nswrap.errors import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, NswrapError, UsageError, quoted
 from nswrap.facts import Facts, gather, netns_id
 from nswrap.instance import check_start, loopback_ports, require_capabilities
 from nswrap.state import RUN_DIR, Record, State, StateDir, existing, readable, remove_dir, vanished
@@ -225,7 +225,8 @@ def exec_in(instance: str, command: tuple[str, ...]) -> int:
     state = existing(netns_id())
     found = [r for r in state.live() if r.id.startswith(instance)] if instance and state else []
     if len(found) != 1:
-        raise NswrapError(f"no live nswrap instance {instance!r}" if not found else f"instance id {instance!r} is ambiguous")
+        raise NswrapError(f"no live nswrap instance {quoted(instance)}" if not found
+                          else f"instance id {quoted(instance)} is ambiguous")
     target = found[0].init_pid
     try:
         net = os.open(f"/proc/{target}/ns/net", os.O_RDONLY | os.O_CLOEXEC)

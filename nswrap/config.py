@@ -11,7 +11,7 @@ import math
 import re
 
 from nswrap.datatypes import datatype
-from nswrap.errors import UsageError
+from nswrap.errors import QUOTED, UsageError, cut, quoted
 from nswrap.objects import IPAddress
 
 PROTOCOLS = ("udp", "tcp")
@@ -73,23 +73,23 @@ def _parse_span(text: str, item: str) -> tuple[int, int]:
     lo, hi = int(lo_s), int(hi_s or lo_s)
     for port in (lo, hi):
         if not 1 <= port <= 65535:
-            raise UsageError(f"invalid port spec {item!r}: port {port} is not in 1-65535")
+            raise UsageError(f"invalid port spec {quoted(item)}: port {port} is not in 1-65535")
     if hi < lo:
-        raise UsageError(f"invalid port spec {item!r}: range {text} ends before it starts")
+        raise UsageError(f"invalid port spec {quoted(item)}: range {text} ends before it starts")
     return lo, hi
 
 
 def parse_port_item(item: str) -> PortRange:
     match = _ITEM.match(item.strip().lower())
     if not match:
-        raise UsageError(f"invalid port spec {item!r}: expected PORT, OUTER:INNER or A-B[:C-D], optionally /udp or /tcp")
+        raise UsageError(f"invalid port spec {quoted(item)}: expected PORT, OUTER:INNER or A-B[:C-D], optionally /udp or /tcp")
     proto = match["proto"] or "udp"
     if proto not in PROTOCOLS:
-        raise UsageError(f"invalid port spec {item!r}: protocol must be udp or tcp")
+        raise UsageError(f"invalid port spec {quoted(item)}: protocol must be udp or tcp")
     outer_lo, outer_hi = _parse_span(match["outer"], item)
     inner_lo, inner_hi = _parse_span(match["inner"], item) if match["inner"] else (outer_lo, outer_hi)
     if inner_hi - inner_lo != outer_hi - outer_lo:
-        raise UsageError(f"invalid port spec {item!r}: both ranges must have the same length")
+        raise UsageError(f"invalid port spec {quoted(item)}: both ranges must have the same length")
     return PortRange(proto, outer_lo, outer_hi, inner_lo)
 
 
@@ -99,7 +99,7 @@ def parse_ports(specs: tuple[str, ...] | list[str]) -> tuple[PortRange, ...]:
     for spec in specs:
         for item in spec.split(","):
             if not item.strip():
-                raise UsageError(f"invalid port spec {spec!r}: empty item")
+                raise UsageError(f"invalid port spec {quoted(spec)}: empty item")
             items.append(parse_port_item(item))
     ranges = sorted(items)
     for before, after in zip(ranges, ranges[1:], strict=False):
@@ -127,7 +127,7 @@ def valid_ifname(name: str) -> bool:
 
 def check_ifname(name: str, what: str = "interface name") -> str:
     if not valid_ifname(name):
-        raise UsageError(f"invalid {what} {name!r}: 1-{IFNAMSIZ} characters of A-Z a-z 0-9 _ . @ + -")
+        raise UsageError(f"invalid {what} {quoted(name)}: 1-{IFNAMSIZ} characters of A-Z a-z 0-9 _ . @ + -")
     return name
 
 
@@ -139,10 +139,37 @@ def parse_uplink(text: str) -> UplinkSpec:
     try:
         address = ipaddress.ip_address(gateway)
     except ValueError:
-        raise UsageError(f"invalid uplink {text!r}: {gateway!r} is not a gateway address") from None
-    if address.is_multicast or address.is_unspecified or address.is_loopback:
-        raise UsageError(f"invalid uplink {text!r}: {gateway} is not a unicast address")
+        raise UsageError(f"invalid uplink {quoted(text)}: {quoted(gateway)} is not a gateway address") from None
+    problem = _not_plain(address) or _not_unicast(address)
+    if problem:
+        raise UsageError(f"invalid uplink {quoted(text)}: {problem}")
     return UplinkSpec(ifname, address)
+
+
+LIMITED_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
+
+
+def _not_plain(address: IPAddress) -> str | None:
+    """Why an address is not one nswrap can use as it is: an IPv6 zone (`fe80::1%eth0`) is text
+    that would reach shell lines and nft (the uplink is the zone); an IPv4-mapped IPv6 address is
+    an IPv4 address, never on a link as IPv6."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.scope_id is not None:
+            return "give it without a %zone"
+        if address.ipv4_mapped is not None:
+            return f"{address} is an IPv4-mapped IPv6 address: give {address.ipv4_mapped}"
+    return None
+
+
+def _not_unicast(address: IPAddress) -> str | None:
+    """Why a gateway cannot be one: the kernel refuses these, or routes to them nowhere useful."""
+    for kind, bad in (("a multicast address", address.is_multicast), ("the unspecified address", address.is_unspecified),
+                      ("a loopback address", address.is_loopback), ("the broadcast address", address == LIMITED_BROADCAST),
+                      ("in 'this network' (0.0.0.0/8)", address.version == 4 and address in THIS_NETWORK)):
+        if bad:
+            return f"{address} is {kind}, not a unicast gateway"
+    return None
 
 
 def parse_address(text: str) -> IPAddress:
@@ -150,42 +177,43 @@ def parse_address(text: str) -> IPAddress:
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
-        raise UsageError(f"invalid address {text!r}: expected an address of this host") from None
+        raise UsageError(f"invalid address {quoted(text)}: expected an address of this host") from None
+    problem = _not_plain(address)
+    if problem:
+        raise UsageError(f"invalid address {quoted(text)}: {problem}")
     if address.is_unspecified:
-        raise UsageError(f"invalid address {text!r}: for every address of the host, leave --address out")
+        raise UsageError(f"invalid address {quoted(text)}: for every address of the host, leave --address out")
     if address.is_loopback and address != ipaddress.IPv4Address("127.0.0.1"):
-        raise UsageError(f"invalid address {text!r}: of the loopback addresses, only 127.0.0.1 is served")
-    if address.is_multicast or address.is_link_local or address == ipaddress.IPv4Address("255.255.255.255"):
-        raise UsageError(f"invalid address {text!r}: expected a unicast address of this host")
+        raise UsageError(f"invalid address {quoted(text)}: of the loopback addresses, only 127.0.0.1 is served")
+    if address.is_multicast or address.is_link_local or address == LIMITED_BROADCAST:
+        raise UsageError(f"invalid address {quoted(text)}: expected a unicast address of this host")
     return address
 
-
-THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
 
 
 def parse_subnet(text: str) -> ipaddress.IPv4Network:
     try:
         net = ipaddress.IPv4Network(text, strict=True)
     except ValueError as e:
-        raise UsageError(f"invalid subnet {text!r}: {e}") from None
+        raise UsageError(f"invalid subnet {quoted(text)}: {cut(str(e), QUOTED * 2)}") from None  # e quotes text too
     if net.prefixlen != 30:
-        raise UsageError(f"invalid subnet {text!r}: must be a /30 (the host's end and the server's)")
+        raise UsageError(f"invalid subnet {quoted(text)}: must be a /30 (the host's end and the server's)")
     for kind, bad in (("multicast", net.is_multicast), ("loopback", net.is_loopback), ("link-local", net.is_link_local),
                       ("reserved", net.is_reserved), ("'this network' (0.0.0.0/8)", net.subnet_of(THIS_NETWORK))):
         if bad:
-            raise UsageError(f"invalid subnet {text!r}: a {kind} range cannot be routed to the server")
+            raise UsageError(f"invalid subnet {quoted(text)}: a {kind} range cannot be routed to the server")
     return net
 
 
 def parse_mark_mask(text: str) -> int:
     if not re.fullmatch(r"(0[xX][0-9a-fA-F]{1,8}|[0-9]{1,10})", text.strip()):
-        raise UsageError(f"invalid mark mask {text!r}: expected a number such as 0xf0000000")
+        raise UsageError(f"invalid mark mask {quoted(text)}: expected a number such as 0xf0000000")
     mask = int(text, 0)
     if not 0 < mask <= 0xFFFFFFFF:
-        raise UsageError(f"invalid mark mask {text!r}: must be a non-zero 32-bit value")
+        raise UsageError(f"invalid mark mask {quoted(text)}: must be a non-zero 32-bit value")
     low = mask & -mask
     if (mask + low) & mask:
-        raise UsageError(f"invalid mark mask {text!r}: must be one contiguous run of bits")
+        raise UsageError(f"invalid mark mask {quoted(text)}: must be one contiguous run of bits")
     return mask
 
 
@@ -194,13 +222,25 @@ def parse_user(spec: str) -> tuple[str, str]:
     user, sep, group = spec.partition(":")
     for what, value in (("user", user), ("group", group)):
         if not value and (what == "user" or sep):
-            raise UsageError(f"invalid --user {spec!r}: empty {what} name")
-        shown = spec if len(spec) <= 40 else spec[:37] + "..."
+            raise UsageError(f"invalid --user {quoted(spec)}: empty {what} name")
         if re.fullmatch(r"[0-9]+", value) and (len(value) > 10 or int(value) > MAX_ID):
-            raise UsageError(f"invalid --user {shown!r}: {what} id {value if len(value) <= 10 else shown} is out of range")
+            raise UsageError(f"invalid --user {quoted(spec)}: {what} id {cut(value, 10)} is out of range")
         if value and not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.-]{0,31}\$?", value):
-            raise UsageError(f"invalid --user {shown!r}: {value[:40]!r} is not a {what} name or number")
+            raise UsageError(f"invalid --user {quoted(spec)}: {quoted(value)} is not a {what} name or number")
     return user, group
+
+
+def command_problem(command: tuple[str, ...] | list[str]) -> str | None:
+    """Why nswrap cannot exec this command: exec takes a program name, and C strings (a NUL byte,
+    which only a config file's "\\u0000" can give, would end an argument early, or fail the exec)."""
+    if not command:
+        return "empty command"
+    if not command[0]:
+        return "empty command name"
+    nul = next((i for i, arg in enumerate(command) if "\0" in arg), None)
+    if nul is not None:
+        return f"a NUL byte in {'the command name' if nul == 0 else f'argument {nul} of the command'}"
+    return None
 
 
 def require_ports(ports: tuple[PortRange, ...]) -> tuple[PortRange, ...]:
@@ -211,7 +251,7 @@ def require_ports(ports: tuple[PortRange, ...]) -> tuple[PortRange, ...]:
 
 def check_ready_fd_number(fd: int | None) -> int | None:
     if fd is not None and not 0 <= fd < 1 << 20:
-        raise UsageError(f"invalid --ready-fd {fd}: not a file descriptor number")
+        raise UsageError(f"invalid --ready-fd {cut(str(fd), 20)}: not a file descriptor number")
     return fd
 
 
@@ -250,15 +290,16 @@ class Config:
         require_ports(self.ports)
         if not self.command and not self.dry_run:
             raise UsageError("no command given: nswrap [OPTIONS] -- COMMAND [ARG...]")
-        if self.command and not self.command[0]:
-            raise UsageError("empty command name: nswrap [OPTIONS] -- COMMAND [ARG...]")
+        problem = command_problem(self.command) if self.command else None
+        if problem:
+            raise UsageError(f"{problem}: nswrap [OPTIONS] -- COMMAND [ARG...]")
         if self.firewall not in ("auto", "off"):
-            raise UsageError(f"invalid --firewall {self.firewall!r}: auto or off")
+            raise UsageError(f"invalid --firewall {quoted(self.firewall)}: auto or off")
         if self.ipv6_forwarding not in IPV6_FORWARDING:
-            raise UsageError(f"invalid --ipv6-forwarding {self.ipv6_forwarding[:20]!r}: one of {', '.join(IPV6_FORWARDING)}")
+            raise UsageError(f"invalid --ipv6-forwarding {quoted(self.ipv6_forwarding)}: one of {', '.join(IPV6_FORWARDING)}")
         for helper in self.helpers:
             if helper not in HELPERS:
-                raise UsageError(f"invalid --helper {helper!r}: one of {', '.join(HELPERS)}")
+                raise UsageError(f"invalid --helper {quoted(helper)}: one of {', '.join(HELPERS)}")
         if "tftp" in self.helpers and not any(p.proto == "udp" and p.outer_lo <= 69 <= p.outer_hi for p in self.ports):
             raise UsageError("--helper tftp needs udp port 69 published (e.g. --ports 69)")
         check_stop_timeout(self.stop_timeout)

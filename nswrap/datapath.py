@@ -24,7 +24,7 @@ import ipaddress
 
 from nswrap.config import DEFAULT_UDP_TIMEOUT, PortRange, UplinkSpec, valid_ifname
 from nswrap.datatypes import datatype, field, replace
-from nswrap.errors import NswrapError, UsageError
+from nswrap.errors import NswrapError, UsageError, listed
 from nswrap.facts import HOST_PREFIX, Facts, sysctl_key
 from nswrap.objects import (
     FAMILIES,
@@ -268,8 +268,10 @@ def absent_addresses(facts: Facts, instance: Instance) -> list[str]:
     """At start: the --address ones not on the host now (a floating address, say: served once it
     comes), as warnings."""
     here = {a.address.ip for a in facts.addresses}
-    return [f"address {a} is not on this host (yet): it is served once it is" for a in instance.addresses
-            if not a.is_loopback and a not in here]
+    absent = [a for a in instance.addresses if not a.is_loopback and a not in here]
+    if len(absent) > 1:  # one line, however many
+        return [f"addresses {listed(absent)} are not on this host (yet): each is served once it is"]
+    return [f"address {a} is not on this host (yet): it is served once it is" for a in absent]
 
 
 def _gateways(instances: tuple[Instance, ...]) -> dict[tuple[str, int], IPAddress]:

@@ -40,7 +40,7 @@ from nswrap.datapath import (
     udp_timeout_conflict,
     ula_subnet,
 )
-from nswrap.errors import NswrapError, UsageError
+from nswrap.errors import NswrapError, UsageError, cut, listed, quoted
 from nswrap.facts import Facts, gather, netns_id, socket_owners
 from nswrap.follow import Follower
 from nswrap.objects import Listener
@@ -83,13 +83,13 @@ def resolve_user(spec: str) -> Credentials:
     try:
         entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
     except (KeyError, OverflowError):
-        raise UsageError(f"invalid --user {spec!r}: no such user {user!r}") from None
+        raise UsageError(f"invalid --user {quoted(spec)}: no such user {quoted(user)}") from None
     gid = entry.pw_gid
     if group:
         try:
             gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
         except KeyError:
-            raise UsageError(f"invalid --user {spec!r}: no such group {group!r}") from None
+            raise UsageError(f"invalid --user {quoted(spec)}: no such group {quoted(group)}") from None
     return Credentials(entry.pw_uid, gid, tuple(os.getgrouplist(entry.pw_name, gid)), proc_sys_read_only())
 
 
@@ -146,7 +146,7 @@ def check_start(facts: Facts, instance: Instance, live: list[Record], take_over:
     clash = conflicts(instance, others) or gateway_conflict(facts, instance, others) or udp_timeout_conflict(instance, others)
     if clash:
         owner = next(r for r in live if r.id in clash)
-        raise NswrapError(f"{clash} (pid {owner.pid}: {' '.join(owner.command)})")
+        raise NswrapError(f"{clash} (pid {owner.pid}: {cut(' '.join(owner.command), 200)})")
     check_host_sockets(facts, instance, take_over)
 
 
@@ -596,10 +596,10 @@ class Readiness:
             if loopback and not self.warned_loopback and waited > 1:
                 self.warned_loopback = True
                 log.warning("the server listens on %s only on its loopback address, which no client reaches: "
-                            "bind it to 0.0.0.0 or :: (or to its namespace's address)", ", ".join(map(str, loopback)))
+                            "bind it to 0.0.0.0 or :: (or to its namespace's address)", listed(loopback))
             if not self.warned and waited > 10:
                 self.warned = True
-                log.warning("the server does not listen on %s yet: READY waits for it", ", ".join(map(str, missing)))
+                log.warning("the server does not listen on %s yet: READY waits for it", listed(missing))
             return readiness_interval(waited)
         self.done = True
         os.close(self.netns)
@@ -661,7 +661,7 @@ def run(config: Config) -> int:
         supervisor.checkpoint()
         life.start_server(creds)
         life.forget_stale_flows()
-        log.info("instance %s: serving %s", life.instance.id, ", ".join(map(str, config.ports)))
+        log.info("instance %s: serving %s", life.instance.id, listed(config.ports))
         return life.serve()
     except Interrupted as e:
         log.warning("%s during setup: rolling back", e)

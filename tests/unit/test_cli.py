@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from nswrap import cli
-from nswrap.errors import EXIT_USAGE, UsageError
+from nswrap.errors import EXIT_USAGE, QUOTED, UsageError, cut, listed, quoted
 from nswrap.instance import check_ready_fd
 from tests.unit.clirun import clean_env, invoke, nswrap, one_line_usage_error, python
 
@@ -34,6 +34,8 @@ BAD_INPUT = [
     (["-p", "53", "--uplink", "this-name-is-too-long", "--", "true"], "this-name-is-too-long"),
     (["-p", "53", "--uplink", 'eth0"', "--", "true"], "eth0\""),
     (["-p", "53", "--uplink", "eth0=nope", "--", "true"], "nope"),
+    (["-p", "53", "--uplink", "eth0=255.255.255.255", "--", "true"], "255.255.255.255 is the broadcast address"),
+    (["-p", "53", "--uplink", "eth0=ff02::1", "--", "true"], "ff02::1 is a multicast address"),
     (["-p", "53", "--subnet", "198.18.0.1/30", "--", "true"], "198.18.0.1/30"),
     (["-p", "53", "--mark-mask", "0x5", "--", "true"], "0x5"),
     (["-p", "53", "--mark-mask", "0", "--", "true"], "mark mask"),
@@ -214,3 +216,70 @@ def test_nothing_imports_cli():
     for source in (pathlib.Path(cli.__file__).parent).glob("*.py"):
         if source.name not in ("cli.py", "__main__.py"):
             assert "nswrap.cli" not in source.read_text() and "from nswrap import cli" not in source.read_text(), source
+
+
+# --- a long value is quoted as a bounded prefix -----------------------------------------------------
+
+HUGE = "x" * 1_000_000
+
+
+def test_quoted_shows_a_bounded_prefix_and_the_length():
+    assert quoted("eth0") == "'eth0'" and quoted("a'b") == repr("a'b") and quoted(["53"]) == "['53']"
+    assert quoted("y" * QUOTED) == repr("y" * QUOTED)
+    assert quoted(HUGE) == repr("x" * QUOTED) + "… (1000000 characters)"
+    assert quoted([HUGE]) == "['" + "x" * (QUOTED - 2) + "… (1000004 characters)"
+    assert cut("abc", 3) == "abc" and cut("abcd", 3) == "abc… (4 characters)"
+
+
+@pytest.mark.parametrize(
+    "args, env, culprit",
+    [
+        (["--ports", HUGE, "--", "true"], {}, "invalid port spec 'xxx"),
+        (["--ports", "53", "--uplink", "eth0=" + HUGE, "--", "true"], {}, "invalid uplink 'eth0=xx"),
+        (["--ports", "53", "--address", HUGE, "--", "true"], {}, "invalid address 'xxx"),
+        (["--ports", "53", "--subnet", HUGE, "--", "true"], {}, "invalid subnet 'xxx"),
+        (["--ports", "53", "--mark-mask", HUGE, "--", "true"], {}, "invalid mark mask 'xxx"),
+        (["--ports", "53", "--user", HUGE, "--", "true"], {}, "invalid --user 'xxx"),
+        (["--ports", "53", "--ready-fd", "9" * 4000, "--", "true"], {}, "invalid --ready-fd 99999999999999999999…"),
+        (["--ports", "53", "--stop-timeout", HUGE, "--", "true"], {}, "'--stop-timeout': 'xxx"),  # click's own message
+        (["--ports", "53", "--firewall", HUGE, "--", "true"], {}, "'--firewall': 'xxx"),
+        (["--ports", "53", "--", "true"], {"NSWRAP_READY_FD": HUGE}, "NSWRAP_READY_FD: 'xxx"),
+        (["--ports", "53", "--", "true"], {"NSWRAP_NO_OUTBOUND": HUGE}, "NSWRAP_NO_OUTBOUND: 'xxx"),
+        (["--ports", "53", "--", "true"], {"NSWRAP_HELPER": "tftp " + HUGE}, "NSWRAP_HELPER: 'xxx"),
+        (["--" + HUGE, "--", "true"], {}, "No such option '--xxx"),
+    ],
+)
+def test_a_megabyte_value_is_quoted_as_a_short_prefix(capsys, monkeypatch, args, env, culprit):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    done = invoke(capsys, *args)
+    one_line_usage_error(done, culprit, "characters)")
+    assert len(done.stderr) < 1200, done.stderr[:300]
+
+
+@pytest.mark.parametrize(
+    "text, culprit",
+    [
+        (f'firewall = "{HUGE}"\nports = ["53"]\ncommand = ["true"]\n', "key 'firewall' in config file"),  # click's message
+        (f'user = "{HUGE}"\nports = ["53"]\ncommand = ["true"]\n', "invalid --user 'xxx"),
+        (f'ports = ["{HUGE}"]\ncommand = ["true"]\n', "invalid port spec 'xxx"),
+        (f'stop-timeout = "{HUGE}"\n', "not string 'xxx"),
+        (f'ports = [1, {", ".join(["2"] * 100_000)}, true]\n', "not array ['1', '2',"),
+        (f'{HUGE} = 1\n', "unknown key 'xxx"),
+    ],
+)
+def test_a_megabyte_value_from_a_config_file_is_quoted_as_a_short_prefix(capsys, tmp_path, text, culprit):
+    """A root-only file read through a delegated --config: its secrets stay off stderr but for
+    a prefix (the key names the line)."""
+    path = str(tmp_path / "big.toml")
+    with open(path, "w") as f:
+        f.write(text)
+    done = invoke(capsys, "--config", path)
+    one_line_usage_error(done, path, culprit, "characters)")
+    assert len(done.stderr) < 1200, done.stderr[:300]
+
+
+def test_listed_shows_the_first_few_and_how_many_more():
+    assert listed([]) == "" and listed(["53/udp"]) == "53/udp" and listed(range(5)) == "0, 1, 2, 3, 4"
+    assert listed(range(10_000)) == "0, 1, 2, 3, 4 … and 9995 more"
+    assert listed(iter(range(7)), shown=2) == "0, 1 … and 5 more"

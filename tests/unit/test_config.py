@@ -284,6 +284,30 @@ def test_uplinks():
     for bad in ["eth0=nope", "eth0=", "=198.51.100.1", "eth0=198.51.100.1=x", "eth0=0.0.0.0", "eth0=::",
                 "eth0=127.0.0.1", "eth0=::1", "eth0=224.0.0.1", "eth0=ff02::1"]:
         refused(parse_uplink, bad, culprit="invalid uplink")
+    assert parse_uplink("eth0=169.254.1.1").gateway == ipaddress.IPv4Address("169.254.1.1")  # Calico's, some clouds'
+
+
+@pytest.mark.parametrize(
+    "text, culprit",
+    [
+        ("eth0=255.255.255.255", "255.255.255.255 is the broadcast address, not a unicast gateway"),
+        ("eth0=0.0.0.0", "the unspecified address"),
+        ("eth0=0.1.2.3", "'this network' (0.0.0.0/8)"),
+        ("eth0=127.0.0.53", "a loopback address"),
+        ("eth0=239.1.1.1", "a multicast address"),
+        ("eth0=::", "the unspecified address"),
+        ("eth0=::1", "a loopback address"),
+        ("eth0=ff02::2", "a multicast address"),
+        ("eth0=::ffff:255.255.255.255", "IPv4-mapped IPv6 address: give 255.255.255.255"),
+        ("eth0=::ffff:198.51.100.1", "give 198.51.100.1"),
+        ("eth0=fe80::1%eth0", "without a %zone"),
+        ('eth0=2001:db8::1%x"; reboot', "without a %zone"),  # the zone is free text: never into a shell line
+    ],
+)
+def test_a_gateway_must_be_unicast(text, culprit):
+    """Refused at parsing (exit 2), not by the kernel after the host was changed (exit 125)."""
+    refused(parse_uplink, text, culprit=f"invalid uplink {text!r}: ")
+    refused(parse_uplink, text, culprit=culprit)
 
 
 def test_addresses():
@@ -291,7 +315,8 @@ def test_addresses():
     assert parse_address("2001:db8::1") == ipaddress.IPv6Address("2001:db8::1")
     assert parse_address("127.0.0.1").is_loopback
     for bad in ["192.0.2.0/24", "host.example", "", "192.0.2.256", "\u0661\u0669\u0662.0.2.1",
-                "0.0.0.0", "::", "::1", "127.0.0.2", "224.0.0.1", "ff02::1", "fe80::1", "169.254.1.1", "255.255.255.255"]:
+                "0.0.0.0", "::", "::1", "127.0.0.2", "224.0.0.1", "ff02::1", "fe80::1", "169.254.1.1", "255.255.255.255",
+                "2001:db8::1%eth0", "::ffff:192.0.2.10", "::ffff:127.0.0.1"]:
         refused(parse_address, bad, culprit="invalid address")
 
 
@@ -329,6 +354,8 @@ def test_config_needs_ports_and_command():
         ({"ready_fd": -1}, "--ready-fd -1"),
         ({"ready_fd": 1 << 20}, "--ready-fd"),
         ({"user": ""}, "empty user"),
+        ({"command": ("",)}, "empty command name"),
+        ({"command": ("true", "a\0b")}, "a NUL byte in argument 1 of the command"),
         ({"user": "0:4294967296"}, "out of range"),
         ({"uplinks": (parse_uplink("eth0"), parse_uplink("eth0"))}, "given twice"),
         ({"uplinks": (parse_uplink("eth0"), parse_uplink("eth0=2001:db8::1"))}, "given twice"),

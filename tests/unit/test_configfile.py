@@ -11,6 +11,7 @@ import logging
 import os
 import pathlib
 import threading
+import time
 
 import click
 import pytest
@@ -91,9 +92,11 @@ def test_every_key_is_read_with_its_kind(tmp_path):
 
 
 def test_toml_numbers_and_single_strings(tmp_path):
+    """As README says: a repeatable option takes one string too, ports and mark-mask TOML integers."""
     values = read(write(tmp_path, 'ports = [53, "53/tcp"]\nmark-mask = 0xf0000000\nstop-timeout = 5\nuplink = "eth0"\n'))
     assert values == {"ports": ["53", "53/tcp"], "mark_mask": "4026531840", "stop_timeout": 5, "uplinks": ["eth0"]}
     assert read(write(tmp_path, "ports = 53\n")) == {"ports": ["53"]}
+    assert read(write(tmp_path, f"mark-mask = {(1 << 64) - 1}\n")) == {"mark_mask": str((1 << 64) - 1)}  # config.py refuses it
     assert read(write(tmp_path, "")) == {}
 
 
@@ -117,6 +120,12 @@ def test_toml_numbers_and_single_strings(tmp_path):
         ("verbose = true\n", ["'verbose' must be an integer, not boolean"]),
         ("firewall = 1979-05-27\n", ["'firewall' must be a string, not date/time"]),
         ("mark-mask = true\n", ["'mark-mask' must be a string, not boolean"]),
+        ('command = "unbound -d"\n', ["'command' must be a list of strings", "not string 'unbound -d'"]),
+        ("command = [53]\n", ["'command' must be a list of strings", "not array [53]"]),
+        ("ready-fd = 0x" + "f" * 5000 + "\n", ["'ready-fd': an integer out of range"]),  # str() or float() of it would raise
+        ("mark-mask = 0x" + "f" * 5000 + "\n", ["'mark-mask': an integer out of range"]),
+        ("stop-timeout = -1" + "0" * 20 + "\n", ["'stop-timeout': an integer out of range"]),
+        ("ports = [53, 0o" + "7" * 30 + "]\n", ["'ports': an integer out of range"]),
         ('command = "unbound -d"\nports = ["53"]\ncommand = ["x"]\n', ["not valid TOML"]),  # a key given twice
         ("ports = [\n", ["not valid TOML"]),
     ],
@@ -177,6 +186,83 @@ def test_files_larger_than_1_mib_are_refused(tmp_path):
         f.truncate(1 << 40)  # a sparse terabyte: read only up to the limit
     with pytest.raises(UsageError, match="larger than"):
         read(str(huge))
+
+
+HOSTILE_NESTING = {
+    "array": "ports = " + "[" * 100_000 + "]" * 100_000 + "\n",
+    "inline table": "ports = " + "{a = " * 50_000 + "1" + "}" * 50_000 + "\n",
+    "unclosed": "ports = " + "[" * 200_000 + "\n",
+    "dotted key": "a" + ".a" * 200_000 + " = 1\n",  # n parts cost tomllib n² time and memory
+    "quoted dotted key": ".".join(['"a"'] * 100_000) + " = 1\n",
+    "table header": "[" + ".".join(["a"] * 100_000) + "]\n",
+}
+
+
+@pytest.mark.parametrize("shape", HOSTILE_NESTING)
+def test_deep_nesting_is_one_line_not_a_recursion_error(tmp_path, shape):
+    """Under the size cap, and refused before tomllib recurses (or spends gigabytes) on it."""
+    path = write(tmp_path, HOSTILE_NESTING[shape])
+    assert os.path.getsize(path) < configfile.MAX_SIZE
+    with pytest.raises(UsageError, match=f"^config file {path}: nested too deeply") as raised:
+        read(path)
+    assert raised.value.code == 2
+
+
+def test_deep_nesting_exits_2_with_one_line(capsys, tmp_path):
+    path = write(tmp_path, HOSTILE_NESTING["array"])
+    one_line_usage_error(invoke(capsys, "--config", path), path, "nested too deeply")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "x = " + "[" * configfile.MAX_DEPTH + "]" * configfile.MAX_DEPTH,
+        ".".join(["a"] * configfile.MAX_DEPTH) + " = 1",
+        'x = "' + "[" * 100 + '"',  # brackets and dots in strings and comments are text
+        "x = '" + "{" * 100 + "'",
+        'x = """\n' + "[" * 100 + '\n"""',
+        "x = '''\n" + "[" * 100 + "\n'''",
+        'x = "\\"' + "[" * 100 + '"',  # an escaped quote does not end the string
+        "# " + "[" * 100,
+        'x = "' + "a." * 100 + '"',
+        'ports = ["53"]  # ' + "a." * 100,
+    ],
+)
+def test_what_is_not_nesting_is_not_counted(text):
+    assert not configfile.too_deep(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "x = " + "[" * (configfile.MAX_DEPTH + 1) + "]" * (configfile.MAX_DEPTH + 1),
+        ".".join(["a"] * (configfile.MAX_DEPTH + 1)) + " = 1",
+        " . ".join(['"a"'] * (configfile.MAX_DEPTH + 1)) + " = 1",
+        'x = "a" # "\ny = ' + "[" * 100,  # after a string and a comment, counting goes on
+        'x = "unclosed\ny = ' + "[" * 100,  # a string left open ends with its line
+    ],
+)
+def test_nesting_past_the_limit_is_too_deep(text):
+    assert configfile.too_deep(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a" * configfile.MAX_SIZE, "[]" * (configfile.MAX_SIZE // 2), '"' + '\\"' * (configfile.MAX_SIZE // 2),
+     '"""' + '\\"""' * (configfile.MAX_SIZE // 4), "a " * (configfile.MAX_SIZE // 2), "a." * (configfile.MAX_SIZE // 2)],
+)
+def test_the_nesting_check_takes_linear_time(text):
+    """1 MiB of the text most likely to make a regular expression backtrack: well under a second."""
+    began = time.process_time()
+    configfile.too_deep(text)
+    assert time.process_time() - began < 2
+
+
+def test_numbers_tomllib_cannot_read_are_one_line(tmp_path):
+    """Python refuses int() of more than 4300 digits; tomllib lets that ValueError through."""
+    path = write(tmp_path, "ports = " + "9" * 5000 + "\n")
+    with pytest.raises(UsageError, match=f"^config file {path}: not valid TOML: a number too long"):
+        read(path)
 
 
 # --- the command line, environment and file together (in-process) --------------------------------
@@ -321,6 +407,9 @@ def test_every_option_has_a_variable_and_a_key():
         ('udp-timeout = 20.5\nports = ["53"]\ncommand = ["true"]\n', ["'udp-timeout'", "integer"]),
         ('ports = ["53"]\ncommand = [""]\n', ["'command'", "empty command name"]),
         ('ports = ["53"]\ncommand = []\n', ["'command'", "empty command"]),
+        ('ports = ["53"]\ncommand = ["true", "-x\\u0000y"]\n', ["'command'", "a NUL byte in argument 1 of the command"]),
+        ('ports = ["53"]\ncommand = ["tr\\u0000ue"]\n', ["'command'", "a NUL byte in the command name"]),
+        ('ports = ["53"]\ncommand = "true"\n', ["'command'", "list of strings"]),
     ],
 )
 def test_bad_config_files_exit_2_naming_the_key_and_the_file(capsys, tmp_path, text, culprits):

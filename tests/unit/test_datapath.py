@@ -104,6 +104,13 @@ def test_an_address_not_on_the_host_is_a_warning_not_an_error():
         "address 192.0.2.99 is not on this host (yet): it is served once it is"]
 
 
+def test_many_absent_addresses_are_one_short_warning():
+    many = tuple(f"192.0.2.{i}" for i in range(100, 200)) + tuple(f"2001:db8::{i:x}" for i in range(1, 10_000))
+    [warning] = absent_addresses(host(), instance(addresses=many))
+    assert warning == ("addresses 192.0.2.100, 192.0.2.101, 192.0.2.102, 192.0.2.103, 192.0.2.104 … and 10094 more "
+                       "are not on this host (yet): each is served once it is")
+
+
 # --- allocation ----------------------------------------------------------------------------------
 
 
