@@ -282,8 +282,8 @@ def bench_costs(b: Bench) -> dict:
 # --- 2. dns -------------------------------------------------------------------------------------
 
 
-def dnsperf(b: Bench, clients: int, seconds: int) -> dict:
-    res = b.exec("c2", [*CLIENT_CPU, "dnsperf", "-s", C2_TARGET, "-d", b.tmp / "queries.txt", "-c", clients,
+def dnsperf(b: Bench, clients: int, seconds: int, target: str = C2_TARGET, role: str = "c2") -> dict:
+    res = b.exec(role, [*CLIENT_CPU, "dnsperf", "-s", target, "-d", b.tmp / "queries.txt", "-c", clients,
                         "-T", 1, "-l", seconds, "-q", 200, "-t", 1], timeout=seconds + 30, check=False)
     qps = re.search(r"Queries per second:\s+([\d.]+)", res.stdout)
     lost = re.search(r"Queries lost:\s+(\d+)", res.stdout)
@@ -394,6 +394,33 @@ def bench_dns(b: Bench) -> dict:
         ratios["old_to_bestalt"] = ratio("old", "bestalt")
     return {"clients": {"few": few, "many": many}, "runs": runs, "median": med, "ratios": ratios, "paired": pairs,
             "profile": profile}
+
+
+# --- 2b. ipv6 -----------------------------------------------------------------------------------
+
+IPV6_VARIANTS = ["direct", "nswrap", "nswrap-global6"]
+
+
+def bench_ipv6(b: Bench) -> dict:
+    """IPv6 through the global switch (--ipv6-forwarding global, as on kernels before 6.17)
+    against per-interface forwarding and the server bound directly: DNS max rate over IPv6 from
+    c1 (eth0, the main table's uplink, the one path the direct server answers) and the first
+    answer over IPv6 after launch."""
+    s = b.s
+    (b.tmp / "queries.txt").write_text("test.example A\n")
+    few = s.dns_clients[0]
+    runs: dict[str, list[dict]] = {v: [] for v in IPV6_VARIANTS}
+    for r in range(max(1, s.dns_rounds // 2)):
+        for variant in rotate(IPV6_VARIANTS, r):
+            with b.serve(variant, Server("unbound", 53, str(b.tmp)), pin=SERVER_CPU) as running:
+                times = b.dns_ready(running, "c1", C1_TARGET6)
+                x = {"first_answer6_ms": (times[C1_TARGET6] - running.spawned) * 1000,
+                     "qps6": dnsperf(b, few, s.dnsperf_s, C1_TARGET6, "c1")["qps"]}
+            runs[variant].append(x)
+            say(f"ipv6 round {r + 1} {variant}: {x['qps6']:.0f} qps over IPv6, first answer {x['first_answer6_ms']:.0f} ms")
+    med = {v: {k: median(x[k] for x in runs[v]) for k in ("qps6", "first_answer6_ms")} for v in IPV6_VARIANTS}
+    pairs = {v: paired(runs[v], runs["direct"], lambda x: x["qps6"]) for v in IPV6_VARIANTS}
+    return {"clients": few, "runs": runs, "median": med, "paired_to_direct": pairs}
 
 
 # --- 3. startup ---------------------------------------------------------------------------------
@@ -771,7 +798,7 @@ def prepare_clients(lab: Lab) -> None:
                                 " add rule ip bench out icmp type destination-unreachable drop"])
 
 
-SECTIONS = ("costs", "dns", "startup", "scale", "flood")
+SECTIONS = ("costs", "dns", "ipv6", "startup", "scale", "flood")
 
 
 def version(argv: list[str]) -> str:

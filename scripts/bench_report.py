@@ -21,6 +21,7 @@ NAMES = {
     "handwritten": "same design by hand",
     "bestalt": "best alternative",
     "direct+conntrack": "direct + stateful firewall",
+    "nswrap-global6": "nswrap, --ipv6-forwarding global",
 }
 
 # What earlier measurements found (issues 7, 11, 12, 13, 15), quoted for the closing note.
@@ -213,6 +214,20 @@ def costs_table(r: dict) -> list[str]:
             for v in variants
         ],
     )
+    return lines
+
+
+def ipv6_table(r: dict) -> list[str]:
+    """IPv6 through the global forwarding switch (kernels before 6.17) and per interface."""
+    v6 = r.get("ipv6")
+    if not v6:
+        return ["(no IPv6 section in this run)"]
+    m, d = v6["median"], v6["median"]["direct"]
+    lines = [f"| IPv6, c1 → eth0 | DNS queries/s, {v6['clients']} sockets | ÷ direct | paired ÷ direct "
+             "| first answer after launch (ms) |", "|---|---|---|---|---|"]
+    for v in ("direct", "nswrap", "nswrap-global6"):
+        lines.append(f"| {NAMES[v]} | {m[v]['qps6']:,.0f} | {m[v]['qps6'] / d['qps6']:.3f} | "
+                     f"{v6['paired_to_direct'][v]:.3f} | {m[v]['first_answer6_ms']:.0f} |")
     return lines
 
 
@@ -565,6 +580,10 @@ def results_md(r: dict) -> str:
         "",
         *dns_table(r),
         "",
+        "## IPv6: per interface and the global switch",
+        "",
+        *ipv6_table(r),
+        "",
         "## Many instances",
         "",
         *scale_table(r),
@@ -658,6 +677,16 @@ def benchmarks_md(r: dict, charts: str = "bench") -> str:
         "main table's, the case nswrap exists for), with a few client sockets and with many:",
         "",
         *dns_table(r),
+        "",
+        "### IPv6: per-interface forwarding and the global switch",
+        "",
+        "The same unbound over IPv6 from c1 through eth0: nswrap with per-interface forwarding (`force_forwarding`, "
+        "Linux ≥ 6.17, this kernel) and with `--ipv6-forwarding global` as on an older kernel (the test seam makes "
+        "nswrap see one: it holds `net.ipv6.conf.all.forwarding`, sets `accept_ra=2`, and its guard drops IPv6 it did "
+        "not forward before), against the server bound directly (eth0 is the main table's uplink, the one path where "
+        "a direct server answers). The first answer includes nswrap's start.",
+        "",
+        *ipv6_table(r),
         "",
         "*Same design by hand* is `scripts/bench_handwritten.sh`: one nft table with the same DNAT map, verdict maps and "
         "per-uplink chains as nswrap's for one instance, one routing table and fwmark rule per uplink, the `to "

@@ -253,9 +253,11 @@ class Running:
 def wrapper_argv(variant: str, ports: str, *, old: str | None = None, mask: str | None = None,
                  ready_fd: int | None = None) -> list[str]:
     """The command line that wraps a server for *variant* (nswrap, old, handwritten)."""
-    if variant in ("nswrap", "old"):
-        binary = NSWRAP if variant == "nswrap" else f"{old}/.venv/bin/nswrap"
-        return [binary, *(["--mark-mask", mask] if mask else []),
+    if variant in ("nswrap", "old", "nswrap-global6"):
+        binary = f"{old}/.venv/bin/nswrap" if variant == "old" else NSWRAP
+        # global6: the global IPv6 switch, as on a kernel before 6.17 (the test seam of nswrap/facts.py)
+        seam = ["env", "NSWRAP_TEST_NO_FORCE_FORWARDING=1"] if variant == "nswrap-global6" else []
+        return [*seam, binary, *(["--ipv6-forwarding", "global"] if seam else []), *(["--mark-mask", mask] if mask else []),
                 *(["--ready-fd", str(ready_fd)] if ready_fd is not None else []), "--ports", ports, "--"]
     if variant == "handwritten":
         return ["bash", HANDWRITTEN, *(["-m", mask] if mask else []), ports, "--"]
@@ -280,7 +282,7 @@ def serve(lab: Lab, variant: str, server: Server, *, pin: list[str] = (), old: s
         elif variant == "direct":
             automatic = True
         ready_r = ready_w = None
-        if variant in ("nswrap", "old"):
+        if variant in ("nswrap", "old", "nswrap-global6"):
             ready_r, ready_w = os.pipe()
         argv = [*pin, *wrapper_argv(variant, server.ports, old=old, mask=mask, ready_fd=ready_w),
                 *server.argv(address, automatic)]
