@@ -59,6 +59,19 @@ def classify(event: netlink.Event, own_indexes: set[int], my_veth: str) -> str |
     return None
 
 
+def switch6_held() -> bool:
+    """The global IPv6 switch nswrap holds is still as it set it: on, and no interface back at
+    accept_ra=1 (which would lose its routes from router advertisements; no event says so)."""
+    if read_sysctl("net/ipv6/conf/all/forwarding") != "1":
+        return False
+    try:
+        names = os.listdir("/proc/sys/net/ipv6/conf")
+    except OSError:
+        return True
+    return not any(read_sysctl(f"net/ipv6/conf/{name}/accept_ra") == "1" for name in names
+                   if name != "all" and not name.startswith(HOST_PREFIX))
+
+
 class Follower:
     def __init__(self, life):
         self.life = life
@@ -125,7 +138,8 @@ class Follower:
         if now >= self.next_poll:
             self.next_poll = now + POLL
             allocation = self.life.state.allocation()
-            if allocation and any(read_sysctl(c.key) not in (None, c.ours) for c in allocation.sysctls):
+            if allocation and (any(read_sysctl(c.key) not in (None, c.ours) for c in allocation.sysctls)
+                               or allocation.switch6 is not None and not switch6_held()):
                 self.reasons.add("host")
                 self.last, self.first = now, self.first or now
         return self.next_poll - now

@@ -239,3 +239,15 @@ def test_interface_on_an_old_kernel_and_an_unknown_mode_are_refused(lab, tmp_pat
     assert done.stderr.count("\n") == 1 and "no per-interface IPv6 forwarding" in done.stderr, done.stderr
     done = nswrap(lab, "--ipv6-forwarding", "sometimes", "--ports", "53", "--", "true")
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "sometimes" in done.stderr, done.stderr
+
+
+def test_an_interface_put_back_to_accept_ra_1_while_held_gets_2_again(ra_lab, dirs):
+    """No event says accept_ra changed: the follower looks every couple of seconds."""
+    lab = ra_lab
+    proc = start_global(lab, dirs, "a", 53)
+    answering(lab, proc, dirs, "a")
+    lab.sysctl(lab.host, {"net.ipv6.conf.eth0.accept_ra": "1"})
+    wait_until(lambda: sysctl(lab, "/proc/sys/net/ipv6/conf/eth0/accept_ra") == "2", 10, interval=0.1,
+               what="nswrap sets accept_ra=2 again")
+    assert ra_default(lab)
+    assert lab.stop(proc) == 0, output(dirs, "a", stream="err")
