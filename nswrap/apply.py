@@ -74,6 +74,20 @@ class Transaction:
         for change in changes:
             self.run(change)
 
+    def run_each(self, changes: list[Change], what: str = "") -> list[str]:
+        """Best effort (teardown, cleanup, fail closed): every change runs whatever the others
+        did; the errors are logged (prefixed `what`) and returned; nothing is kept to undo."""
+        errors = []
+        for change in changes:
+            try:
+                self.run(change)
+            except Exception as e:  # the rest still runs
+                line = f"{change.render().splitlines()[0]}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                errors.append(line)
+                log.warning("%s%s", f"{what}: " if what else "", line)
+        self.commit()
+        return errors
+
     def rollback(self) -> list[str]:
         """Undo everything, newest first; returns the undo errors (also logged)."""
         errors = []

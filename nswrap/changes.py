@@ -317,6 +317,27 @@ class FlushMark(Change):
         return "# (forgotten flows start over)"
 
 
+@datatype
+class ForgetFlows(Change):
+    """Forget conntrack entries (already gone is fine): stale flows at a start, an instance's own
+    at its stop. `what` says which, as a person would write it."""
+
+    flows: tuple
+    what: str
+
+    def do(self, kernel) -> None:
+        kernel.conntrack().delete(self.flows)
+
+    def undo(self, kernel) -> None:
+        pass  # forgotten flows start over: nothing to put back
+
+    def render(self) -> str:
+        return f"{self.what} || true  # {len(self.flows)} flows"
+
+    def render_undo(self) -> str:
+        return "# (forgotten flows start over)"
+
+
 SERVER_IF = "eth0"  # the server's end of the veth, inside its namespace
 
 

@@ -87,13 +87,7 @@ def cleanup() -> int:
             changes, after = plan.changes, plan.after
         changes += [DeleteLink(r.instance.veth) for r in dead if facts.link(r.instance.veth)]
         changes += legacy.sweep(facts)
-        tx = Transaction(kernel, say=said.append)
-        for change in changes:  # best effort: what fails is said, the rest still runs
-            try:
-                tx.run(change)
-            except (NswrapError, OSError) as e:
-                log.warning("%s: %s", change.render().splitlines()[0], e)
-        tx.commit()
+        Transaction(kernel, say=said.append).run_each(changes)  # best effort: what fails is said
         state.save_allocation(after)
         for record in dead:
             state.forget(record.id)

@@ -22,9 +22,9 @@ import signal
 import socket
 import time
 
-from nswrap import legacy, namespaces, netlink, nft, sync
+from nswrap import flows, legacy, namespaces, netlink, nft, sync
 from nswrap.apply import Kernel, Transaction
-from nswrap.changes import DeleteLink, Forwarding6, NftBatch, ServerNetwork, SetSysctl, read_only_message
+from nswrap.changes import DeleteLink, ForgetFlows, Forwarding6, NftBatch, ServerNetwork, SetSysctl, read_only_message
 from nswrap.config import Config, PortRange
 from nswrap.datapath import (
     NO_IPV6_OLD_KERNEL,
@@ -333,12 +333,7 @@ class Life:
     def _sweep_legacy(self, facts: Facts) -> None:
         tx = Transaction(self.kernel,
                          say=lambda line: log.warning("removed an older nswrap's leftover: %s", line.splitlines()[0]))
-        for change in legacy.sweep(facts):
-            try:
-                tx.run(change)
-            except (NswrapError, OSError) as e:
-                log.warning("%s: %s", change.render().splitlines()[0], e)
-        tx.commit()
+        tx.run_each(legacy.sweep(facts))
         legacy.forget(legacy.dead_records())
 
     def _forget_record(self) -> None:
@@ -358,29 +353,21 @@ class Life:
         """Flows to the published ports that began before the DNAT (a client that kept sending
         while no server ran) would bypass it until they expire. The kernel finds them: one dump
         per family and protocol (each walks the whole conntrack hash), filtered by port when one
-        is published, and by address with --address; the ports of ranges are matched here.
-        Runs while the server starts (READY waits for it); not at all on an empty table."""
+        is published, and by address with --address (flows.py). Runs while the server starts
+        (READY waits for it); not at all on an empty table."""
         if conntrack_count() == 0:
             return
-        instance = self.instance
-        addresses = [a for a in instance.addresses if not a.is_loopback] or [None]
-        items = (*instance.ports, *instance.loopback_ports)
-        stale = []
-        with netlink.Conntrack() as ct:
-            for version in instance.families:
-                if version == 6 and not any(a.version == 6 and a.scope == 0 for a in self.facts.addresses):
-                    continue  # no IPv6 client can have reached this host: spare a walk of the whole hash
-                for address in (a for a in addresses if a is None or a.version == version):
-                    for proto in ("udp", "tcp"):
-                        ports = {port for p in items if p.proto == proto for port in range(p.outer_lo, p.outer_hi + 1)}
-                        if not ports:
-                            continue
-                        single = next(iter(ports)) if len(ports) == 1 else None
-                        stale += [f for f in ct.flows(version, orig_proto=netlink.PROTO_NUMBERS[proto], orig_dport=single,
-                                                      orig_dst=address) if f.dport in ports]
-            if stale:
-                log.info("conntrack: forgetting %d flows that began before the DNAT", len(stale))
-                ct.delete(stale)
+        assert self.facts is not None
+        ct = self.kernel.conntrack()
+        changes = []
+        for dump in flows.stale_dumps(self.instance, self.facts):
+            found = flows.stale(dump, ct.flows(dump.version, orig_proto=flows.PROTO_NUMBERS[dump.proto],
+                                               orig_dport=dump.single_port, orig_dst=dump.address))
+            if found:
+                changes.append(ForgetFlows(tuple(found), dump.render()))
+        if changes:
+            log.info("conntrack: forgetting %d flows that began before the DNAT", sum(len(c.flows) for c in changes))
+            Transaction(self.kernel).run_each(changes, "conntrack")
 
     def start_server(self, creds: Credentials | None) -> None:
         assert self.netns_fd is not None
@@ -413,7 +400,7 @@ class Life:
                 table = nft.read_table()
                 guarded = table is not None and sync.intact(table, allocation, live)
                 if not guarded:  # no guard: before anything else, route nothing for others
-                    sync.fail_closed(allocation)
+                    self._stop_forwarding(allocation)
                     if why == "table":
                         log.warning("nswrap's nft table was flushed or deleted (a firewall reload?): putting it back")
                 facts = gather(self.kernel.routing)
@@ -440,9 +427,15 @@ class Life:
                     self.state.forget(record.id)
                     log.warning("removed a dead instance's leftovers: instance %s (pid %d)", record.id, record.pid)
 
+    def _stop_forwarding(self, allocation: Allocation | None) -> list[str]:
+        """Fail closed: the forwarding nswrap turned on goes off, before anything else."""
+        changes = sync.fail_closed(allocation)
+        Transaction(self.kernel, say=lambda line: log.info("fail closed: %s", line)).run_each(changes, "fail closed")
+        return [c.render().splitlines()[0].removeprefix("sysctl -w ") for c in changes]
+
     def _fail_closed_if(self, table_lost: bool, allocation, error: Exception) -> None:
         if table_lost:
-            restored = sync.fail_closed(allocation)
+            restored = self._stop_forwarding(allocation)
             said = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
             raise FailClosed(f"could not put back nswrap's nft table ({said}); forwarding restored "
                              f"({', '.join(restored) or 'nothing to restore'}): stopping") from None
@@ -491,13 +484,7 @@ class Life:
                 # the veth goes with the server's namespace, but the kernel destroys that in the
                 # background, some milliseconds later: deleted here, it is gone when nswrap exits
                 mine = [DeleteLink(instance.veth)] if facts.link(instance.veth) else []
-                tx = Transaction(self.kernel)
-                for change in [*mine, *plan.changes]:
-                    try:
-                        tx.run(change)
-                    except Exception as e:
-                        log.warning("teardown: %s: %s", change.render().splitlines()[0], e)
-                tx.commit()
+                Transaction(self.kernel).run_each([*mine, *plan.changes], "teardown")
                 self.state.save_allocation(plan.after)
                 if plan.after is None and not live:
                     self.state.dir.retire()
@@ -537,24 +524,25 @@ class Life:
 
     def _forget_flows(self, instance: Instance) -> None:
         """This instance's flows (DNATed, their replies come from its server): found in one
-        kernel-filtered dump, deleted in batches, for at most a couple of seconds; what remains
-        can only time out (its server is gone)."""
+        kernel-filtered dump, forgotten in batches, for at most a couple of seconds; what
+        remains can only time out (its server is gone)."""
         deadline = time.monotonic() + STOP_FLUSH_SECONDS
-        servers = {instance.server(v) for v in instance.families}
         try:
-            with netlink.Conntrack() as ct:
-                try:
-                    flows = ct.flows(None, dnat_only=True, deadline=deadline)
-                except netlink.FlowsTruncated as e:
-                    flows = e.flows
-                mine = [f for f in flows if f.reply_src in servers]
-                for i in range(0, len(mine), 1000):
-                    if time.monotonic() > deadline:
-                        log.info("conntrack: %d flows of this instance are left to time out", len(mine) - i)
-                        return
-                    ct.delete(mine[i:i + 1000])
+            try:
+                dumped = self.kernel.conntrack().flows(None, dnat_only=True, deadline=deadline)
+            except netlink.FlowsTruncated as e:
+                dumped = e.flows
         except OSError as e:
             log.warning("conntrack: could not forget this instance's flows: %s", e)
+            return
+        mine = flows.mine(instance, dumped)
+        what = " ".join(f"conntrack -D --reply-src {instance.server(v)};" for v in instance.families).rstrip(";")
+        tx = Transaction(self.kernel)
+        for i in range(0, len(mine), 1000):
+            if time.monotonic() > deadline:
+                log.info("conntrack: %d flows of this instance are left to time out", len(mine) - i)
+                return
+            tx.run_each([ForgetFlows(tuple(mine[i:i + 1000]), what)], "conntrack")
 
 
 def _veth_forwarding6(facts: Facts, instance: Instance) -> bool:

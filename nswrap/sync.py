@@ -49,7 +49,7 @@ from nswrap.datapath import (
 )
 from nswrap.datatypes import datatype, replace
 from nswrap.errors import NswrapError
-from nswrap.facts import HOST_PREFIX, Facts, sysctl_key
+from nswrap.facts import HOST_PREFIX, Facts, read_sysctl, sysctl_key
 from nswrap.firewall import FirewallFacts, blockers, how_to_fix, mark_users, rooms
 from nswrap.objects import PROTO, Route, Rule
 
@@ -280,27 +280,18 @@ def probe_firewall(ruleset: list[dict[str, Any]] | None = None) -> FirewallFacts
     return FirewallFacts(tuple(listed), iptables.legacy_save(), iptables.legacy_save("ip6tables-legacy"))
 
 
-def fail_closed(allocation: Allocation | None) -> list[str]:
-    """nswrap's guard is gone and cannot be put back: stop forwarding for others before anything
-    else (restore the forwarding nswrap turned on). Returns what was restored."""
-    from nswrap.changes import write_sysctl
-    from nswrap.facts import read_sysctl
-
-    done = []
-    if allocation is not None and allocation.switch6 is not None:
-        try:
-            if read_sysctl(ALL6) == "1":
-                Forwarding6(False, allocation.switch6).do(None)
-                done.append(f"{ALL6}=0")
-        except (OSError, NswrapError) as e:
-            log.warning("could not restore %s: %s", ALL6, e)
-    for change in allocation.sysctls if allocation else ():
-        if _admins(change, read_sysctl("net/ipv4/conf/all/forwarding") == "1"):
-            continue
-        try:
-            if read_sysctl(change.key) == change.ours:
-                write_sysctl(change.key, change.original)
-                done.append(f"{change.key}={change.original}")
-        except (OSError, NswrapError) as e:
-            log.warning("could not restore %s: %s", change.key, e)
-    return done
+def fail_closed(allocation: Allocation | None, read: Callable[[str], str | None] | None = None) -> list[Change]:
+    """nswrap's guard is gone (or cannot be verified): the changes that stop forwarding for others
+    before anything else, i.e. restore the forwarding nswrap turned on (the global IPv6 switch
+    first), each only if it is still nswrap's value. Run them best effort (Transaction.run_each)."""
+    read = read or read_sysctl
+    changes: list[Change] = []
+    if allocation is None:
+        return changes
+    if allocation.switch6 is not None and read(ALL6) == "1":
+        changes.append(Forwarding6(False, allocation.switch6))
+    ip_forward = read("net/ipv4/conf/all/forwarding") == "1"
+    for change in allocation.sysctls:
+        if not _admins(change, ip_forward) and read(change.key) == change.ours:
+            changes.append(SetSysctl(change.key, change.original, change.ours))
+    return changes

@@ -166,3 +166,16 @@ def test_the_undo_line_is_said_when_rolling_back():
         with Transaction(KERNEL, say=said.append) as tx:  # type: ignore[arg-type]
             tx.run_all(changes(log, do={"c1": Boom()}))
     assert said == ["add c0", "add c1", "del c1", "del c0"]
+
+
+@pytest.mark.parametrize("failing", range(N))
+def test_best_effort_runs_every_change_and_undoes_nothing(failing, caplog):
+    """Teardown, cleanup, fail closed: one failure (of any kind) is said, the rest still runs."""
+    log: list[str] = []
+    tx = Transaction(KERNEL)  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="nswrap"):
+        errors = tx.run_each(changes(log, do={f"c{failing}": ValueError("nft said garbage")}), "teardown")
+    assert log == [f"do c{i}" for i in range(N)]
+    assert errors == [f"add c{failing}: nft said garbage"]
+    assert f"teardown: add c{failing}: nft said garbage" in caplog.text
+    assert tx.rollback() == [] and log == [f"do c{i}" for i in range(N)]  # nothing kept to undo

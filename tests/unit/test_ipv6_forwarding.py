@@ -8,7 +8,7 @@ import pytest
 
 from nswrap import ruleset, sync
 from nswrap.changes import Forwarding6, NftBatch, SetSysctl
-from nswrap.datapath import Allocation, Element, Setting6, Switch6, choose_forwarding6, describe_forwarding6
+from nswrap.datapath import Allocation, Element, Setting6, Switch6, SysctlChange, choose_forwarding6, describe_forwarding6
 from nswrap.datatypes import replace
 from nswrap.errors import UsageError
 from nswrap.facts import Facts
@@ -173,18 +173,14 @@ def test_switch6_before_gives_a_new_interface_defaults_values():
     assert switch.before("wg0", 9) == Setting6("wg0", 9, "0", "1")
 
 
-def test_fail_closed_releases_the_switch_first(monkeypatch):
-    written = []
-    values = {ALL6: "1"}
-    monkeypatch.setattr("nswrap.sync.read_sysctl", lambda key: values.get(key), raising=False)
-    monkeypatch.setattr("nswrap.facts.read_sysctl", lambda key: values.get(key))
-    monkeypatch.setattr("nswrap.changes.read_sysctl", lambda key: values.get(key))
-    monkeypatch.setattr("nswrap.changes.write_sysctl", lambda key, value: written.append((key, value)))
-    monkeypatch.setattr("nswrap.changes.os.listdir", lambda path: ["all", "default", "eth0"])
-    monkeypatch.setattr("nswrap.changes.socket.if_nametoindex", lambda name: 2)
+def test_fail_closed_releases_the_switch_first():
     switch = Switch6((Setting6("eth0", 2, "0", "1"),))
-    assert sync.fail_closed(Allocation(MASK, 5000, switch6=switch)) == [f"{ALL6}=0"]
-    assert written[0] == (ALL6, "0")
+    allocation = Allocation(MASK, 5000, sysctls=(SysctlChange("net/ipv6/conf/eth1/force_forwarding", "0", "1"),),
+                            switch6=switch)
+    values = {ALL6: "1", "net/ipv6/conf/eth1/force_forwarding": "1"}
+    assert sync.fail_closed(allocation, values.get) == [
+        Forwarding6(False, switch), SetSysctl("net/ipv6/conf/eth1/force_forwarding", "0", "1")]
+    assert sync.fail_closed(allocation, {ALL6: "0"}.get) == []  # off already
 
 
 # --- on disk ---------------------------------------------------------------------------------

@@ -318,48 +318,22 @@ def test_the_first_recorded_original_wins():
 # --- failing closed --------------------------------------------------------------------------------
 
 
-def test_fail_closed_restores_the_forwarding_nswrap_turned_on(tmp_path, monkeypatch):
+def test_fail_closed_restores_the_forwarding_nswrap_turned_on():
     """The guard is gone for good: forwarding goes back off (only where it is still nswrap's)."""
-    import nswrap.changes
-    import nswrap.facts
-
-    for module in (nswrap.changes, nswrap.facts):
-        monkeypatch.setattr(module, "PROC_SYS", str(tmp_path))
-    for ifname, value in (("eth0", "1"), ("eth1", "0")):
-        (tmp_path / f"net/ipv4/conf/{ifname}").mkdir(parents=True)
-        (tmp_path / f"net/ipv4/conf/{ifname}/forwarding").write_text(value + "\n")
+    values = {"net/ipv4/conf/eth0/forwarding": "1", "net/ipv4/conf/eth1/forwarding": "0"}
     allocation = Allocation(MASK, 5000, (), (
         SysctlChange("net/ipv4/conf/eth0/forwarding", "0", "1"),
         SysctlChange("net/ipv4/conf/eth1/forwarding", "0", "1"),  # someone turned it off already
         SysctlChange("net/ipv4/conf/gone0/forwarding", "0", "1"),  # its interface is gone
     ))
-    assert sync.fail_closed(allocation) == ["net/ipv4/conf/eth0/forwarding=0"]
-    assert (tmp_path / "net/ipv4/conf/eth0/forwarding").read_text() == "0"
-    assert sync.fail_closed(None) == []
+    assert sync.fail_closed(allocation, values.get) == [SetSysctl("net/ipv4/conf/eth0/forwarding", "0", "1")]
+    assert sync.fail_closed(None, values.get) == []
 
 
-def test_fail_closed_carries_on_after_a_failure(tmp_path, monkeypatch, caplog):
-    import nswrap.changes
-    import nswrap.facts
-
-    for module in (nswrap.changes, nswrap.facts):
-        monkeypatch.setattr(module, "PROC_SYS", str(tmp_path))
-    for ifname in ("eth0", "eth1"):
-        (tmp_path / f"net/ipv4/conf/{ifname}").mkdir(parents=True)
-        (tmp_path / f"net/ipv4/conf/{ifname}/forwarding").write_text("1\n")
-    real_write = nswrap.changes.write_sysctl
-
-    def flaky(key: str, value: str) -> None:
-        if "eth0" in key:
-            raise NswrapError("cannot write net.ipv4.conf.eth0.forwarding: /proc/sys is read-only here")
-        real_write(key, value)
-
-    monkeypatch.setattr(nswrap.changes, "write_sysctl", flaky)
-    allocation = Allocation(MASK, 5000, (), (SysctlChange("net/ipv4/conf/eth0/forwarding", "0", "1"),
-                                             SysctlChange("net/ipv4/conf/eth1/forwarding", "0", "1")))
-    with caplog.at_level("WARNING", logger="nswrap"):
-        assert sync.fail_closed(allocation) == ["net/ipv4/conf/eth1/forwarding=0"]
-    assert "could not restore net/ipv4/conf/eth0/forwarding" in caplog.text
+def test_fail_closed_leaves_the_admins_ip_forward_alone():
+    values = {"net/ipv4/conf/all/forwarding": "1", "net/ipv4/conf/eth0/forwarding": "1"}
+    allocation = Allocation(MASK, 5000, (), (SysctlChange("net/ipv4/conf/eth0/forwarding", "0", "1"),))
+    assert sync.fail_closed(allocation, values.get) == []
 
 
 def test_a_vlan_uplink_gets_forwarding():
