@@ -1,3 +1,3 @@
 """nswrap: run an unmodified UDP/TCP server so that it answers every uplink from the address asked."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

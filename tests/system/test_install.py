@@ -23,15 +23,15 @@ It then shows:
   pointed at the installed link (verify checks that the binary exists and is executable);
 - --uninstall removes the virtualenv and the link and nothing else; a second one has nothing to do;
 - the script refuses to overwrite what it did not make (a regular file where the link goes, a
-  non-empty directory where the virtualenv goes), changing nothing;
-- examples/Dockerfile's install works from exactly what it COPYs (no Docker engine here: its COPY
-  instructions are replayed into a directory and the script run from there).
+  non-empty directory where the virtualenv goes), changing nothing.
+
+(examples/Dockerfile installs the Debian package instead: tests/unit/test_install_files.py, and
+tests/system/test_package.py for the package itself.)
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -228,27 +228,3 @@ def test_install_refuses_what_it_did_not_make(tmp_path, occupied):
     assert "left" in done.stdout and "alone" in done.stdout, done
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
-
-def test_dockerfile_install_from_what_it_copies(tmp_path):
-    """The image's scripts/install run needs nothing but the files the Dockerfile COPYs."""
-    dockerfile = (REPO / "examples" / "Dockerfile").read_text().replace("\\\n", " ")
-    instructions = [line.strip().split(None, 1) for line in dockerfile.splitlines()
-                    if line.strip() and not line.lstrip().startswith("#")]
-    image = tmp_path / "image"  # stands in for the image's /
-    for keyword, rest in instructions:
-        if keyword.upper() == "COPY":
-            *sources, destination = rest.split()
-            for source in sources:
-                into = image / destination.lstrip("/")
-                if destination.endswith("/"):
-                    into = into / Path(source).name
-                into.parent.mkdir(parents=True, exist_ok=True)
-                copy = shutil.copytree if (REPO / source).is_dir() else shutil.copy2
-                copy(REPO / source, into)
-    [run] = [rest for keyword, rest in instructions if keyword.upper() == "RUN" and "scripts/install" in rest]
-    script = next(word for word in run.split() if word.endswith("scripts/install"))
-    target = Target(tmp_path / "target")
-    done = target.run([str(image / script.lstrip("/"))], image)
-    assert done.returncode == 0, done.stdout + done.stderr
-    entrypoint = json.loads(next(rest for keyword, rest in reversed(instructions) if keyword.upper() == "ENTRYPOINT"))
-    assert entrypoint[0] == "nswrap" and installed_version(target).startswith("nswrap, version "), entrypoint

@@ -1,9 +1,11 @@
 """The install and the deployment examples agree with each other (no root, no network, no Docker).
 
 - One path: scripts/install's defaults (/opt/nswrap, linked as /usr/local/bin/nswrap) are what
-  examples/nswrap@.service runs and what examples/Dockerfile installs (scripts/install with the
-  defaults, the image's PATH not overriding /usr/local/bin); the script is executable bash that
-  parses (``bash -n``).
+  examples/nswrap@.service runs (the Debian package installs it with /usr/bin/nswrap instead:
+  tests/unit/test_debian.py); the script is executable bash that parses (``bash -n``).
+- examples/Dockerfile installs the Debian package scripts/build-deb writes (COPY of
+  dist/nswrap_*_all.deb, apt-get install of that file), never pip or scripts/install, and no
+  PATH of its own hides /usr/bin.
 - examples/unbound.conf passes ``unbound-checkconf``, listens on every address of both families,
   needs no trust anchor file (its inline anchors are the root's KSK-2017 and KSK-2024 DS records;
   compared with Debian's dns-root-data where that is installed), and says it is an open resolver.
@@ -94,20 +96,25 @@ def test_unit_runs_the_installed_command():
     assert execs and set(execs) == {command}, execs
 
 
-def test_dockerfile_installs_like_a_host():
+def test_dockerfile_installs_the_debian_package():
     instructions = dockerfile_instructions()
-    copied = {source for kw, rest in instructions if kw == "COPY" for source in shlex.split(rest)[:-1]}
-    assert "scripts/install" in copied, "the Dockerfile does not COPY scripts/install"
+    copies = [shlex.split(rest) for kw, rest in instructions if kw == "COPY"]
+    assert copies == [["dist/nswrap_*_all.deb", "/tmp/"]], copies
     runs = [rest for kw, rest in instructions if kw == "RUN"]
-    installs = [r for r in runs if "scripts/install" in r]
-    assert installs, "the Dockerfile does not run scripts/install"
-    assert not any("NSWRAP_PREFIX" in r or "NSWRAP_BINDIR" in r for r in installs), \
-        "the image must use the same paths as a host"
+    [install] = [r for r in runs if "nswrap_" in r]
+    words = shlex.split(install)
+    start = next(i for i, w in enumerate(words) if w == "apt-get" and words[i + 1] == "install")
+    command = words[start:words.index("&&", start)]
+    assert "/tmp/nswrap_*_all.deb" in command and "-y" in command, command
+    assert "./scripts/build-deb" in (EXAMPLES / "Dockerfile").read_text(), "the header says how to make the .deb"
+    everything = " ".join(runs)
+    for never in ("pip", "scripts/install", "venv", "PIP_"):
+        assert never not in everything, f"the image must not use {never}: Debian's packages only"
     for kw, rest in instructions:
         if kw == "ENV" and "PATH" in rest:
-            assert install_default("NSWRAP_BINDIR") in rest, f"ENV {rest} hides /usr/local/bin"
+            assert "/usr/bin" in rest, f"ENV {rest} hides /usr/bin"
     entrypoint = json.loads(next(rest for kw, rest in reversed(instructions) if kw == "ENTRYPOINT"))
-    assert entrypoint[0] in ("nswrap", f"{install_default('NSWRAP_BINDIR')}/nswrap"), entrypoint
+    assert entrypoint[0] in ("nswrap", "/usr/bin/nswrap"), entrypoint
 
 
 # -- unbound --------------------------------------------------------------------------------------
