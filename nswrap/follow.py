@@ -53,7 +53,7 @@ def classify(event: netlink.Event, own_indexes: set[int], my_veth: str) -> str |
         return None if event.proto == PROTO and not event.deleted else "host"
     if event.what == "nft":
         # other instances add and delete elements; anything else deleted is someone else's doing
-        if event.table == TABLE and event.deleted and event.ifname != "delsetelem":
+        if event.table == TABLE and event.deleted and event.nft != "delsetelem":
             return "table"
         return None
     return None

@@ -1,4 +1,4 @@
-"""Kernel objects as plain data: what netlink.py reads and writes, what the datapath wants.
+"""Kernel objects as plain data: what nswrap/netlink/ reads and writes, what the datapath wants.
 
 Pure: no I/O. Each object renders as the `ip` command that creates it (`render("add")`) or
 deletes it (`render("del")`), so a logged change is a line you can paste into a shell.
@@ -54,6 +54,14 @@ class Link:
     mtu: int = 1500
     mac: str = ""
     up: bool = True
+
+
+@datatype
+class LinkInfo:
+    """A link as read, with its IPv4 per-interface settings (name -> value)."""
+
+    link: Link
+    inet: dict[str, int]
 
 
 @datatype

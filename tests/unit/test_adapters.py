@@ -269,13 +269,14 @@ def test_netns_id_names_this_namespace():
 
 def test_conntrack_dumps_are_filtered_here_too():
     """Kernels before 5.8 ignore the dump filters and send every entry: the same filter runs here."""
-    from nswrap import netlink as nl
+    from nswrap.netlink import codec, conntrack as nl
+    from nswrap.objects import FAMILIES
 
-    def entry(proto: int, dst: str, dport: int, status: int = 0) -> nl.Message:
+    def entry(proto: int, dst: str, dport: int, status: int = 0) -> codec.Message:
         address = ipaddress.ip_address(dst)
-        orig = nl._tuple(address.version, dst=address, proto=proto, dport=dport)
-        body = nl._NFGEN.pack(nl.FAMILIES[address.version].af, 0, 0) + nl.nested(nl.CTA_TUPLE_ORIG, orig)
-        return nl.Message(0, 0, body + nl.be32(nl.CTA_STATUS, status))
+        orig = nl.tuple_attrs(address.version, dst=address, proto=proto, dport=dport)
+        body = codec.NFGEN.pack(FAMILIES[address.version].af, 0, 0) + codec.nested(nl.CTA_TUPLE_ORIG, orig)
+        return codec.Message(0, 0, body + codec.be32(nl.CTA_STATUS, status))
 
     everything = [entry(17, "192.0.2.10", 53), entry(6, "192.0.2.10", 53), entry(17, "192.0.2.11", 53),
                   entry(17, "192.0.2.10", 54), entry(17, "2001:db8::10", 53), entry(17, "192.0.2.10", 123, nl.IPS_DST_NAT)]
@@ -294,14 +295,15 @@ def test_conntrack_dumps_are_filtered_here_too():
 
 def test_conntrack_tally_of_dnated_flows_by_mark_and_server():
     """`nswrap list` counts without building a Flow per entry: read straight from the messages."""
-    from nswrap import netlink as nl
+    from nswrap.netlink import codec, conntrack as nl
+    from nswrap.objects import FAMILIES
 
-    def entry(mark: int, server: str, status: int = nl.IPS_DST_NAT) -> nl.Message:
+    def entry(mark: int, server: str, status: int = nl.IPS_DST_NAT) -> codec.Message:
         address = ipaddress.ip_address(server)
-        reply = nl.nested(nl.CTA_TUPLE_IP, nl.attr(nl.CTA_IP_SRC[address.version], address.packed))
-        body = (nl._NFGEN.pack(nl.FAMILIES[address.version].af, 0, 0) + nl.nested(nl.CTA_TUPLE_REPLY, reply)
-                + nl.be32(nl.CTA_STATUS, status) + nl.be32(nl.CTA_MARK, mark))
-        return nl.Message(0, 0, body)
+        reply = codec.nested(nl.CTA_TUPLE_IP, codec.attr(nl.CTA_IP_SRC[address.version], address.packed))
+        body = (codec.NFGEN.pack(FAMILIES[address.version].af, 0, 0) + codec.nested(nl.CTA_TUPLE_REPLY, reply)
+                + codec.be32(nl.CTA_STATUS, status) + codec.be32(nl.CTA_MARK, mark))
+        return codec.Message(0, 0, body)
 
     everything = [entry(0x10000000, "198.18.0.2"), entry(0x10000000, "198.18.0.2"), entry(0x20000000, "198.18.0.2"),
                   entry(0x10000000, "fd6e:7377:7261::2"), entry(0x10000000, "198.18.0.2", status=0)]
