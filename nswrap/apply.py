@@ -10,7 +10,7 @@ as success, so an interruption at any point rolls back exactly what exists.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from nswrap import netlink
 from nswrap.changes import Change
@@ -74,7 +74,7 @@ class Transaction:
         for change in changes:
             self.run(change)
 
-    def run_each(self, changes: list[Change], what: str = "") -> list[str]:
+    def run_each(self, changes: Sequence[Change], what: str = "") -> list[str]:
         """Best effort (teardown, cleanup, fail closed): every change runs whatever the others
         did; the errors are logged (prefixed `what`) and returned; nothing is kept to undo."""
         errors = []

@@ -363,8 +363,9 @@ class ServerNetwork(Change):
     def _sides(self) -> list[tuple[str, str, list]]:
         """(namespace, ifname, [(our address/prefix, far address), ...]) for both ends."""
         i = self.instance
-        host = [(f"{i.host_end(v)}/{i.subnet_of(v).prefixlen}", i.server(v)) for v in i.families]
-        server = [(f"{i.server(v)}/{i.subnet_of(v).prefixlen}", i.host_end(v)) for v in i.families]
+        prefix = {v: i.subnet.prefixlen if v == 4 else 64 for v in i.families}  # a /30, and a /64 of POOL6
+        host = [(f"{i.host_end(v)}/{prefix[v]}", i.server(v)) for v in i.families]
+        server = [(f"{i.server(v)}/{prefix[v]}", i.host_end(v)) for v in i.families]
         return [("host", i.veth, host), ("server", SERVER_IF, server)]
 
     def do(self, kernel) -> None:

@@ -79,7 +79,7 @@ def _check_dir(fd: int, path: str) -> None:
 
 
 def _open_dir(path: str, parent: int | None = None, name: str | None = None, create: bool = True) -> int:
-    where = name if parent is not None else path
+    where = name if parent is not None and name is not None else path
     if create:
         with contextlib.suppress(FileExistsError):
             os.mkdir(where, 0o700, dir_fd=parent)
