@@ -47,6 +47,10 @@ class DefaultRun(click.Group):
     """`nswrap [OPTIONS] -- COMMAND` means `nswrap run [OPTIONS] -- COMMAND`."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and not args[0].startswith("-") and not ctx.resilient_parsing:
+            # `nswrap status`: a command word nswrap does not have, not a server (that goes after --)
+            raise click.UsageError(f"no such command {quoted(args[0])} (commands: {', '.join(sorted(self.commands))}; "
+                                   f"a server goes after --: nswrap [OPTIONS] -- COMMAND [ARG...])")
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["run", *args]
         elif not args and os.environ.get("NSWRAP_CONFIG") and not ctx.resilient_parsing:
@@ -157,7 +161,8 @@ def cli() -> None:
 @option("--user", metavar="USER[:GROUP]", **_env("USER"),
               help="Run the server as this user (it may still bind ports below 1024).")
 @option("--stop-timeout", type=float, default=10.0, show_default=True, metavar="SECONDS", **_env("STOP_TIMEOUT"),
-              help="After forwarding SIGTERM/SIGINT, SIGKILL the server's processes after this long (0: never).")
+              help="After forwarding SIGTERM/SIGINT, SIGKILL the server's processes after this long (0: never); "
+                   "a server still running 0.5 s after SIGINT gets SIGTERM too.")
 @option("--udp-timeout", type=int, default=DEFAULT_UDP_TIMEOUT, show_default=True, metavar="SECONDS",
               **_env("UDP_TIMEOUT"),
               help="Forget an answered UDP flow this long after its last packet; one value for every instance on the "
@@ -397,6 +402,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         sys.exit(130)
     except click.ClickException as e:
+        if isinstance(e, click.UsageError) and e.format_message().startswith("Usage:"):  # a bare `nswrap`: the help
+            click.echo(e.format_message(), err=True)
+            sys.exit(EXIT_USAGE)
         if isinstance(e, click.BadParameter) and e.param is not None and e.param_hint is None:
             # Name where the bad value came from: the option, NSWRAP_X or the config file's key.
             e.param_hint = _origin(e.ctx, e.param.name) or " / ".join(repr(o) for o in e.param.opts)

@@ -581,7 +581,9 @@ class Readiness:
         self.instance, self.ready_fd = instance, ready_fd
         self.done = False
         self.began = time.monotonic()
-        self.warned = self.warned_loopback = False
+        self.warned = self.warned_loopback = self.warned_elsewhere = False
+        self.others: set[tuple[str, int]] = set()  # what the server listens on that is not published
+        self.explained: set[PortRange] = set()  # missing ports a warning named another port for
         try:
             self.netns: int | None = os.open(f"/proc/{init_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -597,9 +599,15 @@ class Readiness:
                 self.warned_loopback = True
                 log.warning("the server listens on %s only on its loopback address, which no client reaches: "
                             "bind it to 0.0.0.0 or :: (or to its namespace's address)", listed(loopback))
-            if not self.warned and waited > 10:
+            if not self.warned_elsewhere and waited > 1:
+                self.warned_elsewhere = True
+                for line in elsewhere(missing, self.others):
+                    self.explained.add(line[0])
+                    log.warning("%s", line[1])
+            unexplained = [p for p in missing if p not in self.explained and p not in loopback]
+            if not self.warned and waited > 10 and unexplained:
                 self.warned = True
-                log.warning("the server does not listen on %s yet: READY waits for it", listed(missing))
+                log.warning("the server does not listen on %s yet: READY waits for it", listed(unexplained))
             return readiness_interval(waited)
         self.done = True
         os.close(self.netns)
@@ -619,7 +627,33 @@ class Readiness:
             return any(proto == p.proto and p.inner_lo <= port <= p.inner_hi for proto, port in where)
 
         missing = [p for p in self.instance.ports if not any_of(p, bound)]
+        self.others = {(proto, port) for proto, port in bound
+                       if not any(proto == p.proto and p.inner_lo <= port <= p.inner_hi for p in self.instance.ports)}
         return missing, [p for p in missing if any_of(p, local)]
+
+
+EPHEMERAL = range(32768, 61000)  # the kernel's default ip_local_port_range: a client socket's, most likely
+
+
+def elsewhere(missing: list[PortRange], others: set[tuple[str, int]]) -> list[tuple[PortRange, str]]:
+    """A server that listens on other ports of a published protocol than the published ones
+    (5300 instead of 53): one line per published port it misses, naming where it listens and
+    the --ports that would match (issue 25). Ports of the ephemeral range are left out: a
+    server's own client sockets (upstream queries) are bound there."""
+    lines = []
+    for p in missing:
+        ports = sorted(port for proto, port in others if proto == p.proto and port not in EPHEMERAL)
+        if not ports:
+            continue
+        where = listed(f"{port}/{p.proto}" for port in ports)
+        inner = f"{PortRange(p.proto, p.inner_lo, p.inner_hi, p.inner_lo)}"
+        published = f"{PortRange(p.proto, p.outer_lo, p.outer_hi, p.outer_lo)}"
+        wanted = f"the published {published}" if not p.remapped else f"{inner} (published as {published})"
+        line = f"the server listens on {where}, not on {wanted}"
+        if p.count == 1:
+            line += f": --ports {p.outer_lo}:{ports[0]}{'/tcp' if p.proto == 'tcp' else ''}?"
+        lines.append((p, line))
+    return lines
 
 
 def readiness_interval(waited: float) -> float:

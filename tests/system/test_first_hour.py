@@ -7,9 +7,16 @@ it says; the `lab` fixture then checks that the host namespace is exactly as bef
 
 from __future__ import annotations
 
+import os
+import select
+import shutil
+import signal
+import time
+
 import pytest
 
-from tests.system.common import nswrap
+from tests.lab import unbound_conf, wait_until
+from tests.system.common import UDPECHO, nswrap, output, start, wait_ready
 
 
 def lines(text: str) -> list[str]:
@@ -53,3 +60,74 @@ def test_an_unknown_uplink_names_the_candidates(lab):
     done = nswrap(lab, "--ports", "5353", "--uplink", "eth9", "--", "true")
     assert (done.returncode, lines(done.stderr)) == (
         125, ["nswrap: no such uplink: eth9 (interfaces with a global address here: eth0, eth1, eth2)"])
+
+
+# --- Ctrl-C ends a stock server promptly -------------------------------------------------------
+
+CTRL_C_TIMEOUT = 15  # the test's own bound; README promises about a second
+
+
+def ctrl_c(lab, tmp_path, *args) -> tuple[int, float, str]:
+    """Start `nswrap ARGS` with --ready-fd, wait for READY, send SIGINT to nswrap alone (as a
+    terminal's Ctrl-C reaches it: the server runs in its own process group) and return its exit
+    status, the seconds it took, and what it said on stderr."""
+    ready_r, ready_w = os.pipe()
+    try:
+        proc = start(lab, tmp_path, "--ready-fd", str(ready_w), *args, pass_fds=(ready_w,))
+    finally:
+        os.close(ready_w)
+    with os.fdopen(ready_r, "rb") as ready:
+        assert select.select([ready], [], [], 30)[0] and ready.readline() == b"READY\n", output(tmp_path, stream="err")
+    asked = time.monotonic()
+    status = lab.stop(proc, sig=signal.SIGINT, timeout=CTRL_C_TIMEOUT)
+    took = time.monotonic() - asked
+    err = output(tmp_path, stream="err")
+    server = args[args.index("--") + 1:][:2]
+    print(f"Ctrl-C to nswrap running {' '.join(server)}: exit {status} after {took:.2f} s")
+    return status, took, err
+
+
+def needs(*commands: str) -> None:
+    missing = [c for c in commands if not shutil.which(c)]
+    if missing:
+        pytest.skip(f"missing commands: {' '.join(missing)} (run scripts/setup)")
+
+
+def test_ctrl_c_stops_dnsmasq_k_at_once_with_its_own_status(lab, tmp_path):
+    """README's `dnsmasq -k`: SIGINT is a DNSSEC time check to it, not a stop; nswrap sends
+    SIGTERM half a second later, which dnsmasq exits 0 on. Never the stop timeout's SIGKILL."""
+    needs("dnsmasq")
+    status, took, err = ctrl_c(lab, tmp_path, "-u", "eth0", "-p", "5353:5300", "--",
+                               "dnsmasq", "-k", "-p", "5300", f"--pid-file={tmp_path / 'dnsmasq.pid'}")
+    assert status == 0, err
+    assert "SIGKILL" not in err and "waiting for the server" not in err, err
+    assert took < CTRL_C_TIMEOUT
+
+
+def test_ctrl_c_stops_unbound_with_its_own_status(lab, tmp_path):
+    needs("unbound")
+    status, took, err = ctrl_c(lab, tmp_path, "-u", "eth0", "-p", "53", "--", "unbound", "-d", "-c", unbound_conf(tmp_path))
+    assert status == 0, err
+    assert "SIGKILL" not in err and "waiting for the server" not in err, err
+
+
+def test_ctrl_c_stops_a_server_that_ignores_sigint_with_sigterm(lab, tmp_path):
+    """It dies of the SIGTERM that follows: 143, and nothing said (a stop as asked)."""
+    status, took, err = ctrl_c(lab, tmp_path, "-u", "eth0", "-p", "5353", "--",
+                               "python3", "-c", "import signal, socket, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                               "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', 5353)); "
+                               "time.sleep(60)")
+    assert (status, lines(err)) == (128 + signal.SIGTERM, [])
+
+
+# --- a wrong published port is named at once ----------------------------------------------------
+
+def test_a_server_on_another_port_is_named_within_two_seconds(lab, tmp_path):
+    proc = start(lab, tmp_path, "-u", "eth0", "-p", "5353", "--", *UDPECHO, "serve", "5300")
+    wait_ready(tmp_path)
+    began = time.monotonic()
+    line = "nswrap: the server listens on 5300/udp, not on the published 5353/udp: --ports 5353:5300?"
+    wait_until(lambda: line in output(tmp_path, stream="err"), 10, what="nswrap names the port the server listens on")
+    print(f"named {time.monotonic() - began:.2f} s after the server was ready")
+    assert lab.stop(proc) == 128 + signal.SIGTERM
+    assert lines(output(tmp_path, stream="err")) == [line]
