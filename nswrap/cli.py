@@ -275,12 +275,14 @@ def doctor(ctx, ports, uplinks, mark_mask, firewall, ipv6_forwarding, verbose) -
 
 @cli.command("list")
 @option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def list_(as_json) -> None:
+@option("--check", is_flag=True,
+        help="Health check: exit 0 while an instance is live in this network namespace, 1 when none is.")
+def list_(as_json, check) -> None:
     """List the live nswrap instances on this host (network namespace)."""
-    from nswrap.commands import list_instances
+    from nswrap.commands import check_serving, list_instances
 
     _quiet_on_a_closed_pipe()
-    _exit_with(lambda: list_instances(as_json), 0)
+    _exit_with(check_serving if check else lambda: list_instances(as_json), 0)
 
 
 @cli.command("exec", context_settings={"allow_interspersed_args": False})

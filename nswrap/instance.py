@@ -24,7 +24,7 @@ import time
 
 from nswrap import legacy, namespaces, netlink, nft, sync
 from nswrap.apply import Kernel, Transaction
-from nswrap.changes import DeleteLink, Forwarding6, NftBatch, ServerNetwork, SetSysctl, read_only_message
+from nswrap.changes import DeleteLink, Forwarding6, NftBatch, ServerNetwork, SetSysctl, one_line, read_only_message
 from nswrap.config import Config, PortRange
 from nswrap.datapath import (
     NO_IPV6_OLD_KERNEL,
@@ -67,6 +67,9 @@ def require_capabilities() -> None:
     with open("/proc/self/status") as f:
         caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
     missing = [name for bit, name in ((CAP_NET_ADMIN, "CAP_NET_ADMIN"), (CAP_SYS_ADMIN, "CAP_SYS_ADMIN")) if not caps >> bit & 1]
+    if missing and os.geteuid() == 0:  # root already, without them: a container started without --cap-add
+        raise NswrapError(f"not permitted: root without {' and '.join(missing)}: a container? run it with "
+                          "--cap-add NET_ADMIN --cap-add SYS_ADMIN")
     if missing:
         raise NswrapError(f"not permitted: nswrap needs {' and '.join(missing)} (run it as root)")
 
@@ -321,7 +324,7 @@ class Life:
 
     def _sweep_dead(self, facts: Facts, allocation: Allocation) -> None:
         tx = Transaction(self.kernel,
-                         say=lambda line: log.warning("removed a dead instance's leftover: %s", line.splitlines()[0]))
+                         say=lambda line: log.warning("removed a dead instance's leftover: %s", one_line(line)))
         try:
             sync.run(sync.plan(facts, nft.read_table(), allocation, (), allocation.mark_mask), tx,
                      self.state.save_allocation)
@@ -332,7 +335,7 @@ class Life:
 
     def _sweep_legacy(self, facts: Facts) -> None:
         tx = Transaction(self.kernel,
-                         say=lambda line: log.warning("removed an older nswrap's leftover: %s", line.splitlines()[0]))
+                         say=lambda line: log.warning("removed an older nswrap's leftover: %s", one_line(line)))
         for change in legacy.sweep(facts):
             try:
                 tx.run(change)
@@ -423,14 +426,14 @@ class Life:
                 raise TryAgain(str(e) or type(e).__name__) from None
             if plan.before is not None:
                 self.state.save_allocation(plan.before)
-            tx = Transaction(self.kernel, say=lambda line: log.warning("following the host: %s", line.splitlines()[0]))
+            tx = Transaction(self.kernel, say=lambda line: log.warning("following the host: %s", one_line(line)))
             failed: list[str] = []
             for change in plan.changes:
                 try:
                     tx.run(change)
                 except Exception as e:
                     self._fail_closed_if(isinstance(change, NftBatch) and not guarded, allocation, e)
-                    failed.append(f"{change.render().splitlines()[0]}: {e}")
+                    failed.append(f"{one_line(change.render())}: {e}")
             tx.commit()  # what was done moves toward what is wanted: it stays
             if failed:
                 raise TryAgain("; ".join(failed))

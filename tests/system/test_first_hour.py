@@ -131,3 +131,28 @@ def test_a_server_on_another_port_is_named_within_two_seconds(lab, tmp_path):
     print(f"named {time.monotonic() - began:.2f} s after the server was ready")
     assert lab.stop(proc) == 128 + signal.SIGTERM
     assert lines(output(tmp_path, stream="err")) == [line]
+
+
+# --- health check, doctor beside a live instance -------------------------------------------------
+
+def test_list_check_is_a_health_check(lab, tmp_path):
+    none = nswrap(lab, "list", "--check")
+    assert (none.returncode, none.stdout) == (1, "no nswrap instance is serving in this network namespace\n")
+    proc = start(lab, tmp_path, "-u", "eth0", "-p", "5353", "--", *UDPECHO, "serve", "5353")
+    wait_ready(tmp_path)
+    serving = nswrap(lab, "list", "--check")
+    assert serving.returncode == 0 and serving.stdout.startswith("serving: "), serving
+    assert lab.stop(proc) == 128 + signal.SIGTERM
+
+
+def test_doctor_beside_a_live_instance_passes_and_names_the_gateway_option(lab, tmp_path):
+    """Its own marks, rules and table are the live instance's, not a conflict; eth2 has no
+    gateway: the note names --uplink eth2=GATEWAY."""
+    proc = start(lab, tmp_path, "-p", "5353", "--", *UDPECHO, "serve", "5353")
+    wait_ready(tmp_path)
+    done = nswrap(lab, "doctor")
+    print(done.stdout)
+    assert lab.stop(proc) == 128 + signal.SIGTERM
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "note  uplink eth2 has no gateway: it serves only clients on its own subnets " \
+           "(give one with --uplink eth2=GATEWAY to serve the others)" in lines(done.stdout), done.stdout
