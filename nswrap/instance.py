@@ -210,6 +210,7 @@ class Life:
         self.live_fd: int | None = None
         self.facts: Facts | None = None
         self.follower: Follower | None = None
+        self.said: set[str] = set()  # the datapath's warnings (uplinks without a gateway) said so far
 
     @property
     def instance(self) -> Instance:
@@ -320,6 +321,7 @@ class Life:
             raise NswrapError(read_only_message(writes))
         for warning in plan.datapath.warnings:
             log.warning("%s", warning)
+        self.said = set(plan.datapath.warnings)
         return instance, plan
 
     def _sweep_dead(self, facts: Facts, allocation: Allocation) -> None:
@@ -424,6 +426,7 @@ class Life:
             except Exception as e:
                 self._fail_closed_if(not guarded, allocation, e)
                 raise TryAgain(str(e) or type(e).__name__) from None
+            self._say_lost_gateways(plan.datapath.warnings)
             if plan.before is not None:
                 self.state.save_allocation(plan.before)
             tx = Transaction(self.kernel, say=lambda line: log.warning("following the host: %s", one_line(line)))
@@ -442,6 +445,15 @@ class Life:
                 if not self.state.dir.is_live(record.id):
                     self.state.forget(record.id)
                     log.warning("removed a dead instance's leftovers: instance %s (pid %d)", record.id, record.pid)
+
+    def _say_lost_gateways(self, warnings: tuple[str, ...]) -> None:
+        """An uplink whose gateway went while serving (its default route deleted): one line that
+        names it and --uplink IFACE=GATEWAY, once per loss however many events follow; said
+        again only after the gateway came back and went again."""
+        for warning in warnings:
+            if warning not in self.said:
+                log.warning("%s", warning)
+        self.said = set(warnings)
 
     def _fail_closed_if(self, table_lost: bool, allocation, error: Exception) -> None:
         if table_lost:

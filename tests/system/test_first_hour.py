@@ -156,3 +156,29 @@ def test_doctor_beside_a_live_instance_passes_and_names_the_gateway_option(lab, 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "note  uplink eth2 has no gateway: it serves only clients on its own subnets " \
            "(give one with --uplink eth2=GATEWAY to serve the others)" in lines(done.stdout), done.stdout
+
+
+# --- a gateway lost while serving ----------------------------------------------------------------
+
+LOST = ("nswrap: uplink eth1 has no gateway: it serves only clients on its own subnets "
+        "(give one with --uplink eth1=GATEWAY to serve the others)")
+LOST6 = ("nswrap: uplink eth1 has no IPv6 gateway: it serves only IPv6 clients on its own subnets "
+         "(give one with --uplink eth1=GATEWAY to serve the others)")
+
+
+def test_a_gateway_lost_while_serving_is_one_line_naming_the_option(lab, tmp_path):
+    """Once per loss, not per event: the IPv6 gateway's loss afterwards (more events about eth1)
+    is its own line, and the IPv4 one is not said again."""
+    proc = start(lab, tmp_path, "-u", "eth0", "-u", "eth1", "-p", "5353", "--", *UDPECHO, "serve", "5353")
+    wait_ready(tmp_path)
+    try:
+        lab.exec(lab.host, ["ip", "route", "del", "default", "via", "198.51.100.1", "dev", "eth1"])
+        wait_until(lambda: LOST in output(tmp_path, stream="err"), 10, what="nswrap says eth1 lost its gateway")
+        lab.exec(lab.host, ["ip", "-6", "route", "del", "default", "via", "2001:db8:2::1", "dev", "eth1"])
+        wait_until(lambda: LOST6 in output(tmp_path, stream="err"), 10, what="nswrap says eth1 lost its IPv6 gateway")
+    finally:
+        lab.exec(lab.host, ["ip", "route", "replace", "default", "via", "198.51.100.1", "dev", "eth1", "metric", "200"])
+        lab.exec(lab.host, ["ip", "-6", "route", "replace", "default", "via", "2001:db8:2::1", "dev", "eth1", "metric", "200"])
+    assert lab.stop(proc) == 128 + signal.SIGTERM
+    said = lines(output(tmp_path, stream="err"))
+    assert (said.count(LOST), said.count(LOST6)) == (1, 1), said
