@@ -34,6 +34,7 @@ from nswrap.config import (
     parse_uplink,
     parse_user,
     require_ports,
+    resolve_helpers,
 )
 from nswrap.errors import EXIT_FAILED, EXIT_USAGE, NswrapError, UsageError, cut, quoted
 
@@ -156,8 +157,9 @@ def cli() -> None:
              "(nswrap holds net.ipv6.conf.all.forwarding while it runs, router advertisements kept, nothing "
              "else forwarded); auto (interface where the kernel has it, else IPv6 only if the host "
              "forwards already); off.")
-@option("--helper", "helpers", multiple=True, type=click.Choice(["tftp"]), **_env("HELPER"),
-              help="Conntrack helper for a protocol whose server answers from a new port (tftp: udp 69 must be published).")
+@option("--helper", "helpers", multiple=True, type=click.Choice(["tftp", "none"]), **_env("HELPER"),
+              help="Conntrack helper for a protocol whose server answers from a new port (tftp: udp 69 must be "
+                   "published). Default: tftp when udp 69 is published; none: no helper.")
 @option("--user", metavar="USER[:GROUP]", **_env("USER"),
               help="Run the server as this user (it may still bind ports below 1024).")
 @option("--stop-timeout", type=float, default=10.0, show_default=True, metavar="SECONDS", **_env("STOP_TIMEOUT"),
@@ -197,9 +199,10 @@ def run(ctx, ports, uplinks, subnet, mark_mask, addresses, firewall, no_outbound
             raise UsageError(f"{problem} (from key 'command' in config file {ctx.meta.get(CONFIG_META)})")
         _parsed(ctx, "user", lambda u: u is None or parse_user(u), user)  # checked where they came from;
         _parsed(ctx, "ready_fd", check_ready_fd_number, ready_fd)  # Config checks them again
+        published = _parsed(ctx, "ports", lambda p: require_ports(parse_ports(p)), ports)
         config = Config(
             command=tuple(command),
-            ports=_parsed(ctx, "ports", lambda p: require_ports(parse_ports(p)), ports),
+            ports=published,
             uplinks=_parsed(ctx, "uplinks", lambda us: tuple(parse_uplink(u) for u in us), uplinks),
             subnet=_parsed(ctx, "subnet", parse_subnet, subnet) if subnet else None,
             mark_mask=_parsed(ctx, "mark_mask", parse_mark_mask, mark_mask),
@@ -211,7 +214,7 @@ def run(ctx, ports, uplinks, subnet, mark_mask, addresses, firewall, no_outbound
             addresses=_parsed(ctx, "addresses", lambda a: tuple(map(parse_address, a)), addresses),
             firewall=firewall,
             outbound=not no_outbound,
-            helpers=tuple(helpers),
+            helpers=_parsed(ctx, "helpers", lambda h: resolve_helpers(h, published), helpers),
             ipv6_forwarding=ipv6_forwarding,
             take_over=take_over,
         )

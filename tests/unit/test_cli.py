@@ -191,7 +191,7 @@ def complete(capsys, monkeypatch, words: str) -> list[str]:
         ("nswrap -p 53 --up", ["plain,--uplink"]),
         ("nswrap run --sto", ["plain,--stop-timeout"]),
         ("nswrap --firewall ", ["plain,auto", "plain,off"]),
-        ("nswrap -p 53 --helper ", ["plain,tftp"]),
+        ("nswrap -p 53 --helper ", ["plain,tftp", "plain,none"]),
         ("nswrap doctor --fi", ["plain,--firewall"]),
         ("nswrap --config ", ["file,"]),
     ],
