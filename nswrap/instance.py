@@ -36,6 +36,7 @@ from nswrap.datapath import (
     choose_forwarding6,
     conflicts,
     gateway_conflict,
+    instance_uplinks,
     taken_over,
     udp_timeout_conflict,
     ula_subnet,
@@ -132,10 +133,38 @@ def _recordable(record: Record) -> None:
     raise UsageError("this instance cannot be recorded for cleanup after a crash (a bug: please report it)")
 
 
-def server_env() -> dict[str, str]:
+def server_env(public: dict[str, str] | None = None) -> dict[str, str]:
     """The server's environment: nswrap's own, without what is nswrap's (its settings, and the
-    notify socket, which is nswrap's to write to)."""
-    return {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET" and not k.startswith("NSWRAP_")}
+    notify socket, which is nswrap's to write to), plus the host's public side (`public`,
+    NSWRAP_HOST_*: host_env)."""
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET" and not k.startswith("NSWRAP_")}
+    return {**env, **(public or {})}
+
+
+HOST_ENV = "NSWRAP_HOST_"  # no option of nswrap's is named HOST_…: these never read as settings
+
+
+def env_name(ifname: str) -> str:
+    """An interface name as part of a shell variable's name: eth0.100 -> eth0_100."""
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in ifname)
+
+
+def host_env(facts: Facts, instance: Instance) -> dict[str, str]:
+    """What the server may need to know of the host's public side, as it was at start (issue
+    25: protocols that put addresses in their payload, SIP, FTP, STUN/TURN): the uplinks served
+    and the addresses published on each (--address ones, or each uplink's global addresses)."""
+    uplinks = list(dict.fromkeys(name for v in instance.families for name in instance_uplinks(facts, instance, v)))
+    chosen = {a for a in instance.addresses if not a.is_loopback}
+    env = {f"{HOST_ENV}UPLINKS": " ".join(uplinks)}
+    every: list[str] = []
+    for name in uplinks:
+        here = [str(a.ip) for v in instance.families for a in facts.global_addresses(name, v)
+                if not chosen or a.ip in chosen]
+        env[f"{HOST_ENV}ADDRESSES_{env_name(name)}"] = " ".join(here)
+        every += here
+    every += [str(a) for a in instance.addresses if not a.is_loopback and str(a) not in every]
+    env[f"{HOST_ENV}ADDRESSES"] = " ".join(dict.fromkeys(every))
+    return env
 
 
 def check_start(facts: Facts, instance: Instance, live: list[Record], take_over: bool = False) -> None:
@@ -389,7 +418,8 @@ class Life:
 
     def start_server(self, creds: Credentials | None) -> None:
         assert self.netns_fd is not None
-        self.supervisor.start(self.config.command, self.netns_fd, server_env(), creds)
+        assert self.facts is not None
+        self.supervisor.start(self.config.command, self.netns_fd, server_env(host_env(self.facts, self.instance)), creds)
         os.close(self.netns_fd)  # the server holds its namespace now: it lives exactly as long
         self.netns_fd = None
         assert self.record is not None

@@ -182,3 +182,22 @@ def test_a_gateway_lost_while_serving_is_one_line_naming_the_option(lab, tmp_pat
     assert lab.stop(proc) == 128 + signal.SIGTERM
     said = lines(output(tmp_path, stream="err"))
     assert (said.count(LOST), said.count(LOST6)) == (1, 1), said
+
+
+# --- the server learns the host's public side ----------------------------------------------------
+
+def test_the_server_sees_the_published_addresses_in_its_environment(lab, tmp_path):
+    """NSWRAP_HOST_*: the served uplinks and the addresses published on each (IPv4 only here:
+    --ipv6-forwarding off, so that the expected lines do not depend on the kernel). nswrap's own
+    settings (NSWRAP_STOP_TIMEOUT) stay nswrap's."""
+    proc = start(lab, tmp_path, "-u", "eth0", "-u", "eth1", "--ipv6-forwarding", "off", "-p", "5353", "--",
+                 "sh", "-c", "env | grep ^NSWRAP_ | sort; echo ready; exec sleep 60",
+                 env={**os.environ, "NSWRAP_STOP_TIMEOUT": "5"})
+    wait_ready(tmp_path)
+    assert lab.stop(proc) == 128 + signal.SIGTERM
+    assert lines(output(tmp_path))[:-1] == [
+        "NSWRAP_HOST_ADDRESSES=192.0.2.10 192.0.2.11 198.51.100.10",
+        "NSWRAP_HOST_ADDRESSES_eth0=192.0.2.10 192.0.2.11",
+        "NSWRAP_HOST_ADDRESSES_eth1=198.51.100.10",
+        "NSWRAP_HOST_UPLINKS=eth0 eth1",
+    ]
