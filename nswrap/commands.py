@@ -225,7 +225,7 @@ def list_instances(as_json: bool) -> int:
 def _columns(cells: list[list[str]], right: set[int] = frozenset()) -> list[str]:  # type: ignore[assignment]
     """Rows of cells, each column as wide as its widest cell (right-aligned where asked)."""
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))] if cells else []
-    return ["  ".join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+    return ["  ".join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
             .rstrip() for row in cells]
 
 

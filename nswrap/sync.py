@@ -185,7 +185,8 @@ def _nft_changes(table: nft.Table | None, dp: Datapath, instances: tuple[Instanc
     return [NftBatch(text, undo, what=_counted(table.elements, chains, dp.elements, wanted))]
 
 
-def _counted(have: dict, have_chains: set[str], want: dict, want_chains: set[str]) -> str:
+def _counted(have: dict[str, frozenset[Element]], have_chains: set[str], want: dict[str, frozenset[Element]],
+             want_chains: set[str]) -> str:
     """What an element batch changes, in a few words: `elements (2 added, 1 deleted)`."""
     added = sum(len(want.get(n, frozenset()) - have.get(n, frozenset())) for n in ruleset.SETS)
     deleted = sum(len(have.get(n, frozenset()) - want.get(n, frozenset())) for n in ruleset.SETS)

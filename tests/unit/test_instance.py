@@ -120,7 +120,8 @@ def test_a_server_listening_on_other_ports_is_named_with_the_ports_that_would_ma
     assert elsewhere([remapped], {("tcp", 5301)}) == [
         (remapped, "the server listens on 5301/tcp, not on 5300/tcp (published as 53/tcp): --ports 53:5301/tcp?")]
     [span] = parse_ports(["10000-10100"])
-    assert elsewhere([span], {("udp", 20000)}) == [(span, "the server listens on 20000/udp, not on the published 10000-10100/udp")]
+    assert elsewhere([span], {("udp", 20000)}) == [
+        (span, "the server listens on 20000/udp, not on the published 10000-10100/udp")]
     assert elsewhere([p53], {("udp", 41234), ("tcp", 5300)}) == []  # a client socket; another protocol
 
 

@@ -549,7 +549,8 @@ def test_list_aligns_its_columns_to_the_widest_cell():
     assert out[0].split() == ["ID", "PID", "SINCE", "PORTS", "COMMAND"]
     heads = [out[0], out[1], out[4]]
     assert len({h.index("SINCE") if i == 0 else h.index("2025") for i, h in enumerate(heads)}) == 1, out
-    assert len({h.index("COMMAND") if i == 0 else h.index(c) for i, (h, c) in enumerate(zip(heads, ("", "unbound", "sip")))}) == 1
+    commands = ("", "unbound", "sip")
+    assert len({h.index("COMMAND") if i == 0 else h.index(c) for i, (h, c) in enumerate(zip(heads, commands, strict=True))}) == 1
     uplinks = [out[2], out[3], out[5]]
     assert len({line.index("flows:") for line in uplinks}) == 1 and len({line.index("live") for line in uplinks}) == 1, out
     assert out[6] == "    dropped 2 packets the server sent from an address not its own"

@@ -383,5 +383,6 @@ def test_an_element_batch_says_what_it_changes_in_one_line():
     assert what == "elements (2 added, 1 deleted)"
     assert one_line(NftBatch("add element inet nswrap ports { udp . 54 }\n", what=what).render()) == \
         "nft elements (2 added, 1 deleted)"
-    assert one_line("ip rule add fwmark 0x10000000/0xf0000000 lookup 5000") == "ip rule add fwmark 0x10000000/0xf0000000 lookup 5000"
+    rule = "ip rule add fwmark 0x10000000/0xf0000000 lookup 5000"
+    assert one_line(rule) == rule
     assert _counted(have, {"new_1"}, have, {"new_1", "new_2"}) == "elements (none; chains of 1 uplink added or deleted)"
