@@ -263,6 +263,14 @@ class NftBatch(Change):
         return f"nft -f - <<'EOF'\n{self.undo_text}EOF" if self.undo_text else "# (nothing to undo)"
 
 
+def one_line(rendered: str) -> str:
+    """A change as one meaningful line for a warning: its first line, or for an nft batch
+    (whose first line is only `nft -f - <<'EOF'`) what the batch does."""
+    first = rendered.splitlines()[0] if rendered else ""
+    _, sep, what = first.partition("<<'EOF'  # ")
+    return f"nft {what}" if sep and first.startswith("nft -f -") else first
+
+
 @datatype
 class InsertRoom(Change):
     room: Room

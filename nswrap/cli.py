@@ -34,6 +34,7 @@ from nswrap.config import (
     parse_uplink,
     parse_user,
     require_ports,
+    resolve_helpers,
 )
 from nswrap.errors import EXIT_FAILED, EXIT_USAGE, NswrapError, UsageError, cut, quoted
 
@@ -47,6 +48,10 @@ class DefaultRun(click.Group):
     """`nswrap [OPTIONS] -- COMMAND` means `nswrap run [OPTIONS] -- COMMAND`."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and not args[0].startswith("-") and not ctx.resilient_parsing:
+            # `nswrap status`: a command word nswrap does not have, not a server (that goes after --)
+            raise click.UsageError(f"no such command {quoted(args[0])} (commands: {', '.join(sorted(self.commands))}; "
+                                   f"a server goes after --: nswrap [OPTIONS] -- COMMAND [ARG...])")
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["run", *args]
         elif not args and os.environ.get("NSWRAP_CONFIG") and not ctx.resilient_parsing:
@@ -152,12 +157,14 @@ def cli() -> None:
              "(nswrap holds net.ipv6.conf.all.forwarding while it runs, router advertisements kept, nothing "
              "else forwarded); auto (interface where the kernel has it, else IPv6 only if the host "
              "forwards already); off.")
-@option("--helper", "helpers", multiple=True, type=click.Choice(["tftp"]), **_env("HELPER"),
-              help="Conntrack helper for a protocol whose server answers from a new port (tftp: udp 69 must be published).")
+@option("--helper", "helpers", multiple=True, type=click.Choice(["tftp", "none"]), **_env("HELPER"),
+              help="Conntrack helper for a protocol whose server answers from a new port (tftp: udp 69 must be "
+                   "published). Default: tftp when udp 69 is published; none: no helper.")
 @option("--user", metavar="USER[:GROUP]", **_env("USER"),
               help="Run the server as this user (it may still bind ports below 1024).")
 @option("--stop-timeout", type=float, default=10.0, show_default=True, metavar="SECONDS", **_env("STOP_TIMEOUT"),
-              help="After forwarding SIGTERM/SIGINT, SIGKILL the server's processes after this long (0: never).")
+              help="After forwarding SIGTERM/SIGINT, SIGKILL the server's processes after this long (0: never); "
+                   "a server still running 0.5 s after SIGINT gets SIGTERM too.")
 @option("--udp-timeout", type=int, default=DEFAULT_UDP_TIMEOUT, show_default=True, metavar="SECONDS",
               **_env("UDP_TIMEOUT"),
               help="Forget an answered UDP flow this long after its last packet; one value for every instance on the "
@@ -192,9 +199,10 @@ def run(ctx, ports, uplinks, subnet, mark_mask, addresses, firewall, no_outbound
             raise UsageError(f"{problem} (from key 'command' in config file {ctx.meta.get(CONFIG_META)})")
         _parsed(ctx, "user", lambda u: u is None or parse_user(u), user)  # checked where they came from;
         _parsed(ctx, "ready_fd", check_ready_fd_number, ready_fd)  # Config checks them again
+        published = _parsed(ctx, "ports", lambda p: require_ports(parse_ports(p)), ports)
         config = Config(
             command=tuple(command),
-            ports=_parsed(ctx, "ports", lambda p: require_ports(parse_ports(p)), ports),
+            ports=published,
             uplinks=_parsed(ctx, "uplinks", lambda us: tuple(parse_uplink(u) for u in us), uplinks),
             subnet=_parsed(ctx, "subnet", parse_subnet, subnet) if subnet else None,
             mark_mask=_parsed(ctx, "mark_mask", parse_mark_mask, mark_mask),
@@ -206,7 +214,7 @@ def run(ctx, ports, uplinks, subnet, mark_mask, addresses, firewall, no_outbound
             addresses=_parsed(ctx, "addresses", lambda a: tuple(map(parse_address, a)), addresses),
             firewall=firewall,
             outbound=not no_outbound,
-            helpers=tuple(helpers),
+            helpers=_parsed(ctx, "helpers", lambda h: resolve_helpers(h, published), helpers),
             ipv6_forwarding=ipv6_forwarding,
             take_over=take_over,
         )
@@ -270,12 +278,14 @@ def doctor(ctx, ports, uplinks, mark_mask, firewall, ipv6_forwarding, verbose) -
 
 @cli.command("list")
 @option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def list_(as_json) -> None:
+@option("--check", is_flag=True,
+        help="Health check: exit 0 while an instance is live in this network namespace, 1 when none is.")
+def list_(as_json, check) -> None:
     """List the live nswrap instances on this host (network namespace)."""
-    from nswrap.commands import list_instances
+    from nswrap.commands import check_serving, list_instances
 
     _quiet_on_a_closed_pipe()
-    _exit_with(lambda: list_instances(as_json), 0)
+    _exit_with(check_serving if check else lambda: list_instances(as_json), 0)
 
 
 @cli.command("exec", context_settings={"allow_interspersed_args": False})
@@ -397,6 +407,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         sys.exit(130)
     except click.ClickException as e:
+        if isinstance(e, click.UsageError) and e.format_message().startswith("Usage:"):  # a bare `nswrap`: the help
+            click.echo(e.format_message(), err=True)
+            sys.exit(EXIT_USAGE)
         if isinstance(e, click.BadParameter) and e.param is not None and e.param_hint is None:
             # Name where the bad value came from: the option, NSWRAP_X or the config file's key.
             e.param_hint = _origin(e.ctx, e.param.name) or " / ".join(repr(o) for o in e.param.opts)

@@ -243,6 +243,24 @@ def command_problem(command: tuple[str, ...] | list[str]) -> str | None:
     return None
 
 
+def publishes_tftp(ports: tuple[PortRange, ...]) -> bool:
+    return any(p.proto == "udp" and p.outer_lo <= 69 <= p.outer_hi for p in ports)
+
+
+def resolve_helpers(given: tuple[str, ...] | list[str], ports: tuple[PortRange, ...]) -> tuple[str, ...]:
+    """--helper: what was given, `none` for no helper at all, or by default the tftp helper when
+    udp 69 is published (a TFTP server sends its data from a new port: without the helper only
+    the uplink of the host's default route would carry it, from the wrong address)."""
+    given = tuple(given)
+    if "none" in given:
+        if len(given) > 1:
+            raise UsageError(f"invalid --helper: none cannot go with {', '.join(h for h in given if h != 'none')}")
+        return ()
+    if not given and publishes_tftp(ports):
+        return ("tftp",)
+    return tuple(dict.fromkeys(given))
+
+
 def require_ports(ports: tuple[PortRange, ...]) -> tuple[PortRange, ...]:
     if not ports:
         raise UsageError("no ports to publish: give --ports, e.g. --ports 53,53/tcp")
@@ -300,7 +318,7 @@ class Config:
         for helper in self.helpers:
             if helper not in HELPERS:
                 raise UsageError(f"invalid --helper {quoted(helper)}: one of {', '.join(HELPERS)}")
-        if "tftp" in self.helpers and not any(p.proto == "udp" and p.outer_lo <= 69 <= p.outer_hi for p in self.ports):
+        if "tftp" in self.helpers and not publishes_tftp(self.ports):
             raise UsageError("--helper tftp needs udp port 69 published (e.g. --ports 69)")
         check_stop_timeout(self.stop_timeout)
         if self.user is not None:

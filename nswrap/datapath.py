@@ -252,16 +252,53 @@ def instance_uplinks(facts: Facts, instance: Instance, version: int) -> list[str
 
 
 def check_uplinks(facts: Facts, instance: Instance) -> None:
-    """At start (not while following): every --uplink exists and has an address."""
+    """At start (not while following): every --uplink exists, has an address, and a gateway
+    given for it is on its link."""
     for spec in instance.uplinks:
         if facts.link(spec.ifname) is None:
-            raise NswrapError(f"no such uplink: {spec.ifname}")
+            candidates = list(dict.fromkeys(candidate_uplinks(facts, 4) + candidate_uplinks(facts, 6)))
+            raise NswrapError(f"no such uplink: {spec.ifname} (interfaces with a global address here: "
+                              f"{listed(candidates, 10) or 'none'})")
         if not any(facts.global_addresses(spec.ifname, v) for v in instance.families):
             raise NswrapError(f"uplink {spec.ifname} has no global address")
         if spec.gateway is not None and any(a.address.ip == spec.gateway for a in facts.addresses):
-            raise NswrapError(f"uplink {spec}: {spec.gateway} is an address of this host; give the gateway's")
+            raise NswrapError(f"uplink {spec}: {spec.gateway} is an address of this host, not a gateway: "
+                              f"give the address of the router on {spec.ifname}'s link")
+        if spec.gateway is not None:
+            check_on_link(facts, spec.ifname, spec.gateway)
     if not any(instance_uplinks(facts, instance, v) for v in instance.families):
         raise NswrapError("no uplink found: no interface has a global address (give one with --uplink)")
+
+
+LINK_LOCAL6 = ipaddress.IPv6Network("fe80::/10")
+
+
+def on_link(facts: Facts, ifname: str, gateway: IPAddress) -> bool:
+    """Can a route `via GATEWAY dev IFNAME` reach it? IPv6 link-local gateways always can (the
+    link is their zone); others if a subnet of the interface's addresses holds them, or a route
+    of the main table says the link reaches them: a connected one (a /32's peer, a point-to-point
+    default route) or one whose gateway it is, marked `onlink` (a VPS's /32 address)."""
+    if gateway.version == 6 and gateway in LINK_LOCAL6:
+        return True
+    if any(gateway in a.address.network for a in facts.addresses if a.ifname == ifname and a.version == gateway.version):
+        return True
+    return any((r.gateway is None and gateway in r.dst) or (r.gateway == gateway and r.onlink)
+               for r in facts.main_routes(ifname, gateway.version))
+
+
+def check_on_link(facts: Facts, ifname: str, gateway: IPAddress) -> None:
+    """A gateway that is not on the uplink's link would be installed `onlink` and answer no one
+    (issue 25): refused, naming the interface whose subnet holds it (a container runtime that
+    named its networks in another order), if any."""
+    if on_link(facts, ifname, gateway):
+        return
+    owner = next((a.ifname for a in facts.addresses if a.version == gateway.version and a.ifname != ifname
+                  and a.ifname != "lo" and gateway in a.address.network), None)
+    if owner is not None:
+        raise UsageError(f"uplink {ifname}={gateway}: {gateway} is on {owner}'s subnet, not {ifname}'s: "
+                         f"--uplink {owner}={gateway}?")
+    raise UsageError(f"uplink {ifname}={gateway}: {gateway} is not on {ifname}'s link (no subnet of its addresses "
+                     f"holds it and no route in the main table says it is on-link): give a gateway on {ifname}'s subnet")
 
 
 def absent_addresses(facts: Facts, instance: Instance) -> list[str]:
@@ -371,8 +408,8 @@ def _uplink_routes(b: _Builder, uplink: Uplink, version: int, gateway: IPAddress
     anywhere = FAMILIES[version].anywhere
     metric = 1024 if version == 6 else 0
     routes = []
-    if gateway is not None:  # given with --uplink: on the link even outside its subnets (a /32), unless
-        # it is in another interface's subnet (a typo, most likely: the kernel then refuses it, by name)
+    if gateway is not None:  # given with --uplink: on the link even outside its subnets where a route of
+        # the main table says so (a /32); check_on_link refused every other one at start
         onlink = version == 4 and not any(gateway in a.address.network for a in b.facts.addresses if a.version == 4)
         routes.append(Route(anywhere, uplink.ifname, gateway, uplink.table, metric=metric, onlink=onlink))
     elif default and default.gateway:  # IPv6: often link-local (fe80::1), hence the device

@@ -127,23 +127,30 @@ def doctor(config: Config) -> int:
     check("IPv6 forwarding", lambda: describe_forwarding6(config.ipv6_forwarding, facts, allocation))
 
     def planning() -> str:
-        subnet = allocate_subnet(facts, (), config.subnet)
+        # beside live instances, the plan is theirs plus one more: their marks, rules and table
+        # are nswrap's own, not another tool's
+        live = tuple(r.instance for r in state.live()) if state else ()
+        if live and allocation is not None and allocation.mark_mask != config.mark_mask:
+            raise NswrapError(f"the nswrap instances here use --mark-mask {allocation.mark_mask:#x}; give the same")
+        subnet = allocate_subnet(facts, live, config.subnet)
         forwarding6 = choose_forwarding6(config.ipv6_forwarding, facts, allocation)
         instance = Instance("d0d0d0", config.ports, subnet, ula_subnet(subnet) if forwarding6 else None,
                             config.uplinks, config.addresses, (), config.outbound, config.helpers,
                             forwarding6 or "interface")
         check_uplinks(facts, instance)
-        dp = datapath(facts, Allocation(config.mark_mask, free_priority(facts)), (instance,))
+        base = allocation if live and allocation is not None else Allocation(config.mark_mask, free_priority(facts))
+        dp = datapath(facts, base, (*live, instance))
         found["dp"] = dp
         uplinks = ", ".join(u.ifname for u in dp.allocation.uplinks)
-        return f"uplinks {uplinks}; internal subnet {subnet}; marks under {config.mark_mask:#x} are free"
+        marks = "free" if not live else f"free or live instances' ({len(live)})"
+        return f"uplinks {uplinks}; internal subnet {subnet}; marks under {config.mark_mask:#x} are {marks}"
 
     check("plan (uplinks, addresses, marks, subnet)", planning)
     dp = found.get("dp")
     if dp is not None:
         check("nftables", lambda: (nft.check(ruleset.table_text(dp)),
                                    "the kernel accepts the table (NAT, maps, conntrack marks, timeouts): checked, not loaded")[1])
-        check("sysctls", lambda: _sysctls(sorted(dp.sysctls)))
+        check("sysctls", lambda: _sysctls(sorted(k for k, v in dp.sysctls.items() if facts.sysctl(k) != v)))
         check("reverse-path filtering", lambda: _rp_filter(facts, [u.ifname for u in dp.allocation.uplinks]))
 
         def firewalls() -> str:

@@ -24,7 +24,7 @@ import time
 
 from nswrap import flows, legacy, namespaces, netlink, nft, sync
 from nswrap.apply import Kernel, Transaction
-from nswrap.changes import DeleteLink, ForgetFlows, Forwarding6, NftBatch, ServerNetwork, SetSysctl, read_only_message
+from nswrap.changes import DeleteLink, ForgetFlows, Forwarding6, NftBatch, ServerNetwork, SetSysctl, one_line, read_only_message
 from nswrap.config import Config, PortRange
 from nswrap.datapath import (
     NO_IPV6_OLD_KERNEL,
@@ -36,6 +36,7 @@ from nswrap.datapath import (
     choose_forwarding6,
     conflicts,
     gateway_conflict,
+    instance_uplinks,
     taken_over,
     udp_timeout_conflict,
     ula_subnet,
@@ -67,6 +68,9 @@ def require_capabilities() -> None:
     with open("/proc/self/status") as f:
         caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
     missing = [name for bit, name in ((CAP_NET_ADMIN, "CAP_NET_ADMIN"), (CAP_SYS_ADMIN, "CAP_SYS_ADMIN")) if not caps >> bit & 1]
+    if missing and os.geteuid() == 0:  # root already, without them: a container started without --cap-add
+        raise NswrapError(f"not permitted: root without {' and '.join(missing)}: a container? run it with "
+                          "--cap-add NET_ADMIN --cap-add SYS_ADMIN")
     if missing:
         raise NswrapError(f"not permitted: nswrap needs {' and '.join(missing)} (run it as root)")
 
@@ -129,10 +133,38 @@ def _recordable(record: Record) -> None:
     raise UsageError("this instance cannot be recorded for cleanup after a crash (a bug: please report it)")
 
 
-def server_env() -> dict[str, str]:
+def server_env(public: dict[str, str] | None = None) -> dict[str, str]:
     """The server's environment: nswrap's own, without what is nswrap's (its settings, and the
-    notify socket, which is nswrap's to write to)."""
-    return {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET" and not k.startswith("NSWRAP_")}
+    notify socket, which is nswrap's to write to), plus the host's public side (`public`,
+    NSWRAP_HOST_*: host_env)."""
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET" and not k.startswith("NSWRAP_")}
+    return {**env, **(public or {})}
+
+
+HOST_ENV = "NSWRAP_HOST_"  # no option of nswrap's is named HOST_…: these never read as settings
+
+
+def env_name(ifname: str) -> str:
+    """An interface name as part of a shell variable's name: eth0.100 -> eth0_100."""
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in ifname)
+
+
+def host_env(facts: Facts, instance: Instance) -> dict[str, str]:
+    """What the server may need to know of the host's public side, as it was at start (issue
+    25: protocols that put addresses in their payload, SIP, FTP, STUN/TURN): the uplinks served
+    and the addresses published on each (--address ones, or each uplink's global addresses)."""
+    uplinks = list(dict.fromkeys(name for v in instance.families for name in instance_uplinks(facts, instance, v)))
+    chosen = {a for a in instance.addresses if not a.is_loopback}
+    env = {f"{HOST_ENV}UPLINKS": " ".join(uplinks)}
+    every: list[str] = []
+    for name in uplinks:
+        here = [str(a.ip) for v in instance.families for a in facts.global_addresses(name, v)
+                if not chosen or a.ip in chosen]
+        env[f"{HOST_ENV}ADDRESSES_{env_name(name)}"] = " ".join(here)
+        every += here
+    every += [str(a) for a in instance.addresses if not a.is_loopback and str(a) not in every]
+    env[f"{HOST_ENV}ADDRESSES"] = " ".join(dict.fromkeys(every))
+    return env
 
 
 def check_start(facts: Facts, instance: Instance, live: list[Record], take_over: bool = False) -> None:
@@ -207,6 +239,7 @@ class Life:
         self.live_fd: int | None = None
         self.facts: Facts | None = None
         self.follower: Follower | None = None
+        self.said: set[str] = set()  # the datapath's warnings (uplinks without a gateway) said so far
 
     @property
     def instance(self) -> Instance:
@@ -317,11 +350,12 @@ class Life:
             raise NswrapError(read_only_message(writes))
         for warning in plan.datapath.warnings:
             log.warning("%s", warning)
+        self.said = set(plan.datapath.warnings)
         return instance, plan
 
     def _sweep_dead(self, facts: Facts, allocation: Allocation) -> None:
         tx = Transaction(self.kernel,
-                         say=lambda line: log.warning("removed a dead instance's leftover: %s", line.splitlines()[0]))
+                         say=lambda line: log.warning("removed a dead instance's leftover: %s", one_line(line)))
         try:
             sync.run(sync.plan(facts, nft.read_table(), allocation, (), allocation.mark_mask), tx,
                      self.state.save_allocation)
@@ -332,7 +366,7 @@ class Life:
 
     def _sweep_legacy(self, facts: Facts) -> None:
         tx = Transaction(self.kernel,
-                         say=lambda line: log.warning("removed an older nswrap's leftover: %s", line.splitlines()[0]))
+                         say=lambda line: log.warning("removed an older nswrap's leftover: %s", one_line(line)))
         tx.run_each(legacy.sweep(facts))
         legacy.forget(legacy.dead_records())
 
@@ -371,7 +405,8 @@ class Life:
 
     def start_server(self, creds: Credentials | None) -> None:
         assert self.netns_fd is not None
-        self.supervisor.start(self.config.command, self.netns_fd, server_env(), creds)
+        assert self.facts is not None
+        self.supervisor.start(self.config.command, self.netns_fd, server_env(host_env(self.facts, self.instance)), creds)
         os.close(self.netns_fd)  # the server holds its namespace now: it lives exactly as long
         self.netns_fd = None
         assert self.record is not None
@@ -408,16 +443,17 @@ class Life:
             except Exception as e:
                 self._fail_closed_if(not guarded, allocation, e)
                 raise TryAgain(str(e) or type(e).__name__) from None
+            self._say_lost_gateways(plan.datapath.warnings)
             if plan.before is not None:
                 self.state.save_allocation(plan.before)
-            tx = Transaction(self.kernel, say=lambda line: log.warning("following the host: %s", line.splitlines()[0]))
+            tx = Transaction(self.kernel, say=lambda line: log.warning("following the host: %s", one_line(line)))
             failed: list[str] = []
             for change in plan.changes:
                 try:
                     tx.run(change)
                 except Exception as e:
                     self._fail_closed_if(isinstance(change, NftBatch) and not guarded, allocation, e)
-                    failed.append(f"{change.render().splitlines()[0]}: {e}")
+                    failed.append(f"{one_line(change.render())}: {e}")
             tx.commit()  # what was done moves toward what is wanted: it stays
             if failed:
                 raise TryAgain("; ".join(failed))
@@ -432,6 +468,15 @@ class Life:
         changes = sync.fail_closed(allocation)
         Transaction(self.kernel, say=lambda line: log.info("fail closed: %s", line)).run_each(changes, "fail closed")
         return [c.render().splitlines()[0].removeprefix("sysctl -w ") for c in changes]
+
+    def _say_lost_gateways(self, warnings: tuple[str, ...]) -> None:
+        """An uplink whose gateway went while serving (its default route deleted): one line that
+        names it and --uplink IFACE=GATEWAY, once per loss however many events follow; said
+        again only after the gateway came back and went again."""
+        for warning in warnings:
+            if warning not in self.said:
+                log.warning("%s", warning)
+        self.said = set(warnings)
 
     def _fail_closed_if(self, table_lost: bool, allocation, error: Exception) -> None:
         if table_lost:
@@ -569,7 +614,9 @@ class Readiness:
         self.instance, self.ready_fd = instance, ready_fd
         self.done = False
         self.began = time.monotonic()
-        self.warned = self.warned_loopback = False
+        self.warned = self.warned_loopback = self.warned_elsewhere = False
+        self.others: set[tuple[str, int]] = set()  # what the server listens on that is not published
+        self.explained: set[PortRange] = set()  # missing ports a warning named another port for
         try:
             self.netns: int | None = os.open(f"/proc/{init_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -585,9 +632,15 @@ class Readiness:
                 self.warned_loopback = True
                 log.warning("the server listens on %s only on its loopback address, which no client reaches: "
                             "bind it to 0.0.0.0 or :: (or to its namespace's address)", listed(loopback))
-            if not self.warned and waited > 10:
+            if not self.warned_elsewhere and waited > 1:
+                self.warned_elsewhere = True
+                for line in elsewhere(missing, self.others):
+                    self.explained.add(line[0])
+                    log.warning("%s", line[1])
+            unexplained = [p for p in missing if p not in self.explained and p not in loopback]
+            if not self.warned and waited > 10 and unexplained:
                 self.warned = True
-                log.warning("the server does not listen on %s yet: READY waits for it", listed(missing))
+                log.warning("the server does not listen on %s yet: READY waits for it", listed(unexplained))
             return readiness_interval(waited)
         self.done = True
         os.close(self.netns)
@@ -607,7 +660,33 @@ class Readiness:
             return any(proto == p.proto and p.inner_lo <= port <= p.inner_hi for proto, port in where)
 
         missing = [p for p in self.instance.ports if not any_of(p, bound)]
+        self.others = {(proto, port) for proto, port in bound
+                       if not any(proto == p.proto and p.inner_lo <= port <= p.inner_hi for p in self.instance.ports)}
         return missing, [p for p in missing if any_of(p, local)]
+
+
+EPHEMERAL = range(32768, 61000)  # the kernel's default ip_local_port_range: a client socket's, most likely
+
+
+def elsewhere(missing: list[PortRange], others: set[tuple[str, int]]) -> list[tuple[PortRange, str]]:
+    """A server that listens on other ports of a published protocol than the published ones
+    (5300 instead of 53): one line per published port it misses, naming where it listens and
+    the --ports that would match (issue 25). Ports of the ephemeral range are left out: a
+    server's own client sockets (upstream queries) are bound there."""
+    lines = []
+    for p in missing:
+        ports = sorted(port for proto, port in others if proto == p.proto and port not in EPHEMERAL)
+        if not ports:
+            continue
+        where = listed(f"{port}/{p.proto}" for port in ports)
+        inner = f"{PortRange(p.proto, p.inner_lo, p.inner_hi, p.inner_lo)}"
+        published = f"{PortRange(p.proto, p.outer_lo, p.outer_hi, p.outer_lo)}"
+        wanted = f"the published {published}" if not p.remapped else f"{inner} (published as {published})"
+        line = f"the server listens on {where}, not on {wanted}"
+        if p.count == 1:
+            line += f": --ports {p.outer_lo}:{ports[0]}{'/tcp' if p.proto == 'tcp' else ''}?"
+        lines.append((p, line))
+    return lines
 
 
 def readiness_interval(waited: float) -> float:

@@ -13,7 +13,9 @@ The server runs under a small init of ours, forked as PID 1 of a new PID namespa
 - Signals: nswrap forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 to the init, which
   passes them to the server's first process while it lives, else to every process in the namespace;
   once a stop was asked for and the first process has exited, the rest get the stop signal too.
-  After SIGTERM or SIGINT, nswrap waits --stop-timeout seconds (and says so), then SIGKILLs.
+  SIGINT (Ctrl-C) means "stop" to nswrap, whatever the server makes of it (dnsmasq -k re-checks
+  DNSSEC time on it and runs on): a server still alive INT_GRACE after it gets SIGTERM too. After
+  SIGTERM or SIGINT, nswrap waits --stop-timeout seconds (and says so), then SIGKILLs.
 - Setup phase: a signal is noted and setup stops at the next step (`checkpoint`), never in the
   middle of a netlink exchange or an nft batch; waiting for the setup lock is interrupted at once.
   Teardown phase: signals are ignored so teardown always completes.
@@ -38,6 +40,10 @@ log = logging.getLogger("nswrap")
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 STOPPING = (signal.SIGTERM, signal.SIGINT)
+# Ctrl-C: a server that handles SIGINT as a stop is gone within milliseconds; one still running
+# this long after it does not take SIGINT as a stop (dnsmasq -k), and gets SIGTERM, which every
+# server takes as one. Short: Ctrl-C must end a stock server within a second.
+INT_GRACE = 0.5
 
 
 class Interrupted(Exception):
@@ -95,6 +101,7 @@ class Supervisor:
         self.pending: int | None = None  # a signal that arrived during setup
         self.interruptible = False  # raise at once (waiting for the lock)
         self.stop_asked: float | None = None  # when a stop signal was forwarded
+        self.escalate_at: float | None = None  # when a SIGINT not yet obeyed becomes a SIGTERM
         self._said_waiting = False
         self._wakeup_r = -1
 
@@ -116,6 +123,10 @@ class Supervisor:
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.init_pid, signum)
+        if signum == signal.SIGINT and self.stop_asked is None:
+            self.escalate_at = time.monotonic() + INT_GRACE
+        elif signum == signal.SIGTERM:
+            self.escalate_at = None  # asked already
         if signum in STOPPING and self.stop_asked is None:
             self.stop_asked = time.monotonic()
             if self.stop_timeout > 0:
@@ -194,8 +205,9 @@ class Supervisor:
         try:
             while True:
                 now = time.monotonic()
+                self._escalate(now)
                 self._say_still_waiting(now)
-                wake = [t for t in (due, self._still_waiting_due()) if t is not None]
+                wake = [t for t in (due, self._still_waiting_due(), self.escalate_at) if t is not None]
                 timeout = max(0.0, min(wake) - now) if wake else None  # idle: sleep until something happens
                 ready, _, _ = select.select([pidfd, self._wakeup_r, *(fds or [])], [], [], timeout)
                 if self._wakeup_r in ready:  # a signal was handled: look again
@@ -237,13 +249,22 @@ class Supervisor:
         except ValueError:
             return init_code
 
+    def _escalate(self, now: float) -> None:
+        """Ctrl-C that the server did not take as a stop: SIGTERM, which it does."""
+        if self.escalate_at is None or now < self.escalate_at or self.init_pid is None or self.tearing_down:
+            return
+        self.escalate_at = None
+        log.info("the server is still running %gs after SIGINT: sending it SIGTERM", INT_GRACE)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.init_pid, signal.SIGTERM)
+
     def _still_waiting_due(self) -> float | None:
         if self.stop_asked is None or self._said_waiting:
             return None
         return self.stop_asked + 1.0
 
     def _say_still_waiting(self, now: float) -> None:
-        """A server slow to stop (dnsmasq -k ignores SIGINT): say once what nswrap waits for."""
+        """A server slow to stop (one that ignores SIGTERM too): say once what nswrap waits for."""
         if self.stop_asked is None or self._said_waiting or now - self.stop_asked < 1.0:
             return
         self._said_waiting = True

@@ -182,7 +182,19 @@ def _nft_changes(table: nft.Table | None, dp: Datapath, instances: tuple[Instanc
         return []
     wanted = {name for i in indexes for name in ruleset.uplink_chains(mask, i)}
     undo = ruleset.changes(dp.elements, wanted, table.elements, ruleset.uplink_indexes(chains), mask)
-    return [NftBatch(text, undo, what="elements")]
+    return [NftBatch(text, undo, what=_counted(table.elements, chains, dp.elements, wanted))]
+
+
+def _counted(have: dict[str, frozenset[Element]], have_chains: set[str], want: dict[str, frozenset[Element]],
+             want_chains: set[str]) -> str:
+    """What an element batch changes, in a few words: `elements (2 added, 1 deleted)`."""
+    added = sum(len(want.get(n, frozenset()) - have.get(n, frozenset())) for n in ruleset.SETS)
+    deleted = sum(len(have.get(n, frozenset()) - want.get(n, frozenset())) for n in ruleset.SETS)
+    uplinks = {n for n in want_chains ^ {c for c in have_chains if c.startswith(("new_", "flow_"))}
+               if n.startswith("new_")}
+    said = [f"{added} added"] * bool(added) + [f"{deleted} deleted"] * bool(deleted)
+    chains = f"; chains of {len(uplinks)} uplink{'s' * (len(uplinks) != 1)} added or deleted" if uplinks else ""
+    return f"elements ({', '.join(said) or 'none'}{chains})"
 
 
 def _renamed(allocation: Allocation, facts: Facts) -> Allocation:

@@ -25,7 +25,7 @@ the host namespace is exactly as before.
 Servers run with their state in ``tmp_path`` (pid, drift, config files): nothing of this machine
 is used or left behind. Every client call is bounded in time and every wait polls.
 
-TFTP uses the conntrack tftp helper (``--helper tftp``): the server answers from a new port.
+TFTP uses the conntrack tftp helper (on by default for udp 69): the server answers from a new port.
 """
 
 from __future__ import annotations
@@ -328,8 +328,10 @@ def tftp_get(lab: Lab, path: Path, name: str, dest: FsPath) -> bytes | None:
     return dest.read_bytes() or None
 
 
-def test_tftpd_hpa(lab, tmp_path):
-    """tftpd-hpa serving a file; tftp-hpa fetches it on every path.
+@pytest.mark.parametrize("helper", [(), ("--helper", "tftp")], ids=["default", "helper-tftp"])
+def test_tftpd_hpa(lab, tmp_path, helper):
+    """tftpd-hpa serving a file; tftp-hpa fetches it on every path, the non-primary uplinks
+    included, with or without --helper tftp (published udp 69 turns it on by default).
 
     The request goes to port 69, but the server sends the data from a new port: a new flow
     from the server namespace that only the conntrack tftp helper relates to the request (and
@@ -343,7 +345,7 @@ def test_tftpd_hpa(lab, tmp_path):
     (root / "hello.txt").write_bytes(content)
     (root / "hello.txt").chmod(0o644)
     server = ["in.tftpd", "-L", "--address", "0.0.0.0:69", "-s", str(root)]
-    wrapped = start(lab, tmp_path, "69", server, "--helper", "tftp")
+    wrapped = start(lab, tmp_path, "69", server, *helper)
     for i, path in enumerate(lab.paths):
         with only_from(lab, path):
             got = served(wrapped, path,

@@ -2,8 +2,8 @@
 
 - The server's end: a non-zero status or a fatal signal is one line on stderr, always, and
   nswrap's own status is the shell's (N, or 128+signal).
-- A server slow to stop (one that ignores SIGINT, like `dnsmasq -k`): nswrap says once that it
-  waits, and when it will SIGKILL.
+- A server slow to stop (one that ignores SIGINT and SIGTERM): nswrap says once that it waits, and
+  when it will SIGKILL.
 - `doctor` and `list` as any user: a verdict, never an internal error or a traceback.
 - Odd input (issue 12's "Low" list): exit 2 with one line naming the culprit, no traceback, the
   host unchanged (the `lab` fixture compares the whole host state).
@@ -59,7 +59,7 @@ def test_a_server_that_catches_the_stop_signal_and_exits_128_plus_n_says_nothing
 
 def test_waiting_out_the_stop_timeout_is_said_once_with_the_time_left(lab, tmp_path):
     proc = start(lab, tmp_path, *PINNED, "--stop-timeout", "3", "-p", "5353", "--",
-                 "sh", "-c", "trap '' INT; echo ready; exec sleep 60")  # ignored signals stay ignored across exec
+                 "sh", "-c", "trap '' INT TERM; echo ready; exec sleep 60")  # ignored signals stay ignored across exec
     wait_ready(tmp_path)
     asked = time.monotonic()
     proc.send_signal(signal.SIGINT)

@@ -31,6 +31,7 @@ BAD_INPUT = [
     (["-p", "53", "--subnet", "224.0.0.0/30", "--", "true"], "multicast"),
     (["--", "true"], "no ports"),
     (["--bogus", "--", "true"], "--bogus"),
+    (["status"], "no such command 'status'"),
     (["-p", "53", "--uplink", "this-name-is-too-long", "--", "true"], "this-name-is-too-long"),
     (["-p", "53", "--uplink", 'eth0"', "--", "true"], "eth0\""),
     (["-p", "53", "--uplink", "eth0=nope", "--", "true"], "nope"),
@@ -190,7 +191,7 @@ def complete(capsys, monkeypatch, words: str) -> list[str]:
         ("nswrap -p 53 --up", ["plain,--uplink"]),
         ("nswrap run --sto", ["plain,--stop-timeout"]),
         ("nswrap --firewall ", ["plain,auto", "plain,off"]),
-        ("nswrap -p 53 --helper ", ["plain,tftp"]),
+        ("nswrap -p 53 --helper ", ["plain,tftp", "plain,none"]),
         ("nswrap doctor --fi", ["plain,--firewall"]),
         ("nswrap --config ", ["file,"]),
     ],
@@ -283,3 +284,8 @@ def test_listed_shows_the_first_few_and_how_many_more():
     assert listed([]) == "" and listed(["53/udp"]) == "53/udp" and listed(range(5)) == "0, 1, 2, 3, 4"
     assert listed(range(10_000)) == "0, 1, 2, 3, 4 … and 9995 more"
     assert listed(iter(range(7)), shown=2) == "0, 1 … and 5 more"
+
+
+def test_a_bare_nswrap_prints_its_usage_without_a_prefix(capsys):
+    done = invoke(capsys)
+    assert done.returncode == EXIT_USAGE and done.stderr.startswith("Usage: nswrap ") and "nswrap: Usage" not in done.stderr

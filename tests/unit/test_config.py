@@ -371,3 +371,15 @@ def test_valid_configs():
     two = (parse_uplink("eth0=192.0.2.1"), parse_uplink("eth0=2001:db8::1"))  # one gateway per family
     assert config(uplinks=two).uplinks == two
     assert config(ready_fd=0).ready_fd == 0 and config(user="nobody:nogroup").user == "nobody:nogroup"
+
+
+def test_the_tftp_helper_is_on_by_default_where_udp_69_is_published():
+    from nswrap.config import resolve_helpers
+
+    assert resolve_helpers((), parse_ports(["69"])) == ("tftp",)
+    assert resolve_helpers((), parse_ports(["60-70/udp"])) == ("tftp",)
+    assert resolve_helpers((), parse_ports(["69/tcp", "53"])) == ()
+    assert resolve_helpers(("none",), parse_ports(["69"])) == ()
+    assert resolve_helpers(("tftp",), parse_ports(["69"])) == ("tftp",)
+    with pytest.raises(UsageError, match="none cannot go with tftp"):
+        resolve_helpers(("none", "tftp"), parse_ports(["69"]))

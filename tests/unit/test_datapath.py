@@ -32,9 +32,9 @@ from nswrap.datapath import (
     ula_subnet,
 )
 from nswrap.datatypes import replace
-from nswrap.errors import NswrapError
+from nswrap.errors import NswrapError, UsageError
 from nswrap.objects import FR_ACT_UNREACHABLE, PROTO, RT_TABLE_MAIN, SCOPE_LINK, Address, Link, Listener, Route, Rule
-from tests.unit.hosts import IF, MASK, STATIC, A, N, fresh, host, instance, with_sysctls
+from tests.unit.hosts import IF, KERNEL, MASK, STATIC, A, N, fresh, host, instance, with_sysctls
 
 
 def uplinks_of(dp) -> list[tuple[str, int, int]]:
@@ -91,9 +91,35 @@ def test_check_uplinks_at_start():
     own = str(facts.global_addresses("eth1", 4)[0].ip)
     with pytest.raises(NswrapError, match=f"uplink eth1={own}: {own} is an address of this host"):
         check_uplinks(facts, instance(uplinks=(f"eth1={own}",)))
+    with pytest.raises(NswrapError, match=r"no such uplink: wg0 \(interfaces with a global address here: eth0, eth1, eth2\)"):
+        check_uplinks(facts, instance(uplinks=("wg0",)))
     bare = host(addresses=(Address("eth0", IF("fe80::10/64"), SCOPE_LINK),))
     with pytest.raises(NswrapError, match="no uplink found"):
         check_uplinks(bare, instance())
+
+
+def test_a_gateway_not_on_the_uplinks_link_is_refused():
+    """Issue 25: installed `onlink`, such a gateway answers no client of the uplink."""
+    facts = host()
+    for ok in ("eth1=198.51.100.254", "eth0=fe80::99", "eth0=2001:db8:1::1", "eth2=203.0.113.126"):
+        check_uplinks(facts, instance(uplinks=(ok,)))
+    with pytest.raises(UsageError) as e:
+        check_uplinks(facts, instance(uplinks=("eth1=192.0.2.1",)))
+    assert str(e.value) == "uplink eth1=192.0.2.1: 192.0.2.1 is on eth0's subnet, not eth1's: --uplink eth0=192.0.2.1?"
+    assert e.value.code == 2
+    with pytest.raises(UsageError, match=r"^uplink eth1=10.9.9.1: 10.9.9.1 is not on eth1's link \(no subnet"):
+        check_uplinks(facts, instance(uplinks=("eth1=10.9.9.1",)))
+    with pytest.raises(UsageError, match="2001:db8:1::1 is on eth0's subnet, not eth1's: --uplink eth0=2001:db8:1::1"):
+        check_uplinks(facts, instance(uplinks=("eth1=2001:db8:1::1",)))
+    # a route of the main table says otherwise: a /32 (VPS) with an onlink default, a point-to-point peer
+    vps = host(addresses=(*(a for a in facts.addresses if a.ifname != "eth1"), Address("eth1", IF("198.51.100.10/32"))),
+               routes=(*(r for r in facts.routes if r.dev != "eth1"),
+                       Route(N("0.0.0.0/0"), "eth1", A("198.51.100.1"), metric=200, proto=STATIC, onlink=True),
+                       Route(N("10.0.0.1/32"), "eth1", scope=SCOPE_LINK, proto=KERNEL)))
+    check_uplinks(vps, instance(uplinks=("eth1=198.51.100.1",)))
+    check_uplinks(vps, instance(uplinks=("eth1=10.0.0.1",)))
+    with pytest.raises(UsageError, match="198.51.100.254 is not on eth1's link"):
+        check_uplinks(vps, instance(uplinks=("eth1=198.51.100.254",)))
 
 
 def test_an_address_not_on_the_host_is_a_warning_not_an_error():
@@ -183,8 +209,8 @@ def test_an_explicit_gateway_wins_over_the_main_table():
 
 def test_onlink_gateways():
     """A /32 uplink (VPS style): the main table's onlink default is copied onlink; a gateway given
-    outside every subnet is onlink too; one in another interface's subnet is not (a typo: the
-    kernel refuses it, and the start fails naming it)."""
+    outside every subnet is onlink too (check_uplinks refuses it at start unless a route says it
+    is on the link); one in another interface's subnet is not (refused at start, too)."""
     addresses = tuple(a for a in host().addresses if a.ifname != "eth1") + (Address("eth1", IF("198.51.100.10/32")),)
     routes = tuple(r for r in host().routes if r.dev != "eth1") + (
         Route(N("0.0.0.0/0"), "eth1", A("198.51.100.1"), metric=200, proto=STATIC, onlink=True),)

@@ -108,3 +108,34 @@ def test_loopback_is_published_for_every_port_unless_address_leaves_it_out():
     assert ports() == parse_ports(["53,53/tcp"])
     assert ports("127.0.0.1", "192.0.2.10") == parse_ports(["53,53/tcp"])
     assert ports("192.0.2.10") == ()
+
+
+def test_a_server_listening_on_other_ports_is_named_with_the_ports_that_would_match():
+    from nswrap.instance import elsewhere
+
+    [p53] = parse_ports(["53"])
+    assert elsewhere([p53], {("udp", 5300), ("tcp", 53)}) == [
+        (p53, "the server listens on 5300/udp, not on the published 53/udp: --ports 53:5300?")]
+    [remapped] = parse_ports(["53:5300/tcp"])
+    assert elsewhere([remapped], {("tcp", 5301)}) == [
+        (remapped, "the server listens on 5301/tcp, not on 5300/tcp (published as 53/tcp): --ports 53:5301/tcp?")]
+    [span] = parse_ports(["10000-10100"])
+    assert elsewhere([span], {("udp", 20000)}) == [
+        (span, "the server listens on 20000/udp, not on the published 10000-10100/udp")]
+    assert elsewhere([p53], {("udp", 41234), ("tcp", 5300)}) == []  # a client socket; another protocol
+
+
+def test_the_server_learns_the_published_addresses_per_uplink(monkeypatch):
+    from nswrap.instance import host_env, server_env
+
+    every = host_env(host(), instance(uplinks=("eth0", "eth1")))
+    assert every == {"NSWRAP_HOST_UPLINKS": "eth0 eth1",
+                     "NSWRAP_HOST_ADDRESSES_eth0": "192.0.2.10 192.0.2.11 2001:db8:1::10",
+                     "NSWRAP_HOST_ADDRESSES_eth1": "198.51.100.10",
+                     "NSWRAP_HOST_ADDRESSES": "192.0.2.10 192.0.2.11 2001:db8:1::10 198.51.100.10"}
+    only = host_env(host(), instance(uplinks=("eth0",), addresses=(A("192.0.2.11"),)))
+    assert only["NSWRAP_HOST_ADDRESSES_eth0"] == "192.0.2.11" and only["NSWRAP_HOST_ADDRESSES"] == "192.0.2.11"
+    monkeypatch.setenv("NSWRAP_HOST_ADDRESSES", "forged")
+    monkeypatch.setenv("NSWRAP_PORTS", "53")
+    env = server_env(every)
+    assert env["NSWRAP_HOST_ADDRESSES"] == every["NSWRAP_HOST_ADDRESSES"] and "NSWRAP_PORTS" not in env

@@ -529,3 +529,28 @@ def test_vanished_namespaces(root):
         live.close()
     remove_dir("c2", root)
     assert sorted(os.listdir(root)) == ["c1", "c3", "not-a-netns"]
+
+
+def test_list_aligns_its_columns_to_the_widest_cell():
+    from nswrap.commands import _table
+
+    def uplink(name, addresses, gateways, started, live):
+        return {"name": name, "addresses": addresses, "gateways": gateways, "flows_started": started, "flows": live}
+
+    rows = [
+        {"id": "aaaaaa", "pid": 7, "started": "2025-01-01T00:00:00+00:00", "ports": ["53/udp", "53/tcp"],
+         "command": ["unbound", "-d"], "flows_counted": True, "forged": 0,
+         "uplinks": [uplink("eth0", ["192.0.2.10", "2001:db8:1::10"], ["192.0.2.1"], 12345, 3),
+                     uplink("a-long-name0", ["198.51.100.10"], [], 0, 0)]},
+        {"id": "bbbbbb", "pid": 1234567, "started": "2025-01-01T00:00:00+00:00", "ports": ["10000-10100/udp"],
+         "command": ["sip"], "flows_counted": False, "forged": 2, "uplinks": [uplink("eth1", ["198.51.100.10"], [], 1, 1)]},
+    ]
+    out = _table(rows)
+    assert out[0].split() == ["ID", "PID", "SINCE", "PORTS", "COMMAND"]
+    heads = [out[0], out[1], out[4]]
+    assert len({h.index("SINCE") if i == 0 else h.index("2025") for i, h in enumerate(heads)}) == 1, out
+    commands = ("", "unbound", "sip")
+    assert len({h.index("COMMAND") if i == 0 else h.index(c) for i, (h, c) in enumerate(zip(heads, commands, strict=True))}) == 1
+    uplinks = [out[2], out[3], out[5]]
+    assert len({line.index("flows:") for line in uplinks}) == 1 and len({line.index("live") for line in uplinks}) == 1, out
+    assert out[6] == "    dropped 2 packets the server sent from an address not its own"

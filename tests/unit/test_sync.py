@@ -143,7 +143,7 @@ def test_a_second_instance_only_adds_elements(first):
     both = (instance(), instance("bbbbbb", "123", subnet="198.18.0.8/30"))
     second = sync.plan(now, table, plan.after, both, MASK)
     [batch] = second.changes
-    assert isinstance(batch, NftBatch) and batch.what == "elements"
+    assert isinstance(batch, NftBatch) and batch.what.startswith("elements (")
     assert all(line.startswith("add element") for line in batch.text.splitlines())
     assert all(line.startswith("delete element") for line in batch.undo_text.splitlines())
     assert second.after == plan.after  # firewall_rooms None: the rooms stay as they are
@@ -172,7 +172,7 @@ def test_a_table_made_for_another_udp_timeout_is_rebuilt(first):
     assert sync.intact(table, plan.after, (instance(),)) and not sync.intact(table, plan.after, longer)
     both = (instance(), instance("bbbbbb", "123", subnet="198.18.0.8/30"))
     [batch] = sync.plan(now, table, plan.after, both, MASK).changes
-    assert batch.what == "elements"
+    assert batch.what.startswith("elements (")
 
 
 # --- the last instance ---------------------------------------------------------------------------
@@ -344,3 +344,19 @@ def test_a_vlan_uplink_gets_forwarding():
     plan = sync.plan(vlan, None, None, (instance(uplinks=("eth0.100",), outbound=False),), MASK)
     assert {c.key for c in of(SetSysctl, plan.changes)} == {"net/ipv4/conf/eth0.100/forwarding",
                                                             "net/ipv4/conf/eth0.100/src_valid_mark"}
+
+
+def test_an_element_batch_says_what_it_changes_in_one_line():
+    from nswrap.changes import NftBatch, one_line
+    from nswrap.ruleset import Element
+    from nswrap.sync import _counted
+
+    have = {"ports": frozenset({Element(("udp", "53"))}), "closed": frozenset()}
+    want = {"ports": frozenset({Element(("udp", "54")), Element(("tcp", "53"))}), "closed": frozenset()}
+    what = _counted(have, {"new_1", "flow_1"}, want, {"new_1", "flow_1"})
+    assert what == "elements (2 added, 1 deleted)"
+    assert one_line(NftBatch("add element inet nswrap ports { udp . 54 }\n", what=what).render()) == \
+        "nft elements (2 added, 1 deleted)"
+    rule = "ip rule add fwmark 0x10000000/0xf0000000 lookup 5000"
+    assert one_line(rule) == rule
+    assert _counted(have, {"new_1"}, have, {"new_1", "new_2"}) == "elements (none; chains of 1 uplink added or deleted)"
