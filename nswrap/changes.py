@@ -11,10 +11,10 @@ import errno
 import os
 import shlex
 import socket
+from dataclasses import dataclass
 
 from nswrap import iptables, nft
 from nswrap.datapath import Instance, Room, Switch6
-from nswrap.datatypes import datatype
 from nswrap.errors import NswrapError
 from nswrap.facts import HOST_PREFIX, PROC_SYS, read_sysctl, sysctl_key
 from nswrap.objects import Route, Rule
@@ -39,7 +39,7 @@ class Change:
         raise NotImplementedError
 
 
-@datatype
+@dataclass(frozen=True)
 class AddRule(Change):
     rule: Rule
 
@@ -56,7 +56,7 @@ class AddRule(Change):
         return self.rule.render("del")
 
 
-@datatype
+@dataclass(frozen=True)
 class DeleteRule(Change):
     rule: Rule
 
@@ -73,7 +73,7 @@ class DeleteRule(Change):
         return self.rule.render("add")
 
 
-@datatype
+@dataclass(frozen=True)
 class AddRoute(Change):
     route: Route
 
@@ -94,7 +94,7 @@ class AddRoute(Change):
         return self.route.render("del")
 
 
-@datatype
+@dataclass(frozen=True)
 class DeleteRoute(Change):
     route: Route
 
@@ -150,7 +150,7 @@ def read_only_message(keys: list[str]) -> str:
     return f"cannot write {sysctl_name(keys[0])}: /proc/sys is read-only here (a container?); start it with {wanted}"
 
 
-@datatype
+@dataclass(frozen=True)
 class SetSysctl(Change):
     """Set a sysctl; undo puts back `before`, but only if nobody changed it since."""
 
@@ -175,7 +175,7 @@ class SetSysctl(Change):
         return f"sysctl -w {sysctl_name(self.key)}={self.before}"
 
 
-@datatype
+@dataclass(frozen=True)
 class Forwarding6(Change):
     """net.ipv6.conf.all.forwarding, the one IPv6 forwarding switch before Linux 6.17, on
     (`on`) or back off. Writing it rewrites every interface's `forwarding` and `default`'s
@@ -236,7 +236,7 @@ class Forwarding6(Change):
         return "\n".join(lines)
 
 
-@datatype
+@dataclass(frozen=True)
 class NftBatch(Change):
     """One nft transaction; `undo_text` (may be empty) reverses it."""
 
@@ -271,7 +271,7 @@ def one_line(rendered: str) -> str:
     return f"nft {what}" if sep and first.startswith("nft -f -") else first
 
 
-@datatype
+@dataclass(frozen=True)
 class InsertRoom(Change):
     room: Room
 
@@ -288,7 +288,7 @@ class InsertRoom(Change):
         return f"{self.room.binary} -D {self.room.chain} {shlex.join(self.room.rule)}"
 
 
-@datatype
+@dataclass(frozen=True)
 class DeleteRoom(Change):
     room: Room
 
@@ -305,7 +305,7 @@ class DeleteRoom(Change):
         return InsertRoom(self.room).render()
 
 
-@datatype
+@dataclass(frozen=True)
 class FlushMark(Change):
     """Forget the flows of an uplink nswrap no longer serves: their routing table is gone."""
 
@@ -325,7 +325,7 @@ class FlushMark(Change):
         return "# (forgotten flows start over)"
 
 
-@datatype
+@dataclass(frozen=True)
 class ForgetFlows(Change):
     """Forget conntrack entries (already gone is fine): stale flows at a start, an instance's own
     at its stop. `what` says which, as a person would write it."""
@@ -349,7 +349,7 @@ class ForgetFlows(Change):
 SERVER_IF = "eth0"  # the server's end of the veth, inside its namespace
 
 
-@datatype
+@dataclass(frozen=True)
 class ServerNetwork(Change):
     """An instance's own network: the veth pair, its addresses and permanent neighbours (no ARP,
     no duplicate address detection: it forwards the moment it exists), the server's default
@@ -488,7 +488,7 @@ def _server_sysctl(key: str, value: str) -> None:
     write_sysctl(key, value)
 
 
-@datatype
+@dataclass(frozen=True)
 class DeleteLink(Change):
     """An instance's veth once its server is gone (a dead one's: its record names it); there is
     nothing to put back."""
@@ -511,7 +511,7 @@ class DeleteLink(Change):
         return "# (a veth whose server is gone: nothing to put back)"
 
 
-@datatype
+@dataclass(frozen=True)
 class DeleteIptables(Change):
     """An iptables rule an older nswrap left (tagged with its instance id)."""
 

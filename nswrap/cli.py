@@ -87,10 +87,11 @@ class Option(click.Option):
         try:
             return super().type_cast_value(ctx, value)
         except click.BadParameter as e:
+            message = e.message
             for item in value if isinstance(value, (tuple, list)) else (value,):
                 if isinstance(item, str):
-                    e.message = e.message.replace(repr(item), quoted(item))
-            raise
+                    message = message.replace(repr(item), quoted(item))
+            raise click.BadParameter(message, ctx=e.ctx, param=e.param) from None
 
 
 def option(*decls: str, **attrs: Any) -> Callable:

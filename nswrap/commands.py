@@ -108,7 +108,8 @@ def cleanup() -> int:
 def _flows(records: list[Record], marks: dict[int, str], deadline: float) -> tuple[dict[tuple[str, str], int], bool]:
     """Live flows per (instance, uplink), from one kernel-filtered dump of the DNATed flows of
     both families (their replies come from the instance's server); whether counting finished."""
-    owner = {r.instance.server(v).packed: r for r in records for v in r.instance.families}
+    owner = {address.packed: r for r in records for v in r.instance.families
+             if (address := r.instance.server(v)) is not None}
     counts: dict[tuple[str, str], int] = {}
     with netlink.Conntrack() as ct:
         tally, complete = ct.tally_dnat(deadline)
@@ -147,7 +148,7 @@ def _rows(state: State, facts: Facts) -> list[dict]:
             if element.comment == record.id and name.startswith(("keep", "remap", "any")):
                 uplink = element.key[0].strip('"')
                 started[uplink] = started.get(uplink, 0) + packets
-        uplinks = []
+        uplinks: list[dict] = []
         for version in record.instance.families:
             for name in instance_uplinks(facts, record.instance, version):
                 if any(u["name"] == name for u in uplinks):

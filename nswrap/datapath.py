@@ -21,9 +21,9 @@ cost does not grow with the number of instances.
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass, field, replace
 
 from nswrap.config import DEFAULT_UDP_TIMEOUT, PortRange, UplinkSpec, valid_ifname
-from nswrap.datatypes import datatype, field, replace
 from nswrap.errors import NswrapError, UsageError, listed
 from nswrap.facts import HOST_PREFIX, Facts, sysctl_key
 from nswrap.objects import (
@@ -50,7 +50,7 @@ LOOPBACK4 = ipaddress.IPv4Address("127.0.0.1")
 # --- inputs ----------------------------------------------------------------------------------
 
 
-@datatype
+@dataclass(frozen=True)
 class Instance:
     """A live instance, as its record says (state.py validates records before they get here)."""
 
@@ -89,7 +89,7 @@ class Instance:
         return (4, 6) if self.subnet6 is not None else (4,)
 
 
-@datatype
+@dataclass(frozen=True)
 class Uplink:
     """An uplink of the shared datapath: its mark index (mark = index << the mask's shift) and table."""
 
@@ -98,7 +98,7 @@ class Uplink:
     table: int
 
 
-@datatype
+@dataclass(frozen=True)
 class SysctlChange:
     key: str
     original: str  # what the host had before nswrap changed it: what is restored
@@ -124,7 +124,7 @@ class SysctlChange:
         return replace(self, key="/".join(parts))
 
 
-@datatype
+@dataclass(frozen=True)
 class Setting6:
     """An interface's IPv6 settings before nswrap held the global forwarding switch."""
 
@@ -134,7 +134,7 @@ class Setting6:
     accept_ra: str
 
 
-@datatype
+@dataclass(frozen=True)
 class Switch6:
     """nswrap holds net.ipv6.conf.all.forwarding (docs/design.md, "IPv6 forwarding before 6.17"):
     what every interface, and `default`, had before, so that all of it comes back. Writing
@@ -151,7 +151,7 @@ class Switch6:
                     Setting6(ifname, ifindex, self.default_forwarding, self.default_accept_ra))
 
 
-@datatype
+@dataclass(frozen=True)
 class Room:
     """An iptables ACCEPT nswrap inserted where another firewall would drop its flows."""
 
@@ -160,7 +160,7 @@ class Room:
     rule: tuple[str, ...]
 
 
-@datatype
+@dataclass(frozen=True)
 class Allocation:
     """What the shared part uses; kept in the state directory (state.py) while an instance lives."""
 
@@ -196,7 +196,7 @@ def mark_capacity(mask: int) -> int:
 # --- outputs ---------------------------------------------------------------------------------
 
 
-@datatype(order=True)
+@dataclass(frozen=True, order=True)
 class Element:
     """One element of an nftables set or map, as the words nft reads (`key` . joined)."""
 
@@ -205,7 +205,7 @@ class Element:
     comment: str = ""
 
 
-@datatype
+@dataclass(frozen=True)
 class Datapath:
     allocation: Allocation
     rules: frozenset[Rule]
@@ -221,7 +221,7 @@ class Datapath:
         return {u.ifname: self.allocation.mark(u.index) for u in self.allocation.uplinks}
 
 
-@datatype(frozen=False)
+@dataclass
 class _Builder:
     facts: Facts
     allocation: Allocation

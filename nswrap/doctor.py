@@ -148,8 +148,11 @@ def doctor(config: Config) -> int:
     check("plan (uplinks, addresses, marks, subnet)", planning)
     dp = found.get("dp")
     if dp is not None:
-        check("nftables", lambda: (nft.check(ruleset.table_text(dp)),
-                                   "the kernel accepts the table (NAT, maps, conntrack marks, timeouts): checked, not loaded")[1])
+        def nftables() -> str:
+            nft.check(ruleset.table_text(dp))
+            return "the kernel accepts the table (NAT, maps, conntrack marks, timeouts): checked, not loaded"
+
+        check("nftables", nftables)
         check("sysctls", lambda: _sysctls(sorted(k for k, v in dp.sysctls.items() if facts.sysctl(k) != v)))
         check("reverse-path filtering", lambda: _rp_filter(facts, [u.ifname for u in dp.allocation.uplinks]))
 

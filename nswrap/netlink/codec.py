@@ -12,9 +12,8 @@ import errno
 import ipaddress
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
-
-from nswrap.datatypes import datatype
 
 NETLINK_ROUTE, NETLINK_SOCK_DIAG, NETLINK_NETFILTER = 0, 4, 12
 NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
@@ -127,7 +126,7 @@ def address(payload: bytes | None) -> ipaddress.IPv4Address | ipaddress.IPv6Addr
 # --- messages --------------------------------------------------------------------------------
 
 
-@datatype(frozen=False)
+@dataclass
 class Message:
     kind: int
     flags: int

@@ -7,6 +7,7 @@ pyroute2 is a test dependency only: nswrap never imports it.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import pathlib
@@ -53,7 +54,7 @@ def theirs(datagrams: list[bytes], kinds: set[int], marshal: type = MarshalRtnl)
 
 def plain(obj: object) -> dict[str, object]:
     return {k: (v if v is None or isinstance(v, bool | int | str | dict) else str(v))
-            for k, v in ((k, getattr(obj, k)) for k in obj.__datatype_fields__)}  # type: ignore[attr-defined]
+            for k, v in ((k, getattr(obj, k)) for k in (f.name for f in dataclasses.fields(obj)))}
 
 
 # --- links -----------------------------------------------------------------------------------

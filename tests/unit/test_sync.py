@@ -7,6 +7,8 @@ converge: planning again on the result asks for nothing.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from nswrap import nft, ruleset, sync
@@ -23,7 +25,6 @@ from nswrap.changes import (
     SetSysctl,
 )
 from nswrap.datapath import Allocation, Element, SysctlChange
-from nswrap.datatypes import replace
 from nswrap.errors import NswrapError
 from nswrap.facts import Facts
 from nswrap.firewall import Blocker, FirewallFacts, rooms
