@@ -7,6 +7,7 @@ success: an object may have vanished with its namespace, or another instance rem
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shlex
@@ -415,6 +416,10 @@ class ServerNetwork(Change):
                 r.do(*requests)
             if self.ipv6_forwarding and 6 in i.families:
                 write_sysctl(f"net/ipv6/conf/{i.veth}/force_forwarding", "1")
+            # the host never learns a route or an address from a server's router advertisement
+            # (nswrap's guard drops those too: docs/design.md, "What a server may send")
+            with contextlib.suppress(NswrapError, OSError):  # a read-only /proc/sys: the guard alone
+                write_sysctl(f"net/ipv6/conf/{i.veth}/accept_ra", "0")
             with namespaces.inside(self.netns_fd):
                 if self.unprivileged_ports:
                     _server_sysctl("net/ipv4/ip_unprivileged_port_start", "0")
@@ -464,6 +469,8 @@ class ServerNetwork(Change):
             lines.append(f"{prefix} link set {ifname} up")
             if side == "host" and self.ipv6_forwarding and 6 in i.families:
                 lines.append(f"sysctl -qw net.ipv6.conf.{i.veth}.force_forwarding=1")
+            if side == "host":
+                lines.append(f"sysctl -qw net.ipv6.conf.{i.veth}.accept_ra=0")
         for v in i.families:
             lines.append(_default_via(i.host_end(v)).render("add", ns))
         if self.unprivileged_ports:

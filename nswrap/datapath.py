@@ -146,8 +146,9 @@ class Switch6:
 
     def before(self, ifname: str, ifindex: int) -> Setting6:
         """What an interface had, or would have had: one that came while nswrap held the switch
-        took `default`'s values, which nswrap changed."""
-        return next((s for s in self.interfaces if s.ifindex == ifindex and s.ifname == ifname),
+        took `default`'s values, which nswrap changed. Known by its index, so that one renamed
+        meanwhile (`ip link set eth1 name wan1`) gets its own values back under its new name."""
+        return next((s for s in self.interfaces if s.ifindex == ifindex),
                     Setting6(ifname, ifindex, self.default_forwarding, self.default_accept_ra))
 
 

@@ -27,6 +27,7 @@ from nswrap.ruleset import TABLE
 log = logging.getLogger("nswrap")
 
 SETTLE, MAX_WAIT, RETRY, POLL = 0.1, 1.0, 1.0, 2.0
+GUARD_SETS = ("guarded4", "guarded6", "held")  # sync.guard_missing: elements only a host change changes
 
 
 def classify(event: netlink.Event, own_indexes: set[int], my_veth: str) -> str | None:
@@ -52,9 +53,13 @@ def classify(event: netlink.Event, own_indexes: set[int], my_veth: str) -> str |
     if event.what == "rule":
         return None if event.proto == PROTO and not event.deleted else "host"
     if event.what == "nft":
-        # other instances add and delete elements; anything else deleted is someone else's doing
-        if event.table == TABLE and event.deleted and event.nft != "delsetelem":
-            return "table"
+        # other instances add and delete elements; anything else deleted is someone else's doing.
+        # An element deleted from the guard's own sets (someone's `nft flush set`; instances never
+        # touch them) makes the follower look: they are compared with what they must hold
+        if event.table == TABLE and event.deleted:
+            if event.nft != "delsetelem":
+                return "table"
+            return "host" if event.set in GUARD_SETS else None
         return None
     return None
 

@@ -439,6 +439,13 @@ class Life:
                     if why == "table":
                         log.warning("nswrap's nft table was flushed or deleted (a firewall reload?): putting it back")
                 facts = gather(self.kernel.routing)
+                emptied = sync.guard_missing(table, allocation, facts) if guarded and table is not None else []
+                if emptied:  # a set of the guard flushed: the same, and the facts again with forwarding off
+                    guarded = False
+                    self._stop_forwarding(allocation)
+                    log.warning("nswrap's guard lost elements (set %s: someone's `nft flush set`?): putting them back",
+                                ", ".join(emptied))
+                    facts = gather(self.kernel.routing)
                 plan = sync.plan(facts, table, allocation, live, self.config.mark_mask)
             except Exception as e:
                 self._fail_closed_if(not guarded, allocation, e)

@@ -91,14 +91,17 @@ def _render(chain: Chain) -> list[str]:
 def _sources() -> list[Chain]:
     """prerouting, before conntrack: a server sends from its own address only, whatever
     rp_filter says (IPv6 has none), so that a forged packet never reaches conntrack, where it
-    would pass as another flow's reply (another instance's, say), nor leaves the host. IPv6
-    link-local traffic (neighbour discovery) stays on the link: the kernel never forwards it."""
+    would pass as another flow's reply (another instance's, say), nor leaves the host. From a
+    link-local (or unspecified) source only neighbour solicitations and advertisements and MLD
+    reports pass, to the link: never a router advertisement or a redirect, which would make the
+    host route through the server (a hostile review did it: docs/design.md)."""
     return [
         *_chain("sources", "filter hook prerouting priority raw", ['iifname "nsw-*" goto from_veth']),
         *_chain("from_veth", None, [
             "iifname . ip saddr @sources4 accept",
             "iifname . ip6 saddr @sources6 accept",
-            "ip6 saddr { ::, fe80::/10 } ip6 daddr { fe80::/10, ff02::/16 } accept",
+            "ip6 saddr { ::, fe80::/10 } ip6 daddr { fe80::/10, ff02::/16 } icmpv6 type { nd-neighbor-solicit, "
+            "nd-neighbor-advert, mld-listener-report, mld2-listener-report, mld-listener-done } accept",
             "update @forged { iifname } drop",
         ]),
     ]
@@ -205,8 +208,13 @@ def _guard(mask: int) -> list[Chain]:
         ]),
         *_chain("into_server", None, [
             clear,
-            "ct status dnat accept",  # a published flow (its other direction leaves the server)
-            "ct direction reply accept",
+            "ct direction original ct status dnat accept",  # a published flow (its answers leave the server)
+            # answers: to the server's own connections out of the host (masqueraded), or from another
+            # server (through the host's address, DNATed): never an unNATed flow's "answer" arriving
+            # from outside, which conntrack would take from anyone with the right addresses (a LAN peer
+            # forging the host's address as the source of a server's connection to it)
+            "ct direction reply ct status snat accept",
+            'ct direction reply ct status dnat iifname "nsw-*" accept',
             "ct state related accept",
             "drop",
         ]),

@@ -272,6 +272,23 @@ def intact(table: nft.Table, allocation: Allocation | None, instances: tuple[Ins
     return table.version == ruleset.version(allocation.mark_mask, shared_udp_timeout(instances)) and _intact(table, empty)
 
 
+def guard_missing(table: nft.Table, allocation: Allocation | None, facts: Facts) -> list[str]:
+    """The guard's sets that miss an element the forwarding nswrap turned on needs now (someone
+    flushed one): an interface nswrap made forward, or the global IPv6 switch it holds, not
+    covered. (A host change that brings a new uplink is not one: nswrap turns its forwarding on
+    only once the guard covers it.) What else differs is put back by the plan."""
+    if allocation is None:
+        return []
+    missing = []
+    for version in (4, 6):
+        have = {e.key[0] for e in table.elements.get(f"guarded{version}", frozenset())}
+        if {f'"{name}"' for name in guarded(allocation, facts, version)} - have:
+            missing.append(f"guarded{version}")
+    if allocation.switch6 is not None and not table.elements.get("held"):
+        missing.append("held")
+    return missing
+
+
 def run(plan_: Plan, tx: Transaction, save: Callable[[Allocation | None], None]) -> None:
     """Carry out a plan: the allocation is saved first (everything that may become nswrap's,
     with the original of every sysctl about to change), then the changes, then the final

@@ -44,6 +44,7 @@ NFNLGRP_NFTABLES = 7
 NFT_MSG = {0: "newtable", 2: "deltable", 3: "newchain", 5: "delchain", 6: "newrule", 8: "delrule", 9: "newset",
            11: "delset", 12: "newsetelem", 14: "delsetelem", 15: "newgen", 18: "newobj", 20: "delobj"}
 NFTA_TABLE = 1  # NFTA_TABLE_NAME, NFTA_CHAIN_TABLE, NFTA_RULE_TABLE, NFTA_SET_TABLE, ...: always 1
+NFTA_SET_ELEM_LIST_SET = 2
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class Event:
     proto: int = 0  # routes and rules: the rtnetlink protocol tag
     table: str = ""  # nft deletions: the table's name
     nft: str = ""  # nft events: the message (newtable, delchain, delsetelem, newgen, ...)
+    set: str = ""  # delsetelem: the set
 
 
 def parse_event(m: Message) -> Event:
@@ -83,10 +85,12 @@ def parse_event(m: Message) -> Event:
     if kind >> 8 == NFNL_SUBSYS_NFTABLES:
         name = NFT_MSG.get(kind & 0xFF, "")
         deleted = name.startswith("del")
-        if not deleted or name == "delsetelem":  # one event per element: only the kind matters
+        if not deleted:
             return Event("nft", deleted, nft=name)
         unpack(NFGEN, m.body)
-        return Event("nft", True, table=string(parse_attrs(m.body, NFGEN.size).get(NFTA_TABLE)), nft=name)
+        a = parse_attrs(m.body, NFGEN.size)  # the table (and, for elements, the set) is attribute 1 (2)
+        return Event("nft", True, table=string(a.get(NFTA_TABLE)), nft=name,
+                     set=string(a.get(NFTA_SET_ELEM_LIST_SET)) if name == "delsetelem" else "")
     return Event("other")
 
 

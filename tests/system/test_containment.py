@@ -231,3 +231,48 @@ def test_a_reply_with_no_route_through_its_uplink_is_dropped_and_counted(lab, tm
     finally:
         lab.sysctl(lab.host, restore)
         lab.exec(lab.ns("r1"), ["nft", "delete", "table", "inet", "capture"])
+
+
+OWN_FLOW = r"""
+import socket, sys, time
+own = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); own.connect(("2001:db8:1::10", 9)); me = own.getsockname()[0]
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.bind(("::", 40000)); s.settimeout(0.2)
+print("ready", me, flush=True)
+end = time.monotonic() + 60
+while time.monotonic() < end:  # bounded: a flow of the server's own to the host, kept alive
+    s.sendto(b"to the host", ("2001:db8:1::10", 7777))
+    try:
+        print("GOT", s.recvfrom(200)[0].decode(), flush=True)
+    except TimeoutError:
+        print("tick", flush=True)  # one more read that found nothing: the test counts them
+"""
+FORGE = r"""
+import socket, sys
+src, dst = sys.argv[1], sys.argv[2]
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.bind((src, 7777))
+for i in range(3):
+    s.sendto(b"forged %d" % i, (dst, 40000))
+"""
+
+
+def test_a_lan_peer_cannot_answer_a_servers_own_connection_in_the_hosts_name(lab, tmp_path):
+    """Found by a hostile review: a server's own (unNATed) flow to the host's address has a reply
+    direction that conntrack grants anyone with the right addresses; c3, posing as the host's
+    2001:db8:1::10, had its datagrams forwarded into the server (IPv6 has no rp_filter)."""
+    proc = start(lab, tmp_path, "--ports", "5300", "--", sys.executable, "-c", OWN_FLOW)
+    wait_ready(tmp_path)
+    me = output(tmp_path).split("ready ")[1].split()[0]
+    c3 = lab.ns("c3")
+    wait_until(lambda: "7777" in lab.exec(lab.host, ["conntrack", "-L", "-f", "ipv6", "-p", "udp", "--dport", "7777"],
+                                          check=False).stdout, 10, what="the server's own flow to the host")
+    lab.exec(c3, ["ip", "-6", "addr", "add", "2001:db8:1::10/128", "dev", "eth0", "nodad"])
+    try:
+        lab.exec(c3, [sys.executable, "-c", FORGE, "2001:db8:1::10", me])
+        lab.exec(c3, [sys.executable, "-c", FORGE, "2001:db8:3::66", me])  # and a new flow from its own address
+        ticks = output(tmp_path).count("tick")
+        wait_until(lambda: output(tmp_path).count("tick") >= ticks + 3, 10, what="the server read on after the forgeries")
+        assert "forged" not in output(tmp_path), "a LAN peer's forgery reached the server"
+    finally:
+        lab.exec(c3, ["ip", "-6", "addr", "del", "2001:db8:1::10/128", "dev", "eth0"])
+    assert lab.stop(proc) == 128 + 15

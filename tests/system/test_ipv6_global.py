@@ -251,3 +251,61 @@ def test_an_interface_put_back_to_accept_ra_1_while_held_gets_2_again(ra_lab, di
                what="nswrap sets accept_ra=2 again")
     assert ra_default(lab)
     assert lab.stop(proc) == 0, output(dirs, "a", stream="err")
+
+
+RA_SENDER = r"""
+import socket, struct, subprocess, sys, time
+subprocess.run(["ip", "-6", "addr", "add", "fe80::bad/64", "dev", "eth0", "nodad"], check=True)
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+index = socket.if_nametoindex("eth0")
+s.bind(("fe80::bad", 0, 0, index))
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, index)
+ra = struct.pack("!BBHBBHII", 134, 0, 0, 64, 0x08, 1800, 0, 0)  # preference high, router lifetime 1800 s
+prefix = struct.pack("!BBBBIII", 3, 4, 64, 0xC0, 86400, 14400, 0) + socket.inet_pton(socket.AF_INET6, "2001:db8:66::")
+redirect = struct.pack("!BBHI", 137, 0, 0, 0) + socket.inet_pton(socket.AF_INET6, "fe80::bad") \
+    + socket.inet_pton(socket.AF_INET6, "2001:db8:a::2")
+print("ready", flush=True)
+for _ in range(5):  # bounded
+    s.sendto(ra + prefix, ("ff02::1", 0, 0, index))
+    s.sendto(redirect, ("ff02::1", 0, 0, index))
+print("sent", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("mode", ["auto", "off", "global"])
+def test_a_server_cannot_advertise_itself_as_the_hosts_router(lab, tmp_path, mode):
+    """Found by a hostile review: a server's router advertisement (preference high, a prefix)
+    became the host's IPv6 default route through the server's veth, with a SLAAC address there,
+    whatever the mode (an IPv4-only instance's veth too)."""
+    env = {**os.environ, **(OLD_KERNEL if mode == "global" else {})}
+    proc = start(lab, tmp_path, "--ipv6-forwarding", mode, "--ports", "5300", "--", sys.executable, "-c", RA_SENDER,
+                 env=env)
+    wait_until(lambda: "sent" in output(tmp_path) or proc.poll() is not None, 30, what="the server sent its RAs")
+    assert proc.poll() is None, output(tmp_path, stream="err")
+    routes = json.loads(lab.exec(lab.host, ["ip", "-json", "-6", "route", "show", "table", "all"]).stdout)
+    assert not [r for r in routes if r.get("dev", "").startswith("nsw-") and r.get("dst") in ("default", "2001:db8:66::/64")]
+    addresses = json.loads(lab.exec(lab.host, ["ip", "-json", "-6", "addr"]).stdout)
+    assert not [a for link in addresses if link["ifname"].startswith("nsw-") for a in link["addr_info"]
+                if a["local"].startswith("2001:db8:66:")]
+    got = lab.exec(lab.host, ["ip", "-6", "route", "get", "2001:db8:a::2"]).stdout
+    assert "nsw-" not in got, got
+    assert lab.stop(proc) == 128 + signal.SIGTERM
+
+
+def test_a_flushed_guard_set_routes_nothing_and_is_put_back(ra_lab, dirs):
+    """Found by a hostile review: after `nft flush set inet nswrap held`, a LAN peer's IPv6 was
+    routed for as long as nswrap ran (element deletions were all taken for other instances')."""
+    lab = ra_lab
+    proc = start_global(lab, dirs, "a", 53)
+    answering(lab, proc, dirs, "a")
+    for name in ("held", "guarded6", "guarded4"):
+        lab.exec(lab.host, ["nft", "flush", "set", "inet", "nswrap", name])
+        assert routed_by_host(lab) == 0, f"routed after a flush of {name}"
+    wait_until(lambda: '"ipv6"' in lab.exec(lab.host, ["nft", "-j", "list", "set", "inet", "nswrap", "held"]).stdout,
+               5, what="the held set is put back")
+    assert "guard lost elements" in output(dirs, "a", stream="err")
+    assert routed_by_host(lab) == 0
+    answering(lab, proc, dirs, "a")
+    assert lab.stop(proc) == 0, output(dirs, "a", stream="err")

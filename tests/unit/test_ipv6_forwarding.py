@@ -231,3 +231,24 @@ def test_plan_does_not_change_nftbatch_order_for_ipv4_only():
     plan = sync.plan(host(), None, None, (instance(ipv6=False),), MASK)
     assert not any(isinstance(c, Forwarding6) for c in plan.changes)
     assert isinstance(plan.changes[0], NftBatch)
+
+
+def test_a_renamed_interface_gets_its_own_values_back():
+    """Found by a hostile review: eth1 renamed wan1 while nswrap held the switch came back with
+    default's values. An interface is known by its index."""
+    switch = Switch6((Setting6("eth1", 3, "1", "2"),), default_forwarding="0", default_accept_ra="1")
+    assert switch.before("wan1", 3) == Setting6("eth1", 3, "1", "2")
+
+
+def test_a_flushed_guard_set_is_noticed():
+    from nswrap import nft
+
+    facts = old_kernel()
+    plan = sync.plan(facts, None, None, (global_instance(),), MASK)
+    now = applied(facts, plan)
+    table = nft.Table(elements=dict(plan.datapath.elements), version="x")
+    assert sync.guard_missing(table, plan.after, now) == []
+    flushed = nft.Table(elements={**plan.datapath.elements, "held": frozenset(), "guarded4": frozenset()})
+    assert sync.guard_missing(flushed, plan.after, now) == ["guarded4", "held"]
+    # a new uplink is not a flushed guard: nswrap has not turned its forwarding on yet
+    assert sync.guard_missing(table, plan.after, replace(now, links=(*now.links, Link(9, "eth9")))) == []

@@ -15,6 +15,7 @@ import socket
 import struct
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -256,9 +257,9 @@ def test_rtnetlink_events_as_made():
 
 def test_nftables_events_as_made():
     got = decoded_events("nft_events")
-    nft = [(e.nft, e.deleted, e.table, e.ifname) for e in got]
+    nft = [(e.nft, e.deleted, e.table, e.set) for e in got]
     for expected in [("newtable", False, "", ""), ("newchain", False, "", ""), ("newrule", False, "", ""),
-                     ("newset", False, "", ""), ("newsetelem", False, "", ""), ("delsetelem", True, "", ""),
+                     ("newset", False, "", ""), ("newsetelem", False, "", ""), ("delsetelem", True, "nswrap", "s"),
                      ("delrule", True, "nswrap", ""), ("delchain", True, "nswrap", ""), ("deltable", True, "nswrap", ""),
                      ("newgen", False, "", "")]:
         assert expected in nft, expected
@@ -268,7 +269,9 @@ def test_follow_tells_a_deleted_table_from_element_churn():
     from nswrap.follow import classify
 
     reasons = {e.nft: classify(e, set(), "nswh0") for e in decoded_events("nft_events")}
-    assert reasons["delsetelem"] is None and reasons["newsetelem"] is None
+    assert reasons["delsetelem"] is None and reasons["newsetelem"] is None  # set s: not the guard's
+    held = next(e for e in decoded_events("nft_events") if e.nft == "delsetelem")
+    assert classify(replace(held, set="held"), set(), "nswh0") == "host"  # someone flushed the guard's set
     assert reasons["deltable"] == reasons["delchain"] == reasons["delrule"] == "table"
 
 

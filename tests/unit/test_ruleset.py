@@ -195,3 +195,15 @@ def _kind(line: str) -> str:
 @pytest.mark.parametrize("name", sorted(ruleset.SETS))
 def test_set_names_are_plain_words(name):
     assert re.fullmatch(r"[a-z0-9_]+", name)
+
+
+def test_a_server_cannot_advertise_a_route_nor_answer_for_others():
+    """Found by a hostile review: a server's router advertisement became the host's default route;
+    a LAN peer forging the host's address slipped 'answers' into a server's own connections."""
+    rules = {name: rules for name, _, rules in ruleset.chains(0xF0000000)}
+    link_local = next(r for r in rules["from_veth"] if "fe80::/10" in r)
+    assert "icmpv6 type {" in link_local and "nd-router-advert" not in link_local and "redirect" not in link_local
+    into = rules["into_server"]
+    assert "ct direction reply accept" not in into
+    assert "ct direction reply ct status snat accept" in into
+    assert 'ct direction reply ct status dnat iifname "nsw-*" accept' in into
