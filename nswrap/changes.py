@@ -306,8 +306,18 @@ class DeleteRoom(Change):
         return InsertRoom(self.room).render()
 
 
+class Forgetting(Change):
+    """Conntrack entries forgotten: they start over as new flows, nothing to put back."""
+
+    def undo(self, kernel) -> None:
+        pass
+
+    def render_undo(self) -> str:
+        return "# (forgotten flows start over)"
+
+
 @dataclass(frozen=True)
-class FlushMark(Change):
+class FlushMark(Forgetting):
     """Forget the flows of an uplink nswrap no longer serves: their routing table is gone."""
 
     mark: int
@@ -316,18 +326,12 @@ class FlushMark(Change):
     def do(self, kernel) -> None:
         kernel.conntrack().flush_mark(self.mark, self.mask)
 
-    def undo(self, kernel) -> None:
-        pass  # forgotten flows start over: nothing to put back
-
     def render(self) -> str:
         return f"conntrack -D --mark {self.mark:#x}/{self.mask:#x} || true  # none left is fine"
 
-    def render_undo(self) -> str:
-        return "# (forgotten flows start over)"
-
 
 @dataclass(frozen=True)
-class ForgetFlows(Change):
+class ForgetFlows(Forgetting):
     """Forget conntrack entries (already gone is fine): stale flows at a start, an instance's own
     at its stop. `what` says which, as a person would write it."""
 
@@ -337,14 +341,8 @@ class ForgetFlows(Change):
     def do(self, kernel) -> None:
         kernel.conntrack().delete(self.flows)
 
-    def undo(self, kernel) -> None:
-        pass  # forgotten flows start over: nothing to put back
-
     def render(self) -> str:
         return f"{self.what} || true  # {len(self.flows)} flows"
-
-    def render_undo(self) -> str:
-        return "# (forgotten flows start over)"
 
 
 SERVER_IF = "eth0"  # the server's end of the veth, inside its namespace
