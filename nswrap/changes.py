@@ -12,10 +12,10 @@ import errno
 import os
 import shlex
 import socket
-from dataclasses import dataclass
 
 from nswrap import iptables, nft
 from nswrap.datapath import Instance, Room, Switch6
+from nswrap.datatypes import datatype
 from nswrap.errors import NswrapError
 from nswrap.facts import HOST_PREFIX, PROC_SYS, read_sysctl, sysctl_key
 from nswrap.objects import Route, Rule
@@ -40,7 +40,7 @@ class Change:
         raise NotImplementedError
 
 
-@dataclass(frozen=True)
+@datatype
 class AddRule(Change):
     rule: Rule
 
@@ -57,7 +57,7 @@ class AddRule(Change):
         return self.rule.render("del")
 
 
-@dataclass(frozen=True)
+@datatype
 class DeleteRule(Change):
     rule: Rule
 
@@ -74,7 +74,7 @@ class DeleteRule(Change):
         return self.rule.render("add")
 
 
-@dataclass(frozen=True)
+@datatype
 class AddRoute(Change):
     route: Route
 
@@ -95,7 +95,7 @@ class AddRoute(Change):
         return self.route.render("del")
 
 
-@dataclass(frozen=True)
+@datatype
 class DeleteRoute(Change):
     route: Route
 
@@ -151,7 +151,7 @@ def read_only_message(keys: list[str]) -> str:
     return f"cannot write {sysctl_name(keys[0])}: /proc/sys is read-only here (a container?); start it with {wanted}"
 
 
-@dataclass(frozen=True)
+@datatype
 class SetSysctl(Change):
     """Set a sysctl; undo puts back `before`, but only if nobody changed it since."""
 
@@ -176,7 +176,7 @@ class SetSysctl(Change):
         return f"sysctl -w {sysctl_name(self.key)}={self.before}"
 
 
-@dataclass(frozen=True)
+@datatype
 class Forwarding6(Change):
     """net.ipv6.conf.all.forwarding, the one IPv6 forwarding switch before Linux 6.17, on
     (`on`) or back off. Writing it rewrites every interface's `forwarding` and `default`'s
@@ -237,7 +237,7 @@ class Forwarding6(Change):
         return "\n".join(lines)
 
 
-@dataclass(frozen=True)
+@datatype
 class NftBatch(Change):
     """One nft transaction; `undo_text` (may be empty) reverses it."""
 
@@ -272,7 +272,7 @@ def one_line(rendered: str) -> str:
     return f"nft {what}" if sep and first.startswith("nft -f -") else first
 
 
-@dataclass(frozen=True)
+@datatype
 class InsertRoom(Change):
     room: Room
 
@@ -289,7 +289,7 @@ class InsertRoom(Change):
         return f"{self.room.binary} -D {self.room.chain} {shlex.join(self.room.rule)}"
 
 
-@dataclass(frozen=True)
+@datatype
 class DeleteRoom(Change):
     room: Room
 
@@ -316,7 +316,7 @@ class Forgetting(Change):
         return "# (forgotten flows start over)"
 
 
-@dataclass(frozen=True)
+@datatype
 class FlushMark(Forgetting):
     """Forget the flows of an uplink nswrap no longer serves: their routing table is gone."""
 
@@ -330,7 +330,7 @@ class FlushMark(Forgetting):
         return f"conntrack -D --mark {self.mark:#x}/{self.mask:#x} || true  # none left is fine"
 
 
-@dataclass(frozen=True)
+@datatype
 class ForgetFlows(Forgetting):
     """Forget conntrack entries (already gone is fine): stale flows at a start, an instance's own
     at its stop. `what` says which, as a person would write it."""
@@ -348,7 +348,7 @@ class ForgetFlows(Forgetting):
 SERVER_IF = "eth0"  # the server's end of the veth, inside its namespace
 
 
-@dataclass(frozen=True)
+@datatype
 class ServerNetwork(Change):
     """An instance's own network: the veth pair, its addresses and permanent neighbours (no ARP,
     no duplicate address detection: it forwards the moment it exists), the server's default
@@ -493,7 +493,7 @@ def _server_sysctl(key: str, value: str) -> None:
     write_sysctl(key, value)
 
 
-@dataclass(frozen=True)
+@datatype
 class DeleteLink(Change):
     """An instance's veth once its server is gone (a dead one's: its record names it); there is
     nothing to put back."""
@@ -516,7 +516,7 @@ class DeleteLink(Change):
         return "# (a veth whose server is gone: nothing to put back)"
 
 
-@dataclass(frozen=True)
+@datatype
 class DeleteIptables(Change):
     """An iptables rule an older nswrap left (tagged with its instance id)."""
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from dataclasses import dataclass
 
+from nswrap.datatypes import datatype
 from nswrap.errors import QUOTED, UsageError, cut, quoted
 from nswrap.objects import IPAddress
 
@@ -29,7 +29,7 @@ DEFAULT_UDP_TIMEOUT = 20
 MIN_UDP_TIMEOUT, MAX_UDP_TIMEOUT = 10, 86400  # never below `unreplied` (10 s); at most a day
 
 
-@dataclass(frozen=True, order=True)
+@datatype(order=True)
 class PortRange:
     """Published ports `outer_lo..outer_hi` of `proto`, delivered to `inner_lo..` in the server."""
 
@@ -108,7 +108,7 @@ def parse_ports(specs: tuple[str, ...] | list[str]) -> tuple[PortRange, ...]:
     return tuple(ranges)
 
 
-@dataclass(frozen=True)
+@datatype
 class UplinkSpec:
     ifname: str
     gateway: IPAddress | None = None
@@ -285,7 +285,7 @@ def check_udp_timeout(value: int) -> int:
     return value
 
 
-@dataclass(frozen=True)
+@datatype
 class Config:
     command: tuple[str, ...]
     ports: tuple[PortRange, ...]

@@ -21,9 +21,9 @@ cost does not grow with the number of instances.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field, replace
 
 from nswrap.config import DEFAULT_UDP_TIMEOUT, PortRange, UplinkSpec, valid_ifname
+from nswrap.datatypes import datatype, field, replace
 from nswrap.errors import NswrapError, UsageError, listed
 from nswrap.facts import HOST_PREFIX, Facts, sysctl_key
 from nswrap.objects import (
@@ -50,7 +50,7 @@ LOOPBACK4 = ipaddress.IPv4Address("127.0.0.1")
 # --- inputs ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@datatype
 class Instance:
     """A live instance, as its record says (state.py validates records before they get here)."""
 
@@ -89,7 +89,7 @@ class Instance:
         return (4, 6) if self.subnet6 is not None else (4,)
 
 
-@dataclass(frozen=True)
+@datatype
 class Uplink:
     """An uplink of the shared datapath: its mark index (mark = index << the mask's shift) and table."""
 
@@ -98,7 +98,7 @@ class Uplink:
     table: int
 
 
-@dataclass(frozen=True)
+@datatype
 class SysctlChange:
     key: str
     original: str  # what the host had before nswrap changed it: what is restored
@@ -124,7 +124,7 @@ class SysctlChange:
         return replace(self, key="/".join(parts))
 
 
-@dataclass(frozen=True)
+@datatype
 class Setting6:
     """An interface's IPv6 settings before nswrap held the global forwarding switch."""
 
@@ -134,7 +134,7 @@ class Setting6:
     accept_ra: str
 
 
-@dataclass(frozen=True)
+@datatype
 class Switch6:
     """nswrap holds net.ipv6.conf.all.forwarding (docs/design.md, "IPv6 forwarding before 6.17"):
     what every interface, and `default`, had before, so that all of it comes back. Writing
@@ -152,7 +152,7 @@ class Switch6:
                     Setting6(ifname, ifindex, self.default_forwarding, self.default_accept_ra))
 
 
-@dataclass(frozen=True)
+@datatype
 class Room:
     """An iptables ACCEPT nswrap inserted where another firewall would drop its flows."""
 
@@ -161,7 +161,7 @@ class Room:
     rule: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@datatype
 class Allocation:
     """What the shared part uses; kept in the state directory (state.py) while an instance lives."""
 
@@ -197,7 +197,7 @@ def mark_capacity(mask: int) -> int:
 # --- outputs ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, order=True)
+@datatype(order=True)
 class Element:
     """One element of an nftables set or map, as the words nft reads (`key` . joined)."""
 
@@ -206,7 +206,7 @@ class Element:
     comment: str = ""
 
 
-@dataclass(frozen=True)
+@datatype
 class Datapath:
     allocation: Allocation
     rules: frozenset[Rule]
@@ -222,7 +222,7 @@ class Datapath:
         return {u.ifname: self.allocation.mark(u.index) for u in self.allocation.uplinks}
 
 
-@dataclass
+@datatype(frozen=False)
 class _Builder:
     facts: Facts
     allocation: Allocation

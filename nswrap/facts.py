@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from nswrap.datatypes import datatype, field
 from nswrap.objects import (
     FAMILIES,
     RT_TABLE_MAIN,
@@ -35,7 +35,7 @@ PROC_SYS = "/proc/sys"
 OLD_KERNEL_SEAM = "NSWRAP_TEST_NO_FORCE_FORWARDING"
 
 
-@dataclass(frozen=True)
+@datatype
 class Facts:
     links: tuple[Link, ...] = ()
     addresses: tuple[Address, ...] = ()

@@ -14,23 +14,23 @@ import json
 import re
 import shlex
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from nswrap.datapath import Room
+from nswrap.datatypes import datatype
 from nswrap.ruleset import TABLE
 
 TAG = "nswrap"  # the comment on nswrap's iptables rules
 
 
-@dataclass(frozen=True)
+@datatype
 class Blocker:
     where: str  # human words, e.g. "iptables-nft chain FORWARD (policy drop)"
     backend: str | None  # "iptables-nft" / "iptables-legacy": nswrap can make room; None: it cannot
     chain: str = "FORWARD"  # where to insert: DOCKER-USER when Docker's hook exists
 
 
-@dataclass(frozen=True)
+@datatype
 class FirewallFacts:
     nft: tuple[dict[str, Any], ...] = ()  # `nft -j list ruleset` items
     legacy: str = ""  # `iptables-legacy-save`, "" when no legacy table is loaded

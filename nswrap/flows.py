@@ -13,17 +13,17 @@ The dumps are the conntrack adapter's (netlink.Conntrack.flows); the deletion is
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from nswrap.config import PROTOCOLS, PortRange
 from nswrap.datapath import Instance
+from nswrap.datatypes import datatype
 from nswrap.facts import Facts
 from nswrap.objects import IPAddress
 
 PROTO_NUMBERS = {"udp": 17, "tcp": 6}
 
 
-@dataclass(frozen=True)
+@datatype
 class Dump:
     """One kernel-filtered dump: a family, a protocol, one port (None: every port of the
     protocol, a range is matched here) and one original destination (None: any)."""

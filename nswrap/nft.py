@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import subprocess
-from dataclasses import dataclass, field
 
 from nswrap.datapath import Element
+from nswrap.datatypes import datatype, field
 from nswrap.errors import NswrapError
 from nswrap.ruleset import TABLE, VERSION_SET
 
@@ -51,7 +51,7 @@ def check(text: str) -> None:
         raise NswrapError(_first_error(done.stderr))
 
 
-@dataclass
+@datatype(frozen=False)
 class Table:
     """nswrap's table as the kernel has it."""
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from dataclasses import dataclass
 from typing import Union
+
+from nswrap.datatypes import datatype
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -21,7 +22,7 @@ RT_TABLE_MAIN = 254
 SCOPE_UNIVERSE, SCOPE_LINK, SCOPE_HOST = 0, 253, 254
 
 
-@dataclass(frozen=True)
+@datatype
 class Family:
     """One address family: the names its tools give it."""
 
@@ -46,7 +47,7 @@ FAMILIES = {
 }
 
 
-@dataclass(frozen=True)
+@datatype
 class Link:
     index: int
     ifname: str
@@ -55,7 +56,7 @@ class Link:
     up: bool = True
 
 
-@dataclass(frozen=True)
+@datatype
 class LinkInfo:
     """A link as read, with its IPv4 per-interface settings (name -> value)."""
 
@@ -63,7 +64,7 @@ class LinkInfo:
     inet: dict[str, int]
 
 
-@dataclass(frozen=True)
+@datatype
 class Address:
     ifname: str
     address: IPInterface
@@ -79,7 +80,7 @@ class Address:
         return f"{_ip(self.version, netns)} addr {verb} {self.address} dev {self.ifname}{nodad}"
 
 
-@dataclass(frozen=True)
+@datatype
 class Route:
     """A unicast route; `table` 0 means main when written (the server namespace's own routes)."""
 
@@ -127,7 +128,7 @@ class Route:
         return " ".join(words)
 
 
-@dataclass(frozen=True)
+@datatype
 class Listener:
     """A socket of the host that clients reach: TCP listening, or UDP bound and not connected.
     An IPv4-mapped address (::ffff:a.b.c.d) is stored as the IPv4 address it is."""
@@ -145,7 +146,7 @@ class Listener:
 FR_ACT_TO_TBL, FR_ACT_UNREACHABLE = 1, 7
 
 
-@dataclass(frozen=True)
+@datatype
 class Rule:
     """A policy routing rule: `fwmark`/`dst` selectors, then a table lookup or `unreachable`."""
 
@@ -175,7 +176,7 @@ class Rule:
         return " ".join(words)
 
 
-@dataclass(frozen=True)
+@datatype
 class Neighbour:
     """A permanent neighbour entry: the veth's far end never needs ARP or neighbour discovery."""
 

@@ -15,6 +15,7 @@ import zlib
 
 from nswrap.config import DEFAULT_UDP_TIMEOUT
 from nswrap.datapath import ELEMENT_SETS, Datapath, Element, mark_value
+from nswrap.datatypes import sort_key
 
 TABLE = "nswrap"  # inet nswrap: one per network namespace
 LOOPBACK = {4: "127.0.0.0/8", 6: "::1"}
@@ -291,7 +292,7 @@ def element_text(e: Element) -> str:
 def _elements(verb: str, name: str, elements: list[Element]) -> list[str]:
     if not elements:
         return []
-    items = [element_text(e) if verb == "add" else " . ".join(e.key) for e in sorted(elements)]
+    items = [element_text(e) if verb == "add" else " . ".join(e.key) for e in sorted(elements, key=sort_key(Element))]
     return [f"{verb} element inet {TABLE} {name} {{ {', '.join(items)} }}"]
 
 

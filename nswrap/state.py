@@ -25,7 +25,6 @@ import os
 import re
 import stat
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 from nswrap.config import (
     DEFAULT_UDP_TIMEOUT,
@@ -37,6 +36,7 @@ from nswrap.config import (
     valid_ifname,
 )
 from nswrap.datapath import POOL6, Allocation, Instance, Room, Setting6, Switch6, SysctlChange, Uplink, mark_capacity
+from nswrap.datatypes import datatype, field
 from nswrap.errors import NswrapError, UsageError
 
 log = logging.getLogger("nswrap")
@@ -316,7 +316,7 @@ def remove_dir(name: str, root: str = RUN_DIR) -> None:
 # --- records ---------------------------------------------------------------------------------
 
 
-@dataclass
+@datatype(frozen=False)
 class Record:
     """What an instance publishes and where its server lives; the input of the datapath."""
 
@@ -512,7 +512,7 @@ def parse_allocation(raw: bytes) -> Allocation:
 # --- this namespace's state, as one object ----------------------------------------------------
 
 
-@dataclass
+@datatype(frozen=False)
 class State:
     dir: StateDir
     problems: list[str] = field(default_factory=list)  # invalid files found (reported, skipped)

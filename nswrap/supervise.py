@@ -31,9 +31,9 @@ import select
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from nswrap import namespaces
+from nswrap.datatypes import datatype
 from nswrap.errors import EXIT_FAILED, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, NswrapError
 
 log = logging.getLogger("nswrap")
@@ -52,7 +52,7 @@ class Interrupted(Exception):
         self.signum = signum
 
 
-@dataclass(frozen=True)
+@datatype
 class Credentials:
     uid: int
     gid: int

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from typing import Any
 
 from nswrap import nft, ruleset
@@ -48,6 +47,7 @@ from nswrap.datapath import (
     shared_udp_timeout,
     switch6_elements,
 )
+from nswrap.datatypes import datatype, replace
 from nswrap.errors import NswrapError
 from nswrap.facts import HOST_PREFIX, Facts, read_sysctl, sysctl_key
 from nswrap.firewall import FirewallFacts, blockers, how_to_fix, mark_users, rooms
@@ -56,7 +56,7 @@ from nswrap.objects import PROTO, Route, Rule
 log = logging.getLogger("nswrap")
 
 
-@dataclass(frozen=True)
+@datatype
 class Plan:
     changes: list[Change]
     datapath: Datapath

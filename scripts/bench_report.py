@@ -217,6 +217,16 @@ def costs_table(r: dict) -> list[str]:
     return lines
 
 
+def import_budget_line(r: dict) -> str:
+    """The start path's import cost against its budget (scripts/bench.py import_budget)."""
+    imports = r["startup"].get("imports")
+    if not imports:
+        return "(no import budget measured in this run)"
+    verdict = "within" if imports["within"] else "**over**"
+    return (f"The start path's imports (`nswrap.cli`, `nswrap.instance`, `nswrap.commands`) cost "
+            f"{imports['ms']:.0f} ms over a bare interpreter: {verdict} their budget of {imports['budget_ms']:.0f} ms.")
+
+
 def ipv6_table(r: dict) -> list[str]:
     """IPv6 through the global forwarding switch (kernels before 6.17) and per interface."""
     v6 = r.get("ipv6")
@@ -677,6 +687,8 @@ def benchmarks_md(r: dict, charts: str = "bench") -> str:
         "main table's, the case nswrap exists for), with a few client sockets and with many:",
         "",
         *dns_table(r),
+        "",
+        import_budget_line(r),
         "",
         "### IPv6: per-interface forwarding and the global switch",
         "",

@@ -12,8 +12,9 @@ import errno
 import ipaddress
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
+
+from nswrap.datatypes import datatype
 
 NETLINK_ROUTE, NETLINK_SOCK_DIAG, NETLINK_NETFILTER = 0, 4, 12
 NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
@@ -126,7 +127,7 @@ def address(payload: bytes | None) -> ipaddress.IPv4Address | ipaddress.IPv6Addr
 # --- messages --------------------------------------------------------------------------------
 
 
-@dataclass
+@datatype(frozen=False)
 class Message:
     kind: int
     flags: int

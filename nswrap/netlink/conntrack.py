@@ -11,8 +11,8 @@ import ipaddress
 import socket
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
 
+from nswrap.datatypes import datatype
 from nswrap.netlink import codec
 from nswrap.netlink.codec import NETLINK_NETFILTER, NETLINK_SOCK_DIAG, NFGEN, Message
 from nswrap.netlink.transport import Client, DumpTruncated, Socket
@@ -40,7 +40,7 @@ class FlowsTruncated(Exception):
         self.flows = flows
 
 
-@dataclass(frozen=True)
+@datatype
 class Flow:
     orig: bytes  # the CTA_TUPLE_ORIG attribute as the kernel sent it: enough to delete the entry
     mark: int

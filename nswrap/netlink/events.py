@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
+from nswrap.datatypes import datatype
 from nswrap.netlink.codec import NETLINK_NETFILTER, NETLINK_ROUTE, NFGEN, Malformed, Message, number, parse_attrs, string, unpack
 from nswrap.netlink.routing import (
     FRA_PROTOCOL,
@@ -47,7 +47,7 @@ NFTA_TABLE = 1  # NFTA_TABLE_NAME, NFTA_CHAIN_TABLE, NFTA_RULE_TABLE, NFTA_SET_T
 NFTA_SET_ELEM_LIST_SET = 2
 
 
-@dataclass(frozen=True)
+@datatype
 class Event:
     """What changed, as much as is needed to tell nswrap's own objects from the host's."""
 

@@ -14,10 +14,10 @@ Every forwarding-related sysctl is 0: nswrap has everything to turn on.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import replace
 
 from nswrap.config import DEFAULT_UDP_TIMEOUT, parse_ports, parse_uplink
 from nswrap.datapath import Allocation, Datapath, Instance, datapath, ula_subnet
+from nswrap.datatypes import replace
 from nswrap.facts import Facts, sysctl_keys
 from nswrap.objects import RT_TABLE_MAIN, SCOPE_HOST, SCOPE_LINK, Address, Link, Route, Rule
 

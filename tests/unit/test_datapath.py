@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import replace
 
 import pytest
 
@@ -32,6 +31,7 @@ from nswrap.datapath import (
     udp_timeout_conflict,
     ula_subnet,
 )
+from nswrap.datatypes import replace
 from nswrap.errors import NswrapError, UsageError
 from nswrap.objects import FR_ACT_UNREACHABLE, PROTO, RT_TABLE_MAIN, SCOPE_LINK, Address, Link, Listener, Route, Rule
 from tests.unit.hosts import IF, KERNEL, MASK, STATIC, A, N, fresh, host, instance, with_sysctls

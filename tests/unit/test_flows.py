@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, replace
 
 from nswrap import flows
+from nswrap.datatypes import datatype, replace
 from nswrap.objects import SCOPE_HOST
 from tests.unit.hosts import host, instance
 
 
-@dataclass(frozen=True)
+@datatype
 class F:  # what netlink.Flow offers flows.py
     dport: int
     reply_src: object = None

@@ -4,13 +4,12 @@ facts, no root."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 
 from nswrap import ruleset, sync
 from nswrap.changes import Forwarding6, NftBatch, SetSysctl
 from nswrap.datapath import Allocation, Element, Setting6, Switch6, SysctlChange, choose_forwarding6, describe_forwarding6
+from nswrap.datatypes import replace
 from nswrap.errors import UsageError
 from nswrap.facts import Facts
 from nswrap.objects import Link

@@ -7,7 +7,6 @@ pyroute2 is a test dependency only: nswrap never imports it.
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import json
 import pathlib
@@ -15,10 +14,10 @@ import socket
 import struct
 import subprocess
 import sys
-from dataclasses import replace
 
 import pytest
 
+from nswrap.datatypes import replace
 from nswrap.netlink import codec, conntrack, events, routing, transport
 from nswrap.objects import Address, Neighbour, Route, Rule
 
@@ -55,7 +54,7 @@ def theirs(datagrams: list[bytes], kinds: set[int], marshal: type = MarshalRtnl)
 
 def plain(obj: object) -> dict[str, object]:
     return {k: (v if v is None or isinstance(v, bool | int | str | dict) else str(v))
-            for k, v in ((k, getattr(obj, k)) for k in (f.name for f in dataclasses.fields(obj)))}
+            for k, v in ((k, getattr(obj, k)) for k in obj.__datatype_fields__)}  # type: ignore[attr-defined]
 
 
 # --- links -----------------------------------------------------------------------------------

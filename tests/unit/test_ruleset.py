@@ -15,12 +15,12 @@ from __future__ import annotations
 import os
 import pathlib
 import re
-from dataclasses import replace
 
 import pytest
 
 from nswrap import ruleset
 from nswrap.datapath import Element, datapath
+from nswrap.datatypes import replace
 from tests.unit.hosts import MASK, fresh, golden_datapath, host, instance
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"

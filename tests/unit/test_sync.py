@@ -7,8 +7,6 @@ converge: planning again on the result asks for nothing.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 
 from nswrap import nft, ruleset, sync
@@ -25,6 +23,7 @@ from nswrap.changes import (
     SetSysctl,
 )
 from nswrap.datapath import Allocation, Element, SysctlChange
+from nswrap.datatypes import replace
 from nswrap.errors import NswrapError
 from nswrap.facts import Facts
 from nswrap.firewall import Blocker, FirewallFacts, rooms
