@@ -533,8 +533,9 @@ def bench_startup(b: Bench) -> dict:
 
 
 # What the start path's imports may cost over a bare interpreter (issue 24): measured 2026-12 at
-# about 60 ms on this VM with stdlib dataclasses; a regression past the budget shows in the report.
-IMPORT_BUDGET_MS = 90.0
+# 60-110 ms on this VM (quiet to loaded) with @datatype, 45 ms more with dataclasses: a regression
+# past the budget shows in the report.
+IMPORT_BUDGET_MS = 100.0
 START_IMPORTS = "import nswrap.cli, nswrap.instance, nswrap.commands"
 
 
