@@ -20,6 +20,7 @@ import os
 import time
 
 from nswrap import netlink
+from nswrap.errors import FailClosed
 from nswrap.facts import HOST_PREFIX, read_sysctl
 from nswrap.objects import PROTO
 from nswrap.ruleset import TABLE
@@ -151,8 +152,6 @@ class Follower:
 
     def _try(self, action, what: str) -> bool:
         """Whether it worked; FailClosed stops nswrap."""
-        from nswrap.instance import FailClosed
-
         try:
             action()
             return True

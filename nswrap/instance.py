@@ -41,7 +41,7 @@ from nswrap.datapath import (
     udp_timeout_conflict,
     ula_subnet,
 )
-from nswrap.errors import NswrapError, UsageError, cut, listed, quoted
+from nswrap.errors import FailClosed, NswrapError, TryAgain, UsageError, cut, listed, quoted
 from nswrap.facts import Facts, gather, netns_id, socket_owners
 from nswrap.follow import Follower
 from nswrap.objects import Listener
@@ -218,14 +218,6 @@ def check_host_sockets(facts: Facts, instance: Instance, take_over: bool, proc: 
     raise UsageError(f"port {first.port}/{first.proto} is served on this host by {owner(first)} on {first.address}{also}: "
                      "publishing it would take its clients; leave it out of --ports, narrow with --address, "
                      "or give --take-over")
-
-
-class FailClosed(NswrapError):
-    """nswrap's guard could not be put back: the instance must stop."""
-
-
-class TryAgain(NswrapError):
-    """Following the host could not make every change (the host is changing too): later."""
 
 
 class Life:
