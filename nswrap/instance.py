@@ -7,7 +7,7 @@
     stop    (under the setup lock) drop the record, sync the shared datapath without this instance
             (the last one removes it and restores the sysctls), then forget this instance's flows
 
-Every host change goes through a transaction (apply.py): a failure or a signal during `start`
+Every host change goes through a transaction (transaction.py): a failure or a signal during `start`
 rolls back exactly what was done. Nothing slow (conntrack work, the server's start) happens
 while holding the lock.
 """
@@ -23,7 +23,6 @@ import socket
 import time
 
 from nswrap import flows, legacy, namespaces, netlink, nft, sync
-from nswrap.apply import Kernel, Transaction
 from nswrap.changes import DeleteLink, ForgetFlows, Forwarding6, NftBatch, ServerNetwork, SetSysctl, one_line, read_only_message
 from nswrap.config import Config, PortRange
 from nswrap.datapath import (
@@ -47,6 +46,7 @@ from nswrap.follow import Follower
 from nswrap.objects import Listener
 from nswrap.state import MAX_FILE, InvalidState, Record, State, StateDir, hold, new_id, parse_record
 from nswrap.supervise import FORWARDED, Credentials, Interrupted, Supervisor, check_command, exit_status
+from nswrap.transaction import Kernel, Transaction
 
 log = logging.getLogger("nswrap")
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from nswrap import nft, ruleset
-from nswrap.apply import Transaction
 from nswrap.changes import (
     AddRoute,
     AddRule,
@@ -52,6 +51,7 @@ from nswrap.errors import NswrapError
 from nswrap.facts import HOST_PREFIX, Facts, read_sysctl, sysctl_key
 from nswrap.firewall import FirewallFacts, blockers, how_to_fix, mark_users, rooms
 from nswrap.objects import PROTO, Route, Rule
+from nswrap.transaction import Transaction
 
 log = logging.getLogger("nswrap")
 
