@@ -716,6 +716,18 @@ def describe_forwarding6(mode: str, facts: Facts, allocation: Allocation | None)
             "(accept_ra=2 first where it is 1, so routes learned from router advertisements stay; nothing else is forwarded)")
 
 
+def veth_forwarding6(facts: Facts, instance: Instance) -> bool:
+    """Does the veth need its own force_forwarding (the instance forwards IPv6 per interface, and
+    the global switch is off)?"""
+    return 6 in instance.families and instance.forwarding6 == "interface" and facts.sysctl("net/ipv6/conf/all/forwarding") != "1"
+
+
+def veth_mtu(facts: Facts) -> int:
+    """The veth's MTU: the largest of the uplinks', so no answer is fragmented on the way out."""
+    return max((link.mtu for link in facts.links if link.ifname != "lo" and not link.ifname.startswith(HOST_PREFIX)),
+               default=1500)
+
+
 def choose_forwarding6(mode: str, facts: Facts, allocation: Allocation | None) -> str | None:
     """How a new instance's IPv6 is forwarded (Instance.forwarding6), or None: IPv4 only.
     `auto`: per interface where the kernel can; else the global switch if it is on already (if

@@ -1,9 +1,12 @@
-"""An instance's life, top to bottom.
+"""An instance's life, top to bottom: `run` = start, serve, stop.
 
-    start   (under the setup lock) look at the host, allocate a subnet and an id, write the record,
-            create the server's network, sync the shared datapath; dead instances' leftovers go
-    serve   forget stale flows to the published ports, start the server, say READY once it
-            listens, follow the host (one instance does it for all), repair what others break
+    start   (under the setup lock) look at the host (an older nswrap's or a crashed instance's
+            leftovers go first), choose the instance and check it (precheck.py), write the
+            record, create the server's network, sync the shared datapath (sync.py); dead
+            instances' records go
+    serve   start the server, forget stale flows to the published ports (flows.py), say READY
+            once it listens (readiness.py), follow the host (follow.py: one instance does it
+            for all) and repair this instance's veth if someone deletes it
     stop    (under the setup lock) drop the record, sync the shared datapath without this instance
             (the last one removes it and restores the sysctls), then forget this instance's flows
 
@@ -20,10 +23,10 @@ import signal
 import time
 
 from nswrap import flows, legacy, namespaces, netlink, nft, sync
-from nswrap.changes import DeleteLink, ForgetFlows, Forwarding6, NftBatch, ServerNetwork, SetSysctl, one_line, read_only_message
+from nswrap.changes import DeleteLink, ForgetFlows, Forwarding6, ServerNetwork, SetSysctl, one_line, read_only_message
 from nswrap.config import Config
-from nswrap.datapath import NO_IPV6_OLD_KERNEL, Allocation, Instance, allocate_subnet, choose_forwarding6, ula_subnet
-from nswrap.errors import FailClosed, NswrapError, TryAgain, listed
+from nswrap.datapath import Allocation, Instance, veth_forwarding6, veth_mtu
+from nswrap.errors import NswrapError, listed
 from nswrap.facts import Facts, conntrack_count, gather, netns_id, proc_sys_read_only
 from nswrap.follow import Follower
 from nswrap.precheck import (
@@ -31,7 +34,7 @@ from nswrap.precheck import (
     check_recordable,
     check_start,
     host_env,
-    loopback_ports,
+    new_instance,
     require_capabilities,
     resolve_user,
     server_env,
@@ -67,30 +70,6 @@ class Life:
 
     # --- start ---------------------------------------------------------------------------
 
-    def _new_instance(self, facts: Facts, live: list[Record], allocation: Allocation | None) -> Instance:
-        config = self.config
-        ids = {r.id for r in self.state.records()}
-        instance_id = new_id(self.state, ids)
-        subnet = allocate_subnet(facts, tuple(r.instance for r in live), config.subnet)
-        forwarding6 = choose_forwarding6(config.ipv6_forwarding, facts, allocation)
-        serves6 = any(a.version == 6 and a.scope == 0 for a in facts.addresses)
-        if forwarding6 is None and config.ipv6_forwarding == "auto" and serves6:
-            log.warning("%s", NO_IPV6_OLD_KERNEL)
-        if forwarding6 in ("interface", "global") and proc_sys_read_only() and facts.sysctl(ALL6) != "1":
-            if config.ipv6_forwarding != "auto":
-                raise NswrapError(read_only_message([ALL6]))
-            forwarding6 = None  # IPv6 forwarding cannot be turned on here
-            if serves6:
-                log.warning("IPv6 clients are not served: /proc/sys is read-only and IPv6 forwarding is off "
-                            "(a container? start it with --sysctl net.ipv6.conf.all.forwarding=1)")
-        return Instance(
-            id=instance_id, ports=config.ports, subnet=subnet,
-            subnet6=ula_subnet(subnet) if forwarding6 else None,
-            uplinks=config.uplinks, addresses=config.addresses, loopback_ports=loopback_ports(config),
-            outbound=config.outbound, helpers=config.helpers, forwarding6=forwarding6 or "interface",
-            udp_timeout=config.udp_timeout,
-        )
-
     def start(self) -> None:
         # listen before anything changes: a firewall reload during the rest of the start (or the
         # server's) is in the queue when serving begins, not lost
@@ -113,12 +92,7 @@ class Life:
         tx = Transaction(self.kernel, checkpoint=self.supervisor.checkpoint)
         try:
             self.netns_fd = namespaces.new_netns()
-            tx.run(ServerNetwork(
-                instance, self.netns_fd, _mtu(facts),
-                resolver_stub=str(facts.resolver_stub) if facts.resolver_stub else None,
-                unprivileged_ports=self.config.user is not None and not proc_sys_read_only(),
-                ipv6_forwarding=_veth_forwarding6(facts, instance),
-            ))
+            tx.run(self._server_network(facts, instance, self.netns_fd))
             sync.run(plan, tx, self.state.save_allocation)
         except BaseException:
             tx.rollback()
@@ -126,10 +100,7 @@ class Life:
             self._forget_record()
             raise
         tx.commit()
-        for dead in records:
-            if dead not in live:
-                self.state.forget(dead.id)
-                log.warning("removed a dead instance's leftovers: instance %s (pid %d)", dead.id, dead.pid)
+        self.state.forget_dead([r for r in records if r not in live])
         self.facts = facts
 
     def _look(self) -> tuple[Facts, list[Record], list[Record], Allocation | None]:
@@ -152,7 +123,8 @@ class Life:
 
     def _plan(self, facts: Facts, live: list[Record], allocation: Allocation | None) -> tuple[Instance, sync.Plan]:
         """This instance, checked against the host and the live ones, and what its start changes."""
-        instance = self._new_instance(facts, live, allocation)
+        ids = {r.id for r in self.state.records()}
+        instance = new_instance(self.config, facts, live, allocation, new_id(self.state, ids))
         check_start(facts, instance, live, self.config.take_over)
         # the shared part is (re)made when no instance lives: then first look at the other
         # firewalls, and one listing of the whole ruleset holds nswrap's table too
@@ -173,21 +145,25 @@ class Life:
         return instance, plan
 
     def _sweep_dead(self, facts: Facts, allocation: Allocation) -> None:
-        tx = Transaction(self.kernel,
-                         say=lambda line: log.warning("removed a dead instance's leftover: %s", one_line(line)))
-        try:
+        with Transaction(self.kernel,
+                         say=lambda line: log.warning("removed a dead instance's leftover: %s", one_line(line))) as tx:
             sync.run(sync.plan(facts, nft.read_table(), allocation, (), allocation.mark_mask), tx,
                      self.state.save_allocation)
-        except BaseException:
-            tx.rollback()
-            raise
-        tx.commit()
 
     def _sweep_legacy(self, facts: Facts) -> None:
         tx = Transaction(self.kernel,
                          say=lambda line: log.warning("removed an older nswrap's leftover: %s", one_line(line)))
         tx.run_each(legacy.sweep(facts))
         legacy.forget(legacy.dead_records())
+
+    def _server_network(self, facts: Facts, instance: Instance, netns_fd: int) -> ServerNetwork:
+        """The server's side of the host: a veth pair, one end in its namespace `netns_fd`."""
+        return ServerNetwork(
+            instance, netns_fd, veth_mtu(facts),
+            resolver_stub=str(facts.resolver_stub) if facts.resolver_stub else None,
+            unprivileged_ports=self.config.user is not None and not proc_sys_read_only(),
+            ipv6_forwarding=veth_forwarding6(facts, instance),
+        )
 
     def _forget_record(self) -> None:
         if self.record is not None:
@@ -238,79 +214,6 @@ class Life:
         ready = Readiness(self.instance, self.supervisor.init_pid or 0, self.config.ready_fd)
         return self.supervisor.wait(follower.filenos(), lambda fds: _min(ready.poll(), follower.on_ready(fds)))
 
-    def follow(self, why: str) -> None:
-        """A host change (or a dead instance, or a flushed table): bring the shared datapath in
-        line, once, for every instance (this instance follows the host for all). Every change
-        that can be made is made; what fails is tried again (TryAgain) once the host settles.
-        nswrap's guard comes first: a table found flushed means no guard, so the forwarding
-        nswrap turned on is restored before anything else, and turned on again only once the
-        table is back (the plan's order); a table that cannot be put back, or cannot even be
-        read, stops nswrap with the forwarding restored (fail closed), whatever the error."""
-        with self.state.dir.lock():
-            allocation = self.state.allocation()
-            guarded = False  # is nswrap's guard known to be in place?
-            try:
-                live = tuple(r.instance for r in self.state.live())
-                table = nft.read_table()
-                guarded = table is not None and sync.intact(table, allocation, live)
-                if not guarded:  # no guard: before anything else, route nothing for others
-                    self._stop_forwarding(allocation)
-                    if why == "table":
-                        log.warning("nswrap's nft table was flushed or deleted (a firewall reload?): putting it back")
-                facts = gather(self.kernel.routing)
-                emptied = sync.guard_missing(table, allocation, facts) if guarded and table is not None else []
-                if emptied:  # a set of the guard flushed: the same, and the facts again with forwarding off
-                    guarded = False
-                    self._stop_forwarding(allocation)
-                    log.warning("nswrap's guard lost elements (set %s: someone's `nft flush set`?): putting them back",
-                                ", ".join(emptied))
-                    facts = gather(self.kernel.routing)
-                plan = sync.plan(facts, table, allocation, live, self.config.mark_mask)
-            except Exception as e:
-                self._fail_closed_if(not guarded, allocation, e)
-                raise TryAgain(str(e) or type(e).__name__) from None
-            self._say_lost_gateways(plan.datapath.warnings)
-            if plan.before is not None:
-                self.state.save_allocation(plan.before)
-            tx = Transaction(self.kernel, say=lambda line: log.warning("following the host: %s", one_line(line)))
-            failed: list[str] = []
-            for change in plan.changes:
-                try:
-                    tx.run(change)
-                except Exception as e:
-                    self._fail_closed_if(isinstance(change, NftBatch) and not guarded, allocation, e)
-                    failed.append(f"{one_line(change.render())}: {e}")
-            tx.commit()  # what was done moves toward what is wanted: it stays
-            if failed:
-                raise TryAgain("; ".join(failed))
-            self.state.save_allocation(plan.after)
-            for record in self.state.records():
-                if not self.state.dir.is_live(record.id):
-                    self.state.forget(record.id)
-                    log.warning("removed a dead instance's leftovers: instance %s (pid %d)", record.id, record.pid)
-
-    def _stop_forwarding(self, allocation: Allocation | None) -> list[str]:
-        """Fail closed: the forwarding nswrap turned on goes off, before anything else."""
-        changes = sync.fail_closed(allocation)
-        Transaction(self.kernel, say=lambda line: log.info("fail closed: %s", line)).run_each(changes, "fail closed")
-        return [c.render().splitlines()[0].removeprefix("sysctl -w ") for c in changes]
-
-    def _say_lost_gateways(self, warnings: tuple[str, ...]) -> None:
-        """An uplink whose gateway went while serving (its default route deleted): one line that
-        names it and --uplink IFACE=GATEWAY, once per loss however many events follow; said
-        again only after the gateway came back and went again."""
-        for warning in warnings:
-            if warning not in self.said:
-                log.warning("%s", warning)
-        self.said = set(warnings)
-
-    def _fail_closed_if(self, table_lost: bool, allocation, error: Exception) -> None:
-        if table_lost:
-            restored = self._stop_forwarding(allocation)
-            said = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-            raise FailClosed(f"could not put back nswrap's nft table ({said}); forwarding restored "
-                             f"({', '.join(restored) or 'nothing to restore'}): stopping") from None
-
     def repair(self) -> None:
         """Someone deleted our veth: make it again, into the server's namespace (its sockets
         survive), or stop."""
@@ -322,11 +225,7 @@ class Life:
         try:
             facts = gather(self.kernel.routing)
             with Transaction(self.kernel) as tx:
-                tx.run(ServerNetwork(
-                    self.instance, fd, _mtu(facts),
-                    resolver_stub=str(facts.resolver_stub) if facts.resolver_stub else None,
-                    unprivileged_ports=self.config.user is not None and not proc_sys_read_only(),
-                    ipv6_forwarding=_veth_forwarding6(facts, self.instance)))
+                tx.run(self._server_network(facts, self.instance, fd))
             log.warning("the veth %s was deleted: made it again", self.instance.veth)
         finally:
             os.close(fd)
@@ -414,17 +313,6 @@ class Life:
                 log.info("conntrack: %d flows of this instance are left to time out", len(mine) - i)
                 return
             tx.run_each([ForgetFlows(tuple(mine[i:i + 1000]), what)], "conntrack")
-
-
-def _veth_forwarding6(facts: Facts, instance: Instance) -> bool:
-    """Does the veth need its own force_forwarding (the instance forwards IPv6 per interface, and
-    the global switch is off)?"""
-    return 6 in instance.families and instance.forwarding6 == "interface" and facts.sysctl(ALL6) != "1"
-
-
-def _mtu(facts: Facts) -> int:
-    """The veth's MTU: the largest of the uplinks', so no answer is fragmented on the way out."""
-    return max((link.mtu for link in facts.links if link.ifname != "lo" and not link.ifname.startswith("nsw-")), default=1500)
 
 
 def _min(a: float | None, b: float | None) -> float | None:

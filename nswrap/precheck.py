@@ -18,16 +18,22 @@ import logging
 import os
 import pwd
 
+from nswrap.changes import read_only_message
 from nswrap.config import Config, PortRange
 from nswrap.datapath import (
+    NO_IPV6_OLD_KERNEL,
+    Allocation,
     Instance,
     absent_addresses,
+    allocate_subnet,
     check_uplinks,
+    choose_forwarding6,
     conflicts,
     gateway_conflict,
     instance_uplinks,
     taken_over,
     udp_timeout_conflict,
+    ula_subnet,
 )
 from nswrap.errors import NswrapError, UsageError, cut, quoted
 from nswrap.facts import Facts, proc_sys_read_only, socket_owners
@@ -38,6 +44,7 @@ from nswrap.supervise import Credentials
 log = logging.getLogger("nswrap")
 
 CAP_NET_ADMIN, CAP_SYS_ADMIN = 12, 21
+ALL6 = "net/ipv6/conf/all/forwarding"
 
 
 def require_capabilities() -> None:
@@ -82,6 +89,30 @@ def check_ready_fd(fd: int | None) -> None:
         raise UsageError(f"invalid --ready-fd {fd}: no such open file descriptor") from None
     if flags & os.O_ACCMODE == os.O_RDONLY:
         raise UsageError(f"invalid --ready-fd {fd}: open for reading only")
+
+
+def new_instance(config: Config, facts: Facts, live: list[Record], allocation: Allocation | None, instance_id: str) -> Instance:
+    """The instance a start makes: a free subnet, and how its IPv6 is forwarded, or not (said
+    once; refused where /proc/sys is read-only and --ipv6-forwarding asked for a mode)."""
+    subnet = allocate_subnet(facts, tuple(r.instance for r in live), config.subnet)
+    forwarding6 = choose_forwarding6(config.ipv6_forwarding, facts, allocation)
+    serves6 = any(a.version == 6 and a.scope == 0 for a in facts.addresses)
+    if forwarding6 is None and config.ipv6_forwarding == "auto" and serves6:
+        log.warning("%s", NO_IPV6_OLD_KERNEL)
+    if forwarding6 in ("interface", "global") and proc_sys_read_only() and facts.sysctl(ALL6) != "1":
+        if config.ipv6_forwarding != "auto":
+            raise NswrapError(read_only_message([ALL6]))
+        forwarding6 = None  # IPv6 forwarding cannot be turned on here
+        if serves6:
+            log.warning("IPv6 clients are not served: /proc/sys is read-only and IPv6 forwarding is off "
+                        "(a container? start it with --sysctl net.ipv6.conf.all.forwarding=1)")
+    return Instance(
+        id=instance_id, ports=config.ports, subnet=subnet,
+        subnet6=ula_subnet(subnet) if forwarding6 else None,
+        uplinks=config.uplinks, addresses=config.addresses, loopback_ports=loopback_ports(config),
+        outbound=config.outbound, helpers=config.helpers, forwarding6=forwarding6 or "interface",
+        udp_timeout=config.udp_timeout,
+    )
 
 
 def loopback_ports(config: Config) -> tuple[PortRange, ...]:

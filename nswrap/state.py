@@ -555,6 +555,12 @@ class State:
         self.dir.remove(f"{instance}.json")
         self.dir.remove(f"{instance}.live")
 
+    def forget_dead(self, dead: list[Record]) -> None:
+        """Dead instances' records, once the sync that removed their leftovers is done."""
+        for record in dead:
+            self.forget(record.id)
+            log.warning("removed a dead instance's leftovers: instance %s (pid %d)", record.id, record.pid)
+
     def _problem(self, text: str) -> None:
         if text not in self.problems:
             self.problems.append(text)
