@@ -10,13 +10,17 @@ import ipaddress
 import math
 import re
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from nswrap.errors import QUOTED, UsageError, cut, quoted
 from nswrap.objects import IPAddress
 
 PROTOCOLS = ("udp", "tcp")
 IFNAMSIZ = 15  # the kernel's limit on interface names, without the NUL
-IPV6_FORWARDING = ("auto", "global", "interface", "off")  # --ipv6-forwarding (docs/design.md)
+Firewall = Literal["auto", "off"]  # --firewall
+FIREWALL: tuple[Firewall, ...] = get_args(Firewall)
+Ipv6Forwarding = Literal["auto", "global", "interface", "off"]  # --ipv6-forwarding (docs/design.md)
+IPV6_FORWARDING: tuple[Ipv6Forwarding, ...] = get_args(Ipv6Forwarding)
 HELPERS = ("tftp",)  # conntrack helpers nswrap can attach (the server answers from a new port)
 DEFAULT_MARK_MASK = 0xF0000000  # free of kube-proxy, wg-quick, Tailscale, Cilium, mwan3, OpenWrt pbr
 MAX_STOP_TIMEOUT = 86400.0
@@ -297,10 +301,10 @@ class Config:
     stop_timeout: float = 10.0  # after forwarding SIGTERM/SIGINT, SIGKILL the server's tree after this
     ready_fd: int | None = None  # write a line here once every published path forwards
     addresses: tuple[IPAddress, ...] = ()  # publish only on these host addresses (IPv4 and IPv6)
-    firewall: str = "auto"  # auto: make room in iptables FORWARD/DOCKER-USER; off: refuse if blocked
+    firewall: Firewall = "auto"  # auto: make room in iptables FORWARD/DOCKER-USER; off: refuse if blocked
     outbound: bool = True  # the server may open its own connections, masqueraded
     helpers: tuple[str, ...] = ()  # conntrack helpers for protocols that open related flows
-    ipv6_forwarding: str = "auto"  # how IPv6 is forwarded to the server: IPV6_FORWARDING
+    ipv6_forwarding: Ipv6Forwarding = "auto"  # how IPv6 is forwarded to the server: IPV6_FORWARDING
     take_over: bool = False  # publish even where a host socket serves the port (its clients go to the server)
     udp_timeout: int = DEFAULT_UDP_TIMEOUT  # answered UDP flows: seconds after their last packet (per host)
 
@@ -311,7 +315,7 @@ class Config:
         problem = command_problem(self.command) if self.command else None
         if problem:
             raise UsageError(f"{problem}: nswrap [OPTIONS] -- COMMAND [ARG...]")
-        if self.firewall not in ("auto", "off"):
+        if self.firewall not in FIREWALL:
             raise UsageError(f"invalid --firewall {quoted(self.firewall)}: auto or off")
         if self.ipv6_forwarding not in IPV6_FORWARDING:
             raise UsageError(f"invalid --ipv6-forwarding {quoted(self.ipv6_forwarding)}: one of {', '.join(IPV6_FORWARDING)}")

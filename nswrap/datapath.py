@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
-from nswrap.config import DEFAULT_UDP_TIMEOUT, PortRange, UplinkSpec, valid_ifname
+from nswrap.config import DEFAULT_UDP_TIMEOUT, Ipv6Forwarding, PortRange, UplinkSpec, valid_ifname
 from nswrap.errors import NswrapError, UsageError, listed
 from nswrap.facts import HOST_PREFIX, Facts, sysctl_key
 from nswrap.objects import (
@@ -46,6 +47,11 @@ FIRST_TABLE = 5000
 PRIORITIES = 3  # "to internal lookup main", "to internal unreachable", the uplinks' fwmark rules
 LOOPBACK4 = ipaddress.IPv4Address("127.0.0.1")
 
+# How an instance's IPv6 is forwarded (chosen at start from --ipv6-forwarding, kept in its record):
+# "interface" (force_forwarding, Linux >= 6.17), "global" (the switch nswrap holds while an
+# instance needs it), "host" (the switch the host had on already)
+Forwarding6Mode = Literal["interface", "global", "host"]
+
 
 # --- inputs ----------------------------------------------------------------------------------
 
@@ -63,9 +69,7 @@ class Instance:
     loopback_ports: tuple[PortRange, ...] = ()  # also published on 127.0.0.1 (decided at start)
     outbound: bool = True
     helpers: tuple[str, ...] = ()
-    # how IPv6 is forwarded for it: "interface" (force_forwarding, Linux >= 6.17), "global" (the
-    # switch nswrap holds while an instance needs it), "host" (the switch the host had on already)
-    forwarding6: str = "interface"
+    forwarding6: Forwarding6Mode = "interface"
     udp_timeout: int = DEFAULT_UDP_TIMEOUT  # --udp-timeout: the same for every live instance
 
     @property
@@ -698,7 +702,7 @@ NO_IPV6_OLD_KERNEL = ("IPv6 clients are not served: this kernel has no per-inter
                       "nswrap runs (router advertisements are kept, nothing else is forwarded)")
 
 
-def describe_forwarding6(mode: str, facts: Facts, allocation: Allocation | None) -> str:
+def describe_forwarding6(mode: Ipv6Forwarding, facts: Facts, allocation: Allocation | None) -> str:
     """`nswrap doctor`: which case this host is in, and what nswrap would change for IPv6."""
     chosen = choose_forwarding6(mode, facts, allocation)
     if chosen is None:
@@ -728,7 +732,7 @@ def veth_mtu(facts: Facts) -> int:
                default=1500)
 
 
-def choose_forwarding6(mode: str, facts: Facts, allocation: Allocation | None) -> str | None:
+def choose_forwarding6(mode: Ipv6Forwarding, facts: Facts, allocation: Allocation | None) -> Forwarding6Mode | None:
     """How a new instance's IPv6 is forwarded (Instance.forwarding6), or None: IPv4 only.
     `auto`: per interface where the kernel can; else the global switch if it is on already (if
     nswrap holds it, this instance holds it too, so that it stays on while it runs)."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import Literal
 
 from nswrap import netlink, nft, sync
 from nswrap.changes import NftBatch, one_line
@@ -37,10 +38,14 @@ from nswrap.transaction import Transaction
 log = logging.getLogger("nswrap")
 
 SETTLE, MAX_WAIT, RETRY, POLL = 0.1, 1.0, 1.0, 2.0
+# Why the host must be looked at again: it changed ("host"), an instance may have died (its veth
+# vanished: "instance"), this instance's veth was deleted ("repair"), someone removed part of
+# nswrap's table ("table")
+Reason = Literal["host", "instance", "repair", "table"]
 GUARD_SETS = ("guarded4", "guarded6", "held")  # sync.guard_missing: elements only a host change changes
 
 
-def classify(event: netlink.Event, own_indexes: set[int], my_veth: str) -> str | None:
+def classify(event: netlink.Event, own_indexes: set[int], my_veth: str) -> Reason | None:
     """What an event means to nswrap: None (nothing: ours, or irrelevant), "host" (the host
     changed), "instance" (a veth vanished: an instance may have died), "repair" (ours
     vanished), "table" (someone removed part of nswrap's table)."""
@@ -94,7 +99,7 @@ class Follower:
         # subscribed first, then looked: a veth made in between is seen in one or the other
         self.own_indexes: set[int] = {info.link.index for info in life.kernel.routing.links()
                                       if info.link.ifname.startswith(HOST_PREFIX)}
-        self.reasons: set[str] = set()
+        self.reasons: set[Reason] = set()
         self.first: float | None = None
         self.last: float | None = None
         self.lock_fd: int | None = None
@@ -133,11 +138,11 @@ class Follower:
         if now < due:
             return due - now
         reasons, self.reasons, self.first, self.last = self.reasons, set(), None, None
-        again: set[str] = set()
+        again: set[Reason] = set()
         if "repair" in reasons and not self._try(self.life.repair, "repairing the veth"):
             again.add("repair")
         if reasons - {"repair"} and self._leading():
-            why = "table" if "table" in reasons else "host"
+            why: Literal["host", "table"] = "table" if "table" in reasons else "host"
             if not self._try(lambda: self.follow(why), "following the host"):
                 again |= reasons - {"repair"}
         if again:  # the host is still changing: once more in a second
@@ -159,7 +164,7 @@ class Follower:
                 self.last, self.first = now, self.first or now
         return self.next_poll - now
 
-    def follow(self, why: str) -> None:
+    def follow(self, why: Literal["host", "table"]) -> None:
         """A host change (or a dead instance, or a flushed table): bring the shared datapath in
         line, once, for every instance (this instance follows the host for all). Every change
         that can be made is made; what fails is tried again (TryAgain) once the host settles.

@@ -26,6 +26,7 @@ import re
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import get_args
 
 from nswrap.config import (
     DEFAULT_UDP_TIMEOUT,
@@ -36,7 +37,18 @@ from nswrap.config import (
     parse_uplink,
     valid_ifname,
 )
-from nswrap.datapath import POOL6, Allocation, Instance, Room, Setting6, Switch6, SysctlChange, Uplink, mark_capacity
+from nswrap.datapath import (
+    POOL6,
+    Allocation,
+    Forwarding6Mode,
+    Instance,
+    Room,
+    Setting6,
+    Switch6,
+    SysctlChange,
+    Uplink,
+    mark_capacity,
+)
 from nswrap.errors import NswrapError, UsageError
 
 log = logging.getLogger("nswrap")
@@ -48,7 +60,7 @@ MAX_ARG_STRLEN = 32 * 4096  # the kernel's limit on one argument of exec
 MAX_FILE = 1 << 20  # a record holds the command line: the kernel allows up to 128 KiB per argument
 ID = re.compile(r"[0-9a-f]{6}")  # always fullmatch()ed
 SYSCTL_VALUE = re.compile(r"[0-2]")
-FORWARDING6 = ("interface", "global", "host")
+FORWARDING6: tuple[Forwarding6Mode, ...] = get_args(Forwarding6Mode)
 
 
 def sysctl_key_ok(key: object, settings: dict[str, tuple[str, ...]] | None = None) -> bool:

@@ -30,6 +30,7 @@ from nswrap.changes import (
     NftBatch,
     SetSysctl,
 )
+from nswrap.config import Firewall
 from nswrap.datapath import (
     PRIORITIES,
     Allocation,
@@ -71,7 +72,7 @@ def _union(a: Allocation, b: Allocation) -> Allocation:
                    rooms=tuple(dict.fromkeys((*a.rooms, *b.rooms))))
 
 
-def wanted_rooms(firewall: FirewallFacts, mode: str, mask: int) -> tuple[Room, ...]:
+def wanted_rooms(firewall: FirewallFacts, mode: Firewall, mask: int) -> tuple[Room, ...]:
     """Where other firewalls would drop nswrap's flows: the narrow accepts that make room (or a
     refusal, naming the chain, where nswrap will not edit); and nobody else on our mark bits."""
     users = mark_users(firewall, mask)
