@@ -17,6 +17,7 @@ anything acts on it; an invalid one is reported and skipped, never fatal.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import ipaddress
 import json
@@ -77,6 +78,17 @@ def sysctl_key_ok(key: object, settings: dict[str, tuple[str, ...]] | None = Non
 
 class InvalidState(ValueError):
     pass
+
+
+class CannotTell(NswrapError):
+    """Whether an instance lives is unknown (the kernel refused to look: EMFILE, ENOMEM, ...):
+    never taken for dead, so no sweep removes a live instance's record or datapath."""
+
+
+# open(2) of <id>.live: what proves no process holds the instance's lock. ENOENT: no file; ELOOP:
+# a symlink (O_NOFOLLOW); ENXIO: a socket or device, no lock file of ours. Any other error is
+# "cannot tell".
+NOT_A_LOCK = (errno.ENOENT, errno.ELOOP, errno.ENXIO)
 
 
 # --- the directories -------------------------------------------------------------------------
@@ -243,11 +255,17 @@ class StateDir:
         return fd
 
     def is_live(self, instance: str) -> bool:
-        """Does a process hold the instance's liveness lock? (The kernel drops it at its death.)"""
+        """Does a process hold the instance's liveness lock? (The kernel drops it at its death.)
+        False only when that is known: no lock file, one that is not a regular file, or a lock
+        nobody holds. CannotTell when the kernel would not say (too many open files, say): a
+        caller that would sweep a dead instance's leftovers must not take a live one for dead."""
+        path = f"{self.path}/{instance}.live"
         try:
             fd = os.open(f"{instance}.live", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self.fd)
-        except OSError:
-            return False
+        except OSError as e:
+            if e.errno in NOT_A_LOCK:
+                return False
+            raise CannotTell(f"cannot tell whether instance {instance} is live: {path}: {e.strerror}") from None
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 return False
@@ -255,6 +273,8 @@ class StateDir:
             return False
         except BlockingIOError:
             return True
+        except OSError as e:
+            raise CannotTell(f"cannot tell whether instance {instance} is live: {path}: {e.strerror}") from None
         finally:
             os.close(fd)
 
@@ -299,7 +319,7 @@ def vanished(root: str = RUN_DIR, current: str | None = None) -> list[str]:
             continue
         try:
             if any(n.endswith(".live") and d.is_live(n[:-5]) for n in d.names()):
-                continue
+                continue  # (CannotTell: the directory stays too)
             raw = d.read(NETNS)
             if raw is None:
                 continue
@@ -307,7 +327,7 @@ def vanished(root: str = RUN_DIR, current: str | None = None) -> list[str]:
             in_use = in_use if in_use is not None else _namespaces_in_use()
             if ino not in in_use:
                 gone.append(name)
-        except (InvalidState, ValueError):
+        except (InvalidState, ValueError, CannotTell):
             continue
         finally:
             d.close()
