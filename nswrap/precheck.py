@@ -4,9 +4,10 @@ Checks that refuse a start (or a dry run) with one line naming the culprit: nswr
 capabilities (`require_capabilities`), --ready-fd (`check_ready_fd`), --user (`resolve_user`),
 a record that could not be read back after a crash (`check_recordable`), and the host and the
 live instances (`check_start`: uplinks, ports and gateways taken, host sockets whose clients the
-server would take, `check_host_sockets`). And what the server starts with: which published
-ports the host's own clients reach on 127.0.0.1 (`loopback_ports`), its environment
-(`server_env`, with the host's public side as NSWRAP_HOST_*: `host_env`).
+server would take, `check_host_sockets`). And what the start makes: the instance (`new_instance`:
+its subnet and how its IPv6 is forwarded; `loopback_ports`: the published ports the host's own
+clients reach on 127.0.0.1) and the server's environment (`server_env`, with the host's public
+side as NSWRAP_HOST_*: `host_env`).
 
 Reads the host (/proc, the user database); changes nothing.
 """

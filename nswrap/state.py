@@ -9,6 +9,10 @@
         <id>.live                flock'ed by the instance for its whole life: the kernel releases
                                  it when the process dies, and no other user can open it
 
+An instance is live while a process holds its <id>.live lock; when that cannot be told (the
+kernel refuses to open or lock: EMFILE, say) `is_live` raises CannotTell rather than answer
+"dead", so nothing sweeps a live instance's leftovers.
+
 Files are opened without following links and without blocking (a FIFO planted there cannot hang
 nswrap), and are never trusted: every record is validated against a strict schema before
 anything acts on it; an invalid one is reported and skipped, never fatal.

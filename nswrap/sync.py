@@ -4,9 +4,10 @@ sweep of dead instances.
 
 `plan` is pure: (facts, what the kernel holds, allocation, instances) -> the changes, in an order
 that keeps the host safe at every moment: nswrap's guard exists before forwarding is turned on,
-and forwarding is restored before the guard goes. `sync` runs them in a transaction under the
-setup lock and keeps the allocation on disk, the original value of a sysctl saved before it
-changes (so a crash at any point leaves the host restorable).
+and forwarding is restored before the guard goes. `run` carries a plan out through the caller's
+transaction (the caller holds the setup lock) and keeps the allocation on disk, the original
+value of a sysctl saved before it changes (so a crash at any point leaves the host restorable).
+`fail_closed` is the changes that turn nswrap's forwarding off when its guard is gone.
 """
 
 from __future__ import annotations
