@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from nswrap.errors import QUOTED, UsageError, cut, quoted
-from nswrap.objects import IPAddress
+from nswrap.objects import IPAddress, Protocol
 
-PROTOCOLS = ("udp", "tcp")
+PROTOCOLS: tuple[Protocol, ...] = get_args(Protocol)
 IFNAMSIZ = 15  # the kernel's limit on interface names, without the NUL
 Firewall = Literal["auto", "off"]  # --firewall
 FIREWALL: tuple[Firewall, ...] = get_args(Firewall)
@@ -37,7 +37,7 @@ MIN_UDP_TIMEOUT, MAX_UDP_TIMEOUT = 10, 86400  # never below `unreplied` (10 s); 
 class PortRange:
     """Published ports `outer_lo..outer_hi` of `proto`, delivered to `inner_lo..` in the server."""
 
-    proto: str
+    proto: Protocol
     outer_lo: int
     outer_hi: int
     inner_lo: int
@@ -87,8 +87,9 @@ def parse_port_item(item: str) -> PortRange:
     match = _ITEM.match(item.strip().lower())
     if not match:
         raise UsageError(f"invalid port spec {quoted(item)}: expected PORT, OUTER:INNER or A-B[:C-D], optionally /udp or /tcp")
-    proto = match["proto"] or "udp"
-    if proto not in PROTOCOLS:
+    given = match["proto"] or "udp"
+    proto = next((p for p in PROTOCOLS if p == given), None)  # the Protocol it names, if any
+    if proto is None:
         raise UsageError(f"invalid port spec {quoted(item)}: protocol must be udp or tcp")
     outer_lo, outer_hi = _parse_span(match["outer"], item)
     inner_lo, inner_hi = _parse_span(match["inner"], item) if match["inner"] else (outer_lo, outer_hi)
