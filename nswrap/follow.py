@@ -93,6 +93,9 @@ def switch6_held() -> bool:
 
 
 class Follower:
+    """An instance's ear on the host: its events, classified and settled, make the instance that
+    holds the `follow` lock follow the host for all, and this instance repair its own veth."""
+
     def __init__(self, life):
         self.life = life
         self.monitor = netlink.Monitor()

@@ -51,6 +51,9 @@ STOP_FLUSH_SECONDS = 2.0  # forgetting this instance's flows at stop: bounded, t
 
 
 class Life:
+    """One instance from start to stop: what it holds (its record and liveness lock, the server's
+    namespace until the server holds it) and the kernel adapters every change goes through."""
+
     def __init__(self, config: Config, supervisor: Supervisor):
         self.config = config
         self.supervisor = supervisor
