@@ -1,7 +1,7 @@
 """Host changes as small types: each knows how to do itself, undo itself and show itself as the
 shell line(s) a person would type for the same effect (`-v` logs them, `--dry-run` prints them).
 
-Only apply.py calls `do` and `undo`, inside a transaction. Every undo treats "already gone" as
+Only transaction.py calls `do` and `undo`, inside a transaction. Every undo treats "already gone" as
 success: an object may have vanished with its namespace, or another instance removed it.
 """
 
@@ -25,7 +25,7 @@ EXISTS = frozenset({errno.EEXIST})
 
 
 class Change:
-    """One host change. `kernel` gives the adapters (see apply.Kernel)."""
+    """One host change. `kernel` gives the adapters (see transaction.Kernel)."""
 
     def do(self, kernel) -> None:
         raise NotImplementedError

@@ -21,6 +21,7 @@ from click.core import ParameterSource
 from nswrap import __version__, configfile
 from nswrap.config import (
     DEFAULT_UDP_TIMEOUT,
+    FIREWALL,
     IPV6_FORWARDING,
     Config,
     check_ready_fd_number,
@@ -120,6 +121,44 @@ config_option = option(
 )
 
 
+def _shared(*decls: str, **attrs: Any) -> Callable[..., Callable]:
+    """An option several commands have, declared once: each command may give its own help or
+    default (`doctor --ports` has one: the ports you would publish)."""
+
+    def declare(**own: Any) -> Callable:
+        return option(*decls, **{**attrs, **own})
+
+    return declare
+
+
+ports_option = _shared(
+    "-p", "--ports", "ports", multiple=True, metavar="SPEC", **_env("PORTS"),
+    help="Published ports: PORT, OUTER:INNER, A-B or A-B:C-D, each optionally /udp (default) or /tcp; "
+         "comma-separated, repeatable.",
+)
+uplink_option = _shared(
+    "-u", "--uplink", "uplinks", multiple=True, metavar="IFACE[=GATEWAY]", **_env("UPLINK"),
+    shell_complete=_complete_interfaces,
+    help="Serve clients arriving on IFACE (repeatable). Default: every interface with a global address.",
+)
+mark_mask_option = _shared(
+    "--mark-mask", default="0xf0000000", show_default=True, metavar="MASK", **_env("MARK_MASK"),
+    help="fwmark bits nswrap may use.",
+)
+firewall_option = _shared(
+    "--firewall", type=click.Choice(FIREWALL), default="auto", show_default=True, **_env("FIREWALL"),
+    help="auto: where iptables (Docker, ufw) would drop the forwarded flows, add narrow accepts; off: refuse instead.",
+)
+ipv6_forwarding_option = _shared(
+    "--ipv6-forwarding", type=click.Choice(IPV6_FORWARDING), default="auto", show_default=True, **_env("IPV6_FORWARDING"),
+    help="How IPv6 clients are served: interface (per-interface forwarding, Linux >= 6.17); global "
+         "(nswrap holds net.ipv6.conf.all.forwarding while it runs, router advertisements kept, nothing "
+         "else forwarded); auto (interface where the kernel has it, else IPv6 only if the host "
+         "forwards already); off.",
+)
+verbose_option = _shared("-v", "--verbose", count=True, **_env("VERBOSE"))
+
+
 @click.group(cls=DefaultRun, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="nswrap")
 def cli() -> None:
@@ -137,27 +176,16 @@ def cli() -> None:
 
 @cli.command(context_settings={"allow_interspersed_args": False})
 @config_option
-@option("-p", "--ports", "ports", multiple=True, metavar="SPEC", **_env("PORTS"),
-              help="Published ports: PORT, OUTER:INNER, A-B or A-B:C-D, each optionally /udp (default) or /tcp; "
-                   "comma-separated, repeatable.")
-@option("-u", "--uplink", "uplinks", multiple=True, metavar="IFACE[=GATEWAY]", **_env("UPLINK"),
-              shell_complete=_complete_interfaces,
-              help="Serve clients arriving on IFACE (repeatable). Default: every interface with a global address.")
+@ports_option()
+@uplink_option()
 @option("--subnet", metavar="CIDR", **_env("SUBNET"),
               help="Internal subnet between host and server (default: a free /30 in 198.18.0.0/15).")
-@option("--mark-mask", default="0xf0000000", show_default=True, metavar="MASK", **_env("MARK_MASK"),
-              help="fwmark bits nswrap may use.")
+@mark_mask_option()
 @option("-a", "--address", "addresses", multiple=True, metavar="ADDR", **_env("ADDRESS"),
               help="Publish only on this host address (repeatable). Default: every address of the host, and 127.0.0.1.")
-@option("--firewall", type=click.Choice(["auto", "off"]), default="auto", show_default=True, **_env("FIREWALL"),
-              help="auto: where iptables (Docker, ufw) would drop the forwarded flows, add narrow accepts; off: refuse instead.")
+@firewall_option()
 @option("--no-outbound", is_flag=True, **_env("NO_OUTBOUND"), help="The server may not open connections of its own.")
-@option("--ipv6-forwarding", type=click.Choice(IPV6_FORWARDING), default="auto", show_default=True,
-        **_env("IPV6_FORWARDING"),
-        help="How IPv6 clients are served: interface (per-interface forwarding, Linux >= 6.17); global "
-             "(nswrap holds net.ipv6.conf.all.forwarding while it runs, router advertisements kept, nothing "
-             "else forwarded); auto (interface where the kernel has it, else IPv6 only if the host "
-             "forwards already); off.")
+@ipv6_forwarding_option()
 @option("--helper", "helpers", multiple=True, type=click.Choice(["tftp", "none"]), **_env("HELPER"),
               help="Conntrack helper for a protocol whose server answers from a new port (tftp: udp 69 must be "
                    "published). Default: tftp when udp 69 is published; none: no helper.")
@@ -177,7 +205,7 @@ def cli() -> None:
                    "from then on); without it, such a start is refused.")
 @option("--dry-run", is_flag=True, **_env("DRY_RUN"),
               help="Print what a start would change here, as shell lines, and exit; change nothing.")
-@option("-v", "--verbose", count=True, **_env("VERBOSE"), help="-v: log each host change as a shell line; -vv: debug.")
+@verbose_option(help="-v: log each host change as a shell line; -vv: debug.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def run(ctx, ports, uplinks, subnet, mark_mask, addresses, firewall, no_outbound, ipv6_forwarding, helpers, user,
@@ -231,7 +259,7 @@ def run(ctx, ports, uplinks, subnet, mark_mask, addresses, firewall, no_outbound
 
 
 @cli.command()
-@option("-v", "--verbose", count=True, **_env("VERBOSE"), help="-vv: debug output and tracebacks.")
+@verbose_option(help="-vv: debug output and tracebacks.")
 def cleanup(verbose) -> None:
     """Remove what dead nswrap instances left behind (never touches a live one); idempotent."""
     from nswrap.commands import cleanup as run_cleanup
@@ -241,16 +269,12 @@ def cleanup(verbose) -> None:
 
 @cli.command()
 @config_option
-@option("-p", "--ports", "ports", multiple=True, default=["53,53/tcp"], show_default=True, metavar="SPEC",
-              **_env("PORTS"), help="The ports you would publish.")
-@option("-u", "--uplink", "uplinks", multiple=True, metavar="IFACE[=GATEWAY]", **_env("UPLINK"),
-              shell_complete=_complete_interfaces,
-              help="The uplinks you would use.")
-@option("--mark-mask", default="0xf0000000", show_default=True, metavar="MASK", **_env("MARK_MASK"))
-@option("--firewall", type=click.Choice(["auto", "off"]), default="auto", show_default=True, **_env("FIREWALL"))
-@option("--ipv6-forwarding", type=click.Choice(IPV6_FORWARDING), default="auto", show_default=True,
-              **_env("IPV6_FORWARDING"))
-@option("-v", "--verbose", count=True, **_env("VERBOSE"), help="-vv: tracebacks.")
+@ports_option(default=["53,53/tcp"], show_default=True, help="The ports you would publish.")
+@uplink_option(help="The uplinks you would use.")
+@mark_mask_option()
+@firewall_option()
+@ipv6_forwarding_option()
+@verbose_option(help="-vv: tracebacks.")
 @click.pass_context
 def doctor(ctx, ports, uplinks, mark_mask, firewall, ipv6_forwarding, verbose) -> None:
     """Check whether nswrap would work on this host, one verdict per line; exit 0 only if it would.

@@ -17,15 +17,15 @@ import sys
 import time
 
 from nswrap import legacy, namespaces, netlink, nft, sync
-from nswrap.apply import Kernel, Transaction
 from nswrap.changes import DeleteLink, ServerNetwork
 from nswrap.config import DEFAULT_MARK_MASK, Config
 from nswrap.datapath import Instance, allocate_subnet, choose_forwarding6, instance_uplinks, ula_subnet
 from nswrap.errors import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, NswrapError, UsageError, quoted
 from nswrap.facts import Facts, gather, netns_id
-from nswrap.instance import check_start, loopback_ports, require_capabilities
+from nswrap.precheck import check_start, loopback_ports, require_capabilities
 from nswrap.state import RUN_DIR, Record, State, StateDir, existing, readable, remove_dir, vanished
 from nswrap.supervise import exit_status
+from nswrap.transaction import Kernel, Transaction
 
 log = logging.getLogger("nswrap")
 

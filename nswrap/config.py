@@ -9,14 +9,18 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+from typing import Literal, get_args
 
 from nswrap.datatypes import datatype
 from nswrap.errors import QUOTED, UsageError, cut, quoted
-from nswrap.objects import IPAddress
+from nswrap.objects import IPAddress, Protocol
 
-PROTOCOLS = ("udp", "tcp")
+PROTOCOLS: tuple[Protocol, ...] = get_args(Protocol)
 IFNAMSIZ = 15  # the kernel's limit on interface names, without the NUL
-IPV6_FORWARDING = ("auto", "global", "interface", "off")  # --ipv6-forwarding (docs/design.md)
+Firewall = Literal["auto", "off"]  # --firewall
+FIREWALL: tuple[Firewall, ...] = get_args(Firewall)
+Ipv6Forwarding = Literal["auto", "global", "interface", "off"]  # --ipv6-forwarding (docs/design.md)
+IPV6_FORWARDING: tuple[Ipv6Forwarding, ...] = get_args(Ipv6Forwarding)
 HELPERS = ("tftp",)  # conntrack helpers nswrap can attach (the server answers from a new port)
 DEFAULT_MARK_MASK = 0xF0000000  # free of kube-proxy, wg-quick, Tailscale, Cilium, mwan3, OpenWrt pbr
 MAX_STOP_TIMEOUT = 86400.0
@@ -33,7 +37,7 @@ MIN_UDP_TIMEOUT, MAX_UDP_TIMEOUT = 10, 86400  # never below `unreplied` (10 s); 
 class PortRange:
     """Published ports `outer_lo..outer_hi` of `proto`, delivered to `inner_lo..` in the server."""
 
-    proto: str
+    proto: Protocol
     outer_lo: int
     outer_hi: int
     inner_lo: int
@@ -83,8 +87,9 @@ def parse_port_item(item: str) -> PortRange:
     match = _ITEM.match(item.strip().lower())
     if not match:
         raise UsageError(f"invalid port spec {quoted(item)}: expected PORT, OUTER:INNER or A-B[:C-D], optionally /udp or /tcp")
-    proto = match["proto"] or "udp"
-    if proto not in PROTOCOLS:
+    given = match["proto"] or "udp"
+    proto = next((p for p in PROTOCOLS if p == given), None)  # the Protocol it names, if any
+    if proto is None:
         raise UsageError(f"invalid port spec {quoted(item)}: protocol must be udp or tcp")
     outer_lo, outer_hi = _parse_span(match["outer"], item)
     inner_lo, inner_hi = _parse_span(match["inner"], item) if match["inner"] else (outer_lo, outer_hi)
@@ -297,10 +302,10 @@ class Config:
     stop_timeout: float = 10.0  # after forwarding SIGTERM/SIGINT, SIGKILL the server's tree after this
     ready_fd: int | None = None  # write a line here once every published path forwards
     addresses: tuple[IPAddress, ...] = ()  # publish only on these host addresses (IPv4 and IPv6)
-    firewall: str = "auto"  # auto: make room in iptables FORWARD/DOCKER-USER; off: refuse if blocked
+    firewall: Firewall = "auto"  # auto: make room in iptables FORWARD/DOCKER-USER; off: refuse if blocked
     outbound: bool = True  # the server may open its own connections, masqueraded
     helpers: tuple[str, ...] = ()  # conntrack helpers for protocols that open related flows
-    ipv6_forwarding: str = "auto"  # how IPv6 is forwarded to the server: IPV6_FORWARDING
+    ipv6_forwarding: Ipv6Forwarding = "auto"  # how IPv6 is forwarded to the server: IPV6_FORWARDING
     take_over: bool = False  # publish even where a host socket serves the port (its clients go to the server)
     udp_timeout: int = DEFAULT_UDP_TIMEOUT  # answered UDP flows: seconds after their last packet (per host)
 
@@ -311,7 +316,7 @@ class Config:
         problem = command_problem(self.command) if self.command else None
         if problem:
             raise UsageError(f"{problem}: nswrap [OPTIONS] -- COMMAND [ARG...]")
-        if self.firewall not in ("auto", "off"):
+        if self.firewall not in FIREWALL:
             raise UsageError(f"invalid --firewall {quoted(self.firewall)}: auto or off")
         if self.ipv6_forwarding not in IPV6_FORWARDING:
             raise UsageError(f"invalid --ipv6-forwarding {quoted(self.ipv6_forwarding)}: one of {', '.join(IPV6_FORWARDING)}")

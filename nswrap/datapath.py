@@ -21,8 +21,9 @@ cost does not grow with the number of instances.
 from __future__ import annotations
 
 import ipaddress
+from typing import Literal
 
-from nswrap.config import DEFAULT_UDP_TIMEOUT, PortRange, UplinkSpec, valid_ifname
+from nswrap.config import DEFAULT_UDP_TIMEOUT, Ipv6Forwarding, PortRange, UplinkSpec, valid_ifname
 from nswrap.datatypes import datatype, field, replace
 from nswrap.errors import NswrapError, UsageError, listed
 from nswrap.facts import HOST_PREFIX, Facts, sysctl_key
@@ -46,6 +47,11 @@ FIRST_TABLE = 5000
 PRIORITIES = 3  # "to internal lookup main", "to internal unreachable", the uplinks' fwmark rules
 LOOPBACK4 = ipaddress.IPv4Address("127.0.0.1")
 
+# How an instance's IPv6 is forwarded (chosen at start from --ipv6-forwarding, kept in its record):
+# "interface" (force_forwarding, Linux >= 6.17), "global" (the switch nswrap holds while an
+# instance needs it), "host" (the switch the host had on already)
+Forwarding6Mode = Literal["interface", "global", "host"]
+
 
 # --- inputs ----------------------------------------------------------------------------------
 
@@ -63,9 +69,7 @@ class Instance:
     loopback_ports: tuple[PortRange, ...] = ()  # also published on 127.0.0.1 (decided at start)
     outbound: bool = True
     helpers: tuple[str, ...] = ()
-    # how IPv6 is forwarded for it: "interface" (force_forwarding, Linux >= 6.17), "global" (the
-    # switch nswrap holds while an instance needs it), "host" (the switch the host had on already)
-    forwarding6: str = "interface"
+    forwarding6: Forwarding6Mode = "interface"
     udp_timeout: int = DEFAULT_UDP_TIMEOUT  # --udp-timeout: the same for every live instance
 
     @property
@@ -698,7 +702,7 @@ NO_IPV6_OLD_KERNEL = ("IPv6 clients are not served: this kernel has no per-inter
                       "nswrap runs (router advertisements are kept, nothing else is forwarded)")
 
 
-def describe_forwarding6(mode: str, facts: Facts, allocation: Allocation | None) -> str:
+def describe_forwarding6(mode: Ipv6Forwarding, facts: Facts, allocation: Allocation | None) -> str:
     """`nswrap doctor`: which case this host is in, and what nswrap would change for IPv6."""
     chosen = choose_forwarding6(mode, facts, allocation)
     if chosen is None:
@@ -716,7 +720,19 @@ def describe_forwarding6(mode: str, facts: Facts, allocation: Allocation | None)
             "(accept_ra=2 first where it is 1, so routes learned from router advertisements stay; nothing else is forwarded)")
 
 
-def choose_forwarding6(mode: str, facts: Facts, allocation: Allocation | None) -> str | None:
+def veth_forwarding6(facts: Facts, instance: Instance) -> bool:
+    """Does the veth need its own force_forwarding (the instance forwards IPv6 per interface, and
+    the global switch is off)?"""
+    return 6 in instance.families and instance.forwarding6 == "interface" and facts.sysctl("net/ipv6/conf/all/forwarding") != "1"
+
+
+def veth_mtu(facts: Facts) -> int:
+    """The veth's MTU: the largest of the uplinks', so no answer is fragmented on the way out."""
+    return max((link.mtu for link in facts.links if link.ifname != "lo" and not link.ifname.startswith(HOST_PREFIX)),
+               default=1500)
+
+
+def choose_forwarding6(mode: Ipv6Forwarding, facts: Facts, allocation: Allocation | None) -> Forwarding6Mode | None:
     """How a new instance's IPv6 is forwarded (Instance.forwarding6), or None: IPv4 only.
     `auto`: per interface where the kernel can; else the global switch if it is on already (if
     nswrap holds it, this instance holds it too, so that it stays on while it runs)."""

@@ -26,7 +26,7 @@ from nswrap.datapath import (
 )
 from nswrap.errors import NswrapError
 from nswrap.facts import Facts, gather, netns_id
-from nswrap.instance import require_capabilities
+from nswrap.precheck import require_capabilities
 from nswrap.state import existing
 
 RP_FILTER = {"0": "off", "1": "strict", "2": "loose"}

@@ -1,4 +1,5 @@
-"""The one error type that reaches the user: one line, the culprit named, an exit code."""
+"""The errors nswrap raises: the one type that reaches the user (one line, the culprit named, an
+exit code), and the two a follower acts on (FailClosed stops the instance, TryAgain retries)."""
 
 EXIT_USAGE = 2
 EXIT_FAILED = 125  # nswrap itself failed before the server started
@@ -17,6 +18,14 @@ class NswrapError(Exception):
 class UsageError(NswrapError):
     def __init__(self, message: str):
         super().__init__(message, EXIT_USAGE)
+
+
+class FailClosed(NswrapError):
+    """nswrap's guard could not be put back: the instance must stop."""
+
+
+class TryAgain(NswrapError):
+    """Following the host could not make every change (the host is changing too): later."""
 
 
 QUOTED = 60  # characters of a user's value an error line shows

@@ -191,4 +191,18 @@ def netns_id() -> str:
             return f"i{os.stat('/proc/thread-self/ns/net').st_ino}"
 
 
+def proc_sys_read_only() -> bool:
+    """Is /proc/sys mounted read-only here (a container): no sysctl can be written?"""
+    return bool(os.statvfs("/proc/sys").f_flag & os.ST_RDONLY)
+
+
+def conntrack_count() -> int:
+    """Entries in this namespace's conntrack table (-1: cannot tell)."""
+    try:
+        with open("/proc/sys/net/netfilter/nf_conntrack_count") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return -1
+
+
 __all__ = ["FAMILIES", "Facts", "gather", "netns_id", "read_sysctl", "sysctl_key"]

@@ -18,7 +18,7 @@ from nswrap.config import PROTOCOLS, PortRange
 from nswrap.datapath import Instance
 from nswrap.datatypes import datatype
 from nswrap.facts import Facts
-from nswrap.objects import IPAddress
+from nswrap.objects import IPAddress, Protocol
 
 PROTO_NUMBERS = {"udp": 17, "tcp": 6}
 
@@ -29,7 +29,7 @@ class Dump:
     protocol, a range is matched here) and one original destination (None: any)."""
 
     version: int
-    proto: str
+    proto: Protocol
     ports: frozenset[int]
     address: IPAddress | None = None
 

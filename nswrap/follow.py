@@ -8,6 +8,12 @@ nswrap's rules, routes or table (a firewall reload). That is handled once, after
 (at most 1 s into a burst), by the one instance that holds the `follow` lock; the kernel hands the
 lock to another instance when that one dies. An instance whose own veth was deleted repairs it.
 
+Following (`Follower.follow`) re-plans the shared datapath (sync.py) for the live instances and
+runs the difference in a transaction, best effort: what fails is tried again (TryAgain) a second
+later. nswrap's guard comes first: a table or guard set found missing turns the forwarding nswrap
+turned on off before anything else; a table that cannot be put back stops the instance with that
+forwarding restored (FailClosed).
+
 One setting nswrap turns on has no event: `src_valid_mark` (the kernel announces only forwarding
 and rp_filter changes). The instance that follows reads the settings nswrap set every POLL
 seconds, a few small files, and follows the host when one was put back by someone else.
@@ -18,19 +24,28 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import Literal
 
-from nswrap import netlink
-from nswrap.facts import HOST_PREFIX, read_sysctl
+from nswrap import netlink, nft, sync
+from nswrap.changes import NftBatch, one_line
+from nswrap.datapath import Allocation
+from nswrap.errors import FailClosed, TryAgain
+from nswrap.facts import HOST_PREFIX, gather, read_sysctl
 from nswrap.objects import PROTO
 from nswrap.ruleset import TABLE
+from nswrap.transaction import Transaction
 
 log = logging.getLogger("nswrap")
 
 SETTLE, MAX_WAIT, RETRY, POLL = 0.1, 1.0, 1.0, 2.0
+# Why the host must be looked at again: it changed ("host"), an instance may have died (its veth
+# vanished: "instance"), this instance's veth was deleted ("repair"), someone removed part of
+# nswrap's table ("table")
+Reason = Literal["host", "instance", "repair", "table"]
 GUARD_SETS = ("guarded4", "guarded6", "held")  # sync.guard_missing: elements only a host change changes
 
 
-def classify(event: netlink.Event, own_indexes: set[int], my_veth: str) -> str | None:
+def classify(event: netlink.Event, own_indexes: set[int], my_veth: str) -> Reason | None:
     """What an event means to nswrap: None (nothing: ours, or irrelevant), "host" (the host
     changed), "instance" (a veth vanished: an instance may have died), "repair" (ours
     vanished), "table" (someone removed part of nswrap's table)."""
@@ -78,13 +93,16 @@ def switch6_held() -> bool:
 
 
 class Follower:
+    """An instance's ear on the host: its events, classified and settled, make the instance that
+    holds the `follow` lock follow the host for all, and this instance repair its own veth."""
+
     def __init__(self, life):
         self.life = life
         self.monitor = netlink.Monitor()
         # subscribed first, then looked: a veth made in between is seen in one or the other
         self.own_indexes: set[int] = {info.link.index for info in life.kernel.routing.links()
                                       if info.link.ifname.startswith(HOST_PREFIX)}
-        self.reasons: set[str] = set()
+        self.reasons: set[Reason] = set()
         self.first: float | None = None
         self.last: float | None = None
         self.lock_fd: int | None = None
@@ -123,12 +141,12 @@ class Follower:
         if now < due:
             return due - now
         reasons, self.reasons, self.first, self.last = self.reasons, set(), None, None
-        again: set[str] = set()
+        again: set[Reason] = set()
         if "repair" in reasons and not self._try(self.life.repair, "repairing the veth"):
             again.add("repair")
         if reasons - {"repair"} and self._leading():
-            why = "table" if "table" in reasons else "host"
-            if not self._try(lambda: self.life.follow(why), "following the host"):
+            why: Literal["host", "table"] = "table" if "table" in reasons else "host"
+            if not self._try(lambda: self.follow(why), "following the host"):
                 again |= reasons - {"repair"}
         if again:  # the host is still changing: once more in a second
             self.reasons, self.first, self.last = again, now, now + RETRY - SETTLE
@@ -149,10 +167,79 @@ class Follower:
                 self.last, self.first = now, self.first or now
         return self.next_poll - now
 
+    def follow(self, why: Literal["host", "table"]) -> None:
+        """A host change (or a dead instance, or a flushed table): bring the shared datapath in
+        line, once, for every instance (this instance follows the host for all). Every change
+        that can be made is made; what fails is tried again (TryAgain) once the host settles.
+        nswrap's guard comes first: a table found flushed means no guard, so the forwarding
+        nswrap turned on is restored before anything else, and turned on again only once the
+        table is back (the plan's order); a table that cannot be put back, or cannot even be
+        read, stops nswrap with the forwarding restored (fail closed), whatever the error."""
+        state, kernel, mark_mask = self.life.state, self.life.kernel, self.life.config.mark_mask
+        with state.dir.lock():
+            allocation = state.allocation()
+            guarded = False  # is nswrap's guard known to be in place?
+            try:
+                live = tuple(r.instance for r in state.live())
+                table = nft.read_table()
+                guarded = table is not None and sync.intact(table, allocation, live)
+                if not guarded:  # no guard: before anything else, route nothing for others
+                    self._stop_forwarding(allocation)
+                    if why == "table":
+                        log.warning("nswrap's nft table was flushed or deleted (a firewall reload?): putting it back")
+                facts = gather(kernel.routing)
+                emptied = sync.guard_missing(table, allocation, facts) if guarded and table is not None else []
+                if emptied:  # a set of the guard flushed: the same, and the facts again with forwarding off
+                    guarded = False
+                    self._stop_forwarding(allocation)
+                    log.warning("nswrap's guard lost elements (set %s: someone's `nft flush set`?): putting them back",
+                                ", ".join(emptied))
+                    facts = gather(kernel.routing)
+                plan = sync.plan(facts, table, allocation, live, mark_mask)
+            except Exception as e:
+                self._fail_closed_if(not guarded, allocation, e)
+                raise TryAgain(str(e) or type(e).__name__) from None
+            self._say_lost_gateways(plan.datapath.warnings)
+            if plan.before is not None:
+                state.save_allocation(plan.before)
+            tx = Transaction(kernel, say=lambda line: log.warning("following the host: %s", one_line(line)))
+            failed: list[str] = []
+            for change in plan.changes:
+                try:
+                    tx.run(change)
+                except Exception as e:
+                    self._fail_closed_if(isinstance(change, NftBatch) and not guarded, allocation, e)
+                    failed.append(f"{one_line(change.render())}: {e}")
+            tx.commit()  # what was done moves toward what is wanted: it stays
+            if failed:
+                raise TryAgain("; ".join(failed))
+            state.save_allocation(plan.after)
+            state.forget_dead([r for r in state.records() if not state.dir.is_live(r.id)])
+
+    def _stop_forwarding(self, allocation: Allocation | None) -> list[str]:
+        """Fail closed: the forwarding nswrap turned on goes off, before anything else."""
+        changes = sync.fail_closed(allocation)
+        Transaction(self.life.kernel, say=lambda line: log.info("fail closed: %s", line)).run_each(changes, "fail closed")
+        return [c.render().splitlines()[0].removeprefix("sysctl -w ") for c in changes]
+
+    def _say_lost_gateways(self, warnings: tuple[str, ...]) -> None:
+        """An uplink whose gateway went while serving (its default route deleted): one line that
+        names it and --uplink IFACE=GATEWAY, once per loss however many events follow; said
+        again only after the gateway came back and went again."""
+        for warning in warnings:
+            if warning not in self.life.said:
+                log.warning("%s", warning)
+        self.life.said = set(warnings)
+
+    def _fail_closed_if(self, table_lost: bool, allocation: Allocation | None, error: Exception) -> None:
+        if table_lost:
+            restored = self._stop_forwarding(allocation)
+            said = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+            raise FailClosed(f"could not put back nswrap's nft table ({said}); forwarding restored "
+                             f"({', '.join(restored) or 'nothing to restore'}): stopping") from None
+
     def _try(self, action, what: str) -> bool:
         """Whether it worked; FailClosed stops nswrap."""
-        from nswrap.instance import FailClosed
-
         try:
             action()
             return True

@@ -1,234 +1,59 @@
-"""An instance's life, top to bottom.
+"""An instance's life, top to bottom: `run` = start, serve, stop.
 
-    start   (under the setup lock) look at the host, allocate a subnet and an id, write the record,
-            create the server's network, sync the shared datapath; dead instances' leftovers go
-    serve   forget stale flows to the published ports, start the server, say READY once it
-            listens, follow the host (one instance does it for all), repair what others break
+    start   (under the setup lock) look at the host (an older nswrap's or a crashed instance's
+            leftovers go first), choose the instance and check it (precheck.py), write the
+            record, create the server's network, sync the shared datapath (sync.py); dead
+            instances' records go
+    serve   start the server, forget stale flows to the published ports (flows.py), say READY
+            once it listens (readiness.py), follow the host (follow.py: one instance does it
+            for all) and repair this instance's veth if someone deletes it
     stop    (under the setup lock) drop the record, sync the shared datapath without this instance
             (the last one removes it and restores the sysctls), then forget this instance's flows
 
-Every host change goes through a transaction (apply.py): a failure or a signal during `start`
+Every host change goes through a transaction (transaction.py): a failure or a signal during `start`
 rolls back exactly what was done. Nothing slow (conntrack work, the server's start) happens
 while holding the lock.
 """
 
 from __future__ import annotations
 
-import grp
 import logging
 import os
-import pwd
 import signal
-import socket
 import time
 
 from nswrap import flows, legacy, namespaces, netlink, nft, sync
-from nswrap.apply import Kernel, Transaction
-from nswrap.changes import DeleteLink, ForgetFlows, Forwarding6, NftBatch, ServerNetwork, SetSysctl, one_line, read_only_message
-from nswrap.config import Config, PortRange
-from nswrap.datapath import (
-    NO_IPV6_OLD_KERNEL,
-    Allocation,
-    Instance,
-    absent_addresses,
-    allocate_subnet,
-    check_uplinks,
-    choose_forwarding6,
-    conflicts,
-    gateway_conflict,
-    instance_uplinks,
-    taken_over,
-    udp_timeout_conflict,
-    ula_subnet,
-)
-from nswrap.errors import NswrapError, UsageError, cut, listed, quoted
-from nswrap.facts import Facts, gather, netns_id, socket_owners
+from nswrap.changes import DeleteLink, ForgetFlows, Forwarding6, ServerNetwork, SetSysctl, one_line, read_only_message
+from nswrap.config import Config
+from nswrap.datapath import Allocation, Instance, veth_forwarding6, veth_mtu
+from nswrap.errors import NswrapError, listed
+from nswrap.facts import Facts, conntrack_count, gather, netns_id, proc_sys_read_only
 from nswrap.follow import Follower
-from nswrap.objects import Listener
-from nswrap.state import MAX_FILE, InvalidState, Record, State, StateDir, hold, new_id, parse_record
+from nswrap.precheck import (
+    check_ready_fd,
+    check_recordable,
+    check_start,
+    host_env,
+    new_instance,
+    require_capabilities,
+    resolve_user,
+    server_env,
+)
+from nswrap.readiness import Readiness
+from nswrap.state import Record, State, StateDir, hold, new_id
 from nswrap.supervise import FORWARDED, Credentials, Interrupted, Supervisor, check_command, exit_status
+from nswrap.transaction import Kernel, Transaction
 
 log = logging.getLogger("nswrap")
 
-CAP_NET_ADMIN, CAP_SYS_ADMIN = 12, 21
 ALL6 = "net/ipv6/conf/all/forwarding"
 STOP_FLUSH_SECONDS = 2.0  # forgetting this instance's flows at stop: bounded, the rest expire
 
 
-def conntrack_count() -> int:
-    """Entries in this namespace's conntrack table (-1: cannot tell)."""
-    try:
-        with open("/proc/sys/net/netfilter/nf_conntrack_count") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return -1
-
-
-def require_capabilities() -> None:
-    with open("/proc/self/status") as f:
-        caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
-    missing = [name for bit, name in ((CAP_NET_ADMIN, "CAP_NET_ADMIN"), (CAP_SYS_ADMIN, "CAP_SYS_ADMIN")) if not caps >> bit & 1]
-    if missing and os.geteuid() == 0:  # root already, without them: a container started without --cap-add
-        raise NswrapError(f"not permitted: root without {' and '.join(missing)}: a container? run it with "
-                          "--cap-add NET_ADMIN --cap-add SYS_ADMIN")
-    if missing:
-        raise NswrapError(f"not permitted: nswrap needs {' and '.join(missing)} (run it as root)")
-
-
-def proc_sys_read_only() -> bool:
-    return bool(os.statvfs("/proc/sys").f_flag & os.ST_RDONLY)
-
-
-def resolve_user(spec: str) -> Credentials:
-    """USER[:GROUP] (names or numbers) -> uid, gid and the user's supplementary groups. Ports
-    below 1024: by the server namespace's ip_unprivileged_port_start, or, where /proc/sys is
-    read-only, by CAP_NET_BIND_SERVICE alone."""
-    user, _, group = spec.partition(":")
-    try:
-        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-    except (KeyError, OverflowError):
-        raise UsageError(f"invalid --user {quoted(spec)}: no such user {quoted(user)}") from None
-    gid = entry.pw_gid
-    if group:
-        try:
-            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise UsageError(f"invalid --user {quoted(spec)}: no such group {quoted(group)}") from None
-    return Credentials(entry.pw_uid, gid, tuple(os.getgrouplist(entry.pw_name, gid)), proc_sys_read_only())
-
-
-def check_ready_fd(fd: int | None) -> None:
-    """--ready-fd must name a descriptor the caller opened for us to write to."""
-    if fd is None:
-        return
-    import fcntl
-
-    try:
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    except OSError:
-        raise UsageError(f"invalid --ready-fd {fd}: no such open file descriptor") from None
-    if flags & os.O_ACCMODE == os.O_RDONLY:
-        raise UsageError(f"invalid --ready-fd {fd}: open for reading only")
-
-
-def loopback_ports(config: Config) -> tuple[PortRange, ...]:
-    """Published ports the host's own clients reach on 127.0.0.1: all of them, unless --address
-    leaves 127.0.0.1 out. A host socket already there is refused at start, or taken over with
-    --take-over (check_start)."""
-    if config.addresses and not any(a.is_loopback and a.version == 4 for a in config.addresses):
-        return ()
-    return config.ports
-
-
-def _recordable(record: Record) -> None:
-    """The record must read back as it was written (the reader's limits: state.parse_record)."""
-    raw = record.to_json()
-    try:
-        if len(raw) > MAX_FILE:
-            raise InvalidState(f"{len(raw)} bytes, more than {MAX_FILE}")
-        if parse_record(raw, f"{record.id}.json") == record:
-            return
-    except InvalidState as e:
-        raise UsageError(f"too much to record for cleanup after a crash ({e}): a shorter command line or fewer ports") from None
-    raise UsageError("this instance cannot be recorded for cleanup after a crash (a bug: please report it)")
-
-
-def server_env(public: dict[str, str] | None = None) -> dict[str, str]:
-    """The server's environment: nswrap's own, without what is nswrap's (its settings, and the
-    notify socket, which is nswrap's to write to), plus the host's public side (`public`,
-    NSWRAP_HOST_*: host_env)."""
-    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET" and not k.startswith("NSWRAP_")}
-    return {**env, **(public or {})}
-
-
-HOST_ENV = "NSWRAP_HOST_"  # no option of nswrap's is named HOST_…: these never read as settings
-
-
-def env_name(ifname: str) -> str:
-    """An interface name as part of a shell variable's name: eth0.100 -> eth0_100."""
-    return "".join(c if c.isalnum() or c == "_" else "_" for c in ifname)
-
-
-def host_env(facts: Facts, instance: Instance) -> dict[str, str]:
-    """What the server may need to know of the host's public side, as it was at start (issue
-    25: protocols that put addresses in their payload, SIP, FTP, STUN/TURN): the uplinks served
-    and the addresses published on each (--address ones, or each uplink's global addresses)."""
-    uplinks = list(dict.fromkeys(name for v in instance.families for name in instance_uplinks(facts, instance, v)))
-    chosen = {a for a in instance.addresses if not a.is_loopback}
-    env = {f"{HOST_ENV}UPLINKS": " ".join(uplinks)}
-    every: list[str] = []
-    for name in uplinks:
-        here = [str(a.ip) for v in instance.families for a in facts.global_addresses(name, v)
-                if not chosen or a.ip in chosen]
-        env[f"{HOST_ENV}ADDRESSES_{env_name(name)}"] = " ".join(here)
-        every += here
-    every += [str(a) for a in instance.addresses if not a.is_loopback and str(a) not in every]
-    env[f"{HOST_ENV}ADDRESSES"] = " ".join(dict.fromkeys(every))
-    return env
-
-
-def check_start(facts: Facts, instance: Instance, live: list[Record], take_over: bool = False) -> None:
-    """What refuses a start (or a dry run) before anything changes: its uplinks, a port or a
-    gateway that a live instance, named with its pid and command, already has otherwise, and a
-    host socket whose clients it would take (unless --take-over)."""
-    check_uplinks(facts, instance)
-    for warning in absent_addresses(facts, instance):
-        log.warning("%s", warning)
-    others = tuple(r.instance for r in live)
-    clash = conflicts(instance, others) or gateway_conflict(facts, instance, others) or udp_timeout_conflict(instance, others)
-    if clash:
-        owner = next(r for r in live if r.id in clash)
-        raise NswrapError(f"{clash} (pid {owner.pid}: {cut(' '.join(owner.command), 200)})")
-    check_host_sockets(facts, instance, take_over)
-
-
-MORE_SOCKETS = 3  # named besides the first, in the one line that says which host sockets are taken
-
-
-def check_host_sockets(facts: Facts, instance: Instance, take_over: bool, proc: str = "/proc") -> None:
-    """A host process serving a published port where the instance publishes it would lose its
-    clients to the server, silently (issue 23: an sshd on 0.0.0.0:22 and --ports 1-65535/tcp; a
-    local user who binds 127.0.0.1:PORT first to capture the host's own clients): refused, naming
-    the socket and its owner, unless --take-over says it is intended (then one warning)."""
-    taken = taken_over(facts, instance)
-    if not taken:
-        return
-    owners = socket_owners({s.inode for s in taken}, proc)
-    sockets = list({(s.proto, s.address, s.port): s for s in taken}.values())  # SO_REUSEPORT: one of each
-
-    def owner(s: Listener, listed: bool = False) -> str:
-        if s.inode in owners:
-            pid, name = owners[s.inode]
-            return f"{name}, pid {pid}" if listed else f"{name} (pid {pid})"
-        if not s.inode:
-            return "the kernel"
-        return f"not found, socket inode {s.inode}" if listed else f"a process nswrap cannot find (socket inode {s.inode})"
-
-    def more(rest: list[Listener], with_owner: bool) -> str:
-        named = [f"{s} ({owner(s, listed=True)})" if with_owner else str(s) for s in rest[:MORE_SOCKETS]]
-        if len(rest) > MORE_SOCKETS:
-            named.append(f"{len(rest) - MORE_SOCKETS} more")
-        return ", ".join(named)
-
-    if take_over:
-        log.warning("--take-over: clients of %s reach the server from now on", more(sockets, True))
-        return
-    first, rest = sockets[0], sockets[1:]
-    also = f" (also {more(rest, False)})" if rest else ""
-    raise UsageError(f"port {first.port}/{first.proto} is served on this host by {owner(first)} on {first.address}{also}: "
-                     "publishing it would take its clients; leave it out of --ports, narrow with --address, "
-                     "or give --take-over")
-
-
-class FailClosed(NswrapError):
-    """nswrap's guard could not be put back: the instance must stop."""
-
-
-class TryAgain(NswrapError):
-    """Following the host could not make every change (the host is changing too): later."""
-
-
 class Life:
+    """One instance from start to stop: what it holds (its record and liveness lock, the server's
+    namespace until the server holds it) and the kernel adapters every change goes through."""
+
     def __init__(self, config: Config, supervisor: Supervisor):
         self.config = config
         self.supervisor = supervisor
@@ -248,30 +73,6 @@ class Life:
 
     # --- start ---------------------------------------------------------------------------
 
-    def _new_instance(self, facts: Facts, live: list[Record], allocation: Allocation | None) -> Instance:
-        config = self.config
-        ids = {r.id for r in self.state.records()}
-        instance_id = new_id(self.state, ids)
-        subnet = allocate_subnet(facts, tuple(r.instance for r in live), config.subnet)
-        forwarding6 = choose_forwarding6(config.ipv6_forwarding, facts, allocation)
-        serves6 = any(a.version == 6 and a.scope == 0 for a in facts.addresses)
-        if forwarding6 is None and config.ipv6_forwarding == "auto" and serves6:
-            log.warning("%s", NO_IPV6_OLD_KERNEL)
-        if forwarding6 in ("interface", "global") and proc_sys_read_only() and facts.sysctl(ALL6) != "1":
-            if config.ipv6_forwarding != "auto":
-                raise NswrapError(read_only_message([ALL6]))
-            forwarding6 = None  # IPv6 forwarding cannot be turned on here
-            if serves6:
-                log.warning("IPv6 clients are not served: /proc/sys is read-only and IPv6 forwarding is off "
-                            "(a container? start it with --sysctl net.ipv6.conf.all.forwarding=1)")
-        return Instance(
-            id=instance_id, ports=config.ports, subnet=subnet,
-            subnet6=ula_subnet(subnet) if forwarding6 else None,
-            uplinks=config.uplinks, addresses=config.addresses, loopback_ports=loopback_ports(config),
-            outbound=config.outbound, helpers=config.helpers, forwarding6=forwarding6 or "interface",
-            udp_timeout=config.udp_timeout,
-        )
-
     def start(self) -> None:
         # listen before anything changes: a firewall reload during the rest of the start (or the
         # server's) is in the queue when serving begins, not lost
@@ -288,18 +89,13 @@ class Life:
         facts, records, live, allocation = self._look()
         instance, plan = self._plan(facts, live, allocation)
         record = Record(instance.id, os.getpid(), time.time(), list(self.config.command), instance, self.config.mark_mask)
-        _recordable(record)  # before any change: what cannot be read back cannot be cleaned up
+        check_recordable(record)  # before any change: what cannot be read back cannot be cleaned up
         self.live_fd, self.record = hold(self.state, instance.id), record
         self.state.save(self.record)  # before the first host change: a crash from here on is recoverable
         tx = Transaction(self.kernel, checkpoint=self.supervisor.checkpoint)
         try:
             self.netns_fd = namespaces.new_netns()
-            tx.run(ServerNetwork(
-                instance, self.netns_fd, _mtu(facts),
-                resolver_stub=str(facts.resolver_stub) if facts.resolver_stub else None,
-                unprivileged_ports=self.config.user is not None and not proc_sys_read_only(),
-                ipv6_forwarding=_veth_forwarding6(facts, instance),
-            ))
+            tx.run(self._server_network(facts, instance, self.netns_fd))
             sync.run(plan, tx, self.state.save_allocation)
         except BaseException:
             tx.rollback()
@@ -307,10 +103,7 @@ class Life:
             self._forget_record()
             raise
         tx.commit()
-        for dead in records:
-            if dead not in live:
-                self.state.forget(dead.id)
-                log.warning("removed a dead instance's leftovers: instance %s (pid %d)", dead.id, dead.pid)
+        self.state.forget_dead([r for r in records if r not in live])
         self.facts = facts
 
     def _look(self) -> tuple[Facts, list[Record], list[Record], Allocation | None]:
@@ -333,7 +126,8 @@ class Life:
 
     def _plan(self, facts: Facts, live: list[Record], allocation: Allocation | None) -> tuple[Instance, sync.Plan]:
         """This instance, checked against the host and the live ones, and what its start changes."""
-        instance = self._new_instance(facts, live, allocation)
+        ids = {r.id for r in self.state.records()}
+        instance = new_instance(self.config, facts, live, allocation, new_id(self.state, ids))
         check_start(facts, instance, live, self.config.take_over)
         # the shared part is (re)made when no instance lives: then first look at the other
         # firewalls, and one listing of the whole ruleset holds nswrap's table too
@@ -354,21 +148,25 @@ class Life:
         return instance, plan
 
     def _sweep_dead(self, facts: Facts, allocation: Allocation) -> None:
-        tx = Transaction(self.kernel,
-                         say=lambda line: log.warning("removed a dead instance's leftover: %s", one_line(line)))
-        try:
+        with Transaction(self.kernel,
+                         say=lambda line: log.warning("removed a dead instance's leftover: %s", one_line(line))) as tx:
             sync.run(sync.plan(facts, nft.read_table(), allocation, (), allocation.mark_mask), tx,
                      self.state.save_allocation)
-        except BaseException:
-            tx.rollback()
-            raise
-        tx.commit()
 
     def _sweep_legacy(self, facts: Facts) -> None:
         tx = Transaction(self.kernel,
                          say=lambda line: log.warning("removed an older nswrap's leftover: %s", one_line(line)))
         tx.run_each(legacy.sweep(facts))
         legacy.forget(legacy.dead_records())
+
+    def _server_network(self, facts: Facts, instance: Instance, netns_fd: int) -> ServerNetwork:
+        """The server's side of the host: a veth pair, one end in its namespace `netns_fd`."""
+        return ServerNetwork(
+            instance, netns_fd, veth_mtu(facts),
+            resolver_stub=str(facts.resolver_stub) if facts.resolver_stub else None,
+            unprivileged_ports=self.config.user is not None and not proc_sys_read_only(),
+            ipv6_forwarding=veth_forwarding6(facts, instance),
+        )
 
     def _forget_record(self) -> None:
         if self.record is not None:
@@ -419,79 +217,6 @@ class Life:
         ready = Readiness(self.instance, self.supervisor.init_pid or 0, self.config.ready_fd)
         return self.supervisor.wait(follower.filenos(), lambda fds: _min(ready.poll(), follower.on_ready(fds)))
 
-    def follow(self, why: str) -> None:
-        """A host change (or a dead instance, or a flushed table): bring the shared datapath in
-        line, once, for every instance (this instance follows the host for all). Every change
-        that can be made is made; what fails is tried again (TryAgain) once the host settles.
-        nswrap's guard comes first: a table found flushed means no guard, so the forwarding
-        nswrap turned on is restored before anything else, and turned on again only once the
-        table is back (the plan's order); a table that cannot be put back, or cannot even be
-        read, stops nswrap with the forwarding restored (fail closed), whatever the error."""
-        with self.state.dir.lock():
-            allocation = self.state.allocation()
-            guarded = False  # is nswrap's guard known to be in place?
-            try:
-                live = tuple(r.instance for r in self.state.live())
-                table = nft.read_table()
-                guarded = table is not None and sync.intact(table, allocation, live)
-                if not guarded:  # no guard: before anything else, route nothing for others
-                    self._stop_forwarding(allocation)
-                    if why == "table":
-                        log.warning("nswrap's nft table was flushed or deleted (a firewall reload?): putting it back")
-                facts = gather(self.kernel.routing)
-                emptied = sync.guard_missing(table, allocation, facts) if guarded and table is not None else []
-                if emptied:  # a set of the guard flushed: the same, and the facts again with forwarding off
-                    guarded = False
-                    self._stop_forwarding(allocation)
-                    log.warning("nswrap's guard lost elements (set %s: someone's `nft flush set`?): putting them back",
-                                ", ".join(emptied))
-                    facts = gather(self.kernel.routing)
-                plan = sync.plan(facts, table, allocation, live, self.config.mark_mask)
-            except Exception as e:
-                self._fail_closed_if(not guarded, allocation, e)
-                raise TryAgain(str(e) or type(e).__name__) from None
-            self._say_lost_gateways(plan.datapath.warnings)
-            if plan.before is not None:
-                self.state.save_allocation(plan.before)
-            tx = Transaction(self.kernel, say=lambda line: log.warning("following the host: %s", one_line(line)))
-            failed: list[str] = []
-            for change in plan.changes:
-                try:
-                    tx.run(change)
-                except Exception as e:
-                    self._fail_closed_if(isinstance(change, NftBatch) and not guarded, allocation, e)
-                    failed.append(f"{one_line(change.render())}: {e}")
-            tx.commit()  # what was done moves toward what is wanted: it stays
-            if failed:
-                raise TryAgain("; ".join(failed))
-            self.state.save_allocation(plan.after)
-            for record in self.state.records():
-                if not self.state.dir.is_live(record.id):
-                    self.state.forget(record.id)
-                    log.warning("removed a dead instance's leftovers: instance %s (pid %d)", record.id, record.pid)
-
-    def _stop_forwarding(self, allocation: Allocation | None) -> list[str]:
-        """Fail closed: the forwarding nswrap turned on goes off, before anything else."""
-        changes = sync.fail_closed(allocation)
-        Transaction(self.kernel, say=lambda line: log.info("fail closed: %s", line)).run_each(changes, "fail closed")
-        return [c.render().splitlines()[0].removeprefix("sysctl -w ") for c in changes]
-
-    def _say_lost_gateways(self, warnings: tuple[str, ...]) -> None:
-        """An uplink whose gateway went while serving (its default route deleted): one line that
-        names it and --uplink IFACE=GATEWAY, once per loss however many events follow; said
-        again only after the gateway came back and went again."""
-        for warning in warnings:
-            if warning not in self.said:
-                log.warning("%s", warning)
-        self.said = set(warnings)
-
-    def _fail_closed_if(self, table_lost: bool, allocation, error: Exception) -> None:
-        if table_lost:
-            restored = self._stop_forwarding(allocation)
-            said = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-            raise FailClosed(f"could not put back nswrap's nft table ({said}); forwarding restored "
-                             f"({', '.join(restored) or 'nothing to restore'}): stopping") from None
-
     def repair(self) -> None:
         """Someone deleted our veth: make it again, into the server's namespace (its sockets
         survive), or stop."""
@@ -503,11 +228,7 @@ class Life:
         try:
             facts = gather(self.kernel.routing)
             with Transaction(self.kernel) as tx:
-                tx.run(ServerNetwork(
-                    self.instance, fd, _mtu(facts),
-                    resolver_stub=str(facts.resolver_stub) if facts.resolver_stub else None,
-                    unprivileged_ports=self.config.user is not None and not proc_sys_read_only(),
-                    ipv6_forwarding=_veth_forwarding6(facts, self.instance)))
+                tx.run(self._server_network(facts, self.instance, fd))
             log.warning("the veth %s was deleted: made it again", self.instance.veth)
         finally:
             os.close(fd)
@@ -597,128 +318,9 @@ class Life:
             tx.run_each([ForgetFlows(tuple(mine[i:i + 1000]), what)], "conntrack")
 
 
-def _veth_forwarding6(facts: Facts, instance: Instance) -> bool:
-    """Does the veth need its own force_forwarding (the instance forwards IPv6 per interface, and
-    the global switch is off)?"""
-    return 6 in instance.families and instance.forwarding6 == "interface" and facts.sysctl(ALL6) != "1"
-
-
-def _mtu(facts: Facts) -> int:
-    """The veth's MTU: the largest of the uplinks', so no answer is fragmented on the way out."""
-    return max((link.mtu for link in facts.links if link.ifname != "lo" and not link.ifname.startswith("nsw-")), default=1500)
-
-
 def _min(a: float | None, b: float | None) -> float | None:
     values = [v for v in (a, b) if v is not None]
     return min(values) if values else None
-
-
-class Readiness:
-    """READY (on --ready-fd, and to systemd) once the server listens on every published port:
-    a query sent the moment READY arrives is answered, over IPv4 and IPv6."""
-
-    def __init__(self, instance: Instance, init_pid: int, ready_fd: int | None):
-        self.instance, self.ready_fd = instance, ready_fd
-        self.done = False
-        self.began = time.monotonic()
-        self.warned = self.warned_loopback = self.warned_elsewhere = False
-        self.others: set[tuple[str, int]] = set()  # what the server listens on that is not published
-        self.explained: set[PortRange] = set()  # missing ports a warning named another port for
-        try:
-            self.netns: int | None = os.open(f"/proc/{init_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            self.netns = None  # the server is already gone: the supervisor sees it
-
-    def poll(self) -> float | None:
-        if self.done or self.netns is None:
-            return None
-        missing, loopback = self._missing()
-        if missing:
-            waited = time.monotonic() - self.began
-            if loopback and not self.warned_loopback and waited > 1:
-                self.warned_loopback = True
-                log.warning("the server listens on %s only on its loopback address, which no client reaches: "
-                            "bind it to 0.0.0.0 or :: (or to its namespace's address)", listed(loopback))
-            if not self.warned_elsewhere and waited > 1:
-                self.warned_elsewhere = True
-                for line in elsewhere(missing, self.others):
-                    self.explained.add(line[0])
-                    log.warning("%s", line[1])
-            unexplained = [p for p in missing if p not in self.explained and p not in loopback]
-            if not self.warned and waited > 10 and unexplained:
-                self.warned = True
-                log.warning("the server does not listen on %s yet: READY waits for it", listed(unexplained))
-            return readiness_interval(waited)
-        self.done = True
-        os.close(self.netns)
-        announce_ready(self.ready_fd)
-        return None
-
-    def _missing(self) -> tuple[list[PortRange], list[PortRange]]:
-        """Published ports the server does not listen on yet (asked of its own namespace), and
-        those of them it listens on only on its loopback address."""
-        assert self.netns is not None
-        with namespaces.inside(self.netns):
-            sockets = netlink.listening()
-        bound = {(proto, port) for proto, address, port in sockets if not address.is_loopback}
-        local = {(proto, port) for proto, address, port in sockets if address.is_loopback}
-
-        def any_of(p: PortRange, where: set) -> bool:  # the sockets are few, a range may be 64k ports
-            return any(proto == p.proto and p.inner_lo <= port <= p.inner_hi for proto, port in where)
-
-        missing = [p for p in self.instance.ports if not any_of(p, bound)]
-        self.others = {(proto, port) for proto, port in bound
-                       if not any(proto == p.proto and p.inner_lo <= port <= p.inner_hi for p in self.instance.ports)}
-        return missing, [p for p in missing if any_of(p, local)]
-
-
-EPHEMERAL = range(32768, 61000)  # the kernel's default ip_local_port_range: a client socket's, most likely
-
-
-def elsewhere(missing: list[PortRange], others: set[tuple[str, int]]) -> list[tuple[PortRange, str]]:
-    """A server that listens on other ports of a published protocol than the published ones
-    (5300 instead of 53): one line per published port it misses, naming where it listens and
-    the --ports that would match (issue 25). Ports of the ephemeral range are left out: a
-    server's own client sockets (upstream queries) are bound there."""
-    lines = []
-    for p in missing:
-        ports = sorted(port for proto, port in others if proto == p.proto and port not in EPHEMERAL)
-        if not ports:
-            continue
-        where = listed(f"{port}/{p.proto}" for port in ports)
-        inner = f"{PortRange(p.proto, p.inner_lo, p.inner_hi, p.inner_lo)}"
-        published = f"{PortRange(p.proto, p.outer_lo, p.outer_hi, p.outer_lo)}"
-        wanted = f"the published {published}" if not p.remapped else f"{inner} (published as {published})"
-        line = f"the server listens on {where}, not on {wanted}"
-        if p.count == 1:
-            line += f": --ports {p.outer_lo}:{ports[0]}{'/tcp' if p.proto == 'tcp' else ''}?"
-        lines.append((p, line))
-    return lines
-
-
-def readiness_interval(waited: float) -> float:
-    """Seconds until the next look at the server's sockets: every 10 ms at first (READY comes
-    the moment a quick server binds), then less and less often, at most a second apart, so that
-    a server that never listens on one of its ports (iperf3's UDP port between tests) costs
-    nothing noticeable for as long as it runs."""
-    return min(1.0, max(0.01, waited / 20))
-
-
-def announce_ready(ready_fd: int | None) -> None:
-    if ready_fd is not None:
-        try:
-            os.write(ready_fd, b"READY\n")
-            os.close(ready_fd)
-        except OSError as e:
-            log.warning("--ready-fd %d: %s", ready_fd, e.strerror)
-    path = os.environ.get("NOTIFY_SOCKET")
-    if path:  # systemd Type=notify
-        address = "\0" + path[1:] if path.startswith("@") else path
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            try:
-                sock.sendto(f"READY=1\nMAINPID={os.getpid()}".encode(), address)
-            except OSError as e:
-                log.warning("NOTIFY_SOCKET %s: %s", path, e.strerror)
 
 
 def run(config: Config) -> int:

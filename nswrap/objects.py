@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import Union
+from typing import Literal, Union
 
 from nswrap.datatypes import datatype
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
+
+Protocol = Literal["udp", "tcp"]  # of a published port, a listening socket, a flow
 
 PROTO = 110  # rtnetlink protocol tag of every route and rule nswrap makes: `ip rule show proto 110`
 RT_TABLE_MAIN = 254
@@ -133,7 +135,7 @@ class Listener:
     """A socket of the host that clients reach: TCP listening, or UDP bound and not connected.
     An IPv4-mapped address (::ffff:a.b.c.d) is stored as the IPv4 address it is."""
 
-    proto: str  # udp, tcp
+    proto: Protocol
     address: IPAddress  # 0.0.0.0 or :: for every address
     port: int
     inode: int = 0  # the socket's inode, to find its owner in /proc/*/fd

@@ -9,6 +9,10 @@
         <id>.live                flock'ed by the instance for its whole life: the kernel releases
                                  it when the process dies, and no other user can open it
 
+An instance is live while a process holds its <id>.live lock; when that cannot be told (the
+kernel refuses to open or lock: EMFILE, say) `is_live` raises CannotTell rather than answer
+"dead", so nothing sweeps a live instance's leftovers.
+
 Files are opened without following links and without blocking (a FIFO planted there cannot hang
 nswrap), and are never trusted: every record is validated against a strict schema before
 anything acts on it; an invalid one is reported and skipped, never fatal.
@@ -17,6 +21,7 @@ anything acts on it; an invalid one is reported and skipped, never fatal.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import ipaddress
 import json
@@ -25,6 +30,7 @@ import os
 import re
 import stat
 from collections.abc import Callable, Iterator
+from typing import get_args
 
 from nswrap.config import (
     DEFAULT_UDP_TIMEOUT,
@@ -35,7 +41,18 @@ from nswrap.config import (
     parse_uplink,
     valid_ifname,
 )
-from nswrap.datapath import POOL6, Allocation, Instance, Room, Setting6, Switch6, SysctlChange, Uplink, mark_capacity
+from nswrap.datapath import (
+    POOL6,
+    Allocation,
+    Forwarding6Mode,
+    Instance,
+    Room,
+    Setting6,
+    Switch6,
+    SysctlChange,
+    Uplink,
+    mark_capacity,
+)
 from nswrap.datatypes import datatype, field
 from nswrap.errors import NswrapError, UsageError
 
@@ -48,7 +65,7 @@ MAX_ARG_STRLEN = 32 * 4096  # the kernel's limit on one argument of exec
 MAX_FILE = 1 << 20  # a record holds the command line: the kernel allows up to 128 KiB per argument
 ID = re.compile(r"[0-9a-f]{6}")  # always fullmatch()ed
 SYSCTL_VALUE = re.compile(r"[0-2]")
-FORWARDING6 = ("interface", "global", "host")
+FORWARDING6: tuple[Forwarding6Mode, ...] = get_args(Forwarding6Mode)
 
 
 def sysctl_key_ok(key: object, settings: dict[str, tuple[str, ...]] | None = None) -> bool:
@@ -65,6 +82,17 @@ def sysctl_key_ok(key: object, settings: dict[str, tuple[str, ...]] | None = Non
 
 class InvalidState(ValueError):
     pass
+
+
+class CannotTell(NswrapError):
+    """Whether an instance lives is unknown (the kernel refused to look: EMFILE, ENOMEM, ...):
+    never taken for dead, so no sweep removes a live instance's record or datapath."""
+
+
+# open(2) of <id>.live: what proves no process holds the instance's lock. ENOENT: no file; ELOOP:
+# a symlink (O_NOFOLLOW); ENXIO: a socket or device, no lock file of ours. Any other error is
+# "cannot tell".
+NOT_A_LOCK = (errno.ENOENT, errno.ELOOP, errno.ENXIO)
 
 
 # --- the directories -------------------------------------------------------------------------
@@ -231,11 +259,17 @@ class StateDir:
         return fd
 
     def is_live(self, instance: str) -> bool:
-        """Does a process hold the instance's liveness lock? (The kernel drops it at its death.)"""
+        """Does a process hold the instance's liveness lock? (The kernel drops it at its death.)
+        False only when that is known: no lock file, one that is not a regular file, or a lock
+        nobody holds. CannotTell when the kernel would not say (too many open files, say): a
+        caller that would sweep a dead instance's leftovers must not take a live one for dead."""
+        path = f"{self.path}/{instance}.live"
         try:
             fd = os.open(f"{instance}.live", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self.fd)
-        except OSError:
-            return False
+        except OSError as e:
+            if e.errno in NOT_A_LOCK:
+                return False
+            raise CannotTell(f"cannot tell whether instance {instance} is live: {path}: {e.strerror}") from None
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 return False
@@ -243,6 +277,8 @@ class StateDir:
             return False
         except BlockingIOError:
             return True
+        except OSError as e:
+            raise CannotTell(f"cannot tell whether instance {instance} is live: {path}: {e.strerror}") from None
         finally:
             os.close(fd)
 
@@ -287,7 +323,7 @@ def vanished(root: str = RUN_DIR, current: str | None = None) -> list[str]:
             continue
         try:
             if any(n.endswith(".live") and d.is_live(n[:-5]) for n in d.names()):
-                continue
+                continue  # (CannotTell: the directory stays too)
             raw = d.read(NETNS)
             if raw is None:
                 continue
@@ -295,7 +331,7 @@ def vanished(root: str = RUN_DIR, current: str | None = None) -> list[str]:
             in_use = in_use if in_use is not None else _namespaces_in_use()
             if ino not in in_use:
                 gone.append(name)
-        except (InvalidState, ValueError):
+        except (InvalidState, ValueError, CannotTell):
             continue
         finally:
             d.close()
@@ -554,6 +590,12 @@ class State:
     def forget(self, instance: str) -> None:
         self.dir.remove(f"{instance}.json")
         self.dir.remove(f"{instance}.live")
+
+    def forget_dead(self, dead: list[Record]) -> None:
+        """Dead instances' records, once the sync that removed their leftovers is done."""
+        for record in dead:
+            self.forget(record.id)
+            log.warning("removed a dead instance's leftovers: instance %s (pid %d)", record.id, record.pid)
 
     def _problem(self, text: str) -> None:
         if text not in self.problems:

@@ -4,9 +4,10 @@ sweep of dead instances.
 
 `plan` is pure: (facts, what the kernel holds, allocation, instances) -> the changes, in an order
 that keeps the host safe at every moment: nswrap's guard exists before forwarding is turned on,
-and forwarding is restored before the guard goes. `sync` runs them in a transaction under the
-setup lock and keeps the allocation on disk, the original value of a sysctl saved before it
-changes (so a crash at any point leaves the host restorable).
+and forwarding is restored before the guard goes. `run` carries a plan out through the caller's
+transaction (the caller holds the setup lock) and keeps the allocation on disk, the original
+value of a sysctl saved before it changes (so a crash at any point leaves the host restorable).
+`fail_closed` is the changes that turn nswrap's forwarding off when its guard is gone.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from collections.abc import Callable
 from typing import Any
 
 from nswrap import nft, ruleset
-from nswrap.apply import Transaction
 from nswrap.changes import (
     AddRoute,
     AddRule,
@@ -30,6 +30,7 @@ from nswrap.changes import (
     NftBatch,
     SetSysctl,
 )
+from nswrap.config import Firewall
 from nswrap.datapath import (
     PRIORITIES,
     Allocation,
@@ -52,6 +53,7 @@ from nswrap.errors import NswrapError
 from nswrap.facts import HOST_PREFIX, Facts, read_sysctl, sysctl_key
 from nswrap.firewall import FirewallFacts, blockers, how_to_fix, mark_users, rooms
 from nswrap.objects import PROTO, Route, Rule
+from nswrap.transaction import Transaction
 
 log = logging.getLogger("nswrap")
 
@@ -71,7 +73,7 @@ def _union(a: Allocation, b: Allocation) -> Allocation:
                    rooms=tuple(dict.fromkeys((*a.rooms, *b.rooms))))
 
 
-def wanted_rooms(firewall: FirewallFacts, mode: str, mask: int) -> tuple[Room, ...]:
+def wanted_rooms(firewall: FirewallFacts, mode: Firewall, mask: int) -> tuple[Room, ...]:
     """Where other firewalls would drop nswrap's flows: the narrow accepts that make room (or a
     refusal, naming the chain, where nswrap will not edit); and nobody else on our mark bits."""
     users = mark_users(firewall, mask)

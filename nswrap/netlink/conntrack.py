@@ -16,7 +16,7 @@ from nswrap.datatypes import datatype
 from nswrap.netlink import codec
 from nswrap.netlink.codec import NETLINK_NETFILTER, NETLINK_SOCK_DIAG, NFGEN, Message
 from nswrap.netlink.transport import Client, DumpTruncated, Socket
-from nswrap.objects import FAMILIES, IPAddress, Listener
+from nswrap.objects import FAMILIES, IPAddress, Listener, Protocol
 
 PROTO_NUMBERS = {"udp": socket.IPPROTO_UDP, "tcp": socket.IPPROTO_TCP}
 
@@ -184,10 +184,11 @@ INET_DIAG_SKV6ONLY = 11  # sent for IPv6 sockets in TCP_LISTEN or TCP_CLOSE
 DIAG_REQ = struct.Struct("=BBBxI48x")  # inet_diag_req_v2: family, protocol, ext, pad, states, id
 # inet_diag_msg: family, state, timer, retrans, sport, dport, src, dst, if, cookie, expires, rqueue, wqueue, uid, inode
 DIAG_MSG = struct.Struct("=BBBBHH16s16sI8sIIIII")
-LISTENING = (("udp", socket.IPPROTO_UDP, TCP_CLOSE), ("tcp", socket.IPPROTO_TCP, TCP_LISTEN))
+LISTENING: tuple[tuple[Protocol, int, int], ...] = (
+    ("udp", socket.IPPROTO_UDP, TCP_CLOSE), ("tcp", socket.IPPROTO_TCP, TCP_LISTEN))
 
 
-def parse_listener(m: Message, proto: str, state: int) -> Listener | None:
+def parse_listener(m: Message, proto: Protocol, state: int) -> Listener | None:
     """A socket of a sock_diag dump, if it is in `state` and bound to a port."""
     af, got, _t, _r, sport, _d, src, _dst, _if, _c, _e, _rq, _wq, _uid, inode = codec.unpack(DIAG_MSG, m.body)
     port = socket.ntohs(sport)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import struct
+from typing import Literal
 
 from nswrap.datatypes import datatype
 from nswrap.netlink.codec import NETLINK_NETFILTER, NETLINK_ROUTE, NFGEN, Malformed, Message, number, parse_attrs, string, unpack
@@ -39,6 +40,10 @@ RTMGRP = (0x1  # links
           | 1 << (19 - 1)  # IPv6 rules
           | 1 << (24 - 1) | 1 << (25 - 1))  # IPv4 / IPv6 netconf (forwarding)
 
+# What an event is about: an interface, an address, a route, a rule, a forwarding setting
+# (netconf), nftables, events lost (the socket's buffer overflowed: look again) or anything else
+EventKind = Literal["link", "addr", "route", "rule", "netconf", "nft", "lost", "other"]
+
 NFNL_SUBSYS_NFTABLES = 10
 NFNLGRP_NFTABLES = 7
 NFT_MSG = {0: "newtable", 2: "deltable", 3: "newchain", 5: "delchain", 6: "newrule", 8: "delrule", 9: "newset",
@@ -51,7 +56,7 @@ NFTA_SET_ELEM_LIST_SET = 2
 class Event:
     """What changed, as much as is needed to tell nswrap's own objects from the host's."""
 
-    what: str  # link, addr, route, rule, netconf, nft, lost, other
+    what: EventKind
     deleted: bool = False
     ifindex: int = 0  # links, addresses, routes (the output interface), netconf (-1 all, -2 default)
     ifname: str = ""  # links

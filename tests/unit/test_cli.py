@@ -14,7 +14,7 @@ import pytest
 
 from nswrap import cli
 from nswrap.errors import EXIT_USAGE, QUOTED, UsageError, cut, listed, quoted
-from nswrap.instance import check_ready_fd
+from nswrap.precheck import check_ready_fd
 from tests.unit.clirun import clean_env, invoke, nswrap, one_line_usage_error, python
 
 BAD_INPUT = [
@@ -110,7 +110,8 @@ def test_help_is_a_fast_path():
     done = nswrap_with_importtime("--help")
     assert done.returncode == 0 and "Usage: nswrap" in done.stdout
     imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
-    heavy = {"nswrap.instance", "nswrap.netlink", "nswrap.datapath", "nswrap.sync", "nswrap.nft", "nswrap.state",
+    heavy = {"nswrap.instance", "nswrap.precheck", "nswrap.readiness", "nswrap.transaction", "nswrap.netlink",
+             "nswrap.datapath", "nswrap.sync", "nswrap.nft", "nswrap.state",
              "nswrap.supervise", "nswrap.commands", "nswrap.doctor"}
     assert "nswrap.cli" in imported and not heavy & imported, heavy & imported
 

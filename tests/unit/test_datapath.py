@@ -30,6 +30,8 @@ from nswrap.datapath import (
     taken_over,
     udp_timeout_conflict,
     ula_subnet,
+    veth_forwarding6,
+    veth_mtu,
 )
 from nswrap.datatypes import replace
 from nswrap.errors import NswrapError, UsageError
@@ -530,9 +532,9 @@ def test_many_sockets_and_the_whole_range_are_quick():
 
     many = tuple(Listener("udp", A("0.0.0.0"), port, port) for port in range(1, 65536, 3))
     new = instance(ports="1-65535,1-65535/tcp", loopback="1-65535,1-65535/tcp")
-    began = time.monotonic()
+    began = time.process_time()  # CPU time: a loaded machine's waits for a CPU do not count
     assert len(taken_over(host(listeners=many), new)) == len(many)
-    assert time.monotonic() - began < 0.5
+    assert time.process_time() - began < 0.5
 
 
 # --- the subnet of an instance ------------------------------------------------------------------
@@ -572,3 +574,14 @@ def test_the_pool_can_run_out():
     with pytest.raises(NswrapError, match=r"no free /30 left in 198.18.0.0/15; give one with --subnet"):
         allocate_subnet(full, (), None)
     assert ipaddress.IPv4Network("198.18.0.0/15") == POOL4
+
+
+def test_the_veth_takes_the_largest_uplink_mtu_and_forwards_ipv6_itself_only_per_interface():
+    """Not lo's 65536, nor another instance's veth: eth1's jumbo frames (hosts.LINKS)."""
+    assert veth_mtu(host()) == 9000
+    assert veth_mtu(host(links=(Link(1, "lo", 65536), Link(5, "nsw-0ld0ld", 9000)))) == 1500
+    per_interface = instance()
+    assert veth_forwarding6(host(), per_interface)
+    assert not veth_forwarding6(with_sysctls(host(), **{"net/ipv6/conf/all/forwarding": "1"}), per_interface)
+    assert not veth_forwarding6(host(), replace(per_interface, forwarding6="global"))
+    assert not veth_forwarding6(host(), instance(ipv6=False))

@@ -504,7 +504,8 @@ def test_dumps_still_read_real_datagrams_to_their_end():
 
 def test_nswrap_never_imports_pyroute2():
     code = ("import sys\nimport nswrap.netlink, nswrap.cli, nswrap.instance, nswrap.commands, nswrap.doctor, nswrap.follow, "
-            "nswrap.facts, nswrap.apply, nswrap.changes\nassert not [m for m in sys.modules if m.startswith('pyroute2')]")
+            "nswrap.facts, nswrap.transaction, nswrap.changes, nswrap.precheck, nswrap.readiness\n"
+            "assert not [m for m in sys.modules if m.startswith('pyroute2')]")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
     sources = pathlib.Path(__file__).parents[2] / "nswrap"
     assert not [p for p in sources.rglob("*.py") if "pyroute2" in p.read_text() and "import pyroute2" in p.read_text()]

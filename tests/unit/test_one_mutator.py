@@ -1,4 +1,4 @@
-"""Only changes.py (through the transaction, apply.py) and the adapters write to the kernel.
+"""Only changes.py (run by the transaction, transaction.py) and the adapters write to the kernel.
 
 An AST check over nswrap/: a call that writes (a sysctl, an nft batch, a netlink request, a
 conntrack deletion) anywhere else fails this test, naming the file and line. The adapters are
@@ -13,7 +13,7 @@ import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "nswrap"
 ADAPTERS = {"netlink.py", "netlink", "nft.py", "iptables.py", "namespaces.py", "supervise.py"}
-MUTATOR = {"changes.py", "apply.py"}
+MUTATOR = {"changes.py", "transaction.py"}
 # (module, call) pairs that write into something that is not the host's: a throwaway namespace
 ALLOWED = {("doctor.py", "routing.do")}
 WRITES = {"write_sysctl", "do", "undo", "delete", "flush_mark", "apply", "batch", "_server_sysctl"}

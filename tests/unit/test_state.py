@@ -18,6 +18,7 @@ from nswrap.firewall import Blocker, rooms
 from nswrap.state import (
     ALLOCATION,
     MAX_FILE,
+    CannotTell,
     InvalidState,
     Record,
     State,
@@ -461,6 +462,54 @@ def test_liveness_of_a_planted_fifo_or_symlink(sd, tmp_path):
         assert sd.is_live("bbbbbb") is False, "a symlink to someone's lock proves nothing"
     finally:
         os.close(fd)
+
+
+def test_liveness_that_cannot_be_told_is_never_taken_for_death(sd, root, monkeypatch):
+    """Gone (no lock file, or nobody holds it) is False; an error that says nothing about the
+    instance (EMFILE at open, ENOLCK at flock) is CannotTell, so no sweep removes a live
+    instance's leftovers because this process ran out of descriptors."""
+    import errno
+    import fcntl
+
+    state = State(sd)
+    state.save(record())
+    assert sd.is_live("abcdef") is False, "no lock file: gone"
+    fd = hold(state, "abcdef")
+    try:
+        real_open = os.open
+
+        def open_emfile(path, *args, **kwargs):
+            if str(path).endswith(".live"):
+                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+            return real_open(path, *args, **kwargs)
+
+        with monkeypatch.context() as m:
+            m.setattr(os, "open", open_emfile)
+            with pytest.raises(CannotTell, match=r"cannot tell whether instance abcdef is live: .*abcdef\.live: Too many"):
+                sd.is_live("abcdef")
+            with pytest.raises(CannotTell):
+                state.live()
+            dead = StateDir("c2", root=root)  # a vanished namespace's directory, its instance unknown
+            dead.write("netns", b"0 1\n")
+            dead.write("abcdef.live", b"")
+            dead.close()
+            assert "c2" not in vanished(root), "cannot tell: the directory stays"
+
+        def flock_enolck(fd, operation):
+            raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+        with monkeypatch.context() as m:
+            m.setattr(fcntl, "flock", flock_enolck)
+            with pytest.raises(CannotTell):
+                sd.is_live("abcdef")
+        assert sd.is_live("abcdef") is True
+    finally:
+        os.close(fd)
+    assert sd.is_live("abcdef") is False, "the lock released: gone"
+    assert "c2" in vanished(root)
+    os.mkfifo(f"{sd.path}/aaaaaa.live")
+    os.symlink(f"{sd.path}/abcdef.live", f"{sd.path}/bbbbbb.live")
+    assert (sd.is_live("aaaaaa"), sd.is_live("bbbbbb")) == (False, False), "not a lock file of ours: gone"
 
 
 def test_the_setup_lock_and_try_lock(sd):

@@ -1,4 +1,4 @@
-"""apply.Transaction with fault injection: fake changes record what was done and undone, and fail
+"""transaction.Transaction with fault injection: fake changes record what was done and undone, and fail
 where a test says. No root, no kernel: the transaction never looks inside a change.
 """
 
@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from nswrap.apply import Transaction
 from nswrap.changes import Change
 from nswrap.errors import NswrapError
+from nswrap.transaction import Transaction
 
 N = 5
 

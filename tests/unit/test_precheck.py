@@ -1,4 +1,4 @@
-"""instance.py's checks before a start changes anything (issue 23): a host socket on a published
+"""precheck.py: the checks before a start changes anything (issue 23): a host socket on a published
 port is refused in one line naming it and its owner, or taken over with --take-over and said once.
 Hand-built facts and a fake /proc: no root, no kernel."""
 
@@ -10,8 +10,8 @@ import pytest
 
 from nswrap.config import Config, parse_address, parse_ports
 from nswrap.errors import EXIT_USAGE, UsageError
-from nswrap.instance import check_host_sockets, check_start, loopback_ports
 from nswrap.objects import Listener
+from nswrap.precheck import check_host_sockets, check_start, loopback_ports
 from tests.unit.hosts import A, host, instance
 
 SSHD = Listener("tcp", A("0.0.0.0"), 22, 1001)
@@ -91,7 +91,7 @@ def test_take_over_publishes_with_one_warning(proc, caplog):
 
 
 def test_check_start_refuses_before_anything_changes(monkeypatch):
-    from nswrap import instance as module
+    from nswrap import precheck as module
 
     monkeypatch.setattr(module, "socket_owners", lambda inodes, proc="/proc": {})
     facts = host(listeners=(SSHD,))
@@ -111,7 +111,7 @@ def test_loopback_is_published_for_every_port_unless_address_leaves_it_out():
 
 
 def test_a_server_listening_on_other_ports_is_named_with_the_ports_that_would_match():
-    from nswrap.instance import elsewhere
+    from nswrap.readiness import elsewhere
 
     [p53] = parse_ports(["53"])
     assert elsewhere([p53], {("udp", 5300), ("tcp", 53)}) == [
@@ -126,7 +126,7 @@ def test_a_server_listening_on_other_ports_is_named_with_the_ports_that_would_ma
 
 
 def test_the_server_learns_the_published_addresses_per_uplink(monkeypatch):
-    from nswrap.instance import host_env, server_env
+    from nswrap.precheck import host_env, server_env
 
     every = host_env(host(), instance(uplinks=("eth0", "eth1")))
     assert every == {"NSWRAP_HOST_UPLINKS": "eth0 eth1",
