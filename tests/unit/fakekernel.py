@@ -201,7 +201,7 @@ class FakeRouting:
         pass
 
     def veth(self, ifname: str, peer: str, peer_netns_fd: int, mtu: int, macs: tuple[str, str]) -> tuple:
-        return ("veth", ifname, peer, mtu, macs)
+        return ("veth", ifname, peer, self.kernel.namespace(peer_netns_fd), mtu, macs)
 
     def configure(self, ifname: str, inet: dict[str, int], up: bool = True) -> tuple:
         self.index(ifname)
@@ -326,9 +326,11 @@ class FakeKernel:
         self.neighbours: list = []
         self.fail_nft: str | None = None  # a batch containing this text is refused
         self.closed = 0
-        self.server: FakeKernel | None = None  # the server's namespace, once made
-        self.inside = False  # namespaces.inside(): netlink.Routing() is the server's then
+        self.server: FakeKernel | None = None  # the last server namespace made
+        self.servers: dict[int, FakeKernel] = {}  # inode of a namespace's fd -> the namespace
+        self.inside: FakeKernel | None = None  # namespaces.inside(): netlink.Routing() is its then
         self.next_index = 100
+        self.peers: dict[str, tuple[FakeKernel, str]] = {}  # a veth -> its peer's namespace and name
         if proc_sys is not None:
             (proc_sys / "net/ipv6/conf/lo").mkdir(parents=True, exist_ok=True)
             for key in ("net/ipv6/conf/lo/force_forwarding", "net/ipv6/conf/all/force_forwarding"):
@@ -371,6 +373,19 @@ class FakeKernel:
 
     # what someone else does to the host (each announced, as the kernel would)
 
+    def new_netns(self, directory: pathlib.Path) -> int:
+        """namespaces.new_netns: a server's namespace, known by its fd's inode (a file of ours)."""
+        path = directory / f"netns{len(self.servers)}"
+        path.touch()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.server = self.servers[os.fstat(fd).st_ino] = namespace()
+        return fd
+
+    def namespace(self, fd: int) -> FakeKernel:
+        """The namespace an fd names (one not made by new_netns: a new one, as the kernel's
+        /proc/PID/ns/net of a process the fake does not know)."""
+        return self.servers.setdefault(os.fstat(fd).st_ino, namespace())
+
     def add_link(self, link: Link, announce: bool = True) -> Link:
         if link.index == 0:
             link = replace(link, index=self.next_index)
@@ -391,6 +406,9 @@ class FakeKernel:
             raise OSError(errno.ENODEV, "No such device")
         self.addresses = [a for a in self.addresses if a.ifname != ifname]
         self.routes = [r for r in self.routes if r.dev != ifname]
+        if ifname in self.peers:  # a veth pair goes together
+            where, peer = self.peers.pop(ifname)
+            where.delete_link(peer)
         if self.proc_sys is not None:
             for family in ("ipv4", "ipv6"):
                 directory = self.proc_sys / "net" / family / "conf" / ifname
@@ -455,12 +473,12 @@ class FakeKernel:
         kind, *args = request
         self.log.append(" ".join(str(a) for a in request))
         if kind == "veth":
-            ifname, peer, mtu, macs = args
-            if ifname in self.links:
+            ifname, peer, where, mtu, macs = args
+            if ifname in self.links or peer in where.links:
                 raise OSError(errno.EEXIST, "File exists")
             self.add_link(Link(0, ifname, mtu, macs[0]))
-            self.server = self.server or namespace()
-            self.server.add_link(Link(0, peer, mtu, macs[1]), announce=False)
+            where.add_link(Link(0, peer, mtu, macs[1]), announce=False)
+            self.peers[ifname] = (where, peer)
         elif kind == "configure":
             ifname, inet, _up = args
             for key, value in inet.items():
@@ -491,8 +509,7 @@ class FakeKernel:
 
     def nft_apply(self, text: str, namespace_fd: int | None = None) -> None:
         if namespace_fd is not None:  # the server's own table (the resolver stub)
-            assert self.server is not None
-            self.server.log.append(text.splitlines()[0])
+            self.namespace(namespace_fd).log.append(text.splitlines()[0])
             return
         if self.fail_nft is not None and self.fail_nft in text:
             raise NswrapError("nft refused the ruleset: Error: Could not process rule: Operation not permitted")
@@ -557,19 +574,25 @@ def install(monkeypatch, tmp_path: pathlib.Path, host: Facts | None = None) -> F
     kernel = FakeKernel.of(host or default_host(), proc_sys)
 
     def routing() -> FakeRouting:
-        return FakeRouting(kernel.server if kernel.inside and kernel.server else kernel)
+        return FakeRouting(kernel.inside or kernel)
 
     @contextlib.contextmanager
     def inside(fd: int):
-        kernel.server = kernel.server or namespace()
-        kernel.inside = True
+        kernel.inside = kernel.namespace(fd)
         try:
             yield
         finally:
-            kernel.inside = False
+            kernel.inside = None
 
     monkeypatch.setattr(facts_mod, "PROC_SYS", str(proc_sys))
     monkeypatch.setattr(changes_mod, "PROC_SYS", str(proc_sys))
+    write_sysctl = changes_mod.write_sysctl
+
+    def logged_write(key: str, value: str) -> None:
+        kernel.log.append(f"sysctl {key}={value}")
+        write_sysctl(key, value)
+
+    monkeypatch.setattr(changes_mod, "write_sysctl", logged_write)
     monkeypatch.setattr(facts_mod, "_listeners", lambda: ())
     monkeypatch.setattr(facts_mod, "_resolver_stub", lambda: None)
     monkeypatch.setattr(netlink, "Routing", routing)
@@ -592,7 +615,8 @@ def install(monkeypatch, tmp_path: pathlib.Path, host: Facts | None = None) -> F
     monkeypatch.setattr(iptables, "rules", lambda binary: kernel.iptables_rules.get(binary, []))
     for name in ("enter_net", "unshare_pid", "enter_pid", "enter", "own"):
         monkeypatch.setattr(namespaces, name, _no(f"namespaces.{name}"))
-    monkeypatch.setattr(namespaces, "new_netns", lambda: os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+    (tmp_path / "netns").mkdir()
+    monkeypatch.setattr(namespaces, "new_netns", lambda: kernel.new_netns(tmp_path / "netns"))
     monkeypatch.setattr(namespaces, "inside", inside)
     # state under tmp_path: the defaults bound at import time are replaced where they are used
     monkeypatch.setattr(state, "RUN_DIR", str(run))
