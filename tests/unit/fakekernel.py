@@ -324,6 +324,7 @@ class FakeKernel:
         self.iptables: list[str] = []  # iptables commands nswrap ran
         self.iptables_rules: dict[str, list[list[str]]] = {}  # binary -> `-S` lines
         self.neighbours: list = []
+        self.listening: set[tuple] = set()  # a server's sockets: (proto, address, port), sock_diag's answer
         self.fail_nft: str | None = None  # a batch containing this text is refused
         self.closed = 0
         self.server: FakeKernel | None = None  # the last server namespace made
@@ -599,7 +600,7 @@ def install(monkeypatch, tmp_path: pathlib.Path, host: Facts | None = None) -> F
     monkeypatch.setattr(netlink, "Conntrack", lambda: FakeConntrack(kernel))
     monkeypatch.setattr(netlink, "Monitor", lambda: FakeMonitor(kernel))
     monkeypatch.setattr(netlink, "listeners", lambda: [])
-    monkeypatch.setattr(netlink, "listening", lambda: set())
+    monkeypatch.setattr(netlink, "listening", lambda: set(kernel.listening))
     monkeypatch.setattr(nft, "_nft", _no("nft"))
     monkeypatch.setattr(nft, "apply", kernel.nft_apply)
     monkeypatch.setattr(nft, "check", kernel.nft_check)
