@@ -28,11 +28,19 @@ BOOT = 3
 
 
 class StubSupervisor(Supervisor):
-    """The server is never started: its init is this process (whose namespace nothing enters)."""
+    """The server is never started: its init is this process (whose namespace nothing enters),
+    which is never signalled: signals and kills are recorded."""
 
     def start(self, command, netns_fd, env, creds) -> None:
         self.init_pid = os.getpid()
         self.env = env
+        self.sent: list[int] = []
+
+    def kill(self, signum: int = 15) -> None:
+        self.sent.append(signum)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        raise AssertionError("a unit test must not forward signals from a stub supervisor")
 
     def wait(self, fds=None, on_ready=None, report=True) -> int:
         return 0

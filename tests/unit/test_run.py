@@ -159,10 +159,11 @@ def test_ready_is_told_to_systemd_and_a_closed_fd_is_said(tmp_path, monkeypatch,
         monkeypatch.setenv("NOTIFY_SOCKET", path)
         r, w = os.pipe()
         os.close(r)
+        os.close(w)
         with caplog.at_level(logging.WARNING, "nswrap"):
-            announce_ready(w)  # its reader is gone: said, and systemd is still told
+            announce_ready(w)  # closed meanwhile: said, and systemd is still told
         assert sock.recv(100) == f"READY=1\nMAINPID={os.getpid()}".encode()
-    assert f"--ready-fd {w}: Broken pipe" in caplog.text
+    assert f"--ready-fd {w}: Bad file descriptor" in caplog.text
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "nobody"))
     announce_ready(None)
     assert "NOTIFY_SOCKET" in caplog.text
