@@ -146,3 +146,59 @@ def test_reaping_returns_the_inits_status_only(monkeypatch):
 
     monkeypatch.setattr(supervise.os, "waitpid", none)
     assert supervisor._reap() == supervise.EXIT_FAILED << 8
+
+
+# --- the wait loop, on a plain child: `sh -c 'exit N'`, never the init (see above) -------------
+
+
+def waiting_for(code: int, told: bytes = b"") -> Supervisor:
+    """A supervisor whose "init" is a shell that exits `code` at once; `told`: what the init
+    would have said of the server's status."""
+    supervisor = Supervisor(5)
+    supervisor.init_pid = os.posix_spawnp("sh", ["sh", "-c", f"exit {code}"], {"PATH": os.defpath})
+    supervisor._status_r, w = os.pipe()
+    os.write(w, told)
+    os.close(w)
+    supervisor._wakeup_r, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    os.write(wakeup_w, b"x")  # a signal was handled meanwhile
+    os.close(wakeup_w)
+    return supervisor
+
+
+def test_wait_returns_the_servers_status_and_says_it(caplog):
+    supervisor = waiting_for(1, b"3")
+    with caplog.at_level(logging.WARNING, "nswrap"):
+        assert supervisor.wait() == 3
+    assert "the server exited with status 3" in caplog.text and supervisor.tearing_down
+    os.close(supervisor._wakeup_r)
+
+
+def test_wait_calls_back_until_the_server_exits(caplog):
+    supervisor = waiting_for(0, b"-15")
+    supervisor.stop_asked = 1.0  # it was asked to stop: its death by SIGTERM is no news
+    calls: list[list[int]] = []
+
+    def on_ready(ready: list[int]) -> float | None:
+        calls.append(ready)
+        return 0.01 if len(calls) < 3 else None
+
+    with caplog.at_level(logging.WARNING, "nswrap"):
+        assert supervisor.wait([], on_ready) == 128 + signal.SIGTERM
+    assert "killed" not in caplog.text
+    assert len(calls) <= 3
+    os.close(supervisor._wakeup_r)
+
+
+def test_install_takes_every_forwarded_signal_and_the_wakeup_fd():
+    saved = {signum: signal.getsignal(signum) for signum in (*supervise.FORWARDED, signal.SIGALRM)}
+    supervisor = Supervisor()
+    try:
+        supervisor.install()
+        assert all(signal.getsignal(signum) == supervisor._on_signal for signum in supervise.FORWARDED)
+        assert signal.getsignal(signal.SIGALRM) == supervisor._on_stop_timeout
+    finally:
+        wakeup_w = signal.set_wakeup_fd(-1)
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+        os.close(wakeup_w)
+        os.close(supervisor._wakeup_r)
