@@ -321,6 +321,8 @@ def _init(command, netns_fd: int, env, creds: Credentials | None, report_w: int,
         if signum in STOPPING:
             stopping.append(signum)
         target = running[0] if running else -1  # -1: every process in our namespace but us
+        if target == -1 and os.getpid() != 1:
+            return  # not in a PID namespace of our own: -1 would be every process of the host
         with contextlib.suppress(ProcessLookupError):
             os.kill(target, signum)
 
@@ -357,7 +359,11 @@ def _init(command, netns_fd: int, env, creds: Credentials | None, report_w: int,
             code = exit_status(raw)
             os.write(status_w, str(raw).encode())  # nswrap tells "killed by SIGSEGV" from "exited 139"
             os.close(status_w)
-            if stopping:  # asked to stop and the server is gone: so is everything it left running
+            # asked to stop and the server is gone: so is everything it left running. Only as PID 1
+            # of its own PID namespace does -1 mean "the server's processes": anywhere else it would
+            # be every process the caller may signal (a unit test once ran the init without its
+            # namespace, as root: it stopped the whole machine)
+            if stopping and os.getpid() == 1:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(-1, stopping[-1])
 

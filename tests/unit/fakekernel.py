@@ -31,17 +31,17 @@ import ipaddress
 import os
 import pathlib
 import shlex
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 
 from nswrap import changes as changes_mod, facts as facts_mod, iptables, namespaces, netlink, nft, ruleset, state
-from nswrap.apply import Kernel
 from nswrap.datapath import Element
-from nswrap.errors import NswrapError
+from nswrap.datatypes import replace
+from nswrap.errors import FailClosed, NswrapError, TryAgain
 from nswrap.facts import Facts
-from nswrap.instance import FailClosed, TryAgain
 from nswrap.netlink import Event, Flow
 from nswrap.objects import SCOPE_LINK, Address, Link, LinkInfo, Route, Rule
+from nswrap.transaction import Kernel
 
 __all__ = ["Batch", "FailClosed", "FakeKernel", "Kernel", "TryAgain", "install", "parse_element"]
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-from dataclasses import replace
 
 import pytest
 
 from nswrap import netlink, nft, ruleset, sync
 from nswrap.config import DEFAULT_MARK_MASK, Config, parse_ports
+from nswrap.datatypes import replace
 from nswrap.facts import gather
 from nswrap.follow import Follower
 from nswrap.instance import Life
@@ -96,7 +96,7 @@ def test_start_follow_stop_leaves_the_host_as_it_was(kernel):
     # a host change: eth1's gateway moves
     kernel.delete_route(Route(N("0.0.0.0/0"), "eth1", A("198.51.100.1"), metric=200, proto=BOOT))
     kernel.add_route(Route(N("0.0.0.0/0"), "eth1", A("198.51.100.254"), metric=200, proto=BOOT))
-    life.follow("host")
+    life.follower.follow("host")
     assert_holds_the_plan(kernel, life)
     assert any(r.gateway == A("198.51.100.254") for r in kernel.routes if r.proto == PROTO)
 
@@ -104,7 +104,7 @@ def test_start_follow_stop_leaves_the_host_as_it_was(kernel):
     kernel.add_link(Link(0, "eth3"))
     kernel.add_address(Address("eth3", IF("100.64.0.2/24")))
     kernel.add_route(Route(N("0.0.0.0/0"), "eth3", A("100.64.0.1"), metric=300, proto=BOOT))
-    life.follow("host")
+    life.follower.follow("host")
     assert_holds_the_plan(kernel, life)
     assert kernel.sysctl("net/ipv4/conf/eth3/forwarding") == "1"
 
@@ -130,7 +130,7 @@ def test_a_deleted_table_fails_closed_first_then_is_put_back(kernel, caplog):
     kernel.delete_table()
     kernel.log.clear()
     with caplog.at_level(logging.WARNING, "nswrap"):
-        life.follow("table")
+        life.follower.follow("table")
     assert "nswrap's nft table was flushed or deleted" in caplog.text
     assert_holds_the_plan(kernel, life)
     # forwarding went off before the table came back, and on again only after
@@ -145,7 +145,7 @@ def test_a_table_that_cannot_be_put_back_stops_nswrap_with_forwarding_restored(k
     kernel.delete_table()
     kernel.fail_nft = "add table inet nswrap"
     with pytest.raises(FailClosed, match="could not put back nswrap's nft table.*forwarding restored"):
-        life.follow("table")
+        life.follower.follow("table")
     assert kernel.sysctl("net/ipv4/conf/eth0/forwarding") == "0"
     kernel.fail_nft = None
     life.stop()
@@ -155,7 +155,7 @@ def test_a_flushed_guard_set_is_put_back(kernel, caplog):
     life = started(kernel)
     kernel.flush_set("guarded4")
     with caplog.at_level(logging.WARNING, "nswrap"):
-        life.follow("host")
+        life.follower.follow("host")
     assert "nswrap's guard lost elements (set guarded4" in caplog.text
     assert_holds_the_plan(kernel, life)
     life.stop()
@@ -170,7 +170,7 @@ def test_the_follower_sees_the_hosts_changes_not_its_own(kernel, monkeypatch):
     follower = life.follower
     assert isinstance(follower, Follower)
     followed: list[str] = []
-    monkeypatch.setattr(life, "follow", followed.append)
+    monkeypatch.setattr(follower, "follow", followed.append)
     follower.on_ready([])  # the start's own events: nothing to do
     assert followed == [] and not follower.reasons
     kernel.add_address(Address("eth0", IF("192.0.2.12/24"), 0), connected=False)
@@ -198,7 +198,7 @@ def test_the_follower_tries_again_when_following_fails(kernel, monkeypatch, capl
     def fails(why):
         raise OSError("busy")
 
-    monkeypatch.setattr(life, "follow", fails)
+    monkeypatch.setattr(follower, "follow", fails)
     kernel.delete_table()
     with caplog.at_level(logging.WARNING, "nswrap"):
         assert follower.on_ready(follower.filenos()) == follow.RETRY
@@ -208,7 +208,7 @@ def test_the_follower_tries_again_when_following_fails(kernel, monkeypatch, capl
     def closes(why):
         raise FailClosed("no table")
 
-    monkeypatch.setattr(life, "follow", closes)
+    monkeypatch.setattr(follower, "follow", closes)
     now[0] += follow.RETRY
     with pytest.raises(FailClosed):
         follower.on_ready([])
@@ -224,7 +224,7 @@ def test_the_follower_polls_the_settings_without_events(kernel, monkeypatch):
     follower = life.follower
     assert follower is not None
     followed: list[str] = []
-    monkeypatch.setattr(life, "follow", followed.append)
+    monkeypatch.setattr(follower, "follow", followed.append)
     assert follower.on_ready([]) == pytest.approx(follow.POLL)
     kernel.write("net/ipv4/conf/eth0/src_valid_mark", "0")  # someone put it back: no event says so
     now[0] += follow.POLL

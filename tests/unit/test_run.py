@@ -13,10 +13,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from nswrap import instance
+from nswrap import instance, precheck
 from nswrap.config import Config, PortRange, parse_address, parse_ports
 from nswrap.errors import NswrapError, UsageError
-from nswrap.instance import Life, Readiness, announce_ready, check_ready_fd, elsewhere, readiness_interval, resolve_user
+from nswrap.instance import Life
+from nswrap.precheck import check_ready_fd, resolve_user
+from nswrap.readiness import Readiness, announce_ready, elsewhere, readiness_interval
 from tests.unit.fakekernel import FakeKernel, install
 from tests.unit.test_life import StubSupervisor, assert_holds_the_plan
 
@@ -203,8 +205,8 @@ def test_what_cannot_be_recorded_is_refused_before_any_change(kernel):
 def test_the_host_environment_names_the_published_addresses(kernel):
     life = Life(config(addresses=(parse_address("192.0.2.11"),)), Server())
     life.start()
-    env = instance.host_env(life.facts, life.instance)
+    env = precheck.host_env(life.facts, life.instance)
     assert env["NSWRAP_HOST_ADDRESSES"] == "192.0.2.11"
     assert env["NSWRAP_HOST_ADDRESSES_eth0"] == "192.0.2.11"
     life.stop()
-    assert instance.env_name("eth0.100") == "eth0_100"
+    assert precheck.env_name("eth0.100") == "eth0_100"
