@@ -7,7 +7,8 @@
 #
 # Relays are allocated in 49152-49407 (published too). One public address per coturn: a host with
 # several runs one nswrap per address (--address ADDR) with this script each; arguments given to
-# the script go to turnserver.
+# the script go to turnserver. turnserver listens on IPv4 and IPv6, but its relays carry the
+# family of that one address: for IPv6 relays, run a second nswrap with --address <IPv6 address>.
 set -eu
 public=${NSWRAP_HOST_ADDRESSES%% *}   # the first published address
 exec turnserver --listening-port 3478 --min-port 49152 --max-port 49407 \

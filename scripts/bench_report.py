@@ -157,6 +157,39 @@ def summary_table(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def glance_table(r: dict) -> list[str]:
+    """The page's first table: nswrap's figure, then each alternative's with nswrap ÷ it."""
+    c, d, st = r["costs"]["median"], r["dns"]["median"], r["startup"]["median"]
+    others = [v for v in ("direct", "handwritten", "recipe2014", "bestalt")]
+    few, many = r["dns"]["clients"]["few"], r["dns"]["clients"]["many"]
+    # (figure, {variant: value}, number format)
+    rows = [
+        ("round trip p50, µs (lower is better)", {v: c[v]["p50_us"] for v in c}, ".1f"),
+        ("transactions/s, one in flight", {v: c[v]["transactions_per_s"] for v in c}, ",.0f"),
+        ("new UDP flows/s", {v: c[v]["flows_per_s"] for v in c}, ",.0f"),
+        ("bulk TCP, Gbit/s", {v: c[v]["tcp_gbit_s"] for v in c}, ".2f"),
+        ("bulk UDP, Gbit/s received", {v: c[v]["udp_gbit_s"] for v in c}, ".2f"),
+        (f"DNS queries/s via eth1, {few} sockets", {v: d[v]["few_qps"] for v in d}, ",.0f"),
+        (f"DNS queries/s via eth1, {many} sockets", {v: d[v]["many_qps"] for v in d}, ",.0f"),
+        ("launch → first answer, ms (lower is better)", {v: st[v]["v4_ms"] for v in st}, ".0f"),
+        ("wrapper memory, PSS MB (lower is better)",
+         {v: d[v]["pss_mb"] for v in d if d[v].get("pss_mb") is not None}, ".1f"),
+    ]
+    lines = ["| figure | nswrap | " + " | ".join(f"{NAMES[v]} (nswrap ÷ it)" for v in others) + " |",
+             "|---" * (len(others) + 2) + "|"]
+    for name, values, spec in rows:
+        mine = values.get("nswrap")
+        cells = []
+        for v in others:
+            other = values.get(v)
+            if other is None or mine is None:
+                cells.append("–")
+            else:
+                cells.append(f"{other:{spec}} ({mine / other:.2f}×)" if other else f"{other:{spec}}")
+        lines.append(f"| {name} | {fmt(mine, spec)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def costs_table(r: dict) -> list[str]:
     c, st, d = r["costs"], r["startup"], r["dns"]
     variants = [v for v in ("direct", "direct+conntrack", "nswrap", "handwritten", "recipe2014", "old") if v in c["median"]]
@@ -667,6 +700,16 @@ def benchmarks_md(r: dict, charts: str = "bench") -> str:
         "",
         *header(r),
         "",
+        "## At a glance",
+        "",
+        f"What nswrap costs, from the run of {r['meta']['date']} (tree `{r['meta']['commit']}`): nswrap's figure, then "
+        "each alternative's with nswrap's divided by it. For times (round trip, first answer) below 1× means nswrap is "
+        "faster; for rates, above 1× means it does more. *Server bound directly* answers only the paths the main "
+        "routing table happens to serve (not eth1, where the DNS figures are taken); *best alternative* helps only "
+        "servers that use IP_PKTINFO (both below). Targets come last (*Targets*).",
+        "",
+        *glance_table(r),
+        "",
         "## What nswrap costs you",
         "",
         "A UDP/TCP server on the simulated multihomed host (tests/lab: three uplinks, clients behind routers), reached "
@@ -868,24 +911,58 @@ def benchmarks_md(r: dict, charts: str = "bench") -> str:
 # --- charts -----------------------------------------------------------------------------------
 
 
+def plain(value: float) -> str:
+    """A number as a reader writes it: 62,341 rather than 6.23e+04, 8.77 rather than 8.7700."""
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.3g}" if value != int(value) or abs(value) < 10 else f"{value:.0f}"
+
+
+def wrapped(names: list[str], width: int = 10) -> list[str]:
+    """Tick labels wrapped onto lines of at most *width* characters, so neighbours do not overlap."""
+    import textwrap
+
+    return ["\n".join(textwrap.wrap(name, width)) for name in names]
+
+
 def charts(r: dict, out: pathlib.Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    plain_ticks = FuncFormatter(lambda v, _pos: plain(v))
+
+    def axes_plain(*axes) -> None:
+        for ax in axes:
+            ax.yaxis.set_major_formatter(plain_ticks)
+
+    def labelled(ax, bars, fontsize: float = 8, inside: bool = False) -> None:
+        """Each bar's value: above it, or inside it where whiskers would cross the label."""
+        labels = [plain(b.get_height()) for b in bars]
+        if inside:
+            ax.bar_label(bars, labels=labels, label_type="center", color="white", fontsize=fontsize, fontweight="bold")
+        else:
+            ax.bar_label(bars, labels=labels, padding=3, fontsize=fontsize)
+            ax.margins(y=0.12)  # room for the labels above the highest bar
 
     c = r["costs"]
     variants = list(c["median"])
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4), dpi=110)
-    panels = (("p50_us", "round trip p50 (µs)"), ("flows_per_s", "new UDP flows/s"), ("tcp_gbit_s", "iperf3 TCP (Gbit/s)"))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5), dpi=110)
+    panels = (("p50_us", "round trip p50 (µs)"), ("flows_per_s", "new UDP flows (flows/s)"),
+              ("tcp_gbit_s", "bulk TCP, iperf3 (Gbit/s)"))
     for ax, (key, label) in zip(axes, panels, strict=True):
         meds = [c["median"][v][key] for v in variants]
         lo = [m - min(x[key] for x in c["runs"][v]) for m, v in zip(meds, variants, strict=True)]
         hi = [max(x[key] for x in c["runs"][v]) - m for m, v in zip(meds, variants, strict=True)]
-        bars = ax.bar(range(len(variants)), meds, yerr=[lo, hi], capsize=4, color="tab:blue")
-        ax.bar_label(bars, fmt="%.3g", padding=3)
-        ax.set_xticks(range(len(variants)), [NAMES[v].replace(" (", "\n(") for v in variants], fontsize=8)
+        colors = ["tab:orange" if v == "nswrap" else "tab:blue" for v in variants]  # nswrap stands out
+        bars = ax.bar(range(len(variants)), meds, yerr=[lo, hi], capsize=4, color=colors)
+        labelled(ax, bars, inside=True)
+        ax.set_xticks(range(len(variants)), wrapped([NAMES[v] for v in variants]), fontsize=8)
         ax.set_title(label)
+        ax.set_ylabel(label)
+        axes_plain(ax)
     fig.suptitle("What nswrap costs (median of rounds, whiskers: min–max)")
     fig.tight_layout()
     fig.savefig(out / "latency.png")
@@ -898,9 +975,10 @@ def charts(r: dict, out: pathlib.Path) -> None:
     for j, k in enumerate(("few", "many")):
         xs = [i + (j - 0.5) * width for i in range(len(variants))]
         bars = ax.bar(xs, [d["median"][v][f"{k}_qps"] for v in variants], width, label=f"{d['clients'][k]} client sockets")
-        ax.bar_label(bars, fmt="%.0f", padding=2, fontsize=7)
-    ax.set_xticks(range(len(variants)), [NAMES[v] for v in variants], fontsize=8)
+        labelled(ax, bars, fontsize=7)
+    ax.set_xticks(range(len(variants)), wrapped([NAMES[v] for v in variants], 20), fontsize=8)
     ax.set_ylabel("DNS queries/s (dnsperf)")
+    axes_plain(ax)
     ax.legend()
     ax.set_title("DNS max rate through eth1 (median of rounds)")
     fig.tight_layout()
@@ -928,6 +1006,7 @@ def charts(r: dict, out: pathlib.Path) -> None:
     a2.set_ylim(bottom=0)
     a2.legend(fontsize=8)
     a2.grid(alpha=0.3)
+    axes_plain(a1, a2)
     fig.tight_layout()
     fig.savefig(out / "scale.png")
     plt.close(fig)
@@ -938,22 +1017,25 @@ def charts(r: dict, out: pathlib.Path) -> None:
     for j, k in enumerate(("v4_ms", "v6_ms")):
         xs = [i + (j - 0.5) * width for i in range(len(variants))]
         bars = a1.bar(xs, [st["median"][v][k] for v in variants], width, label="IPv4" if k == "v4_ms" else "IPv6")
-        a1.bar_label(bars, fmt="%.0f", padding=2, fontsize=7)
+        labelled(a1, bars, fontsize=7)
     a1.axhline(300, color="grey", linestyle=":", label="target 300 ms")
-    a1.set_xticks(range(len(variants)), [NAMES[v].replace(" (", "\n(") for v in variants], fontsize=8)
+    a1.set_xticks(range(len(variants)), wrapped([NAMES[v] for v in variants]), fontsize=8)
     a1.set_ylabel("launch → first correct answer (ms)")
+    a1.set_title("launch → first answer")
     a1.legend(fontsize=8)
     tv = list(st["true"])
     bars = a2.bar(range(len(tv)), [st["true"][v]["median_ms"] for v in tv])
-    a2.bar_label(bars, fmt="%.0f", padding=2)
-    a2.set_xticks(range(len(tv)), [NAMES[v].replace(" (", "\n(") for v in tv], fontsize=8)
-    a2.set_ylabel("start + stop of `-- true` (ms)")
+    labelled(a2, bars)
+    a2.set_xticks(range(len(tv)), wrapped([NAMES[v] for v in tv]), fontsize=8)
+    a2.set_ylabel("start + stop (ms)")
+    a2.set_title("start + stop of a server that exits at once (-- true)")
+    axes_plain(a1, a2)
     fig.tight_layout()
     fig.savefig(out / "startup.png")
     plt.close(fig)
 
     fl = r["flood"]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4), dpi=110)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 5), dpi=110)
     for v, x in fl["runs"].items():
         for role, style in (("c2", "-"), ("c3", ":")):
             tl = x["clients"][role]["timeline"]
@@ -961,13 +1043,16 @@ def charts(r: dict, out: pathlib.Path) -> None:
         a2.plot([t for t, _ in x["conntrack"]], [n for _, n in x["conntrack"]], label=NAMES[v])
     a1.set_xlabel("seconds since the flood began")
     a1.set_ylabel("legitimate queries lost (%)")
-    a1.legend(fontsize=7)
+    a1.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3)  # below: the curves stay clear
     a1.grid(alpha=0.3)
     a2.axhline(fl["max"], color="grey", linestyle=":", label="nf_conntrack_max")
     a2.set_xlabel("seconds since the flood began")
     a2.set_ylabel("conntrack entries (host namespace)")
-    a2.legend(fontsize=7)
+    a2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
     a2.grid(alpha=0.3)
+    a1.set_title("legitimate clients during a flood")
+    a2.set_title("conntrack table during the flood")
+    axes_plain(a1, a2)
     fig.tight_layout()
     fig.savefig(out / "flood.png")
     plt.close(fig)

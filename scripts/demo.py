@@ -1,17 +1,25 @@
 """Demonstrate the problem nswrap solves, and that it solves it.
 
 Builds the lab of tests/lab/ (a multihomed host with two uplinks, a
-secondary address and a directly connected client subnet), then:
+secondary address and a directly connected client subnet, IPv4 and IPv6),
+then:
 
-1. runs unbound directly on the host and asks it over UDP along every path;
+1. runs unbound (listening on 0.0.0.0 and ::) directly on the host and asks
+   it over UDP along every path, IPv4 and IPv6;
 2. runs it under ``nswrap --ports 53,53/tcp`` and asks along every path over
    UDP and TCP; then stops nswrap with SIGTERM;
 3. prints a table of the results and whether the host namespace state was
    restored exactly.
 
-Exit status 0 when every path was answered over UDP and TCP with nswrap,
-1 otherwise. Needs root; run it via ``scripts/demo`` (which prepares the
-machine and the venv first).
+IPv6 paths need per-interface IPv6 forwarding (``force_forwarding``, Linux
+>= 6.17); on an older kernel the demo runs nswrap with ``--ipv6-forwarding
+global`` (the lab's host is a throwaway namespace, so its global switch is
+the lab's, not this machine's) and says so. Without IPv6 in the kernel the
+IPv6 paths are left out, and the demo says why.
+
+Exit status 0 when every path shown was answered over UDP and TCP with
+nswrap, 1 otherwise. Needs root; run it via ``scripts/demo`` (which prepares
+the machine and the venv first).
 """
 
 from __future__ import annotations
@@ -95,8 +103,26 @@ def print_log(log: pathlib.Path) -> None:
         print(f"--- {log.name} ---\n{text}\n---")
 
 
-def ask_all(lab: Lab, tcp: bool) -> dict[Path, bool]:
-    return {path: dig(lab, path, tcp=tcp) is not None for path in lab.paths}
+def ask_all(lab: Lab, paths: list[Path], tcp: bool) -> dict[Path, bool]:
+    return {path: dig(lab, path, tcp=tcp) is not None for path in paths}
+
+
+def ipv6_mode(lab: Lab) -> tuple[bool, list[str], str | None]:
+    """Whether the IPv6 paths are asked, nswrap's IPv6 option for this kernel, and a note for
+    the reader (None: nothing to say).
+
+    Asked inside the lab's host namespace: /proc/sys/net shows the namespace of the reader."""
+    def exists(key: str) -> bool:
+        return lab.exec(lab.host, ["test", "-e", f"/proc/sys/net/ipv6/conf/{key}"], check=False).returncode == 0
+
+    if not exists("all"):
+        return False, [], "IPv6 paths left out: this kernel has no IPv6 (ipv6.disable=1 or no module)"
+    if exists("all/force_forwarding"):
+        return True, [], None  # per-interface forwarding (Linux >= 6.17): nswrap's default does it
+    return (True, ["--ipv6-forwarding", "global"],
+            "this kernel has no per-interface IPv6 forwarding (Linux < 6.17): nswrap runs with "
+            "--ipv6-forwarding global, which turns on the lab host's global switch (a throwaway "
+            "namespace's, not this machine's) while it runs")
 
 
 def print_table(paths, without, with_udp, with_tcp) -> None:
@@ -117,30 +143,34 @@ def main() -> int:
         return 1
     with Lab() as lab, tempfile.TemporaryDirectory(prefix="nswrap-demo-") as tmp:
         tmpdir = pathlib.Path(tmp)
-        unbound = ["unbound", "-d", "-c", unbound_conf(tmpdir)]
-        failed = dict.fromkeys(lab.paths, False)
+        ipv6, ipv6_option, ipv6_note = ipv6_mode(lab)
+        paths = [*lab.paths, *(lab.paths6 if ipv6 else ())]
+        unbound = ["unbound", "-d", "-c", unbound_conf(tmpdir, ipv6=ipv6)]
+        failed = dict.fromkeys(paths, False)
         before = lab.state()
+        if ipv6_note:
+            print(f"note: {ipv6_note}")
 
         print("== unbound directly on the host")
         without = failed
         proc = run_server(lab, unbound, None, tmpdir / "unbound.log")
         if proc:
-            without = ask_all(lab, tcp=False)
+            without = ask_all(lab, paths, tcp=False)
             stop_server(lab, proc, "unbound")
 
-        print(f"== {NSWRAP.relative_to(ROOT)} --ports 53,53/tcp -- unbound ...")
+        print(f"== {' '.join([str(NSWRAP.relative_to(ROOT)), '--ports', '53,53/tcp', *ipv6_option])} -- unbound ...")
         with_udp = with_tcp = failed
-        nswrap = [str(NSWRAP), "--ports", "53,53/tcp", "--", *unbound]
+        nswrap = [str(NSWRAP), "--ports", "53,53/tcp", *ipv6_option, "--", *unbound]
         proc = run_server(lab, nswrap, lab.paths[0], tmpdir / "nswrap.log")
         if proc:
-            with_udp = ask_all(lab, tcp=False)
-            with_tcp = ask_all(lab, tcp=True)
+            with_udp = ask_all(lab, paths, tcp=False)
+            with_tcp = ask_all(lab, paths, tcp=True)
             if not stop_server(lab, proc, "nswrap"):
                 print_log(tmpdir / "nswrap.log")
 
         lab.stop_all()
         changes = diff_states(before, lab.state())
-        print_table(lab.paths, without, with_udp, with_tcp)
+        print_table(paths, without, with_udp, with_tcp)
 
     if changes:
         print(f"\nhost state NOT restored exactly after nswrap exited:\n{changes}")

@@ -184,15 +184,18 @@ def tftp_root(argv: list[str], tmp: FsPath) -> list[str]:
 
 # The server program (first word after "--") -> its scenario. The exit statuses after Ctrl-C are
 # the servers' own (nswrap passes them on): unbound, chronyd, tftpd exit 0 on SIGINT, socat 130;
-# dnsmasq -k runs on after SIGINT, gets SIGTERM half a second later, and exits 0.
+# dnsmasq -k runs on after SIGINT, gets SIGTERM half a second later, and exits 0. Every README
+# example serves both families (tftpd's `--address :69` binds 0.0.0.0 and ::, socat's UDP6 socket
+# takes IPv4 as v4-mapped, chronyd's bare `allow` admits both, the SIP stand-in is dual-stack), so
+# every scenario asks the IPv6 paths too.
 SCENARIOS: dict[str, Scenario] = {
     "unbound": Scenario(ask_dns, sigint_status=0, ipv6=True, needs=("unbound", "dig")),
     "dnsmasq": Scenario(ask_dns, sigint_status=0, ipv6=True, needs=("dnsmasq", "dig"),
                         substitute=dnsmasq_pid_file),
-    "chronyd": Scenario(ask_ntp, sigint_status=0, needs=("chronyd",), substitute=chronyd_in_the_lab),
-    "./sip-server": Scenario(ask_sip, sigint_status=0, substitute=sip_server),
-    "in.tftpd": Scenario(ask_tftp, sigint_status=0, needs=("in.tftpd", "tftp"), substitute=tftp_root),
-    "socat": Scenario(ask_echo7, sigint_status=128 + signal.SIGINT, needs=("socat",)),
+    "chronyd": Scenario(ask_ntp, sigint_status=0, ipv6=True, needs=("chronyd",), substitute=chronyd_in_the_lab),
+    "./sip-server": Scenario(ask_sip, sigint_status=0, ipv6=True, substitute=sip_server),
+    "in.tftpd": Scenario(ask_tftp, sigint_status=0, ipv6=True, needs=("in.tftpd", "tftp"), substitute=tftp_root),
+    "socat": Scenario(ask_echo7, sigint_status=128 + signal.SIGINT, ipv6=True, needs=("socat",)),
 }
 
 
