@@ -416,9 +416,19 @@ def _exit_with(action, verbose: int) -> None:
     sys.exit(code)
 
 
+class _Formatter(logging.Formatter):
+    """`nswrap: ` before every message, except the shell lines of -v: those are printed as they
+    can be pasted into a root shell, each change followed by an empty line (transaction.Transaction
+    marks them `shell`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return f"{text}\n" if getattr(record, "shell", False) else f"nswrap: {text}"
+
+
 def _setup_logging(verbose: int) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("nswrap: %(message)s"))
+    handler.setFormatter(_Formatter())
     log.handlers[:] = [handler]
     log.setLevel(logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG)
     log.propagate = False

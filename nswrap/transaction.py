@@ -57,7 +57,8 @@ class Done:
 class Transaction:
     kernel: Kernel
     checkpoint: Callable[[], None] = lambda: None  # raises to interrupt between changes
-    say: Callable[[str], None] = lambda line: log.info("%s", line)
+    # -v: each change as the shell lines a person would type, printed as they are (pasteable)
+    say: Callable[[str], None] = lambda line: log.info("%s", line, extra={"shell": True})
     done: list[Done] = field(default_factory=list)
 
     def run(self, change: Change) -> None:

@@ -47,9 +47,29 @@ def output(directory: Path, name="nswrap", stream="out") -> str:
     return (directory / f"{name}.{stream}").read_text()
 
 
+def records(log: str) -> list[str]:
+    """nswrap's stderr split into what it logged: messages (`nswrap: ...`, continued on the lines
+    after) and, with -v, host changes as shell lines, each change followed by an empty line."""
+    found: list[str] = []
+    open_shell = False  # inside a change's lines (they end with an empty line)
+    open_message = False
+    for line in log.splitlines():
+        if not line:
+            open_shell = open_message = False
+        elif line.startswith("nswrap: "):
+            found.append(line)
+            open_shell, open_message = False, True
+        elif open_shell or (open_message and not line.startswith(STEP_LINE)):
+            found[-1] += "\n" + line
+        else:
+            found.append(line)
+            open_shell, open_message = True, False
+    return found
+
+
 def count_steps(log: str) -> int:
     """How many host changes an -v log records (each logged before it is carried out)."""
-    return sum(line.startswith(STEP_LINE) for line in log.splitlines())
+    return sum(record.startswith(STEP_LINE) for record in records(log))
 
 
 def setup_steps(log: str) -> int:

@@ -19,8 +19,9 @@ import os
 import runpy
 import sys
 
-# The first line of a host change's record in the -v log (shared with tests/system/common.py).
-STEP_LINE = ("nswrap: ip ", "nswrap: sysctl ", "nswrap: nft ", "nswrap: conntrack ", "nswrap: iptables")
+# The first line of a host change in the -v log, printed as a pasteable shell line (shared with
+# tests/system/common.py).
+STEP_LINE = ("ip ", "sysctl ", "nft ", "conntrack ", "iptables")
 
 
 class HeldStderr:
@@ -32,7 +33,7 @@ class HeldStderr:
         self.done = False
 
     def write(self, text: str) -> int:
-        if not self.done and text.startswith("nswrap: "):  # a record begins (logging writes one per call)
+        if not self.done and text.startswith(("nswrap: ", *STEP_LINE)):  # a record (logging writes one per call)
             if self.seen == self.after:
                 self._hold(text.splitlines()[0])
             elif text.startswith(STEP_LINE):

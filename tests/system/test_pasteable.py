@@ -15,7 +15,7 @@ import signal
 import subprocess
 
 from tests.lab import Lab, diff_states, wait_until
-from tests.system.common import UDPECHO, echo_answered, output, start, wait_ready
+from tests.system.common import UDPECHO, echo_answered, output, records, start, wait_ready
 
 PORT = 5353
 COMMANDS = ("ip ", "sysctl ", "nft ", "iptables", "conntrack ")
@@ -24,14 +24,8 @@ COMMANDS = ("ip ", "sysctl ", "nft ", "iptables", "conntrack ")
 def commands(log: str) -> tuple[str, str]:
     """(setup, teardown) shell scripts from nswrap's -v log: the records that are commands,
     multi-line ones (nft batches) included; the setup ends where the server is started."""
-    records: list[str] = []
-    for line in log.splitlines():
-        if line.startswith("nswrap: "):
-            records.append(line[len("nswrap: "):])
-        elif records:
-            records[-1] += "\n" + line
     setup, teardown, serving = [], [], False
-    for record in records:
+    for record in (r.removeprefix("nswrap: ") for r in records(log)):
         if record.startswith("instance ") and ": serving" in record:
             serving = True
         elif record.startswith(COMMANDS):
