@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from nswrap import netlink, nft, ruleset, sync
+from nswrap import follow, netlink, nft, ruleset, sync
 from nswrap.config import DEFAULT_MARK_MASK, Config, parse_ports
 from nswrap.datatypes import replace
 from nswrap.facts import gather
@@ -161,11 +161,15 @@ def test_a_flushed_guard_set_is_put_back(kernel, caplog):
     life.stop()
 
 
-def test_the_follower_sees_the_hosts_changes_not_its_own(kernel, monkeypatch):
-    from nswrap import follow
-
+def frozen_clock(monkeypatch) -> list[float]:
+    """follow.py's clock, stopped at 100 s: the test moves it (now[0] += ...)."""
     now = [100.0]
     monkeypatch.setattr(follow, "time", type("Clock", (), {"monotonic": staticmethod(lambda: now[0])}))
+    return now
+
+
+def test_the_follower_sees_the_hosts_changes_not_its_own(kernel, monkeypatch):
+    now = frozen_clock(monkeypatch)
     life = started(kernel)
     follower = life.follower
     assert isinstance(follower, Follower)
@@ -186,10 +190,7 @@ def test_the_follower_sees_the_hosts_changes_not_its_own(kernel, monkeypatch):
 
 
 def test_the_follower_tries_again_when_following_fails(kernel, monkeypatch, caplog):
-    from nswrap import follow
-
-    now = [100.0]
-    monkeypatch.setattr(follow, "time", type("Clock", (), {"monotonic": staticmethod(lambda: now[0])}))
+    now = frozen_clock(monkeypatch)
     life = started(kernel)
     follower = life.follower
     assert follower is not None
@@ -216,10 +217,7 @@ def test_the_follower_tries_again_when_following_fails(kernel, monkeypatch, capl
 
 
 def test_the_follower_polls_the_settings_without_events(kernel, monkeypatch):
-    from nswrap import follow
-
-    now = [100.0]
-    monkeypatch.setattr(follow, "time", type("Clock", (), {"monotonic": staticmethod(lambda: now[0])}))
+    now = frozen_clock(monkeypatch)
     life = started(kernel)
     follower = life.follower
     assert follower is not None
