@@ -164,17 +164,24 @@ class Batch:
 # --- routing ------------------------------------------------------------------------------------
 
 
-class FakeRouting:
-    """netlink.Routing over a FakeKernel: each request is a tuple, `do` carries them out."""
+class _Adapter:
+    """What the fake adapters share with the real ones: a kernel, `with`, close()."""
 
     def __init__(self, kernel: FakeKernel):
         self.kernel = kernel
 
-    def __enter__(self) -> FakeRouting:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def close(self) -> None:
+        pass
+
+
+class FakeRouting(_Adapter):
+    """netlink.Routing over a FakeKernel: each request is a tuple, `do` carries them out."""
 
     def close(self) -> None:
         self.kernel.closed += 1
@@ -242,19 +249,7 @@ class FakeRouting:
         return out
 
 
-class FakeConntrack:
-    def __init__(self, kernel: FakeKernel):
-        self.kernel = kernel
-
-    def __enter__(self) -> FakeConntrack:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        pass
-
+class FakeConntrack(_Adapter):
     def flows(self, version, *, orig_proto=None, orig_dport=None, orig_dst=None, dnat_only=False, deadline=None):
         return [f for f in self.kernel.flows if version in (None, f.version) and orig_proto in (None, f.proto)
                 and orig_dport in (None, f.dport) and orig_dst in (None, f.dst) and (not dnat_only or f.status & 0x20)]
