@@ -44,14 +44,18 @@ LOG_SIZE = 4 << 20  # the verifier's log of a refused program: the tail is kept 
 LOG_LEVEL = 1
 
 # the parts of union bpf_attr used here (include/uapi/linux/bpf.h)
-MAP_CREATE = struct.Struct("=IIIIIII16s")  # map_type, key_size, value_size, max_entries, map_flags, inner_map_fd, numa_node, map_name
+# map_type, key_size, value_size, max_entries, map_flags, inner_map_fd, numa_node, map_name
+MAP_CREATE = struct.Struct("=IIIIIII16s")
 ELEM = struct.Struct("=I4xQQQ")  # map_fd, key, value (or next_key), flags
-PROG_LOAD = struct.Struct("=IIQQIIQII16s")  # prog_type, insn_cnt, insns, license, log_level, log_size, log_buf, kern_version, prog_flags, prog_name
+# prog_type, insn_cnt, insns, license, log_level, log_size, log_buf, kern_version, prog_flags, prog_name
+PROG_LOAD = struct.Struct("=IIQQIIQII16s")
 BY_ID = struct.Struct("=III")  # prog_id or map_id, next_id, open_flags
 INFO = struct.Struct("=IIQ")  # bpf_fd, info_len, info
-# struct bpf_prog_info up to its name; struct bpf_map_info up to its name
-PROG_INFO = struct.Struct("=II8sIIQQQIIQ16s")  # type, id, tag, jited/xlated len and insns, load_time, uid, nr_map_ids, map_ids, name
-MAP_INFO = struct.Struct("=IIIIII16s")  # type, id, key_size, value_size, max_entries, map_flags, name
+# struct bpf_prog_info up to its name: type, id, tag, jited and xlated lengths and insns, load_time,
+# created_by_uid, nr_map_ids, map_ids, name
+PROG_INFO = struct.Struct("=II8sIIQQQIIQ16s")
+# struct bpf_map_info up to its name: type, id, key_size, value_size, max_entries, map_flags, name
+MAP_INFO = struct.Struct("=IIIIII16s")
 INFO_SIZE = 256  # bytes offered for either info struct (zero past what we read)
 
 
