@@ -12,11 +12,13 @@ import ast
 import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "nswrap"
-ADAPTERS = {"netlink.py", "netlink", "nft.py", "iptables.py", "namespaces.py", "supervise.py"}
+ADAPTERS = {"netlink.py", "netlink", "bpf", "nft.py", "iptables.py", "namespaces.py", "supervise.py"}
 MUTATOR = {"changes.py", "transaction.py"}
 # (module, call) pairs that write into something that is not the host's: a throwaway namespace
 ALLOWED = {("doctor.py", "routing.do")}
-WRITES = {"write_sysctl", "do", "undo", "delete", "flush_mark", "apply", "batch", "_server_sysctl"}
+WRITES = {"write_sysctl", "do", "undo", "delete", "flush_mark", "apply", "batch", "_server_sysctl",
+          # BPF objects and tc (nswrap/bpf, nswrap/netlink/tc.py)
+          "map_create", "map_update", "map_delete", "prog_load", "ensure_clsact", "attach", "detach", "remove_clsact"}
 
 
 def called(node: ast.Call) -> str:
