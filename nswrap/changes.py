@@ -18,6 +18,7 @@ from nswrap.datapath import Instance, Room, Switch6
 from nswrap.datatypes import datatype
 from nswrap.errors import NswrapError
 from nswrap.facts import HOST_PREFIX, PROC_SYS, read_sysctl, sysctl_key
+from nswrap.fastpath import FAST_OBJECT, FAST_PRIORITY, Fast
 from nswrap.objects import Route, Rule
 
 GONE = frozenset({errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNOTAVAIL})
@@ -262,6 +263,43 @@ class NftBatch(Change):
 
     def render_undo(self) -> str:
         return f"nft -f - <<'EOF'\n{self.undo_text}EOF" if self.undo_text else "# (nothing to undo)"
+
+
+@datatype
+class FastPath(Change):
+    """The tc-BPF fast path (docs/fastpath.md) brought from `have` to `want`: programs attached and
+    detached, endpoints written and deleted. nswrap loads the programs itself (no pinning): the
+    lines are what tc and bpftool would do, not a script that shares their maps."""
+
+    want: Fast
+    have: Fast
+
+    def do(self, kernel) -> None:
+        kernel.fast().apply(self.want)
+
+    def undo(self, kernel) -> None:
+        kernel.fast().apply(self.have)
+
+    def render(self) -> str:
+        return self._render(self.have, self.want)
+
+    def render_undo(self) -> str:
+        return self._render(self.want, self.have)
+
+    @staticmethod
+    def _render(have: Fast, want: Fast) -> str:
+        lines = []
+        for names, section in ((want.uplinks - have.uplinks, "uplink"), (want.veths - have.veths, "veth")):
+            for name in sorted(names):
+                lines += [f"tc qdisc add dev {name} clsact 2>/dev/null",
+                          f"tc filter replace dev {name} ingress pref {FAST_PRIORITY} handle 1 bpf da "
+                          f"object-file {FAST_OBJECT} section tc/{section}"]
+        for name in sorted((have.uplinks | have.veths) - (want.uplinks | want.veths)):
+            lines.append(f"tc filter del dev {name} ingress pref {FAST_PRIORITY} handle 1 bpf")
+        added, deleted = len(want.endpoints - have.endpoints), len(have.endpoints - want.endpoints)
+        if added or deleted:
+            lines.append(f"# fast path endpoints: {added} added, {deleted} deleted (map `published`)")
+        return "\n".join(lines) or "# fast path: nothing to change"
 
 
 def one_line(rendered: str) -> str:

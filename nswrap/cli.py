@@ -20,6 +20,7 @@ from click.core import ParameterSource
 
 from nswrap import __version__, configfile
 from nswrap.config import (
+    DATAPATHS,
     DEFAULT_UDP_TIMEOUT,
     FIREWALL,
     IPV6_FORWARDING,
@@ -198,6 +199,9 @@ def cli() -> None:
               **_env("UDP_TIMEOUT"),
               help="Forget an answered UDP flow this long after its last packet; one value for every instance on the "
                    "host. Longer keeps quieter sessions, but lets a spoofed flood pin conntrack entries longer.")
+@option("--datapath", type=click.Choice(DATAPATHS), default="nft", show_default=True, **_env("DATAPATH"),
+              help="bpf: published flows take a tc-BPF fast path (the host's netfilter, conntrack and forwarding "
+                   "skipped; docs/fastpath.md); nft: nftables and conntrack.")
 @option("--ready-fd", type=int, metavar="N", **_env("READY_FD"),
               help="Write READY to fd N once the server listens on every published port.")
 @option("--take-over", is_flag=True, **_env("TAKE_OVER"),
@@ -209,7 +213,7 @@ def cli() -> None:
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def run(ctx, ports, uplinks, subnet, mark_mask, addresses, firewall, no_outbound, ipv6_forwarding, helpers, user,
-        stop_timeout, udp_timeout, ready_fd, take_over, dry_run, verbose, command) -> None:
+        stop_timeout, udp_timeout, datapath, ready_fd, take_over, dry_run, verbose, command) -> None:
     """Run COMMAND in its own network namespace, publishing --ports on the uplinks.
 
     Every option may also be set in the environment (NSWRAP_PORTS, ...; a repeatable option takes
@@ -246,6 +250,7 @@ def run(ctx, ports, uplinks, subnet, mark_mask, addresses, firewall, no_outbound
             helpers=_parsed(ctx, "helpers", lambda h: resolve_helpers(h, published), helpers),
             ipv6_forwarding=ipv6_forwarding,
             take_over=take_over,
+            datapath=datapath,
         )
         if config.dry_run:
             from nswrap.commands import dry_run as print_plan

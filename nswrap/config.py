@@ -21,6 +21,8 @@ Firewall = Literal["auto", "off"]  # --firewall
 FIREWALL: tuple[Firewall, ...] = get_args(Firewall)
 Ipv6Forwarding = Literal["auto", "global", "interface", "off"]  # --ipv6-forwarding (docs/design.md)
 IPV6_FORWARDING: tuple[Ipv6Forwarding, ...] = get_args(Ipv6Forwarding)
+DatapathKind = Literal["nft", "bpf"]  # --datapath (docs/fastpath.md)
+DATAPATHS: tuple[DatapathKind, ...] = get_args(DatapathKind)
 HELPERS = ("tftp",)  # conntrack helpers nswrap can attach (the server answers from a new port)
 DEFAULT_MARK_MASK = 0xF0000000  # free of kube-proxy, wg-quick, Tailscale, Cilium, mwan3, OpenWrt pbr
 MAX_STOP_TIMEOUT = 86400.0
@@ -308,6 +310,7 @@ class Config:
     ipv6_forwarding: Ipv6Forwarding = "auto"  # how IPv6 is forwarded to the server: IPV6_FORWARDING
     take_over: bool = False  # publish even where a host socket serves the port (its clients go to the server)
     udp_timeout: int = DEFAULT_UDP_TIMEOUT  # answered UDP flows: seconds after their last packet (per host)
+    datapath: DatapathKind = "nft"  # bpf: published flows through the tc-BPF fast path (docs/fastpath.md)
 
     def __post_init__(self) -> None:
         require_ports(self.ports)
@@ -320,6 +323,8 @@ class Config:
             raise UsageError(f"invalid --firewall {quoted(self.firewall)}: auto or off")
         if self.ipv6_forwarding not in IPV6_FORWARDING:
             raise UsageError(f"invalid --ipv6-forwarding {quoted(self.ipv6_forwarding)}: one of {', '.join(IPV6_FORWARDING)}")
+        if self.datapath not in DATAPATHS:
+            raise UsageError(f"invalid --datapath {quoted(self.datapath)}: one of {', '.join(DATAPATHS)}")
         for helper in self.helpers:
             if helper not in HELPERS:
                 raise UsageError(f"invalid --helper {quoted(helper)}: one of {', '.join(HELPERS)}")

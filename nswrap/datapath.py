@@ -23,7 +23,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Literal
 
-from nswrap.config import DEFAULT_UDP_TIMEOUT, Ipv6Forwarding, PortRange, UplinkSpec, valid_ifname
+from nswrap.config import DEFAULT_UDP_TIMEOUT, DatapathKind, Ipv6Forwarding, PortRange, UplinkSpec, valid_ifname
 from nswrap.datatypes import datatype, field, replace
 from nswrap.errors import NswrapError, UsageError, listed
 from nswrap.facts import HOST_PREFIX, Facts, sysctl_key
@@ -49,8 +49,9 @@ LOOPBACK4 = ipaddress.IPv4Address("127.0.0.1")
 
 # How an instance's IPv6 is forwarded (chosen at start from --ipv6-forwarding, kept in its record):
 # "interface" (force_forwarding, Linux >= 6.17), "global" (the switch nswrap holds while an
-# instance needs it), "host" (the switch the host had on already)
-Forwarding6Mode = Literal["interface", "global", "host"]
+# instance needs it), "host" (the switch the host had on already), "fast" (none: the instance's
+# published IPv6 flows take the tc-BPF fast path, which needs no forwarding; docs/fastpath.md)
+Forwarding6Mode = Literal["interface", "global", "host", "fast"]
 
 
 # --- inputs ----------------------------------------------------------------------------------
@@ -71,6 +72,7 @@ class Instance:
     helpers: tuple[str, ...] = ()
     forwarding6: Forwarding6Mode = "interface"
     udp_timeout: int = DEFAULT_UDP_TIMEOUT  # --udp-timeout: the same for every live instance
+    datapath: DatapathKind = "nft"  # --datapath bpf: published flows through the fast path too
 
     @property
     def veth(self) -> str:

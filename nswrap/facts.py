@@ -26,6 +26,7 @@ from nswrap.objects import (
 )
 
 if TYPE_CHECKING:
+    from nswrap.fastpath import Fast
     from nswrap.netlink import Routing
 
 HOST_PREFIX = "nsw-"  # host end of an instance's veth: nsw-<id>
@@ -45,6 +46,7 @@ class Facts:
     ipv6_per_interface: bool = True  # Linux >= 6.17: per-interface IPv6 forwarding (force_forwarding)
     listeners: tuple[Listener, ...] = ()  # the host's sockets that clients reach (TCP listening, UDP bound)
     resolver_stub: IPAddress | None = None  # the host's only resolver, on its loopback (127.0.0.53, 127.0.0.11)
+    fast: Fast | None = None  # what the tc-BPF fast path holds (None: nothing of it attached)
 
     def link(self, ifname: str) -> Link | None:
         return next((link for link in self.links if link.ifname == ifname), None)
@@ -177,7 +179,22 @@ def gather(routing: Routing) -> Facts:
         ipv6_per_interface=per_interface6,
         listeners=_listeners(),
         resolver_stub=_resolver_stub(),
+        fast=_fast(links),
     )
+
+
+def _fast(links: tuple[Link, ...]) -> Fast | None:
+    """The fast path's filters and endpoints (docs/fastpath.md); the bpf modules are imported only
+    where some link has a clsact qdisc to look at."""
+    from nswrap.netlink.tc import Tc
+
+    with Tc() as tc:
+        with_clsact = tc.clsact_links()
+    if not with_clsact:
+        return None
+    from nswrap.bpf import fast
+
+    return fast.read({link.ifname: link.index for link in links if link.index in with_clsact}) or None
 
 
 def netns_id() -> str:

@@ -67,6 +67,8 @@ def classify(event: netlink.Event, own_indexes: set[int], my_veth: str) -> Reaso
         return "host"
     if event.what == "rule":
         return None if event.proto == PROTO and not event.deleted else "host"
+    if event.what == "tc":  # someone's `tc filter del` or `tc qdisc del` may have taken the fast path's
+        return "host" if event.deleted else None
     if event.what == "nft":
         # other instances add and delete elements; anything else deleted is someone else's doing.
         # An element deleted from the guard's own sets (someone's `nft flush set`; instances never

@@ -98,21 +98,23 @@ def new_instance(config: Config, facts: Facts, live: list[Record], allocation: A
     subnet = allocate_subnet(facts, tuple(r.instance for r in live), config.subnet)
     forwarding6 = choose_forwarding6(config.ipv6_forwarding, facts, allocation)
     serves6 = any(a.version == 6 and a.scope == 0 for a in facts.addresses)
-    if forwarding6 is None and config.ipv6_forwarding == "auto" and serves6:
+    if forwarding6 is None and config.ipv6_forwarding == "auto" and serves6 and config.datapath != "bpf":
         log.warning("%s", NO_IPV6_OLD_KERNEL)
     if forwarding6 in ("interface", "global") and proc_sys_read_only() and facts.sysctl(ALL6) != "1":
         if config.ipv6_forwarding != "auto":
             raise NswrapError(read_only_message([ALL6]))
         forwarding6 = None  # IPv6 forwarding cannot be turned on here
-        if serves6:
+        if serves6 and config.datapath != "bpf":
             log.warning("IPv6 clients are not served: /proc/sys is read-only and IPv6 forwarding is off "
                         "(a container? start it with --sysctl net.ipv6.conf.all.forwarding=1)")
+    if forwarding6 is None and config.datapath == "bpf" and config.ipv6_forwarding != "off":
+        forwarding6 = "fast"  # published IPv6 flows need no forwarding on the fast path
     return Instance(
         id=instance_id, ports=config.ports, subnet=subnet,
         subnet6=ula_subnet(subnet) if forwarding6 else None,
         uplinks=config.uplinks, addresses=config.addresses, loopback_ports=loopback_ports(config),
         outbound=config.outbound, helpers=config.helpers, forwarding6=forwarding6 or "interface",
-        udp_timeout=config.udp_timeout,
+        udp_timeout=config.udp_timeout, datapath=config.datapath,
     )
 
 

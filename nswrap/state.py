@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from typing import get_args
 
 from nswrap.config import (
+    DATAPATHS,
     DEFAULT_UDP_TIMEOUT,
     HELPERS,
     PortRange,
@@ -373,6 +374,7 @@ class Record:
             "outbound": i.outbound, "helpers": list(i.helpers), "subnet": str(i.subnet),
             "subnet6": str(i.subnet6) if i.subnet6 else None, "forwarding6": i.forwarding6,
             "init_pid": self.init_pid, "mark_mask": self.mark_mask, "udp_timeout": i.udp_timeout,
+            "datapath": i.datapath,
         }, indent=1).encode()
 
 
@@ -445,10 +447,14 @@ def parse_record(raw: bytes, name: str) -> Record:
         check_udp_timeout(udp_timeout)
     except UsageError:
         raise InvalidState("udp_timeout is not a number of seconds nswrap takes") from None
+    datapath = data.get("datapath", "nft")  # an older nswrap's record has none
+    if datapath not in DATAPATHS:
+        raise InvalidState("bad datapath")
     instance = Instance(
         id=rid, ports=_ports(_list_of(data, "ports", 65536)), subnet=subnet, subnet6=subnet6, uplinks=uplinks,
         addresses=addresses, loopback_ports=_ports(_list_of(data, "loopback_ports", 65536)),
         outbound=_need(data, "outbound", bool), helpers=helpers, forwarding6=forwarding6, udp_timeout=udp_timeout,
+        datapath=datapath,
     )
     if not instance.ports:
         raise InvalidState("no ports")

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from nswrap import nft, ruleset
+from nswrap import fastpath, nft, ruleset
 from nswrap.changes import (
     AddRoute,
     AddRule,
@@ -24,6 +24,7 @@ from nswrap.changes import (
     DeleteRoom,
     DeleteRoute,
     DeleteRule,
+    FastPath,
     FlushMark,
     Forwarding6,
     InsertRoom,
@@ -51,6 +52,7 @@ from nswrap.datapath import (
 from nswrap.datatypes import datatype, replace
 from nswrap.errors import NswrapError
 from nswrap.facts import HOST_PREFIX, Facts, read_sysctl, sysctl_key
+from nswrap.fastpath import Fast
 from nswrap.firewall import FirewallFacts, blockers, how_to_fix, mark_users, rooms
 from nswrap.objects import PROTO, Route, Rule
 from nswrap.transaction import Transaction
@@ -240,6 +242,10 @@ def plan(facts: Facts, table: nft.Table | None, allocation: Allocation | None, i
     rule_adds = [AddRule(r) for r in sorted(dp.rules - have_rules, key=_order)]
     rule_dels = [DeleteRule(r) for r in sorted(have_rules - dp.rules, key=_order)]
     nft_changes = _nft_changes(table, dp, instances)
+    # the fast path redirects through the uplinks' tables: it comes after them and goes before them
+    fast_want = fastpath.wanted(facts, target, instances) if instances else Fast()
+    fast_have = facts.fast or Fast()
+    fast_changes: list[Change] = [FastPath(fast_want, fast_have)] if fast_want != fast_have else []
     flushes: list[Change] = [FlushMark(current.mark(u.index), current.mark_mask) for u in current.uplinks
                              if not any(t.ifname == u.ifname for t in target.uplinks)]
 
@@ -247,10 +253,10 @@ def plan(facts: Facts, table: nft.Table | None, allocation: Allocation | None, i
     after: Allocation | None
     if instances:
         changes = [*release6, *restores, *nft_changes, *route_adds, *rule_adds, *rule_dels, *route_dels, *room_changes,
-                   *sets, *take6, *flushes]
+                   *sets, *take6, *fast_changes, *flushes]
         after = replace(target, sysctls=sysctls, rooms=rooms, switch6=switch6)
     else:
-        changes = [*release6, *restores, *rule_dels, *route_dels, *room_changes, *nft_changes, *flushes]
+        changes = [*fast_changes, *release6, *restores, *rule_dels, *route_dels, *room_changes, *nft_changes, *flushes]
         after = None
     before = None if allocation is None and not instances else _union(
         current, replace(target, sysctls=sysctls, rooms=rooms, switch6=switch6 or current.switch6))

@@ -27,6 +27,12 @@ class Kernel:
         self.routing = routing or netlink.Routing()
         self._conntrack: netlink.Conntrack | None = None
 
+    def fast(self):
+        """The fast path's adapter (nswrap/bpf/fast.py), imported only where it is used."""
+        from nswrap.bpf import fast
+
+        return fast
+
     def conntrack(self) -> netlink.Conntrack:
         if self._conntrack is None:
             self._conntrack = netlink.Conntrack()

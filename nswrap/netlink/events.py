@@ -35,6 +35,7 @@ NETCONFMSG = struct.Struct("=Bxxx")  # netconfmsg: family, and the padding to th
 NETCONFA_IFINDEX_ALL, NETCONFA_IFINDEX_DEFAULT = -1, -2
 
 RTMGRP = (0x1  # links
+          | 0x8  # tc: qdiscs and filters (the fast path's, docs/fastpath.md)
           | 0x10 | 0x40 | 0x80  # IPv4 addresses, routes, rules
           | 0x100 | 0x400  # IPv6 addresses, routes
           | 1 << (19 - 1)  # IPv6 rules
@@ -42,7 +43,9 @@ RTMGRP = (0x1  # links
 
 # What an event is about: an interface, an address, a route, a rule, a forwarding setting
 # (netconf), nftables, events lost (the socket's buffer overflowed: look again) or anything else
-EventKind = Literal["link", "addr", "route", "rule", "netconf", "nft", "lost", "other"]
+EventKind = Literal["link", "addr", "route", "rule", "netconf", "nft", "tc", "lost", "other"]
+RTM_NEWQDISC, RTM_DELQDISC, RTM_NEWTFILTER, RTM_DELTFILTER = 36, 37, 44, 45
+TCMSG = struct.Struct("=Bxxxi")  # tcmsg: family, ifindex (handle, parent, info follow)
 
 NFNL_SUBSYS_NFTABLES = 10
 NFNLGRP_NFTABLES = 7
@@ -83,6 +86,8 @@ def parse_event(m: Message) -> Event:
         unpack(RULE, m.body)
         a = parse_attrs(m.body, RULE.size)
         return Event("rule", kind == RTM_DELRULE, proto=a[FRA_PROTOCOL][0] if a.get(FRA_PROTOCOL) else 0)
+    if kind in (RTM_NEWQDISC, RTM_DELQDISC, RTM_NEWTFILTER, RTM_DELTFILTER):
+        return Event("tc", kind in (RTM_DELQDISC, RTM_DELTFILTER), unpack(TCMSG, m.body)[1])
     if kind == RTM_NEWNETCONF:
         unpack(NETCONFMSG, m.body)
         index = parse_attrs(m.body, NETCONFMSG.size).get(NETCONFA_IFINDEX)
@@ -100,7 +105,8 @@ def parse_event(m: Message) -> Event:
 
 
 class Monitor:
-    """Readable whenever links, addresses, routes, rules, forwarding settings or nftables change."""
+    """Readable whenever links, addresses, routes, rules, forwarding settings, tc filters or
+    nftables change."""
 
     def __init__(self) -> None:
         self.route = Socket(NETLINK_ROUTE, RTMGRP)

@@ -22,7 +22,7 @@ from nswrap.netlink import codec
 from nswrap.netlink.codec import NETLINK_ROUTE, Message
 from nswrap.netlink.transport import Client, Socket
 
-RTM_NEWQDISC, RTM_DELQDISC = 36, 37
+RTM_NEWQDISC, RTM_DELQDISC, RTM_GETQDISC = 36, 37, 38
 RTM_NEWTFILTER, RTM_DELTFILTER, RTM_GETTFILTER = 44, 45, 46
 TCA_KIND, TCA_OPTIONS = 1, 2
 TCA_BPF_FD, TCA_BPF_NAME, TCA_BPF_FLAGS, TCA_BPF_TAG, TCA_BPF_ID = 6, 7, 8, 10, 11
@@ -92,6 +92,12 @@ def filter_dump(ifindex: int, direction: Direction) -> tuple[int, bytes]:
     return RTM_GETTFILTER, TCMSG.pack(socket.AF_UNSPEC, ifindex, 0, _parent(direction), 0)
 
 
+def clsact_of(m: Message) -> int | None:
+    """The interface index of a qdisc dump's entry if it is a clsact qdisc."""
+    _family, ifindex, _handle, _parent_, _info_ = codec.unpack(TCMSG, m.body)
+    return ifindex if codec.string(codec.parse_attrs(m.body, TCMSG.size).get(TCA_KIND)) == "clsact" else None
+
+
 def parse_filter(m: Message) -> Filter | None:
     """A BPF filter of a dump; None for the entry that only says a priority holds filters of a
     kind (handle 0, no options) and for filters of other kinds (u32, flower, ...)."""
@@ -120,6 +126,11 @@ class Tc(Client):
         """The program attached at (direction, priority, handle), replacing what was there. The
         filter holds the program from then on: its fd may be closed."""
         self.sock.batch([filter_request(ifindex, direction, prog_fd, name, priority, handle)])
+
+    def clsact_links(self) -> set[int]:
+        """The interfaces that have a clsact qdisc (one dump of every qdisc of the namespace)."""
+        found = (clsact_of(m) for m in self.sock.dump(RTM_GETQDISC, TCMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)))
+        return {ifindex for ifindex in found if ifindex is not None}
 
     def filters(self, ifindex: int, direction: Direction) -> list[Filter]:
         """The BPF filters of one direction, in priority and handle order (the kernel dumps none

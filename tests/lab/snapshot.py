@@ -53,6 +53,9 @@ def snapshot(read: Callable[[list[str]], str]) -> dict[str, Any]:
         "nft": zero_counters(json.loads(read(["nft", "-j", "list", "ruleset"]))["nftables"]),
         "iptables_legacy": read(["sh", "-c", _LEGACY_SAVE]),
         "sysctl": sysctls,
+        # tc: clsact qdiscs (the fast path's filters hang on them), with their filters' count
+        "qdisc": [{k: q.get(k) for k in ("dev", "kind", "handle", "parent")}
+                  for q in json.loads(read(["tc", "-json", "qdisc", "show"]) or "[]")],
     }
 
 

@@ -382,7 +382,7 @@ def test_every_option_has_a_variable_and_a_key():
                     assert keys[long_name][0] == param.name
     assert set(keys) == {"command", "ports", "uplink", "subnet", "mark-mask", "address", "firewall", "no-outbound",
                          "helper", "user", "stop-timeout", "udp-timeout", "ready-fd", "take-over", "dry-run", "verbose",
-                         "ipv6-forwarding"}
+                         "ipv6-forwarding", "datapath"}
 
 
 # --- errors through the command line (in-process: exit 2, one line) -------------------------------

@@ -1,0 +1,190 @@
+"""The fast path's adapter (docs/fastpath.md): reads what the kernel holds and makes it hold
+what nswrap/fastpath.py wants.
+
+Nothing is pinned (bpffs is often not mounted, and `ip netns exec` gives each process its own
+/sys): the maps live as long as the programs that tc filters hold, and a later process finds them
+again through those filters (filter -> program -> its maps). The programs are loaded once per
+network namespace, from the object built from fastpath.bpf.c, and attached to the ingress of
+each uplink and of each `bpf` instance's veth (host end) with one tc priority of nswrap's own.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import struct
+from collections.abc import Iterable
+
+from nswrap.bpf import elf, syscall
+from nswrap.errors import NswrapError
+from nswrap.fastpath import FAST_OBJECT, FAST_PRIORITY, UPLINK_PROGRAM, VETH_PROGRAM, Endpoint, Fast
+from nswrap.netlink import tc
+from nswrap.netlink.tc import Tc
+from nswrap.objects import IPAddress, Protocol
+
+PRIORITY, HANDLE = FAST_PRIORITY, 1
+SECTIONS = {UPLINK_PROGRAM: "tc/uplink", VETH_PROGRAM: "tc/veth"}
+PROTOCOLS: dict[Protocol, int] = {"udp": socket.IPPROTO_UDP, "tcp": socket.IPPROTO_TCP}
+NAMES: dict[int, Protocol] = {number: name for name, number in PROTOCOLS.items()}
+_KEY = struct.Struct("=IBB2s16s")  # struct endpoint_key: the port in network order
+_VALUE = struct.Struct("=II16s2s2x")  # struct endpoint
+
+
+class FastPathError(NswrapError):
+    """The fast path cannot be loaded or attached here (one line, exit 2)."""
+
+
+def _addr16(address: IPAddress) -> bytes:
+    return bytes(address.packed).ljust(16, b"\0")
+
+
+def encode(e: Endpoint, index: dict[str, int]) -> tuple[bytes, bytes]:
+    key = _KEY.pack(index[e.uplink], e.address.version, PROTOCOLS[e.proto], e.port.to_bytes(2, "big"), _addr16(e.address))
+    value = _VALUE.pack(index[e.veth], e.mark, _addr16(e.server), e.server_port.to_bytes(2, "big"))
+    return key, value
+
+
+def decode(key: bytes, value: bytes, names: dict[int, str]) -> Endpoint | None:
+    """An entry as an Endpoint; None if it names an interface that is gone or is not nswrap's."""
+    ifindex, family, proto, port, addr = _KEY.unpack(key)
+    veth, mark, server, server_port = _VALUE.unpack(value)
+    if ifindex not in names or veth not in names or proto not in NAMES or family not in (4, 6):
+        return None
+    size = 4 if family == 4 else 16
+    return Endpoint(names[ifindex], ipaddress.ip_address(addr[:size]), NAMES[proto], int.from_bytes(port, "big"),
+                    names[veth], mark, ipaddress.ip_address(server[:size]), int.from_bytes(server_port, "big"))
+
+
+class Loaded:
+    """The programs and maps of this namespace's fast path, found or loaded (file descriptors)."""
+
+    def __init__(self, programs: dict[str, int], maps: dict[str, int]):
+        self.programs, self.maps = programs, maps
+
+    def close(self) -> None:
+        for fd in (*self.programs.values(), *self.maps.values()):
+            os.close(fd)
+
+
+def attached(t: Tc, links: dict[str, int]) -> dict[str, tc.Filter]:
+    """Interface name -> nswrap's filter on its ingress, for every link that has one."""
+    found = {}
+    for name, ifindex in links.items():
+        ours = [f for f in t.filters(ifindex, "ingress") if f.priority == PRIORITY and f.name in SECTIONS]
+        if ours:
+            found[name] = ours[0]
+    return found
+
+
+def find(filters: Iterable[tc.Filter]) -> Loaded | None:
+    """The programs and maps behind filters already attached (another instance loaded them)."""
+    programs: dict[str, int] = {}
+    maps: dict[str, int] = {}
+    for f in filters:
+        if f.name in programs:
+            continue
+        try:
+            programs[f.name] = syscall.prog_fd_by_id(f.prog_id)
+            if not maps:
+                maps = syscall.maps_of(f.prog_id)
+        except OSError:
+            continue  # detached meanwhile
+    if "published" not in maps or set(programs) != set(SECTIONS):
+        Loaded(programs, maps).close()
+        return None
+    return Loaded(programs, maps)
+
+
+def load(path: str = FAST_OBJECT) -> Loaded:
+    """Create the maps and load both programs (the verifier's first complaint, if any, is the
+    one-line error)."""
+    try:
+        with open(path, "rb") as f:
+            obj = elf.parse(f.read())
+    except OSError as e:
+        raise FastPathError(f"--datapath bpf: cannot read {path}: {e.strerror} "
+                            "(nswrap was built without clang: scripts/build-bpf)") from None
+    maps: dict[str, int] = {}
+    programs: dict[str, int] = {}
+    try:
+        for name, d in obj.maps.items():
+            maps[name] = syscall.map_create(d.type, d.key_size, d.value_size, d.max_entries, d.flags, name)
+        for name, section in SECTIONS.items():
+            programs[name] = syscall.prog_load(syscall.BPF_PROG_TYPE_SCHED_CLS, elf.link(obj.programs[section], maps),
+                                               obj.license, name)
+    except OSError as e:
+        Loaded(programs, maps).close()
+        raise FastPathError(f"--datapath bpf: the kernel refused the fast path's maps or programs: "
+                            f"{e.strerror or e} (needs CAP_BPF and CAP_NET_ADMIN; a container's seccomp "
+                            f"profile may forbid bpf())") from None
+    except BaseException:
+        Loaded(programs, maps).close()
+        raise
+    return Loaded(programs, maps)
+
+
+def read(links: dict[str, int]) -> Fast:
+    """What the kernel holds now: where nswrap's filters are, and the published endpoints."""
+    with Tc() as t:
+        filters = attached(t, links)
+    if not filters:
+        return Fast()
+    names = {index: name for name, index in links.items()}
+    uplinks = frozenset(n for n, f in filters.items() if f.name == UPLINK_PROGRAM)
+    veths = frozenset(n for n, f in filters.items() if f.name == VETH_PROGRAM)
+    loaded = find(filters.values())
+    if loaded is None:
+        return Fast(uplinks, veths)
+    try:
+        published = loaded.maps["published"]
+        endpoints = set()
+        for key in syscall.map_keys(published):
+            value = syscall.map_lookup(published, key)
+            e = decode(key, value, names) if value is not None else None
+            if e is not None:
+                endpoints.add(e)
+    finally:
+        loaded.close()
+    return Fast(uplinks, veths, frozenset(endpoints))
+
+
+def apply(want: Fast) -> None:
+    """Make the kernel hold `want`: load the programs if no filter holds them (then every filter
+    is made anew, on the new maps), attach and detach, then write and delete endpoints. What is
+    already as wanted is left alone."""
+    links = {name: index for index, name in socket.if_nameindex()}
+    wanted = {**{n: UPLINK_PROGRAM for n in want.uplinks}, **{n: VETH_PROGRAM for n in want.veths}}
+    with Tc() as t:
+        have = attached(t, links)
+        loaded = find(have.values()) if have else None
+        fresh = loaded is None and bool(wanted)
+        if fresh:
+            loaded = load()
+        try:
+            for name, program in sorted(wanted.items()):
+                if name not in links:
+                    raise FastPathError(f"--datapath bpf: no interface {name} to attach the fast path to")
+                current = have.get(name)
+                if fresh or current is None or current.name != program:
+                    assert loaded is not None
+                    t.ensure_clsact(links[name])
+                    t.attach(links[name], "ingress", loaded.programs[program], program, PRIORITY, HANDLE)
+            if loaded is not None:  # endpoints through a filter about to go are deleted first
+                _write_endpoints(loaded.maps["published"], want.endpoints, links)
+        finally:
+            if loaded is not None:
+                loaded.close()
+        for name in sorted(set(have) - set(wanted)):
+            t.detach(links[name], "ingress", PRIORITY, HANDLE)
+            t.remove_clsact(links[name])
+
+
+def _write_endpoints(fd: int, endpoints: frozenset[Endpoint], links: dict[str, int]) -> None:
+    wanted = dict(encode(e, links) for e in endpoints if e.uplink in links and e.veth in links)
+    for key in list(syscall.map_keys(fd)):
+        if key not in wanted:
+            syscall.map_delete(fd, key)
+    for key, value in wanted.items():
+        if syscall.map_lookup(fd, key) != value:
+            syscall.map_update(fd, key, value)

@@ -1,0 +1,267 @@
+// SPDX-License-Identifier: GPL-2.0
+/* nswrap's fast path (--datapath bpf; docs/fastpath.md): published flows between an uplink and a
+ * server's namespace, without the host's IP stack, netfilter or conntrack.
+ *
+ *   uplink ingress (tc/uplink): a UDP or TCP packet to a published (uplink, address, protocol,
+ *     port) is remembered in `flows` (the client's tuple -> the address and port asked, the
+ *     uplink, its mark), its destination rewritten to the server's, and handed to the server's
+ *     namespace with bpf_redirect_peer.
+ *   the host end of a server's veth, ingress (tc/veth): a packet of a remembered flow, from the
+ *     veth that flow was published to, gets its source rewritten back to the address and port
+ *     asked and leaves through the flow's uplink with bpf_redirect_neigh: the route is looked up
+ *     with the uplink's mark (nswrap's table for that uplink, its gateway or on-link).
+ *
+ * Everything else (fragments, IPv4 options, IPv6 extension headers, ICMP, a flow the map does
+ * not hold) is TC_ACT_UNSPEC: the next tc filter of another tool, if any, then the host's stack
+ * and nswrap's nftables datapath handle it as without the fast path.
+ *
+ * The maps are created by nswrap's loader (nswrap/bpf/), not by libbpf: legacy definitions in a
+ * section named "maps", whose layout the loader reads. Keys and values are written by
+ * nswrap/bpf/fast.py; keep the structs below and that module in step.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/pkt_cls.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+struct map_def {
+	__u32 type, key_size, value_size, max_entries, map_flags;
+};
+
+/* published: (uplink, family, protocol, port asked, address asked) -> the server */
+struct endpoint_key {
+	__u32 ifindex;
+	__u8 family; /* 4 or 6 */
+	__u8 proto;  /* IPPROTO_UDP or IPPROTO_TCP */
+	__be16 port;
+	__u8 addr[16]; /* IPv4: the first 4 bytes, the rest zero */
+};
+
+struct endpoint {
+	__u32 veth; /* the host end of the server's veth */
+	__u32 mark; /* the uplink's mark: its routing table */
+	__u8 server[16];
+	__be16 port; /* the server's port (a remapped one differs) */
+	__u16 pad;
+};
+
+/* flows: what the server's reply is matched by -> where it goes */
+struct flow_key {
+	__u8 client[16];
+	__u8 server[16];
+	__be16 client_port;
+	__be16 server_port;
+	__u8 family;
+	__u8 proto;
+	__u16 pad;
+};
+
+struct flow {
+	__u8 asked[16];
+	__be16 asked_port;
+	__u16 pad;
+	__u32 uplink;
+	__u32 mark;
+	__u32 veth;
+};
+
+struct map_def published SEC("maps") = {
+	.type = BPF_MAP_TYPE_HASH,
+	.key_size = sizeof(struct endpoint_key),
+	.value_size = sizeof(struct endpoint),
+	.max_entries = 262144,
+	.map_flags = BPF_F_NO_PREALLOC,
+};
+
+struct map_def flows SEC("maps") = {
+	.type = BPF_MAP_TYPE_LRU_HASH,
+	.key_size = sizeof(struct flow_key),
+	.value_size = sizeof(struct flow),
+	.max_entries = 65536,
+};
+
+#define IP_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
+#define IP_DST_OFF (ETH_HLEN + offsetof(struct iphdr, daddr))
+#define IP_SRC_OFF (ETH_HLEN + offsetof(struct iphdr, saddr))
+#define IP6_DST_OFF (ETH_HLEN + offsetof(struct ipv6hdr, daddr))
+#define IP6_SRC_OFF (ETH_HLEN + offsetof(struct ipv6hdr, saddr))
+#define IP_MF_OFFSET 0x3fff
+
+/* A UDP or TCP packet, parsed: where its headers are, its addresses and ports. */
+struct packet {
+	__u8 family, proto;
+	__u32 l4; /* offset of the UDP/TCP header */
+	__u8 src[16], dst[16];
+	__be16 sport, dport;
+};
+
+static __always_inline int parse(struct __sk_buff *skb, struct packet *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > end)
+		return 0;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+
+		if ((void *)(ip + 1) > end || ip->ihl != 5 || (ip->frag_off & bpf_htons(IP_MF_OFFSET)))
+			return 0;
+		p->family = 4;
+		p->proto = ip->protocol;
+		__builtin_memcpy(p->src, &ip->saddr, 4);
+		__builtin_memcpy(p->dst, &ip->daddr, 4);
+		p->l4 = ETH_HLEN + sizeof(struct iphdr);
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+		if ((void *)(ip6 + 1) > end)
+			return 0;
+		p->family = 6;
+		p->proto = ip6->nexthdr; /* an extension header (a fragment) is neither UDP nor TCP */
+		__builtin_memcpy(p->src, &ip6->saddr, 16);
+		__builtin_memcpy(p->dst, &ip6->daddr, 16);
+		p->l4 = ETH_HLEN + sizeof(struct ipv6hdr);
+	} else {
+		return 0;
+	}
+	if (p->proto != IPPROTO_UDP && p->proto != IPPROTO_TCP)
+		return 0;
+	/* both headers start with the ports */
+	__be16 *ports = data + p->l4;
+
+	if ((void *)(ports + 2) > end)
+		return 0;
+	p->sport = ports[0];
+	p->dport = ports[1];
+	return 1;
+}
+
+static __always_inline __u32 l4_csum_off(const struct packet *p)
+{
+	return p->l4 + (p->proto == IPPROTO_UDP ? offsetof(struct udphdr, check) : offsetof(struct tcphdr, check));
+}
+
+/* Rewrite one address (destination or source) and one port, checksums kept right. UDP over
+ * IPv4 may carry no checksum (zero): BPF_F_MARK_MANGLED_0 leaves it so. */
+static __always_inline int rewrite(struct __sk_buff *skb, const struct packet *p, int source, const __u8 *addr,
+				   __be16 port)
+{
+	__u32 csum = l4_csum_off(p);
+	__u64 mangled = p->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+	__be16 old_port = source ? p->sport : p->dport;
+	__u32 port_off = p->l4 + (source ? 0 : 2);
+
+	if (p->family == 4) {
+		__be32 old, new;
+
+		__builtin_memcpy(&old, source ? p->src : p->dst, 4);
+		__builtin_memcpy(&new, addr, 4);
+		if (bpf_l4_csum_replace(skb, csum, old, new, BPF_F_PSEUDO_HDR | mangled | 4) ||
+		    bpf_l3_csum_replace(skb, IP_CSUM_OFF, old, new, 4) ||
+		    bpf_skb_store_bytes(skb, source ? IP_SRC_OFF : IP_DST_OFF, &new, 4, 0))
+			return -1;
+	} else {
+		__s64 diff = bpf_csum_diff((__be32 *)(source ? p->src : p->dst), 16, (__be32 *)addr, 16, 0);
+
+		if (diff < 0 || bpf_l4_csum_replace(skb, csum, 0, diff, BPF_F_PSEUDO_HDR | mangled) ||
+		    bpf_skb_store_bytes(skb, source ? IP6_SRC_OFF : IP6_DST_OFF, addr, 16, 0))
+			return -1;
+	}
+	if (port != old_port &&
+	    (bpf_l4_csum_replace(skb, csum, old_port, port, mangled | 2) ||
+	     bpf_skb_store_bytes(skb, port_off, &port, 2, 0)))
+		return -1;
+	return 0;
+}
+
+static __always_inline int same(const struct flow *a, const struct flow *b)
+{
+	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
+
+#pragma unroll
+	for (int i = 0; i < sizeof(struct flow) / 4; i++)
+		if (x[i] != y[i])
+			return 0;
+	return 1;
+}
+
+SEC("tc/uplink")
+int uplink(struct __sk_buff *skb)
+{
+	struct packet p = {};
+	struct endpoint_key key = {};
+	struct flow_key fk = {};
+	struct flow f = {};
+
+	if (!parse(skb, &p))
+		return TC_ACT_UNSPEC;
+	key.ifindex = skb->ifindex;
+	key.family = p.family;
+	key.proto = p.proto;
+	key.port = p.dport;
+	__builtin_memcpy(key.addr, p.dst, 16);
+	struct endpoint *ep = bpf_map_lookup_elem(&published, &key);
+
+	if (!ep)
+		return TC_ACT_UNSPEC;
+	__builtin_memcpy(fk.client, p.src, 16);
+	__builtin_memcpy(fk.server, ep->server, 16);
+	fk.client_port = p.sport;
+	fk.server_port = ep->port;
+	fk.family = p.family;
+	fk.proto = p.proto;
+	__builtin_memcpy(f.asked, p.dst, 16);
+	f.asked_port = p.dport;
+	f.uplink = skb->ifindex;
+	f.mark = ep->mark;
+	f.veth = ep->veth;
+	/* a lookup refreshes the entry's place in the LRU; write only what changed */
+	struct flow *known = bpf_map_lookup_elem(&flows, &fk);
+
+	if (!known || !same(known, &f))
+		bpf_map_update_elem(&flows, &fk, &f, BPF_ANY);
+	if (rewrite(skb, &p, 0, ep->server, ep->port))
+		return TC_ACT_SHOT;
+	return bpf_redirect_peer(f.veth, 0);
+}
+
+SEC("tc/veth")
+int veth(struct __sk_buff *skb)
+{
+	struct packet p = {};
+	struct flow_key fk = {};
+
+	if (!parse(skb, &p))
+		return TC_ACT_UNSPEC;
+	__builtin_memcpy(fk.client, p.dst, 16);
+	__builtin_memcpy(fk.server, p.src, 16);
+	fk.client_port = p.dport;
+	fk.server_port = p.sport;
+	fk.family = p.family;
+	fk.proto = p.proto;
+	struct flow *f = bpf_map_lookup_elem(&flows, &fk);
+
+	/* a flow published to another veth: a forged source, which nftables drops and counts */
+	if (!f || f->veth != skb->ifindex)
+		return TC_ACT_UNSPEC;
+	__u32 uplink = f->uplink;
+	__u32 mark = f->mark;
+	__u8 asked[16];
+	__be16 asked_port = f->asked_port;
+
+	__builtin_memcpy(asked, f->asked, 16);
+	if (rewrite(skb, &p, 1, asked, asked_port))
+		return TC_ACT_SHOT;
+	skb->mark = mark;
+	return bpf_redirect_neigh(uplink, NULL, 0, 0);
+}
+
+char LICENSE[] SEC("license") = "GPL";

@@ -1,0 +1,127 @@
+"""fastpath.py: what the tc-BPF fast path must hold, from hand-built facts; and the byte layout
+of its endpoints (nswrap/bpf/fast.py against the structs of nswrap/bpf/fastpath.bpf.c). Pure."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from nswrap import sync
+from nswrap.changes import FastPath
+from nswrap.datapath import datapath
+from nswrap.datatypes import replace
+from nswrap.fastpath import Endpoint, Fast, host_addresses, wanted
+from nswrap.objects import Link
+from tests.unit.hosts import LINKS, MASK, A, fresh, host, instance
+
+ETHERNET = tuple(replace(link, mac=f"02:00:00:00:00:{link.index:02x}") if link.ifname.startswith("eth") else link
+                 for link in LINKS)
+SOURCE = Path(__file__).resolve().parents[2] / "nswrap" / "bpf" / "fastpath.bpf.c"
+
+
+def bpf(**kwargs):
+    return replace(instance(**kwargs), datapath="bpf")
+
+
+def fast_of(facts, *instances) -> Fast:
+    dp = datapath(facts, fresh(facts), instances)
+    return wanted(facts, dp.allocation, instances)
+
+
+def test_nft_instances_need_nothing():
+    assert fast_of(host(links=ETHERNET), instance()) == Fast()
+    assert not Fast()
+
+
+def test_every_address_of_the_host_is_an_endpoint_on_every_uplink():
+    facts = host(links=ETHERNET)
+    fast = fast_of(facts, bpf(ports="53"))
+    assert fast.uplinks == {"eth0", "eth1", "eth2"} and fast.veths == {"nsw-aaaaaa"}
+    v4 = {(e.uplink, str(e.address)) for e in fast.endpoints if e.address.version == 4}
+    # the weak host model: a client on eth1 may ask eth0's address (as `fib daddr type local` says)
+    addresses = ("192.0.2.10", "192.0.2.11", "198.51.100.10", "203.0.113.65")
+    assert v4 == {(u, a) for u in ("eth0", "eth1", "eth2") for a in addresses}
+    v6 = {(e.uplink, str(e.address)) for e in fast.endpoints if e.address.version == 6}
+    assert v6 == {("eth0", "2001:db8:1::10")}  # the only uplink with a global IPv6 address
+    # never loopback, a link-local or a veth's address
+    assert [str(a) for a in host_addresses(facts, 6)] == ["2001:db8:1::10"]
+    assert "198.18.0.1" not in {str(a) for a in host_addresses(facts, 4)}
+
+
+def test_an_endpoint_carries_the_server_the_uplinks_mark_and_the_remapped_port():
+    facts = host(links=ETHERNET)
+    fast = fast_of(facts, bpf(ports="5353:53", uplinks=("eth1",), addresses=("198.51.100.10",)))
+    assert fast.endpoints == {Endpoint("eth1", A("198.51.100.10"), "udp", 5353, "nsw-aaaaaa", 0x10000000,
+                                       A("198.18.0.6"), 53)}
+
+
+def test_ranges_are_one_endpoint_per_port():
+    fast = fast_of(host(links=ETHERNET), bpf(ports="6000-6009/tcp", uplinks=("eth2",), addresses=("203.0.113.65",),
+                                                ipv6=False))
+    assert sorted(e.port for e in fast.endpoints) == list(range(6000, 6010))
+    assert {e.server_port for e in fast.endpoints} == set(range(6000, 6010))
+
+
+def test_an_uplink_without_a_link_layer_address_stays_on_nft():
+    links = tuple(replace(link, mac="") if link.ifname == "eth2" else link for link in ETHERNET)
+    fast = fast_of(host(links=links), bpf(ports="53"))
+    assert "eth2" not in fast.uplinks and not any(e.uplink == "eth2" for e in fast.endpoints)
+
+
+def test_only_the_bpf_instance_is_on_the_fast_path():
+    facts = host(links=ETHERNET)
+    fast = fast_of(facts, instance("bbbbbb", "123", subnet="198.18.0.8/30"), bpf(ports="53"))
+    assert fast.veths == {"nsw-aaaaaa"} and {e.port for e in fast.endpoints} == {53}
+
+
+def test_the_plan_attaches_the_fast_path_after_the_routes_and_removes_it_first():
+    facts = host(links=(*ETHERNET, Link(9, "nsw-aaaaaa")))
+    start = sync.plan(facts, None, None, (bpf(ports="53"),), MASK, ())
+    kinds = [type(c).__name__ for c in start.changes]
+    assert kinds.count("FastPath") == 1 and kinds.index("FastPath") > max(
+        i for i, k in enumerate(kinds) if k in ("AddRoute", "AddRule"))
+    held = next(c for c in start.changes if isinstance(c, FastPath)).want
+    again = sync.plan(replace(facts, fast=held), None, start.after, (bpf(ports="53"),), MASK, ())
+    assert not any(isinstance(c, FastPath) for c in again.changes)  # nothing to do: nothing said
+    stop = sync.plan(replace(facts, fast=held), None, start.after, (), MASK)
+    assert isinstance(stop.changes[0], FastPath) and stop.changes[0].want == Fast()
+
+
+def test_the_rendering_names_tc_and_counts_endpoints():
+    fast = fast_of(host(links=ETHERNET), bpf(ports="53", uplinks=("eth1",), ipv6=False))
+    text = FastPath(fast, Fast()).render()
+    assert "tc filter replace dev eth1 ingress pref 65001 handle 1 bpf da object-file" in text
+    assert "section tc/veth" in text and "# fast path endpoints: 4 added, 0 deleted" in text  # 4 addresses
+    assert "tc filter del dev eth1 ingress pref 65001" in FastPath(fast, Fast()).render_undo()
+
+
+def _struct_size(name: str) -> int:
+    """The size of a struct of fastpath.bpf.c, from its members (all naturally aligned)."""
+    body = re.search(r"struct %s \{(.*?)\};" % name, SOURCE.read_text(), re.S).group(1)
+    sizes = {"__u32": 4, "__u16": 2, "__be16": 2, "__u8": 1}
+    total = 0
+    for kind, names in re.findall(r"(__\w+) ([^;]+);", body):
+        for member in names.split(","):
+            count = re.search(r"\[(\d+)\]", member)
+            total += sizes[kind] * (int(count.group(1)) if count else 1)
+    return total
+
+
+def test_the_endpoint_layout_matches_the_c_structs():
+    from nswrap.bpf.fast import _KEY, _VALUE
+
+    assert _KEY.size == _struct_size("endpoint_key") == 24
+    assert _VALUE.size == _struct_size("endpoint") == 28
+
+
+def test_endpoints_encode_and_decode():
+    from nswrap.bpf.fast import decode, encode
+
+    index = {"eth0": 2, "nsw-aaaaaa": 9}
+    for e in (Endpoint("eth0", A("192.0.2.10"), "udp", 53, "nsw-aaaaaa", 0x10000000, A("198.18.0.6"), 53),
+              Endpoint("eth0", A("2001:db8:1::10"), "tcp", 8443, "nsw-aaaaaa", 0x20000000, A("fd6e:7377:7261:1::2"), 443)):
+        key, value = encode(e, index)
+        assert key[4:8] == bytes([e.address.version, {"udp": 17, "tcp": 6}[e.proto]]) + e.port.to_bytes(2, "big")
+        assert decode(key, value, {v: k for k, v in index.items()}) == e
+    key, value = encode(Endpoint("eth0", A("192.0.2.10"), "udp", 53, "nsw-aaaaaa", 1, A("198.18.0.6"), 53), index)
+    assert decode(key, value, {2: "eth0"}) is None  # a veth that is gone: not an endpoint of ours
