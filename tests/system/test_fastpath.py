@@ -12,8 +12,7 @@ import signal
 
 from tests.lab import TEST_ANSWER, dig, wait_answered, wait_until
 from tests.system.common import dual_stack_unbound, output, start
-from tests.system.udpmany import COMMAND as UDPMANY
-from tests.system.udpmany import unanswered
+from tests.system.udpmany import COMMAND as UDPMANY, unanswered
 
 PORT = 5300
 PRIORITY = 65001
