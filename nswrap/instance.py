@@ -30,6 +30,7 @@ from nswrap.errors import NswrapError, listed
 from nswrap.facts import Facts, conntrack_count, gather, netns_id, proc_sys_read_only
 from nswrap.follow import Follower
 from nswrap.precheck import (
+    check_fast,
     check_ready_fd,
     check_recordable,
     check_start,
@@ -142,6 +143,8 @@ class Life:
         writes = [c.key if isinstance(c, SetSysctl) else ALL6 for c in plan.changes if isinstance(c, (SetSysctl, Forwarding6))]
         if writes and proc_sys_read_only():  # say every --sysctl it takes at once, before any change
             raise NswrapError(read_only_message(writes))
+        if instance.datapath == "bpf":
+            check_fast(plan)
         for warning in plan.datapath.warnings:
             log.warning("%s", warning)
         self.said = set(plan.datapath.warnings)
@@ -352,6 +355,4 @@ def run(config: Config) -> int:
         life.stop()
         for signum in FORWARDED:  # the interpreter's shutdown must not die of a late stop signal
             signal.signal(signum, signal.SIG_IGN)
-
-
 

@@ -32,9 +32,10 @@ def processes_running(marker: str, name: str | None = None) -> list[psutil.Proce
     return found
 
 
-def nswrap(lab, *args, timeout=60):
-    """Run nswrap to completion in the lab's host namespace."""
-    return lab.exec(lab.host, [*NSWRAP, *args], check=False, timeout=timeout)
+def nswrap(lab, *args, timeout=60, env: dict[str, str] | None = None):
+    """Run nswrap to completion in the lab's host namespace (env: variables added)."""
+    prefix = ["env", *(f"{k}={v}" for k, v in env.items())] if env else []
+    return lab.exec(lab.host, [*prefix, *NSWRAP, *args], check=False, timeout=timeout)
 
 
 def start(lab, directory: Path, *args, name="nswrap", **popen_kwargs):

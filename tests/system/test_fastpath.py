@@ -9,12 +9,18 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from tests.lab import TEST_ANSWER, dig, wait_answered, wait_until
-from tests.system.common import dual_stack_unbound, output, start
+from tests.system.common import dual_stack_unbound, nswrap, output, start
 from tests.system.udpmany import COMMAND as UDPMANY, unanswered
 
 PORT = 5300
+BENCH_TRAFFIC = [sys.executable, str(Path(__file__).parents[2] / "scripts" / "bench_traffic.py")]
 PRIORITY = 65001
 
 
@@ -29,6 +35,12 @@ def serving(lab, tmp_path, *options: str, port: int = PORT, env=None):
 def filters(lab, dev: str) -> list[dict]:
     shown = lab.exec(lab.host, ["tc", "-j", "filter", "show", "dev", dev, "ingress"], check=False).stdout
     return [f for f in json.loads(shown or "[]") if f.get("options")]
+
+
+def instance_id(lab) -> str:
+    links = json.loads(lab.exec(lab.host, ["ip", "-j", "link", "show"]).stdout)
+    (veth,) = [link["ifname"] for link in links if link["ifname"].startswith("nsw-")]
+    return veth.removeprefix("nsw-")
 
 
 def conntrack_entries(lab, port: int) -> list[str]:
@@ -47,9 +59,12 @@ def test_every_path_is_served_through_the_fast_path_with_no_conntrack_entry(lab,
         ours = [f for f in filters(lab, dev) if f["pref"] == PRIORITY]
         assert len(ours) == 1 and ours[0]["options"]["bpf_name"] == "nswrap_uplink", (dev, ours)
         assert ours[0]["options"].get("direct-action") or "direct-action" in json.dumps(ours[0]), ours
+    assert [f["options"]["bpf_name"] for f in filters(lab, "nsw-" + instance_id(lab))] == ["nswrap_veth"]
+    assert sorted(p["name"] for p in fast_programs()) == ["nswrap_uplink", "nswrap_veth"]  # loaded once, shared
     assert lab.stop(proc) == 0, output(tmp_path, stream="err")
     for dev in ("eth0", "eth1", "eth2"):
         assert filters(lab, dev) == []  # and the lab fixture: no clsact left either
+    wait_until(lambda: not fast_programs(), 10, what="the programs and their maps freed")
 
 
 def test_ipv6_is_served_with_every_forwarding_switch_of_the_host_off(lab, tmp_path):
@@ -76,3 +91,64 @@ def test_tc_filter_removed_by_someone_is_put_back(lab, tmp_path):
         assert unanswered(lab, (lab.paths[2], lab.paths6[2]), [PORT]) == []
     finally:
         assert lab.stop(proc) == 128 + signal.SIGTERM
+
+
+def conntrack_count(lab) -> int:
+    return int(lab.exec(lab.host, ["cat", "/proc/sys/net/netfilter/nf_conntrack_count"]).stdout)
+
+
+def test_a_spoofed_flood_leaves_conntrack_as_it_was_and_other_uplinks_served(lab, tmp_path):
+    """80,000 spoofed flows (more than the flow map holds: its oldest entries are evicted), each
+    answered, while the clients of the other uplinks ask: the host's conntrack table does not grow."""
+    sources, flows = ("203.0.113.3", "203.0.113.4"), 80_000
+    c1 = lab.ns("c1")
+    lab.exec(c1, ["ip", "-batch", "-"], input="".join(f"addr add {a}/26 dev eth0\n" for a in sources))
+    # the answers reach no socket in c1 (the tool reads them raw): no port unreachables back
+    lab.exec(c1, ["nft", "add table ip flood; add chain ip flood out { type filter hook output priority 0; };"
+                      " add rule ip flood out icmp type destination-unreachable drop"])
+    proc = serving(lab, tmp_path)
+    try:
+        before = conntrack_count(lab)
+        flood = lab.spawn(c1, [*BENCH_TRAFFIC, "flows", "192.0.2.10", str(PORT), ",".join(sources), "20000",
+                               str(flows), "60"], stdout=(tmp_path / "flood.out").open("w"))
+        others = (lab.paths[2], lab.paths[3], lab.paths6[2], lab.paths6[3])  # eth1, eth2
+        assert unanswered(lab, others, [PORT]) == [], "while the flood runs"
+        assert flood.wait(timeout=90) == 0
+        result = json.loads((tmp_path / "flood.out").read_text())
+        print(f"\nflood through the fast path: {result}; conntrack {before} -> {conntrack_count(lab)}")
+        assert result["answered"] >= 0.9 * flows, result
+        assert conntrack_entries(lab, PORT) == []
+        assert conntrack_count(lab) <= before + 10, (before, conntrack_count(lab))
+        assert unanswered(lab, (*lab.paths, *lab.paths6), [PORT]) == [], "after it, everyone"
+    finally:
+        assert lab.stop(proc) == 128 + signal.SIGTERM
+
+
+REFUSED = Path(__file__).with_name("refused.bpf.c")
+
+
+@pytest.mark.parametrize("case", ["refused", "missing"])
+def test_a_fast_path_that_cannot_load_is_one_line_exit_2_and_changes_nothing(lab, tmp_path, case):
+    """The verifier's reason (or the missing object), before any host change: the lab fixture
+    compares the whole host, and no program is left loaded (bpftool, the kernel's own list)."""
+    if case == "refused":
+        obj = tmp_path / "refused.bpf.o"
+        subprocess.run(["clang", "-O2", "-target", "bpf", "-c", str(REFUSED), "-o", str(obj)], check=True)
+    else:
+        obj = tmp_path / "absent.bpf.o"
+    done = nswrap(lab, "--datapath", "bpf", "--ports", str(PORT), "--", "true", env={"NSWRAP_TEST_BPF_OBJECT": str(obj)})
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
+    line = done.stderr.strip()
+    assert line.startswith("nswrap: --datapath bpf: ") and str(obj) in line, line
+    if case == "refused":
+        assert "R1 offset is outside of the packet (EACCES)" in line, line  # the verifier's own words
+    else:
+        assert "No such file or directory" in line, line
+    wait_until(lambda: not fast_programs(), 10, what="no program of the fast path left (freed after an RCU grace period)")
+
+
+def fast_programs() -> list[dict]:
+    """The fast path's programs loaded anywhere on the machine (bpftool: the kernel's own list)."""
+    shown = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
+    return [p for p in json.loads(shown or "[]") if p.get("name") in ("nswrap_uplink", "nswrap_veth")]
