@@ -171,6 +171,7 @@ def _rows(state: State, facts: Facts) -> list[dict]:
             "flows_counted": complete,
             "uplinks": uplinks,
             "forwarding6": record.instance.forwarding6 if 6 in record.instance.families else None,
+            "datapath": record.instance.datapath,
             "forged": forged.get(record.instance.veth, 0),
             "misrouted": misrouted,
         })
@@ -210,6 +211,12 @@ def list_instances(as_json: bool) -> int:
               "(an uplink without a gateway: give --uplink IFACE=GATEWAY)")
     if use:
         print(f"conntrack: {use.get('count', '?')} of {use.get('max', '?')} entries in use")
+    fast = [r["id"] for r in rows if r["datapath"] == "bpf"]
+    if fast:
+        from nswrap.bpf.fast import remembered
+
+        print(f"fast path (--datapath bpf) for {', '.join(fast)}: {remembered(facts)} flows remembered; their packets "
+              "skip the host's netfilter (firewall rules, conntrack: not in the counts above) and forwarding")
     if state is not None and (allocation := state.allocation()) is not None and allocation.switch6 is not None:
         needing = [r["id"] for r in rows if r["forwarding6"] == "global"]
         print(f"IPv6: nswrap holds net.ipv6.conf.all.forwarding=1 for {', '.join(needing) or 'no live instance'} "

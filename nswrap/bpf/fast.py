@@ -18,6 +18,7 @@ from collections.abc import Iterable
 
 from nswrap.bpf import elf, syscall
 from nswrap.errors import EXIT_USAGE, NswrapError
+from nswrap.facts import Facts
 from nswrap.fastpath import FAST_OBJECT, FAST_PRIORITY, UPLINK_PROGRAM, VETH_PROGRAM, Endpoint, Fast
 from nswrap.netlink import tc
 from nswrap.netlink.tc import Tc
@@ -170,6 +171,19 @@ def read(links: dict[str, int]) -> Fast:
     finally:
         loaded.close()
     return Fast(uplinks, veths, frozenset(endpoints))
+
+
+def remembered(facts: Facts) -> int:
+    """How many flows the fast path remembers now (`nswrap list`): the keys of its LRU map."""
+    with Tc() as t:
+        filters = attached(t, {link.ifname: link.index for link in facts.links})
+    loaded = find(filters.values())
+    if loaded is None:
+        return 0
+    try:
+        return sum(1 for _ in syscall.map_keys(loaded.maps["flows"]))
+    finally:
+        loaded.close()
 
 
 def apply(want: Fast) -> None:
