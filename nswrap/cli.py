@@ -157,6 +157,11 @@ ipv6_forwarding_option = _shared(
          "else forwarded); auto (interface where the kernel has it, else IPv6 only if the host "
          "forwards already); off.",
 )
+datapath_option = _shared(
+    "--datapath", type=click.Choice(DATAPATHS), default="nft", show_default=True, **_env("DATAPATH"),
+    help="bpf: published flows take a tc-BPF fast path (the host's netfilter, conntrack and forwarding "
+         "skipped; docs/fastpath.md); nft: nftables and conntrack.",
+)
 verbose_option = _shared("-v", "--verbose", count=True, **_env("VERBOSE"))
 
 
@@ -199,9 +204,7 @@ def cli() -> None:
               **_env("UDP_TIMEOUT"),
               help="Forget an answered UDP flow this long after its last packet; one value for every instance on the "
                    "host. Longer keeps quieter sessions, but lets a spoofed flood pin conntrack entries longer.")
-@option("--datapath", type=click.Choice(DATAPATHS), default="nft", show_default=True, **_env("DATAPATH"),
-              help="bpf: published flows take a tc-BPF fast path (the host's netfilter, conntrack and forwarding "
-                   "skipped; docs/fastpath.md); nft: nftables and conntrack.")
+@datapath_option()
 @option("--ready-fd", type=int, metavar="N", **_env("READY_FD"),
               help="Write READY to fd N once the server listens on every published port.")
 @option("--take-over", is_flag=True, **_env("TAKE_OVER"),
@@ -279,9 +282,10 @@ def cleanup(verbose) -> None:
 @mark_mask_option()
 @firewall_option()
 @ipv6_forwarding_option()
+@datapath_option()
 @verbose_option(help="-vv: tracebacks.")
 @click.pass_context
-def doctor(ctx, ports, uplinks, mark_mask, firewall, ipv6_forwarding, verbose) -> None:
+def doctor(ctx, ports, uplinks, mark_mask, firewall, ipv6_forwarding, datapath, verbose) -> None:
     """Check whether nswrap would work on this host, one verdict per line; exit 0 only if it would.
 
     Reads the same NSWRAP_* variables and --config file as `run` (keys it has no use for are
@@ -297,6 +301,7 @@ def doctor(ctx, ports, uplinks, mark_mask, firewall, ipv6_forwarding, verbose) -
             firewall=firewall,
             dry_run=True,
             ipv6_forwarding=ipv6_forwarding,
+            datapath=datapath,
         )
         from nswrap.doctor import doctor as run_doctor
 

@@ -704,9 +704,13 @@ NO_IPV6_OLD_KERNEL = ("IPv6 clients are not served: this kernel has no per-inter
                       "nswrap runs (router advertisements are kept, nothing else is forwarded)")
 
 
-def describe_forwarding6(mode: Ipv6Forwarding, facts: Facts, allocation: Allocation | None) -> str:
+def describe_forwarding6(mode: Ipv6Forwarding, facts: Facts, allocation: Allocation | None,
+                         datapath: DatapathKind = "nft") -> str:
     """`nswrap doctor`: which case this host is in, and what nswrap would change for IPv6."""
     chosen = choose_forwarding6(mode, facts, allocation)
+    if chosen is None and mode != "off" and datapath == "bpf":
+        return ("through the fast path (--datapath bpf), which needs no IPv6 forwarding: nswrap changes nothing "
+                "for it (the server's own IPv6 connections out are not forwarded)")
     if chosen is None:
         return "off (--ipv6-forwarding off): IPv4 only" if mode == "off" else NO_IPV6_OLD_KERNEL
     if chosen == "interface":

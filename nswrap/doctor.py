@@ -124,7 +124,9 @@ def doctor(config: Config) -> int:
 
     state = existing(netns_id())
     allocation = state.allocation() if state else None
-    check("IPv6 forwarding", lambda: describe_forwarding6(config.ipv6_forwarding, facts, allocation))
+    check("IPv6 forwarding", lambda: describe_forwarding6(config.ipv6_forwarding, facts, allocation, config.datapath))
+    if config.datapath == "bpf":
+        check("fast path (--datapath bpf)", _fast_path)
 
     def planning() -> str:
         # beside live instances, the plan is theirs plus one more: their marks, rules and table
@@ -166,3 +168,11 @@ def doctor(config: Config) -> int:
             print(f"note  {warning}")
     print("nswrap would work here" if not failed else f"{failed} check(s) failed: nswrap would not work here")
     return 0 if not failed else 1
+
+
+def _fast_path() -> str:
+    from nswrap.bpf import fast
+
+    fast.probe()
+    return ("the kernel loads it (bpf_redirect_peer, bpf_redirect_neigh): published flows will skip this host's "
+            "netfilter (its firewall rules and conntrack) and forwarding; IPv6 needs no forwarding switch")

@@ -71,6 +71,17 @@ struct flow {
 	__u32 veth;
 };
 
+/* fragments of a server's reply: a first fragment (it has the ports) finds the flow, and leaves
+ * it here for the later ones (which have none), by the fragments' identification */
+struct frag_key {
+	__u8 src[16];
+	__u8 dst[16];
+	__u32 id;
+	__u8 family;
+	__u8 proto;
+	__u16 pad;
+};
+
 struct map_def published SEC("maps") = {
 	.type = BPF_MAP_TYPE_HASH,
 	.key_size = sizeof(struct endpoint_key),
@@ -86,20 +97,40 @@ struct map_def flows SEC("maps") = {
 	.max_entries = 65536,
 };
 
+struct map_def frags SEC("maps") = {
+	.type = BPF_MAP_TYPE_LRU_HASH,
+	.key_size = sizeof(struct frag_key),
+	.value_size = sizeof(struct flow),
+	.max_entries = 4096,
+};
+
 #define IP_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
 #define IP_DST_OFF (ETH_HLEN + offsetof(struct iphdr, daddr))
 #define IP_SRC_OFF (ETH_HLEN + offsetof(struct iphdr, saddr))
 #define IP6_DST_OFF (ETH_HLEN + offsetof(struct ipv6hdr, daddr))
 #define IP6_SRC_OFF (ETH_HLEN + offsetof(struct ipv6hdr, saddr))
 #define IP_MF_OFFSET 0x3fff
+#define IP_OFFSET 0x1fff
 
-/* A UDP or TCP packet, parsed: where its headers are, its addresses and ports. */
+/* A UDP or TCP packet, parsed: where its headers are, its addresses and ports; a fragment's
+ * identification, and whether it is the first (with the ports) or a later one (without). */
+enum { WHOLE, FIRST, LATER };
+
 struct packet {
-	__u8 family, proto;
-	__u32 l4; /* offset of the UDP/TCP header */
+	__u8 family, proto, frag;
+	__u32 l4; /* offset of the UDP/TCP header (in a FIRST fragment too) */
+	__u32 id;
 	__u8 src[16], dst[16];
 	__be16 sport, dport;
 };
+
+/* An IPv6 fragment header (RFC 8200 4.5): what follows the fixed header when nexthdr is 44. */
+struct frag6 {
+	__u8 nexthdr, reserved;
+	__be16 frag_off; /* offset << 3 | M */
+	__be32 id;
+};
+#define IPPROTO_FRAGMENT6 44
 
 static __always_inline int parse(struct __sk_buff *skb, struct packet *p)
 {
@@ -112,8 +143,12 @@ static __always_inline int parse(struct __sk_buff *skb, struct packet *p)
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = (void *)(eth + 1);
 
-		if ((void *)(ip + 1) > end || ip->ihl != 5 || (ip->frag_off & bpf_htons(IP_MF_OFFSET)))
+		if ((void *)(ip + 1) > end || ip->ihl != 5)
 			return 0;
+		if (ip->frag_off & bpf_htons(IP_MF_OFFSET)) {
+			p->frag = ip->frag_off & bpf_htons(IP_OFFSET) ? LATER : FIRST;
+			p->id = ip->id;
+		}
 		p->family = 4;
 		p->proto = ip->protocol;
 		__builtin_memcpy(p->src, &ip->saddr, 4);
@@ -125,15 +160,27 @@ static __always_inline int parse(struct __sk_buff *skb, struct packet *p)
 		if ((void *)(ip6 + 1) > end)
 			return 0;
 		p->family = 6;
-		p->proto = ip6->nexthdr; /* an extension header (a fragment) is neither UDP nor TCP */
+		p->proto = ip6->nexthdr; /* another extension header is neither UDP nor TCP */
 		__builtin_memcpy(p->src, &ip6->saddr, 16);
 		__builtin_memcpy(p->dst, &ip6->daddr, 16);
 		p->l4 = ETH_HLEN + sizeof(struct ipv6hdr);
+		if (p->proto == IPPROTO_FRAGMENT6) {
+			struct frag6 *fh = (void *)(ip6 + 1);
+
+			if ((void *)(fh + 1) > end)
+				return 0;
+			p->proto = fh->nexthdr;
+			p->frag = fh->frag_off & bpf_htons(0xfff8) ? LATER : FIRST;
+			p->id = fh->id;
+			p->l4 += sizeof(struct frag6);
+		}
 	} else {
 		return 0;
 	}
 	if (p->proto != IPPROTO_UDP && p->proto != IPPROTO_TCP)
 		return 0;
+	if (p->frag == LATER)
+		return 1;
 	/* both headers start with the ports */
 	__be16 *ports = data + p->l4;
 
@@ -201,7 +248,7 @@ int uplink(struct __sk_buff *skb)
 	struct flow_key fk = {};
 	struct flow f = {};
 
-	if (!parse(skb, &p))
+	if (!parse(skb, &p) || p.frag)  /* a client's fragments: conntrack reassembles them */
 		return TC_ACT_UNSPEC;
 	key.ifindex = skb->ifindex;
 	key.family = p.family;
@@ -233,32 +280,62 @@ int uplink(struct __sk_buff *skb)
 	return bpf_redirect_peer(f.veth, 0);
 }
 
+/* The source of a later fragment (no ports in it): the address alone, and IPv4's header checksum. */
+static __always_inline int rewrite_source_address(struct __sk_buff *skb, const struct packet *p, const __u8 *addr)
+{
+	if (p->family == 4) {
+		__be32 old, new;
+
+		__builtin_memcpy(&old, p->src, 4);
+		__builtin_memcpy(&new, addr, 4);
+		return bpf_l3_csum_replace(skb, IP_CSUM_OFF, old, new, 4) ||
+		       bpf_skb_store_bytes(skb, IP_SRC_OFF, &new, 4, 0) ? -1 : 0;
+	}
+	return bpf_skb_store_bytes(skb, IP6_SRC_OFF, addr, 16, 0) ? -1 : 0;
+}
+
 SEC("tc/veth")
 int veth(struct __sk_buff *skb)
 {
 	struct packet p = {};
 	struct flow_key fk = {};
+	struct frag_key rk = {};
+	struct flow *f;
 
 	if (!parse(skb, &p))
 		return TC_ACT_UNSPEC;
-	__builtin_memcpy(fk.client, p.dst, 16);
-	__builtin_memcpy(fk.server, p.src, 16);
-	fk.client_port = p.dport;
-	fk.server_port = p.sport;
-	fk.family = p.family;
-	fk.proto = p.proto;
-	struct flow *f = bpf_map_lookup_elem(&flows, &fk);
-
-	/* a flow published to another veth: a forged source, which nftables drops and counts */
-	if (!f || f->veth != skb->ifindex)
-		return TC_ACT_UNSPEC;
+	if (p.frag) {
+		__builtin_memcpy(rk.src, p.src, 16);
+		__builtin_memcpy(rk.dst, p.dst, 16);
+		rk.id = p.id;
+		rk.family = p.family;
+		rk.proto = p.proto;
+	}
+	if (p.frag == LATER) {
+		f = bpf_map_lookup_elem(&frags, &rk);
+		if (!f || f->veth != skb->ifindex)
+			return TC_ACT_UNSPEC;
+	} else {
+		__builtin_memcpy(fk.client, p.dst, 16);
+		__builtin_memcpy(fk.server, p.src, 16);
+		fk.client_port = p.dport;
+		fk.server_port = p.sport;
+		fk.family = p.family;
+		fk.proto = p.proto;
+		f = bpf_map_lookup_elem(&flows, &fk);
+		/* a flow published to another veth: a forged source, which nftables drops and counts */
+		if (!f || f->veth != skb->ifindex)
+			return TC_ACT_UNSPEC;
+		if (p.frag == FIRST)
+			bpf_map_update_elem(&frags, &rk, f, BPF_ANY);
+	}
 	__u32 uplink = f->uplink;
 	__u32 mark = f->mark;
 	__u8 asked[16];
 	__be16 asked_port = f->asked_port;
 
 	__builtin_memcpy(asked, f->asked, 16);
-	if (rewrite(skb, &p, 1, asked, asked_port))
+	if (p.frag == LATER ? rewrite_source_address(skb, &p, asked) : rewrite(skb, &p, 1, asked, asked_port))
 		return TC_ACT_SHOT;
 	skb->mark = mark;
 	return bpf_redirect_neigh(uplink, NULL, 0, 0);

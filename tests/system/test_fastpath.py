@@ -152,3 +152,47 @@ def fast_programs() -> list[dict]:
     """The fast path's programs loaded anywhere on the machine (bpftool: the kernel's own list)."""
     shown = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
     return [p for p in json.loads(shown or "[]") if p.get("name") in ("nswrap_uplink", "nswrap_veth")]
+
+
+BIG = 4000  # bytes of each answer: fragmented by the server's namespace (the veth's MTU is 1500)
+BIG_SERVER = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind(("::", int(sys.argv[1])))
+print("ready", flush=True)
+while True:
+    data, peer = s.recvfrom(64)
+    s.sendto(data * (%d // len(data)), peer)
+""" % BIG
+BIG_CLIENT = r"""
+import socket, sys
+address, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((address, port))  # an answer from any other address or port never arrives
+s.settimeout(1)
+for _ in range(5):
+    s.send(b"0123456789")
+    try:
+        print(len(s.recv(65536)))
+        break
+    except socket.timeout:
+        continue
+else:
+    print(0)
+"""
+
+
+def test_an_answer_fragmented_by_the_server_leaves_from_the_asked_address(lab, tmp_path):
+    """A DNS server's answer over 1472 bytes (DNSSEC, EDNS 4096) leaves its namespace in fragments:
+    the first one has the ports and finds the flow, the later ones follow it (every path, v4 and v6)."""
+    proc = start(lab, tmp_path, "--datapath", "bpf", "--ports", str(PORT), "--",
+                 sys.executable, "-c", BIG_SERVER, str(PORT))
+    try:
+        wait_until(lambda: "ready" in output(tmp_path) or proc.poll() is not None, 30, what="the server is ready")
+        for path in (*lab.paths, *lab.paths6):
+            got = lab.exec(path.client, [sys.executable, "-c", BIG_CLIENT, path.address, str(PORT)]).stdout
+            assert got.strip() == str(BIG), path.name
+        assert conntrack_entries(lab, PORT) == [], "not a fragment went through conntrack"
+    finally:
+        assert lab.stop(proc) == 128 + signal.SIGTERM
