@@ -31,6 +31,7 @@ import select
 import signal
 import time
 from collections.abc import Callable
+from typing import Any
 
 from nswrap import namespaces
 from nswrap.datatypes import datatype
@@ -85,6 +86,15 @@ def check_command(command: tuple[str, ...], env: dict[str, str]) -> None:
     places = [name] if "/" in name else [os.path.join(d or ".", name) for d in env.get("PATH", os.defpath).split(os.pathsep)]
     if not any(os.path.exists(p) for p in places):  # (not shutil.which: 4 ms of imports)
         raise _exec_error(name, errno.ENOENT)
+
+
+def _start_error(command: str, outcome: bytes) -> NswrapError | None:
+    """What the init reported on its pipe once the server was exec'd (`ok`), or why not."""
+    if outcome == b"ok":
+        return None
+    if outcome.startswith(b"exec:"):
+        return _exec_error(command, int(outcome[5:]))
+    return NswrapError(f"the server's init failed: {outcome.decode(errors='replace') or 'no report'}")
 
 
 def _exec_error(command: str, err: int) -> NswrapError:
@@ -171,8 +181,8 @@ class Supervisor:
                     code = EXIT_FAILED
                     try:
                         signal.set_wakeup_fd(-1)  # nswrap's wait loop is not the init's
-                        _close_all_but(netns_fd, report_w, status_w)  # nswrap's sockets, locks, a --ready-fd: not the init's
-                        code = _init(command, netns_fd, env, creds, report_w, status_w)
+                        _close_all_but(REAL, netns_fd, report_w, status_w)  # nswrap's sockets, locks, --ready-fd: not the init's
+                        code = _init(command, netns_fd, env, creds, report_w, status_w, REAL)
                     finally:
                         os._exit(code)
             finally:
@@ -187,11 +197,10 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
         with os.fdopen(report_r, "rb") as report:
             outcome = report.read()
-        if outcome != b"ok":
+        failed = _start_error(command[0], outcome)
+        if failed is not None:
             self.wait(report=False)
-            if outcome.startswith(b"exec:"):
-                raise _exec_error(command[0], int(outcome[5:]))
-            raise NswrapError(f"the server's init failed: {outcome.decode(errors='replace') or 'no report'}")
+            raise failed
 
     def wait(self, fds: list[int] | None = None, on_ready: Callable[[list[int]], float | None] | None = None,
              report: bool = True) -> int:
@@ -301,93 +310,165 @@ class Supervisor:
 # --- the init, PID 1 of the server's PID namespace (runs in the forked child only) ------------
 
 
-def _init(command, netns_fd: int, env, creds: Credentials | None, report_w: int, status_w: int) -> int:
-    namespaces.die_with_parent(signal.SIGKILL)
-    # nswrap, outside our PID namespace, shows as ppid 0: tell whether it died before PDEATHSIG
-    # was armed by its end of the report pipe (a closed read end makes ours poll POLLERR).
+@datatype
+class Calls:
+    """Every system call the init and the server's exec make. The forked child gets `REAL`; unit
+    tests pass a fake with every field given (there are no defaults: a call a fake forgot fails,
+    it never reaches the real kernel, where the init's `kill(-1, ...)` would stop the machine)."""
+
+    die_with_parent: Callable[[int], None]
+    parent_gone: Callable[[int], bool]
+    enter_net: Callable[[int], None]
+    handle: Callable[[int, Any], object]  # signal.signal
+    unblock_signals: Callable[[], None]
+    pipe: Callable[[], tuple[int, int]]
+    fork: Callable[[], int]
+    read_all: Callable[[int], bytes]
+    write: Callable[[int, bytes], object]
+    close: Callable[[int], None]
+    waitpid: Callable[[int, int], tuple[int, int]]
+    kill: Callable[[int, int], None]
+    getpid: Callable[[], int]
+    exit: Callable[[int], None]  # os._exit
+    setpgid: Callable[[int, int], None]
+    keep_capabilities: Callable[[], None]
+    setgroups: Callable[[list[int]], None]
+    setgid: Callable[[int], None]
+    setuid: Callable[[int], None]
+    bind_service_only: Callable[[], None]
+    closerange: Callable[[int, int], None]
+    max_fds: Callable[[], int]
+    execvpe: Callable[[str, list[str], dict[str, str]], None]
+
+
+def _parent_gone(report_w: int) -> bool:
+    """nswrap, outside our PID namespace, shows as ppid 0: tell whether it died before PDEATHSIG
+    was armed by its end of the report pipe (a closed read end makes ours poll POLLERR)."""
     poller = select.poll()
     poller.register(report_w, select.POLLOUT)
-    if any(events & select.POLLERR for _, events in poller.poll(0)):
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
+def _read_all(fd: int) -> bytes:
+    with os.fdopen(fd, "rb") as pipe:
+        return pipe.read()
+
+
+def _unblock_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
+REAL = Calls(
+    die_with_parent=namespaces.die_with_parent, parent_gone=_parent_gone, enter_net=namespaces.enter_net,
+    handle=signal.signal, unblock_signals=_unblock_signals, pipe=lambda: os.pipe2(os.O_CLOEXEC), fork=os.fork,
+    read_all=_read_all, write=os.write, close=os.close, waitpid=os.waitpid, kill=os.kill, getpid=os.getpid,
+    exit=os._exit, setpgid=os.setpgid, keep_capabilities=namespaces.keep_capabilities, setgroups=os.setgroups,
+    setgid=os.setgid, setuid=os.setuid, bind_service_only=namespaces.bind_service_only, closerange=os.closerange,
+    max_fds=lambda: os.sysconf("SC_OPEN_MAX"), execvpe=os.execvpe,
+)
+
+
+class InitState:
+    """The init's decisions, without a system call: whom a forwarded signal goes to, and what is
+    left to do once the server's first process has exited."""
+
+    def __init__(self, pid1: bool):
+        # Only as PID 1 of its own PID namespace does -1 mean "the server's processes": anywhere
+        # else it would be every process the caller may signal (a unit test once ran the init
+        # without its namespace, as root: it stopped the whole machine)
+        self.pid1 = pid1
+        self.first: int | None = None  # the server's first process, until it is reaped
+        self.stopping: int | None = None  # the last stop signal we were asked to pass on
+        self.code = EXIT_FAILED  # the init's own exit code: the first process's status
+
+    def forward_to(self, signum: int) -> int | None:
+        """The pid to pass `signum` on to (-1: every process in our namespace but us), or None."""
+        if signum in STOPPING:
+            self.stopping = signum
+        if self.first is not None:
+            return self.first
+        return -1 if self.pid1 else None
+
+    def first_exited(self, raw: int) -> int | None:
+        """The first process ended (`raw`: waitstatus_to_exitcode). The signal every process left
+        gets: asked to stop and the server is gone, so is everything it left running. Or None."""
+        self.first = None
+        self.code = exit_status(raw)
+        return self.stopping if self.stopping is not None and self.pid1 else None
+
+
+def _init(command, netns_fd: int, env, creds: Credentials | None, report_w: int, status_w: int, calls: Calls) -> int:
+    calls.die_with_parent(signal.SIGKILL)
+    if calls.parent_gone(report_w):
         return EXIT_FAILED
     try:
-        namespaces.enter_net(netns_fd)
+        calls.enter_net(netns_fd)
     except OSError as e:
-        os.write(report_w, f"setns: {e.strerror}".encode())
+        calls.write(report_w, f"setns: {e.strerror}".encode())
         return EXIT_FAILED
-    running: list[int] = []  # the server's first process, until it is reaped
-    stopping: list[int] = []  # the stop signal we were asked to pass on, once one came
+    state = InitState(pid1=calls.getpid() == 1)
 
     def forward(signum: int, frame) -> None:
-        if signum in STOPPING:
-            stopping.append(signum)
-        target = running[0] if running else -1  # -1: every process in our namespace but us
-        if target == -1 and os.getpid() != 1:
-            return  # not in a PID namespace of our own: -1 would be every process of the host
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(target, signum)
+        target = state.forward_to(signum)
+        if target is not None:
+            with contextlib.suppress(ProcessLookupError):
+                calls.kill(target, signum)
 
     for signum in FORWARDED:
-        signal.signal(signum, forward)
-    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        calls.handle(signum, forward)
+    calls.handle(signal.SIGALRM, signal.SIG_DFL)
 
-    exec_r, exec_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
+    exec_r, exec_w = calls.pipe()
+    pid = calls.fork()
     if pid == 0:
         try:
-            os.close(exec_r)
-            _exec_server(command, env, creds, exec_w)
+            calls.close(exec_r)
+            _exec_server(command, env, creds, exec_w, calls)
         except OSError as e:
-            os.write(exec_w, str(e.errno or errno.EIO).encode())
-        os._exit(EXIT_NOT_FOUND)
-    running.append(pid)
-    os.close(exec_w)
-    with os.fdopen(exec_r, "rb") as failure:
-        err = failure.read()
-    os.write(report_w, b"exec:" + err if err else b"ok")
-    os.close(report_w)
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+            calls.write(exec_w, str(e.errno or errno.EIO).encode())
+        calls.exit(EXIT_NOT_FOUND)
+    state.first = pid
+    calls.close(exec_w)
+    err = calls.read_all(exec_r)
+    calls.write(report_w, b"exec:" + err if err else b"ok")
+    calls.close(report_w)
+    calls.unblock_signals()
 
-    code = EXIT_FAILED
     while True:
         try:
-            reaped, status = os.waitpid(-1, 0)
+            reaped, status = calls.waitpid(-1, 0)
         except ChildProcessError:
-            return code  # the last process of the namespace is gone
+            return state.code  # the last process of the namespace is gone
         if reaped == pid:
-            running.clear()
             raw = os.waitstatus_to_exitcode(status)
-            code = exit_status(raw)
-            os.write(status_w, str(raw).encode())  # nswrap tells "killed by SIGSEGV" from "exited 139"
-            os.close(status_w)
-            # asked to stop and the server is gone: so is everything it left running. Only as PID 1
-            # of its own PID namespace does -1 mean "the server's processes": anywhere else it would
-            # be every process the caller may signal (a unit test once ran the init without its
-            # namespace, as root: it stopped the whole machine)
-            if stopping and os.getpid() == 1:
+            rest = state.first_exited(raw)
+            calls.write(status_w, str(raw).encode())  # nswrap tells "killed by SIGSEGV" from "exited 139"
+            calls.close(status_w)
+            if rest is not None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(-1, stopping[-1])
+                    calls.kill(-1, rest)
 
 
-def _close_all_but(*keep: int) -> None:
+def _close_all_but(calls: Calls, *keep: int) -> None:
     low = 3
     for fd in sorted(keep):
-        os.closerange(low, fd)
+        calls.closerange(low, fd)
         low = fd + 1
-    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+    calls.closerange(low, calls.max_fds())
 
 
-def _exec_server(command, env, creds: Credentials | None, report_fd: int) -> None:
+def _exec_server(command, env, creds: Credentials | None, report_fd: int, calls: Calls) -> None:
     for signum in (*FORWARDED, signal.SIGPIPE, signal.SIGXFSZ):
-        signal.signal(signum, signal.SIG_DFL)
-    os.setpgid(0, 0)
+        calls.handle(signum, signal.SIG_DFL)
+    calls.setpgid(0, 0)
     if creds is not None:
         if creds.bind_capability:
-            namespaces.keep_capabilities()
-        os.setgroups(list(creds.groups))
-        os.setgid(creds.gid)
-        os.setuid(creds.uid)
+            calls.keep_capabilities()
+        calls.setgroups(list(creds.groups))
+        calls.setgid(creds.gid)
+        calls.setuid(creds.uid)
         if creds.bind_capability:
-            namespaces.bind_service_only()
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
-    _close_all_but(report_fd)  # which closes on exec
-    os.execvpe(command[0], list(command), env)
+            calls.bind_service_only()
+    calls.unblock_signals()
+    _close_all_but(calls, report_fd)  # which closes on exec
+    calls.execvpe(command[0], list(command), env)

@@ -250,6 +250,17 @@ def costs_table(r: dict) -> list[str]:
     return lines
 
 
+def repair_budget_line(r: dict) -> str:
+    """How soon a deleted table is put back, against its budget (scripts/bench.py repair_budget)."""
+    repair = r["startup"].get("repair")
+    if not repair:
+        return "(no firewall-reload repair measured in this run)"
+    verdict = "within" if repair["within"] else "**over**"
+    return (f"A firewall reload that deletes nswrap's table (`nft delete table inet nswrap`) is repaired, the table "
+            f"listed again as it was, {repair['ms']:.0f} ms later (median): {verdict} the budget of "
+            f"{repair['budget_ms']:.0f} ms.")
+
+
 def import_budget_line(r: dict) -> str:
     """The start path's import cost against its budget (scripts/bench.py import_budget)."""
     imports = r["startup"].get("imports")
@@ -732,6 +743,8 @@ def benchmarks_md(r: dict, charts: str = "bench") -> str:
         *dns_table(r),
         "",
         import_budget_line(r),
+        "",
+        repair_budget_line(r),
         "",
         "### IPv6: per-interface forwarding and the global switch",
         "",

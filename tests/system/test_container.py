@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import psutil
@@ -179,10 +178,9 @@ def test_a_container_on_two_networks_answers_both(lab, networks, tmp_path, varia
                                            "(give one with --uplink net1=GATEWAY to serve the others)"]
 
     cookie = netns_cookie(["nsenter", f"--net=/proc/{pid1.pid}/ns/net"])
-    started = time.monotonic()
     pid1.send_signal(signal.SIGTERM)
-    status = proc.wait(15)
-    assert time.monotonic() - started < 5, "the container took more than 5 s to stop"
+    status = proc.wait(15)  # a hang guard: how fast it stops is the benchmark's
+    # 0, not 137: the server stopped on the SIGTERM it was passed, not SIGKILLed by --stop-timeout
     assert status == 0, f"unshare passes on PID 1's status, the server's; stderr: {err()}"
     lab.stop(proc)  # nothing of its process group is left
     assert not processes_running(conf)

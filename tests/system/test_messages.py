@@ -68,7 +68,7 @@ def test_waiting_out_the_stop_timeout_is_said_once_with_the_time_left(lab, tmp_p
     assert proc.poll() is None, "said while waiting, not afterwards"
     assert 1 <= int(said[1]) <= 3, said[0]
     assert proc.wait(15) == 128 + signal.SIGKILL
-    assert 2.5 <= time.monotonic() - asked < 10
+    assert time.monotonic() - asked >= 2.5, "SIGKILLed before --stop-timeout 3"  # load only makes it later
     lab.stop(proc)  # nothing of it is left
     err = lines(output(tmp_path, stream="err"))
     assert sum("SIGKILL in" in line for line in err) == 1, err
@@ -144,9 +144,7 @@ def test_odd_input_is_refused_in_one_line(lab, case):
         argv = [*args, *NSWRAP, *PINNED, "-p", "5353", "--", "true"]
     else:
         argv = [*NSWRAP, *PINNED, *(["-p", "5353"] if "-p" not in args else []), *args, "--", "true"]
-    began = time.monotonic()
-    done = lab.exec(lab.host, argv, check=False, timeout=60)
-    assert time.monotonic() - began < 20
+    done = lab.exec(lab.host, argv, check=False, timeout=60)  # a hang guard, not a speed goal
     assert done.returncode == 2, done.stderr
     assert done.stdout == ""
     (line,) = lines(done.stderr)
