@@ -59,12 +59,18 @@ def test_every_path_is_served_through_the_fast_path_with_no_conntrack_entry(lab,
         ours = [f for f in filters(lab, dev) if f["pref"] == PRIORITY]
         assert len(ours) == 1 and ours[0]["options"]["bpf_name"] == "nswrap_uplink", (dev, ours)
         assert ours[0]["options"].get("direct-action") or "direct-action" in json.dumps(ours[0]), ours
-    assert [f["options"]["bpf_name"] for f in filters(lab, "nsw-" + instance_id(lab))] == ["nswrap_veth"]
-    assert sorted(p["name"] for p in fast_programs()) == ["nswrap_uplink", "nswrap_veth"]  # loaded once, shared
+    veth = filters(lab, "nsw-" + instance_id(lab))
+    assert [f["options"]["bpf_name"] for f in veth] == ["nswrap_veth"]
+    ids = {f["options"]["prog"]["id"] for dev in ("eth0", "eth1", "eth2", "nsw-" + instance_id(lab))
+           for f in filters(lab, dev)}
+    loaded = programs(ids)
+    assert sorted(p["name"] for p in loaded) == ["nswrap_uplink", "nswrap_veth"], loaded  # loaded once, shared
+    maps = {m for p in loaded for m in p["map_ids"]}
+    assert len(maps) == 3, loaded  # published, flows, frags: shared by both
     assert lab.stop(proc) == 0, output(tmp_path, stream="err")
     for dev in ("eth0", "eth1", "eth2"):
         assert filters(lab, dev) == []  # and the lab fixture: no clsact left either
-    wait_until(lambda: not fast_programs(), 10, what="the programs and their maps freed")
+    wait_until(lambda: not programs(ids) and not bpf_maps(maps), 10, what="the programs and their maps freed")
 
 
 def test_ipv6_is_served_with_every_forwarding_switch_of_the_host_off(lab, tmp_path):
@@ -145,13 +151,21 @@ def test_a_fast_path_that_cannot_load_is_one_line_exit_2_and_changes_nothing(lab
         assert "R1 offset is outside of the packet (EACCES)" in line, line  # the verifier's own words
     else:
         assert "No such file or directory" in line, line
-    wait_until(lambda: not fast_programs(), 10, what="no program of the fast path left (freed after an RCU grace period)")
+    assert not [f for dev in ("eth0", "eth1", "eth2") for f in filters(lab, dev)]  # and the lab fixture: no clsact
 
 
-def fast_programs() -> list[dict]:
-    """The fast path's programs loaded anywhere on the machine (bpftool: the kernel's own list)."""
-    shown = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
-    return [p for p in json.loads(shown or "[]") if p.get("name") in ("nswrap_uplink", "nswrap_veth")]
+def bpftool(*args: str) -> list[dict]:
+    shown = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True, check=True).stdout
+    return json.loads(shown or "[]")
+
+
+def programs(ids: set[int]) -> list[dict]:
+    """The loaded programs among `ids` (bpftool: the kernel's own list; freed after an RCU grace period)."""
+    return [p for p in bpftool("prog", "show") if p["id"] in ids]
+
+
+def bpf_maps(ids: set[int]) -> list[dict]:
+    return [m for m in bpftool("map", "show") if m["id"] in ids]
 
 
 BIG = 4000  # bytes of each answer: fragmented by the server's namespace (the veth's MTU is 1500)
