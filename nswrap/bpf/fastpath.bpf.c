@@ -240,6 +240,207 @@ static __always_inline int same(const struct flow *a, const struct flow *b)
 	return 1;
 }
 
+/* An ICMP error about a UDP or TCP flow (unreachable, time exceeded, too big, parameter problem):
+ * the packet it quotes is the flow's, seen from the sender's side. */
+struct quote {
+	__u8 family, proto;
+	__u32 icmp;  /* offset of the ICMP header: its checksum is 2 further */
+	__u32 inner; /* offset of the quoted IP header */
+	__u32 ports; /* offset of the quoted UDP/TCP ports */
+	__u8 src[16], dst[16]; /* the outer packet's */
+	__u8 qsrc[16], qdst[16]; /* the quoted packet's */
+	__be16 qsport, qdport;
+};
+
+static __always_inline int same_address(const __u8 *a, const __u8 *b)
+{
+	__u32 x[4], y[4];
+
+	__builtin_memcpy(x, a, 16);
+	__builtin_memcpy(y, b, 16);
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
+}
+
+static __always_inline int error_type(__u8 family, __u8 type)
+{
+	if (family == 4) /* destination unreachable, time exceeded, parameter problem */
+		return type == 3 || type == 11 || type == 12;
+	return type >= 1 && type <= 4; /* unreachable, too big, time exceeded, parameter problem */
+}
+
+static __always_inline int parse_quote(struct __sk_buff *skb, struct quote *q)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	__u8 *type;
+
+	if ((void *)(eth + 1) > end)
+		return 0;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+		struct iphdr *in = (void *)ip + sizeof(*ip) + 8;
+
+		if ((void *)(in + 1) > end || ip->ihl != 5 || ip->protocol != IPPROTO_ICMP ||
+		    (ip->frag_off & bpf_htons(IP_MF_OFFSET)) || in->ihl != 5 ||
+		    (in->protocol != IPPROTO_UDP && in->protocol != IPPROTO_TCP))
+			return 0;
+		type = (void *)(ip + 1);
+		q->family = 4;
+		q->proto = in->protocol;
+		q->icmp = ETH_HLEN + sizeof(*ip);
+		__builtin_memcpy(q->src, &ip->saddr, 4);
+		__builtin_memcpy(q->dst, &ip->daddr, 4);
+		__builtin_memcpy(q->qsrc, &in->saddr, 4);
+		__builtin_memcpy(q->qdst, &in->daddr, 4);
+		q->inner = q->icmp + 8;
+		q->ports = q->inner + sizeof(*in);
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		struct ipv6hdr *in = (void *)ip6 + sizeof(*ip6) + 8;
+
+		if ((void *)(in + 1) > end || ip6->nexthdr != IPPROTO_ICMPV6 ||
+		    (in->nexthdr != IPPROTO_UDP && in->nexthdr != IPPROTO_TCP))
+			return 0;
+		type = (void *)(ip6 + 1);
+		q->family = 6;
+		q->proto = in->nexthdr;
+		q->icmp = ETH_HLEN + sizeof(*ip6);
+		__builtin_memcpy(q->src, &ip6->saddr, 16);
+		__builtin_memcpy(q->dst, &ip6->daddr, 16);
+		__builtin_memcpy(q->qsrc, &in->saddr, 16);
+		__builtin_memcpy(q->qdst, &in->daddr, 16);
+		q->inner = q->icmp + 8;
+		q->ports = q->inner + sizeof(*in);
+	} else {
+		return 0;
+	}
+	if (!error_type(q->family, *type))
+		return 0;
+	__be16 *ports = data + q->ports;
+
+	if ((void *)(ports + 2) > end)
+		return 0;
+	q->qsport = ports[0];
+	q->qdport = ports[1];
+	return 1;
+}
+
+/* One address of an ICMP error rewritten: the outer one (`outer`) or the quoted one, checksums kept
+ * right. IPv4: the IP header's own checksum (outer or quoted) absorbs the change, so the ICMP
+ * checksum, which covers the quoted header, stays as it is. ICMPv6: its checksum covers the
+ * pseudo-header (outer addresses) and the quote, so it takes the difference either way. */
+static __always_inline int quote_addr(struct __sk_buff *skb, const struct quote *q, int outer, __u32 off,
+				      const __u8 *old, const __u8 *new)
+{
+	if (q->family == 4) {
+		__be32 o, n;
+
+		__builtin_memcpy(&o, old, 4);
+		__builtin_memcpy(&n, new, 4);
+		if (bpf_l3_csum_replace(skb, outer ? IP_CSUM_OFF : q->inner + offsetof(struct iphdr, check), o, n, 4))
+			return -1;
+		return bpf_skb_store_bytes(skb, off, &n, 4, 0) ? -1 : 0;
+	}
+	__s64 diff = bpf_csum_diff((__be32 *)old, 16, (__be32 *)new, 16, 0);
+
+	if (diff < 0 || bpf_l4_csum_replace(skb, q->icmp + 2, 0, diff, outer ? BPF_F_PSEUDO_HDR : 0))
+		return -1;
+	return bpf_skb_store_bytes(skb, off, new, 16, 0) ? -1 : 0;
+}
+
+static __always_inline int quote_port(struct __sk_buff *skb, const struct quote *q, __u32 off, __be16 old, __be16 new)
+{
+	if (old == new)
+		return 0;
+	if (bpf_l4_csum_replace(skb, q->icmp + 2, old, new, 2))
+		return -1;
+	return bpf_skb_store_bytes(skb, off, &new, 2, 0) ? -1 : 0;
+}
+
+static __always_inline __u32 addr_off(const struct quote *q, int outer, int source)
+{
+	if (q->family == 4)
+		return (outer ? ETH_HLEN : q->inner) + (source ? offsetof(struct iphdr, saddr) : offsetof(struct iphdr, daddr));
+	return (outer ? ETH_HLEN : q->inner) + (source ? offsetof(struct ipv6hdr, saddr) : offsetof(struct ipv6hdr, daddr));
+}
+
+/* From a client's side, about a packet the server sent (quoted: from the address and port asked,
+ * to the client): to the server, as if the client had answered it directly. A too-big error
+ * (PMTU) this way keeps TCP flows of a path with a smaller MTU from stalling. */
+static __always_inline int error_in(struct __sk_buff *skb)
+{
+	struct quote q = {};
+	struct endpoint_key key = {};
+	struct flow_key fk = {};
+
+	if (!parse_quote(skb, &q))
+		return TC_ACT_UNSPEC;
+	key.ifindex = skb->ifindex;
+	key.family = q.family;
+	key.proto = q.proto;
+	key.port = q.qsport;
+	__builtin_memcpy(key.addr, q.qsrc, 16);
+	struct endpoint *ep = bpf_map_lookup_elem(&published, &key);
+
+	if (!ep)
+		return TC_ACT_UNSPEC;
+	__builtin_memcpy(fk.client, q.qdst, 16);
+	__builtin_memcpy(fk.server, ep->server, 16);
+	fk.client_port = q.qdport;
+	fk.server_port = ep->port;
+	fk.family = q.family;
+	fk.proto = q.proto;
+	struct flow *f = bpf_map_lookup_elem(&flows, &fk);
+
+	if (!f || f->uplink != skb->ifindex) /* no such flow here: the host's own, or a forgery */
+		return TC_ACT_UNSPEC;
+	__u32 veth = ep->veth;
+	__u8 server[16];
+	__be16 port = ep->port;
+
+	__builtin_memcpy(server, ep->server, 16);
+	if (quote_addr(skb, &q, 1, addr_off(&q, 1, 0), q.dst, server) ||
+	    quote_addr(skb, &q, 0, addr_off(&q, 0, 1), q.qsrc, server) ||
+	    quote_port(skb, &q, q.ports, q.qsport, port))
+		return TC_ACT_SHOT;
+	return bpf_redirect_peer(veth, 0);
+}
+
+/* From the server's namespace, about a packet a client sent it (quoted: from the client, to the
+ * server): to the client from the address and port it asked (a closed port's unreachable). */
+static __always_inline int error_out(struct __sk_buff *skb)
+{
+	struct quote q = {};
+	struct flow_key fk = {};
+
+	if (!parse_quote(skb, &q))
+		return TC_ACT_UNSPEC;
+	__builtin_memcpy(fk.client, q.qsrc, 16);
+	__builtin_memcpy(fk.server, q.qdst, 16);
+	fk.client_port = q.qsport;
+	fk.server_port = q.qdport;
+	fk.family = q.family;
+	fk.proto = q.proto;
+	struct flow *f = bpf_map_lookup_elem(&flows, &fk);
+
+	/* from that flow's veth, and from the server itself (its own stack's error) */
+	if (!f || f->veth != skb->ifindex || !same_address(q.src, q.qdst))
+		return TC_ACT_UNSPEC;
+	__u32 uplink = f->uplink;
+	__u32 mark = f->mark;
+	__u8 asked[16];
+	__be16 asked_port = f->asked_port;
+
+	__builtin_memcpy(asked, f->asked, 16);
+	if (quote_addr(skb, &q, 1, addr_off(&q, 1, 1), q.src, asked) ||
+	    quote_addr(skb, &q, 0, addr_off(&q, 0, 0), q.qdst, asked) ||
+	    quote_port(skb, &q, q.ports + 2, q.qdport, asked_port))
+		return TC_ACT_SHOT;
+	skb->mark = mark;
+	return bpf_redirect_neigh(uplink, NULL, 0, 0);
+}
+
 SEC("tc/uplink")
 int uplink(struct __sk_buff *skb)
 {
@@ -248,7 +449,9 @@ int uplink(struct __sk_buff *skb)
 	struct flow_key fk = {};
 	struct flow f = {};
 
-	if (!parse(skb, &p) || p.frag)  /* a client's fragments: conntrack reassembles them */
+	if (!parse(skb, &p))
+		return error_in(skb);
+	if (p.frag) /* a client's fragments: conntrack reassembles them */
 		return TC_ACT_UNSPEC;
 	key.ifindex = skb->ifindex;
 	key.family = p.family;
@@ -303,7 +506,7 @@ int veth(struct __sk_buff *skb)
 	struct flow *f;
 
 	if (!parse(skb, &p))
-		return TC_ACT_UNSPEC;
+		return error_out(skb);
 	if (p.frag) {
 		__builtin_memcpy(rk.src, p.src, 16);
 		__builtin_memcpy(rk.dst, p.dst, 16);

@@ -210,3 +210,83 @@ def test_an_answer_fragmented_by_the_server_leaves_from_the_asked_address(lab, t
         assert conntrack_entries(lab, PORT) == [], "not a fragment went through conntrack"
     finally:
         assert lab.stop(proc) == 128 + signal.SIGTERM
+
+
+REFUSED_CLIENT = r"""
+import socket, sys
+address, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((address, port))  # an error is reported only if it quotes this socket's own datagram
+s.settimeout(1)
+for _ in range(5):
+    s.send(b"anyone?")
+    try:
+        s.recv(64)
+        print("answered")
+        break
+    except ConnectionRefusedError:
+        print("refused")
+        break
+    except socket.timeout:
+        continue
+else:
+    print("silence")
+"""
+
+
+def test_a_closed_port_is_refused_from_the_asked_address(lab, tmp_path):
+    """The server's stack answers a datagram to a port nothing listens on with an ICMP error that
+    quotes it: translated back, the client's connected socket sees ECONNREFUSED (it would not, were
+    the quote wrong), as with the nft datapath."""
+    proc = serving(lab, tmp_path, "--ports", str(PORT + 1))
+    try:
+        for path in (*lab.paths, *lab.paths6):
+            got = lab.exec(path.client, [sys.executable, "-c", REFUSED_CLIENT, path.address, str(PORT + 1)]).stdout
+            assert got.strip() == "refused", path.name
+        assert conntrack_entries(lab, PORT + 1) == []
+    finally:
+        assert lab.stop(proc) == 128 + signal.SIGTERM
+
+
+BULK = 200_000  # bytes a TCP server sends each client: more than fits in one round of small segments
+BULK_SERVER = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("::", int(sys.argv[1])))
+s.listen()
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    c.sendall(b"x" * %d)
+    c.close()
+""" % BULK
+BULK_CLIENT = r"""
+import socket, sys
+address, port = sys.argv[1], int(sys.argv[2])
+s = socket.create_connection((address, port), timeout=10)
+got = 0
+try:
+    while chunk := s.recv(65536):
+        got += len(chunk)
+except socket.timeout:
+    pass
+print(got)
+"""
+
+
+def test_a_path_with_a_smaller_mtu_gets_every_byte_over_tcp(lab, tmp_path):
+    """r1's link to c1 carries 1280 bytes at most: r1 answers the server's full-size segments with
+    "fragmentation needed" / "packet too big", addressed to the address asked. Translated into
+    the server's namespace, they make its TCP send smaller segments; lost, the transfer stalls."""
+    lab.exec(lab.ns("r1"), ["ip", "link", "set", "dev", "eth1", "mtu", "1280"])
+    proc = start(lab, tmp_path, "--datapath", "bpf", "--ports", f"{PORT}/tcp", "--",
+                 sys.executable, "-c", BULK_SERVER, str(PORT))
+    try:
+        wait_until(lambda: "ready" in output(tmp_path) or proc.poll() is not None, 30, what="the server is ready")
+        for path in (lab.paths[0], lab.paths[1], lab.paths6[0], lab.paths6[1]):  # c1, behind r1
+            got = lab.exec(path.client, [sys.executable, "-c", BULK_CLIENT, path.address, str(PORT)], timeout=60).stdout
+            assert got.strip() == str(BULK), path.name
+    finally:
+        assert lab.stop(proc) == 128 + signal.SIGTERM
