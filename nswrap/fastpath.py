@@ -69,6 +69,12 @@ def ethernet(facts: Facts, ifname: str) -> bool:
     return link is not None and bool(link.mac)
 
 
+def helped(instance, proto: str, port: int) -> bool:
+    """A port whose flows a conntrack helper follows (TFTP's data from a new port of the server
+    is expected from the request's entry): conntrack must see them, so they stay on nft."""
+    return "tftp" in instance.helpers and proto == "udp" and port == 69
+
+
 def wanted(facts: Facts, allocation, instances) -> Fast:
     """What the kernel must hold for the live `bpf` instances (allocation: the datapath's, with
     its uplinks' marks). An uplink serves an instance's family when the nft datapath would."""
@@ -93,6 +99,8 @@ def wanted(facts: Facts, allocation, instances) -> Fast:
                 for address in asked:
                     for p in instance.ports:
                         for i in range(p.count):
+                            if helped(instance, p.proto, p.outer_lo + i):
+                                continue
                             endpoints.add(Endpoint(ifname, address, p.proto, p.outer_lo + i, instance.veth, mark,
                                                    server, p.inner_lo + i))
     return Fast(frozenset(uplinks), frozenset(veths), frozenset(endpoints))

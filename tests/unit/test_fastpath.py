@@ -125,3 +125,8 @@ def test_endpoints_encode_and_decode():
         assert decode(key, value, {v: k for k, v in index.items()}) == e
     key, value = encode(Endpoint("eth0", A("192.0.2.10"), "udp", 53, "nsw-aaaaaa", 1, A("198.18.0.6"), 53), index)
     assert decode(key, value, {2: "eth0"}) is None  # a veth that is gone: not an endpoint of ours
+
+
+def test_a_port_a_conntrack_helper_follows_stays_on_nft():
+    fast = fast_of(host(links=ETHERNET), replace(bpf(ports="69,53", uplinks=("eth1",), ipv6=False), helpers=("tftp",)))
+    assert {e.port for e in fast.endpoints} == {53}
