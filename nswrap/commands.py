@@ -19,10 +19,10 @@ import time
 from nswrap import legacy, namespaces, netlink, nft, sync
 from nswrap.changes import DeleteLink, ServerNetwork
 from nswrap.config import DEFAULT_MARK_MASK, Config
-from nswrap.datapath import Instance, allocate_subnet, choose_forwarding6, instance_uplinks, ula_subnet
+from nswrap.datapath import instance_uplinks
 from nswrap.errors import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, NswrapError, UsageError, quoted
 from nswrap.facts import Facts, gather, netns_id
-from nswrap.precheck import check_start, loopback_ports, require_capabilities
+from nswrap.precheck import check_start, new_instance, require_capabilities
 from nswrap.state import RUN_DIR, Record, State, StateDir, existing, readable, remove_dir, vanished
 from nswrap.supervise import exit_status
 from nswrap.transaction import Kernel, Transaction
@@ -45,11 +45,8 @@ def dry_run(config: Config) -> int:
         facts = gather(routing)
     live = state.live() if state else []
     allocation = state.allocation() if state else None
-    subnet = allocate_subnet(facts, tuple(r.instance for r in live), config.subnet)
-    forwarding6 = choose_forwarding6(config.ipv6_forwarding, facts, allocation)
-    instance = Instance("d0d0d0", config.ports, subnet, ula_subnet(subnet) if forwarding6 else None,
-                        config.uplinks, config.addresses, loopback_ports(config), config.outbound, config.helpers,
-                        forwarding6 or "interface", config.udp_timeout)
+    instance = new_instance(config, facts, live, allocation, "d0d0d0")  # as a start would make it
+    forwarding6 = instance.forwarding6 if instance.subnet6 else None
     check_start(facts, instance, live, config.take_over)
     table = nft.read_table()
     rooms = sync.wanted_rooms(sync.probe_firewall(), config.firewall, config.mark_mask) if table is None or not live else None
