@@ -105,3 +105,15 @@ def wanted(facts: Facts, allocation, instances) -> Fast:
                                                    server, p.inner_lo + i))
     return Fast(frozenset(uplinks), frozenset(veths), frozenset(endpoints))
 
+
+def endpoint_count(facts: Facts, instance) -> int:
+    """How many endpoints an instance needs, counted without making them (a range of 65,535 ports
+    on every address of every uplink would be millions)."""
+    from nswrap.datapath import _addresses, instance_uplinks
+
+    total = 0
+    for version in instance.families:
+        addresses = len([a for a in _addresses(instance, version) if a is not None]) or len(host_addresses(facts, version))
+        uplinks = [u for u in instance_uplinks(facts, instance, version) if ethernet(facts, u)]
+        total += sum(p.count for p in instance.ports) * addresses * len(uplinks)
+    return total

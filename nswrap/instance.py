@@ -144,7 +144,7 @@ class Life:
         if writes and proc_sys_read_only():  # say every --sysctl it takes at once, before any change
             raise NswrapError(read_only_message(writes))
         if instance.datapath == "bpf":
-            check_fast(plan)
+            check_fast()
         for warning in plan.datapath.warnings:
             log.warning("%s", warning)
         self.said = set(plan.datapath.warnings)

@@ -18,9 +18,8 @@ import grp
 import logging
 import os
 import pwd
-from typing import TYPE_CHECKING
 
-from nswrap.changes import FastPath, read_only_message
+from nswrap.changes import read_only_message
 from nswrap.config import Config, PortRange
 from nswrap.datapath import (
     NO_IPV6_OLD_KERNEL,
@@ -39,13 +38,10 @@ from nswrap.datapath import (
 )
 from nswrap.errors import NswrapError, UsageError, cut, quoted
 from nswrap.facts import Facts, proc_sys_read_only, socket_owners
-from nswrap.fastpath import MAX_ENDPOINTS
+from nswrap.fastpath import MAX_ENDPOINTS, endpoint_count
 from nswrap.objects import Listener
 from nswrap.state import MAX_FILE, InvalidState, Record, parse_record
 from nswrap.supervise import Credentials
-
-if TYPE_CHECKING:
-    from nswrap import sync
 
 log = logging.getLogger("nswrap")
 
@@ -192,6 +188,9 @@ def check_start(facts: Facts, instance: Instance, live: list[Record], take_over:
         owner = next(r for r in live if r.id in clash)
         raise NswrapError(f"{clash} (pid {owner.pid}: {cut(' '.join(owner.command), 200)})")
     check_host_sockets(facts, instance, take_over)
+    if instance.datapath == "bpf" and (count := endpoint_count(facts, instance)) > MAX_ENDPOINTS:
+        raise UsageError(f"--datapath bpf: {count} endpoints (ports x addresses x uplinks) are more than the fast path "
+                         f"holds ({MAX_ENDPOINTS}): publish fewer with --uplink or --address, or use --datapath nft")
 
 
 MORE_SOCKETS = 3  # named besides the first, in the one line that says which host sockets are taken
@@ -231,14 +230,9 @@ def check_host_sockets(facts: Facts, instance: Instance, take_over: bool, proc: 
                      "publishing it would take its clients; leave it out of --ports, narrow with --address, "
                      "or give --take-over")
 
-def check_fast(plan: sync.Plan) -> None:
-    """--datapath bpf, before any host change: the kernel loads the fast path here, and its map
-    holds every endpoint (one per uplink, address and port). Exit 2 otherwise, in one line."""
+def check_fast() -> None:
+    """--datapath bpf, before any host change: the kernel loads the fast path here (exit 2
+    otherwise, in one line; that its map holds every endpoint, check_start said)."""
     from nswrap.bpf import fast
 
     fast.probe()
-    want = next((c.want for c in plan.changes if isinstance(c, FastPath)), None)
-    if want is not None and len(want.endpoints) > MAX_ENDPOINTS:
-        raise UsageError(f"--datapath bpf: {len(want.endpoints)} endpoints (uplinks x addresses x ports) are more than "
-                         f"the fast path holds ({MAX_ENDPOINTS}): publish fewer with --uplink or --address, "
-                         "or use --datapath nft")

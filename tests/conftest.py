@@ -8,7 +8,12 @@
   something that should have been tested was not).
 - The ``lab`` fixture provides a :class:`tests.lab.Lab` and checks that the
   host namespace state is unchanged when the test is done, and that nswrap
-  keeps no record of an instance for it.
+  keeps no record of an instance for it. It is parametrized over nswrap's
+  datapaths: every test that uses it runs once with ``--datapath nft`` and
+  once with ``--datapath bpf`` (``NSWRAP_DATAPATH``, which nswrap reads like
+  the option; a test's own ``--datapath`` wins). A test about what only one
+  datapath has is marked ``nft_only(reason)`` or ``bpf_only(reason)``: its
+  other variant is deselected, not skipped.
 """
 
 from __future__ import annotations
@@ -44,10 +49,29 @@ def require_system() -> None:
         pytest.skip(reason)
 
 
+DATAPATHS = ("nft", "bpf")
+ONLY = {"nft_only": "nft", "bpf_only": "bpf"}
+
+
+def datapath_of(item: pytest.Item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("lab") if callspec is not None else None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    kept, deselected = [], []
     for item in items:
         if SYSTEM_DIR in item.path.parents:
             item.add_marker(pytest.mark.system)
+        datapath = datapath_of(item)
+        only = [ONLY[m.name] for m in item.iter_markers() if m.name in ONLY]
+        for marker in item.iter_markers():
+            if marker.name in ONLY and not marker.args:
+                raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.{marker.name} needs its reason")
+        (deselected if datapath is not None and only and datapath not in only else kept).append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -98,9 +122,10 @@ def nswrap_state_left(cookie: int) -> list[str]:
         return []
 
 
-@pytest.fixture
-def lab():
-    """A fresh :class:`Lab`; fails the test if the host state was not restored.
+@pytest.fixture(params=DATAPATHS)
+def lab(request):
+    """A fresh :class:`Lab`, nswrap's datapath set for the test (the parameter); fails the test if
+    the host state was not restored.
 
     At teardown tracked processes still running are stopped first, then the
     host namespace state is compared with the one recorded at the start, and
@@ -110,6 +135,8 @@ def lab():
     test_nswrap.py::test_no_state_directory_is_left_for_the_namespace).
     """
     require_system()
+    saved = os.environ.get("NSWRAP_DATAPATH")
+    os.environ["NSWRAP_DATAPATH"] = request.param
     lab = Lab()
     cookie = None
     try:
@@ -124,3 +151,7 @@ def lab():
         lab.close()
         if cookie is not None:
             shutil.rmtree(nswrap_state_dir(cookie), ignore_errors=True)
+        if saved is None:
+            os.environ.pop("NSWRAP_DATAPATH", None)
+        else:
+            os.environ["NSWRAP_DATAPATH"] = saved

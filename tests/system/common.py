@@ -32,6 +32,11 @@ def processes_running(marker: str, name: str | None = None) -> list[psutil.Proce
     return found
 
 
+def datapath() -> str:
+    """The datapath this test's nswrap runs with (the `lab` fixture's parameter, tests/conftest.py)."""
+    return os.environ.get("NSWRAP_DATAPATH", "nft")
+
+
 def nswrap(lab, *args, timeout=60, env: dict[str, str] | None = None):
     """Run nswrap to completion in the lab's host namespace (env: variables added)."""
     prefix = ["env", *(f"{k}={v}" for k, v in env.items())] if env else []

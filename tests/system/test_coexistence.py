@@ -291,6 +291,10 @@ def observed(lab: Lab, prefix: list[str]) -> dict[str, int]:
     return counts
 
 
+@pytest.mark.nft_only(
+    "observes the marks in netfilter's hooks, which the fast path's packets skip (docs/fastpath.md: an "
+    "answer leaves its uplink with the uplink's mark bits)"
+)
 def test_our_mark_bits_stay_in_the_host(lab, tmp_path):
     """nswrap marks every packet of a published flow with its uplink's bits, for routing. Once
     routed, both ways, the bits are cleared: no rule, `tc fw` filter or reflected ICMP error

@@ -19,6 +19,7 @@ from tests.lab import TEST_ANSWER, dig, wait_answered, wait_until
 from tests.system.common import dual_stack_unbound, nswrap, output, start
 from tests.system.udpmany import COMMAND as UDPMANY, unanswered
 
+pytestmark = pytest.mark.bpf_only("the fast path's own tests (each gives --datapath bpf)")
 PORT = 5300
 BENCH_TRAFFIC = [sys.executable, str(Path(__file__).parents[2] / "scripts" / "bench_traffic.py")]
 PRIORITY = 65001
@@ -290,3 +291,16 @@ def test_a_path_with_a_smaller_mtu_gets_every_byte_over_tcp(lab, tmp_path):
             assert got.strip() == str(BULK), path.name
     finally:
         assert lab.stop(proc) == 128 + signal.SIGTERM
+
+
+def test_more_endpoints_than_the_map_holds_are_refused_before_any_change(lab):
+    """Every port on every address of every uplink: 65,535 x 4 x 3 IPv4 endpoints (and IPv6's)
+    against the map's 262,144. One line naming what to narrow, exit 2; the lab fixture compares
+    the host."""
+    done = nswrap(lab, "--datapath", "bpf", "--ports", "1-65535", "--", "true")
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("nswrap: --datapath bpf: ") and "--uplink or --address" in line, line
+    done = nswrap(lab, "--datapath", "bpf", "--ports", "1-65535", "--uplink", "eth2", "--address", "203.0.113.65",
+                  "--ipv6-forwarding", "off", "--dry-run")
+    assert done.returncode == 0, done.stderr  # narrowed: 65,535 endpoints fit

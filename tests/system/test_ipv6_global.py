@@ -214,6 +214,7 @@ def test_the_control_a_host_that_forwards_routes_the_peer(lab):
         lab.exec(lab.ns("r1"), ["nft", "delete", "table", "inet", "probe"])
 
 
+@pytest.mark.nft_only("the fast path serves IPv6 on an old kernel without forwarding (test_fastpath)")
 def test_auto_on_an_old_kernel_warns_and_serves_ipv4_and_doctor_says_why(lab, tmp_path):
     env = {**os.environ, **OLD_KERNEL}
     proc = start(lab, tmp_path, "--ports", "53", "--", *dual_stack_unbound(tmp_path, 53), env=env)

@@ -23,6 +23,10 @@ def stderr_of(tmp_path) -> str:
     return output(tmp_path, stream="err")
 
 
+@pytest.mark.nft_only(
+    "reads each flow's uplink mark from conntrack, which the fast path's flows skip (test_fastpath: every "
+    "path)"
+)
 def test_every_path_is_answered_from_the_asked_address_udp_and_tcp(lab, tmp_path, unbound):
     proc = start(lab, tmp_path, "--ports", "53,53/tcp", "--", *unbound)
     for path in lab.paths:  # dig drops replies from any other source, so an answer proves the source
@@ -50,6 +54,7 @@ def conntrack_timeouts(lab, port: int) -> list[int]:
     return [int(line.split()[2]) for line in flows.splitlines() if line.startswith("udp")]
 
 
+@pytest.mark.nft_only("conntrack's timeouts of published flows, which the fast path's flows do not make")
 def test_published_flows_get_the_short_conntrack_timeout(lab, tmp_path):
     """docs/design.md, Floods: a published UDP flow unanswered, or answered within its first 2 s
     (a DNS query), is forgotten after 10 s; a flow to a port nobody publishes keeps the kernel's 30."""

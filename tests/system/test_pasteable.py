@@ -14,6 +14,8 @@ import re
 import signal
 import subprocess
 
+import pytest
+
 from tests.lab import Lab, diff_states, wait_until
 from tests.system.common import UDPECHO, echo_answered, output, records, start, wait_ready
 
@@ -54,6 +56,10 @@ def paste(lab: Lab, script: str) -> None:
                    capture_output=True, text=True)
 
 
+@pytest.mark.nft_only(
+    "-v shows the fast path as tc's equivalent lines: pasted, tc would load programs with maps of their "
+    "own (docs/fastpath.md)"
+)
 def test_pasting_the_verbose_log_builds_the_same_host_and_takes_it_down(lab, tmp_path):
     proc = start(lab, tmp_path, "-v", "--ports", str(PORT), "--", *UDPECHO, "serve", str(PORT))
     wait_ready(tmp_path)
