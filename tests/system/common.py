@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -35,6 +37,23 @@ def processes_running(marker: str, name: str | None = None) -> list[psutil.Proce
 def datapath() -> str:
     """The datapath this test's nswrap runs with (the `lab` fixture's parameter, tests/conftest.py)."""
     return os.environ.get("NSWRAP_DATAPATH", "nft")
+
+
+def fast_flows(lab, uplink: str = "eth0") -> list[dict]:
+    """The fast path's flow map, as bpftool dumps it (an oracle independent of nswrap): found from
+    the program of nswrap's filter on the uplink (tc), and that program's maps (bpftool)."""
+    shown = json.loads(lab.exec(lab.host, ["tc", "-j", "filter", "show", "dev", uplink, "ingress"]).stdout or "[]")
+    ids = [f["options"]["prog"]["id"] for f in shown if f.get("options", {}).get("bpf_name") == "nswrap_uplink"]
+    if not ids:
+        return []
+
+    def bpftool(*args: str):
+        return json.loads(subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True, check=True).stdout)
+
+    for map_id in bpftool("prog", "show", "id", str(ids[0]))["map_ids"]:
+        if bpftool("map", "show", "id", str(map_id))["name"] == "flows":
+            return bpftool("map", "dump", "id", str(map_id))
+    return []
 
 
 def nswrap(lab, *args, timeout=60, env: dict[str, str] | None = None):
