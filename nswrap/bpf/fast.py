@@ -14,6 +14,7 @@ import ipaddress
 import os
 import socket
 import struct
+import sys
 from collections.abc import Iterable
 
 from nswrap.bpf import elf, syscall
@@ -109,6 +110,9 @@ def load(path: str | None = None) -> Loaded:
     """Create the maps and load both programs (the verifier's first complaint, if any, is the
     one-line error)."""
     path = path or os.environ.get(OBJECT_SEAM) or FAST_OBJECT
+    if sys.byteorder != "little":
+        raise FastPathError("--datapath bpf: the fast path's object is built for little-endian machines; "
+                            "use --datapath nft")
     try:
         with open(path, "rb") as f:
             obj = elf.parse(f.read())
