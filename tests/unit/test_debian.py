@@ -68,7 +68,8 @@ def test_the_package_version_is_nswrap_s():
     match = re.fullmatch(r"nswrap \(([^)]+)\) [a-z-]+; urgency=\w+", first)
     assert match, first
     assert match.group(1) == __version__, f"debian/changelog says {match.group(1)}, nswrap {__version__}"
-    [newest] = re.findall(r"^## (\S+)", (REPO / "CHANGELOG.md").read_text(), re.M)[:1]
+    # an "Unreleased" section on top collects what the next version will bring
+    [newest] = [v for v in re.findall(r"^## (\S+)", (REPO / "CHANGELOG.md").read_text(), re.M) if v != "Unreleased"][:1]
     assert newest == __version__, f"CHANGELOG.md's newest section is {newest}, nswrap is {__version__}"
     assert "--ipv6-forwarding" in (REPO / "CHANGELOG.md").read_text()
 
