@@ -240,6 +240,27 @@ static __always_inline int same(const struct flow *a, const struct flow *b)
 	return 1;
 }
 
+/* The endpoint a packet asks for on this uplink, if it is published. */
+static __always_inline struct endpoint *endpoint_of(struct __sk_buff *skb, __u8 family, __u8 proto, __be16 port,
+						    const __u8 *addr)
+{
+	struct endpoint_key key = {.ifindex = skb->ifindex, .family = family, .proto = proto, .port = port};
+
+	__builtin_memcpy(key.addr, addr, 16);
+	return bpf_map_lookup_elem(&published, &key);
+}
+
+static __always_inline void make_flow_key(struct flow_key *fk, __u8 family, __u8 proto, const __u8 *client,
+					  __be16 client_port, const __u8 *server, __be16 server_port)
+{
+	__builtin_memcpy(fk->client, client, 16);
+	__builtin_memcpy(fk->server, server, 16);
+	fk->client_port = client_port;
+	fk->server_port = server_port;
+	fk->family = family;
+	fk->proto = proto;
+}
+
 /* An ICMP error about a UDP or TCP flow (unreachable, time exceeded, too big, parameter problem):
  * the packet it quotes is the flow's, seen from the sender's side. */
 struct quote {
@@ -371,26 +392,15 @@ static __always_inline __u32 addr_off(const struct quote *q, int outer, int sour
 static __always_inline int error_in(struct __sk_buff *skb)
 {
 	struct quote q = {};
-	struct endpoint_key key = {};
 	struct flow_key fk = {};
 
 	if (!parse_quote(skb, &q))
 		return TC_ACT_UNSPEC;
-	key.ifindex = skb->ifindex;
-	key.family = q.family;
-	key.proto = q.proto;
-	key.port = q.qsport;
-	__builtin_memcpy(key.addr, q.qsrc, 16);
-	struct endpoint *ep = bpf_map_lookup_elem(&published, &key);
+	struct endpoint *ep = endpoint_of(skb, q.family, q.proto, q.qsport, q.qsrc);
 
 	if (!ep)
 		return TC_ACT_UNSPEC;
-	__builtin_memcpy(fk.client, q.qdst, 16);
-	__builtin_memcpy(fk.server, ep->server, 16);
-	fk.client_port = q.qdport;
-	fk.server_port = ep->port;
-	fk.family = q.family;
-	fk.proto = q.proto;
+	make_flow_key(&fk, q.family, q.proto, q.qdst, q.qdport, ep->server, ep->port);
 	struct flow *f = bpf_map_lookup_elem(&flows, &fk);
 
 	if (!f || f->uplink != skb->ifindex) /* no such flow here: the host's own, or a forgery */
@@ -416,12 +426,7 @@ static __always_inline int error_out(struct __sk_buff *skb)
 
 	if (!parse_quote(skb, &q))
 		return TC_ACT_UNSPEC;
-	__builtin_memcpy(fk.client, q.qsrc, 16);
-	__builtin_memcpy(fk.server, q.qdst, 16);
-	fk.client_port = q.qsport;
-	fk.server_port = q.qdport;
-	fk.family = q.family;
-	fk.proto = q.proto;
+	make_flow_key(&fk, q.family, q.proto, q.qsrc, q.qsport, q.qdst, q.qdport);
 	struct flow *f = bpf_map_lookup_elem(&flows, &fk);
 
 	/* from that flow's veth, and from the server itself (its own stack's error) */
@@ -445,7 +450,6 @@ SEC("tc/uplink")
 int uplink(struct __sk_buff *skb)
 {
 	struct packet p = {};
-	struct endpoint_key key = {};
 	struct flow_key fk = {};
 	struct flow f = {};
 
@@ -453,21 +457,11 @@ int uplink(struct __sk_buff *skb)
 		return error_in(skb);
 	if (p.frag) /* a client's fragments: conntrack reassembles them */
 		return TC_ACT_UNSPEC;
-	key.ifindex = skb->ifindex;
-	key.family = p.family;
-	key.proto = p.proto;
-	key.port = p.dport;
-	__builtin_memcpy(key.addr, p.dst, 16);
-	struct endpoint *ep = bpf_map_lookup_elem(&published, &key);
+	struct endpoint *ep = endpoint_of(skb, p.family, p.proto, p.dport, p.dst);
 
 	if (!ep)
 		return TC_ACT_UNSPEC;
-	__builtin_memcpy(fk.client, p.src, 16);
-	__builtin_memcpy(fk.server, ep->server, 16);
-	fk.client_port = p.sport;
-	fk.server_port = ep->port;
-	fk.family = p.family;
-	fk.proto = p.proto;
+	make_flow_key(&fk, p.family, p.proto, p.src, p.sport, ep->server, ep->port);
 	__builtin_memcpy(f.asked, p.dst, 16);
 	f.asked_port = p.dport;
 	f.uplink = skb->ifindex;
@@ -519,12 +513,7 @@ int veth(struct __sk_buff *skb)
 		if (!f || f->veth != skb->ifindex)
 			return TC_ACT_UNSPEC;
 	} else {
-		__builtin_memcpy(fk.client, p.dst, 16);
-		__builtin_memcpy(fk.server, p.src, 16);
-		fk.client_port = p.dport;
-		fk.server_port = p.sport;
-		fk.family = p.family;
-		fk.proto = p.proto;
+		make_flow_key(&fk, p.family, p.proto, p.dst, p.dport, p.src, p.sport);
 		f = bpf_map_lookup_elem(&flows, &fk);
 		/* a flow published to another veth: a forged source, which nftables drops and counts */
 		if (!f || f->veth != skb->ifindex)

@@ -39,6 +39,17 @@ def datapath() -> str:
     return os.environ.get("NSWRAP_DATAPATH", "nft")
 
 
+def spoofing_client(lab, sources: tuple[str, ...]) -> str:
+    """c1, ready to send a flood from `sources` (extra addresses of its /26) with
+    scripts/bench_traffic.py: the answers reach no socket there (the tool reads them raw), so no
+    port unreachable goes back. Returns c1's namespace."""
+    c1 = lab.ns("c1")
+    lab.exec(c1, ["ip", "-batch", "-"], input="".join(f"addr add {a}/26 dev eth0\n" for a in sources))
+    lab.exec(c1, ["nft", "add table ip flood; add chain ip flood out { type filter hook output priority 0; };"
+                      " add rule ip flood out icmp type destination-unreachable drop"])
+    return c1
+
+
 def fast_flows(lab, uplink: str = "eth0") -> list[dict]:
     """The fast path's flow map, as bpftool dumps it (an oracle independent of nswrap): found from
     the program of nswrap's filter on the uplink (tc), and that program's maps (bpftool)."""

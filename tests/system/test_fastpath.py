@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.lab import TEST_ANSWER, dig, wait_answered, wait_until
-from tests.system.common import dual_stack_unbound, nswrap, output, start
+from tests.system.common import dual_stack_unbound, nswrap, output, spoofing_client, start
 from tests.system.udpmany import COMMAND as UDPMANY, unanswered
 
 pytestmark = pytest.mark.bpf_only("the fast path's own tests (each gives --datapath bpf)")
@@ -108,11 +108,7 @@ def test_a_spoofed_flood_leaves_conntrack_as_it_was_and_other_uplinks_served(lab
     """80,000 spoofed flows (more than the flow map holds: its oldest entries are evicted), each
     answered, while the clients of the other uplinks ask: the host's conntrack table does not grow."""
     sources, flows = ("203.0.113.3", "203.0.113.4"), 80_000
-    c1 = lab.ns("c1")
-    lab.exec(c1, ["ip", "-batch", "-"], input="".join(f"addr add {a}/26 dev eth0\n" for a in sources))
-    # the answers reach no socket in c1 (the tool reads them raw): no port unreachables back
-    lab.exec(c1, ["nft", "add table ip flood; add chain ip flood out { type filter hook output priority 0; };"
-                      " add rule ip flood out icmp type destination-unreachable drop"])
+    c1 = spoofing_client(lab, sources)
     proc = serving(lab, tmp_path)
     try:
         before = conntrack_count(lab)

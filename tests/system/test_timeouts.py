@@ -80,11 +80,7 @@ def flood_pass(lab) -> dict:
 @pytest.mark.nft_only("conntrack's entries draining: the fast path makes none (test_fastpath's flood)")
 def test_a_spoofed_flood_sent_twice_drains_within_30_s(lab, tmp_path):
     require_commands("conntrack")
-    c1 = lab.ns("c1")
-    lab.exec(c1, ["ip", "-batch", "-"], input="".join(f"addr add {a}/26 dev eth0\n" for a in SOURCES))
-    # the answers reach no socket in c1 (the tool reads them raw): no port unreachables back
-    lab.exec(c1, ["nft", "add table ip flood; add chain ip flood out { type filter hook output priority 0; };"
-                      " add rule ip flood out icmp type destination-unreachable drop"])
+    common.spoofing_client(lab, SOURCES)
     proc = serving(lab, tmp_path)
     try:
         began = time.monotonic()
