@@ -45,8 +45,12 @@ def instance_id(lab) -> str:
 
 
 def conntrack_entries(lab, port: int) -> list[str]:
-    done = lab.exec(lab.host, ["conntrack", "-L", "--orig-port-dst", str(port)], check=False)
-    return [line for line in done.stdout.splitlines() if line.startswith(("udp", "tcp"))]
+    """The host's conntrack entries, UDP and TCP, whose original destination port is `port`."""
+    found = []
+    for proto in ("udp", "tcp"):
+        done = lab.exec(lab.host, ["conntrack", "-L", "-p", proto, "--orig-port-dst", str(port)])
+        found += [line for line in done.stdout.splitlines() if line.startswith(proto)]
+    return found
 
 
 def test_every_path_is_served_through_the_fast_path_with_no_conntrack_entry(lab, tmp_path):
@@ -89,13 +93,20 @@ def test_ipv6_is_served_with_every_forwarding_switch_of_the_host_off(lab, tmp_pa
         assert lab.stop(proc) == 128 + signal.SIGTERM
 
 
-def test_tc_filter_removed_by_someone_is_put_back(lab, tmp_path):
+def test_tc_filters_and_qdiscs_removed_by_someone_are_put_back(lab, tmp_path):
+    """An admin's `tc filter del` on an uplink, `tc qdisc del ... clsact` on another and on the
+    server's veth: rtnetlink's tc events make nswrap look, and it puts each back."""
     proc = serving(lab, tmp_path)
+    veth = "nsw-" + instance_id(lab)
     try:
         lab.exec(lab.host, ["tc", "filter", "del", "dev", "eth1", "ingress", "pref", str(PRIORITY)])
-        wait_until(lambda: any(f["pref"] == PRIORITY for f in filters(lab, "eth1")), 20,
-                   what="nswrap puts its filter back")
-        assert unanswered(lab, (lab.paths[2], lab.paths6[2]), [PORT]) == []
+        lab.exec(lab.host, ["tc", "qdisc", "del", "dev", "eth2", "clsact"])
+        lab.exec(lab.host, ["tc", "qdisc", "del", "dev", veth, "clsact"])
+        for dev in ("eth1", "eth2", veth):
+            wait_until(lambda dev=dev: any(f["pref"] == PRIORITY for f in filters(lab, dev)), 20,
+                       what=f"nswrap puts its filter on {dev} back")
+        assert unanswered(lab, (*lab.paths, *lab.paths6), [PORT]) == []
+        assert conntrack_entries(lab, PORT) == [], "served by the fast path again"
     finally:
         assert lab.stop(proc) == 128 + signal.SIGTERM
 
@@ -300,3 +311,27 @@ def test_more_endpoints_than_the_map_holds_are_refused_before_any_change(lab):
     done = nswrap(lab, "--datapath", "bpf", "--ports", "1-65535", "--uplink", "eth2", "--address", "203.0.113.65",
                   "--ipv6-forwarding", "off", "--dry-run")
     assert done.returncode == 0, done.stderr  # narrowed: 65,535 endpoints fit
+
+
+def test_an_nft_instance_and_a_bpf_instance_side_by_side(lab, tmp_path):
+    """One host, both datapaths: each serves every path; only the nft instance's flows are in
+    conntrack. The bpf one stops first: the nft one keeps serving, and the fast path is gone."""
+    nft = start(lab, tmp_path, "--datapath", "nft", "--ports", str(PORT + 10), "--",
+                *UDPMANY, "serve", "--tag", f"{tmp_path}/nft", str(PORT + 10), name="nft")
+    bpf = start(lab, tmp_path, "--datapath", "bpf", "--ports", str(PORT), "--",
+                *UDPMANY, "serve", "--tag", f"{tmp_path}/bpf", str(PORT), name="bpf")
+    try:
+        for name, proc in (("nft", nft), ("bpf", bpf)):
+            wait_until(lambda name=name, proc=proc: "ready" in output(tmp_path, name) or proc.poll() is not None, 30,
+                       what=f"the {name} instance's server is ready")
+        everywhere = (*lab.paths, *lab.paths6)
+        assert unanswered(lab, everywhere, [PORT, PORT + 10]) == []
+        assert conntrack_entries(lab, PORT) == [] and conntrack_entries(lab, PORT + 10) != []
+        listed = json.loads(nswrap(lab, "list", "--json").stdout)["instances"]
+        assert sorted(i["datapath"] for i in listed) == ["bpf", "nft"], listed
+        assert lab.stop(bpf) == 128 + signal.SIGTERM
+        assert not [f for dev in ("eth0", "eth1", "eth2") for f in filters(lab, dev)], "the fast path left"
+        assert unanswered(lab, everywhere, [PORT + 10]) == []
+    finally:
+        lab.stop(bpf)
+        assert lab.stop(nft) == 128 + signal.SIGTERM
