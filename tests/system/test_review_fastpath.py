@@ -159,3 +159,49 @@ def test_a_lan_peer_cannot_reach_the_server_from_the_hosts_own_address(lab, tmp_
     finally:
         _del(lab, c3, forged)
     assert lab.stop(proc) == 128 + 15
+
+
+def published_veths(lab) -> list[int]:
+    """The veth (host end, ifindex) of every entry of the fast path's `published` map (bpftool)."""
+    import json
+
+    def bpftool(*args: str):
+        return json.loads(subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True, check=True).stdout)
+
+    shown = json.loads(lab.exec(lab.host, ["tc", "-j", "filter", "show", "dev", "eth0", "ingress"]).stdout or "[]")
+    (prog,) = [f["options"]["prog"]["id"] for f in shown if f.get("options", {}).get("bpf_name") == "nswrap_uplink"]
+    for map_id in bpftool("prog", "show", "id", str(prog))["map_ids"]:
+        if bpftool("map", "show", "id", str(map_id))["name"] == "published":
+            return [int.from_bytes(bytes(int(b, 16) for b in e["value"][:4]), "little")
+                    for e in bpftool("map", "dump", "id", str(map_id))]
+    raise AssertionError("no published map")
+
+
+@pytest.mark.bpf_only("the fast path's map of published endpoints")
+def test_a_killed_instances_endpoints_are_dropped_by_the_survivor(lab, tmp_path):
+    """Two bpf instances; one is killed -9 (its namespace and veth go with it). The survivor follows
+    the host: the dead instance's entries in `published` must go (they name a veth that no longer
+    exists: its published port would stay taken by the fast path, redirected into nowhere, ahead
+    of anything that later serves that port on the nft datapath or the host)."""
+    import json
+    import signal
+
+    from tests.system.udpmany import COMMAND as UDPMANY, unanswered
+
+    procs = {}
+    for name, port in (("a", PORT), ("b", PORT + 1)):
+        procs[name] = start(lab, tmp_path, "--datapath", "bpf", "--ports", str(port), "--",
+                            *UDPMANY, "serve", "--tag", str(tmp_path / name), str(port), name=name)
+        wait_ready(tmp_path, name, timeout=30)
+    procs["a"].send_signal(signal.SIGKILL)
+    procs["a"].wait(10)
+
+    def veths() -> set[int]:
+        return {link["ifindex"] for link in json.loads(lab.exec(lab.host, ["ip", "-j", "link", "show"]).stdout)
+                if link["ifname"].startswith("nsw-")}
+
+    wait_until(lambda: len(veths()) == 1, 10, what="the dead instance's veth gone")
+    wait_until(lambda: set(published_veths(lab)) == veths(), 10,
+               what=f"the dead instance's endpoints dropped (entries name {set(published_veths(lab))}, veths {veths()})")
+    assert unanswered(lab, (lab.paths[0], lab.paths6[0]), [PORT + 1]) == []
+    assert lab.stop(procs["b"]) == 128 + signal.SIGTERM
