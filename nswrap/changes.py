@@ -297,6 +297,7 @@ class FastPath(Change):
         for name in sorted((have.uplinks | have.veths) - (want.uplinks | want.veths)):
             lines.append(f"tc filter del dev {name} ingress pref {FAST_PRIORITY} handle 1 bpf")
         added, deleted = len(want.endpoints - have.endpoints), len(have.endpoints - want.endpoints)
+        deleted += max(have.stale - want.stale, 0)  # entries naming an interface that is gone
         if added or deleted:
             lines.append(f"# fast path endpoints: {added} added, {deleted} deleted (map `published`)")
         return "\n".join(lines) or "# fast path: nothing to change"

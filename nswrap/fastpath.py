@@ -48,9 +48,10 @@ class Fast:
     uplinks: frozenset[str] = frozenset()
     veths: frozenset[str] = frozenset()
     endpoints: frozenset[Endpoint] = frozenset()
+    stale: int = 0  # entries of `published` naming an interface that is gone (a dead instance's veth)
 
     def __bool__(self) -> bool:
-        return bool(self.uplinks or self.veths or self.endpoints)
+        return bool(self.uplinks or self.veths or self.endpoints or self.stale)
 
 
 def host_addresses(facts: Facts, version: int) -> list[IPAddress]:

@@ -167,14 +167,20 @@ def read(links: dict[str, int]) -> Fast:
     try:
         published = loaded.maps["published"]
         endpoints = set()
+        stale = 0  # a dead instance's entries (its veth is gone): counted, so that they differ from
+        # what is wanted and the next apply deletes them; otherwise its port stays taken, into nowhere
         for key in syscall.map_keys(published):
             value = syscall.map_lookup(published, key)
-            e = decode(key, value, names) if value is not None else None
-            if e is not None:
+            if value is None:
+                continue  # deleted meanwhile
+            e = decode(key, value, names)
+            if e is None:
+                stale += 1
+            else:
                 endpoints.add(e)
     finally:
         loaded.close()
-    return Fast(uplinks, veths, frozenset(endpoints))
+    return Fast(uplinks, veths, frozenset(endpoints), stale)
 
 
 def remembered(facts: Facts) -> int:
