@@ -300,6 +300,9 @@ class FastPath(Change):
         deleted += max(have.stale - want.stale, 0)  # entries naming an interface that is gone
         if added or deleted:
             lines.append(f"# fast path endpoints: {added} added, {deleted} deleted (map `published`)")
+        added, deleted = len(want.sources - have.sources), len(have.sources - want.sources)
+        if added or deleted:
+            lines.append(f"# fast path sources: {added} added, {deleted} deleted (map `sources`)")
         return "\n".join(lines) or "# fast path: nothing to change"
 
 

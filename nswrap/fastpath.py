@@ -14,12 +14,13 @@ names here; the adapter (nswrap/bpf/fast.py) resolves their indexes when it writ
 
 from __future__ import annotations
 
+import ipaddress
 import os
 
-from nswrap.config import Protocol
+from nswrap.config import DEFAULT_UDP_TIMEOUT, Protocol
 from nswrap.datatypes import datatype
 from nswrap.facts import HOST_PREFIX, Facts
-from nswrap.objects import SCOPE_UNIVERSE, IPAddress
+from nswrap.objects import SCOPE_UNIVERSE, IPAddress, IPNetwork
 
 MAX_ENDPOINTS = 262144  # the `published` map's max_entries (nswrap/bpf/fastpath.bpf.c)
 UPLINK_PROGRAM, VETH_PROGRAM = "nswrap_uplink", "nswrap_veth"  # names of the tc filters
@@ -39,6 +40,16 @@ class Endpoint:
     mark: int
     server: IPAddress
     server_port: int
+    timeout: int = DEFAULT_UDP_TIMEOUT  # seconds a quiet flow stays with its uplink (--udp-timeout)
+
+
+@datatype(order=True)
+class Source:
+    """Which client addresses an uplink may bring (`sources`, the longest prefix wins)."""
+
+    uplink: str
+    network: IPNetwork
+    allowed: bool
 
 
 @datatype
@@ -48,10 +59,11 @@ class Fast:
     uplinks: frozenset[str] = frozenset()
     veths: frozenset[str] = frozenset()
     endpoints: frozenset[Endpoint] = frozenset()
+    sources: frozenset[Source] = frozenset()
     stale: int = 0  # entries of `published` naming an interface that is gone (a dead instance's veth)
 
     def __bool__(self) -> bool:
-        return bool(self.uplinks or self.veths or self.endpoints or self.stale)
+        return bool(self.uplinks or self.veths or self.endpoints or self.sources or self.stale)
 
 
 def host_addresses(facts: Facts, version: int) -> list[IPAddress]:
@@ -76,12 +88,42 @@ def helped(instance, proto: str, port: int) -> bool:
     return "tftp" in instance.helpers and proto == "udp" and port == 69
 
 
-def wanted(facts: Facts, allocation, instances) -> Fast:
-    """What the kernel must hold for the live `bpf` instances (allocation: the datapath's, with
-    its uplinks' marks). An uplink serves an instance's family when the nft datapath would."""
+# Sources no uplink brings: martians (RFC 6890's, as the kernel's own checks have them) and
+# link-local ones (the host's stack knows their zone); the host's own addresses and nswrap's
+# internal ranges are added from the facts.
+MARTIANS = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "127.0.0.0/8", "224.0.0.0/4", "240.0.0.0/4", "169.254.0.0/16",
+    "::/128", "::1/128", "fe80::/10", "ff00::/8"))
+
+
+def sources(facts: Facts, dp, instances, uplink, versions) -> set[Source]:
+    """What strict reverse-path filtering would let `uplink` bring, with nswrap's table for it:
+    anything where the table has a default route, its routes' destinations otherwise; never a
+    martian, one of the host's own addresses or a server's (the kernel's rp_filter never sees the
+    fast path's packets)."""
+    from nswrap.datapath import internal_ranges
+
+    out: set[Source] = set()
+    table = [r for r in dp.routes if r.table == uplink.table]
+    for version in versions:
+        anywhere = ipaddress.ip_network("0.0.0.0/0" if version == 4 else "::/0")
+        routed = [r.dst for r in table if r.version == version]
+        out.add(Source(uplink.ifname, anywhere, any(d.prefixlen == 0 for d in routed)))
+        out.update(Source(uplink.ifname, d, True) for d in routed if d.prefixlen and not d.is_link_local)
+        denied = [*internal_ranges(instances)[version], *(n for n in MARTIANS if n.version == version)]
+        denied += [ipaddress.ip_network(a.address.ip) for a in facts.addresses if a.version == version]
+        out.update(Source(uplink.ifname, n, False) for n in denied)
+    # a denied network wins over an allowed one of the same prefix
+    return {s for s in out if s.allowed is False or Source(s.uplink, s.network, False) not in out}
+
+
+def wanted(facts: Facts, dp, instances) -> Fast:
+    """What the kernel must hold for the live `bpf` instances (dp: the datapath computed for them,
+    with its uplinks' marks and tables). An uplink serves an instance's family when the nft
+    datapath would."""
     from nswrap.datapath import _addresses, instance_uplinks  # the nft datapath's own choices
 
-    uplinks: set[str] = set()
+    uplinks: dict[str, set[int]] = {}
     veths: set[str] = set()
     endpoints: set[Endpoint] = set()
     for instance in instances:
@@ -92,19 +134,22 @@ def wanted(facts: Facts, allocation, instances) -> Fast:
             server = instance.server(version)
             asked = [a for a in _addresses(instance, version) if a is not None] or host_addresses(facts, version)
             for ifname in instance_uplinks(facts, instance, version):
-                uplink = allocation.uplink(ifname)
+                uplink = dp.allocation.uplink(ifname)
                 if uplink is None or not ethernet(facts, ifname):
                     continue
-                uplinks.add(ifname)
-                mark = allocation.mark(uplink.index)
+                uplinks.setdefault(ifname, set()).add(version)
+                mark = dp.allocation.mark(uplink.index)
                 for address in asked:
                     for p in instance.ports:
                         for i in range(p.count):
                             if helped(instance, p.proto, p.outer_lo + i):
                                 continue
                             endpoints.add(Endpoint(ifname, address, p.proto, p.outer_lo + i, instance.veth, mark,
-                                                   server, p.inner_lo + i))
-    return Fast(frozenset(uplinks), frozenset(veths), frozenset(endpoints))
+                                                   server, p.inner_lo + i, instance.udp_timeout))
+    allowed: set[Source] = set()
+    for ifname, versions in uplinks.items():
+        allowed |= sources(facts, dp, instances, dp.allocation.uplink(ifname), sorted(versions))
+    return Fast(frozenset(uplinks), frozenset(veths), frozenset(endpoints), frozenset(allowed))
 
 
 def endpoint_count(facts: Facts, instance) -> int:

@@ -141,10 +141,13 @@ def _first(version: int) -> list[Chain]:
 def _publish() -> list[Chain]:
     """nat prerouting: the first packet of each flow. A published (uplink, [address,] proto, port)
     is DNATed to its server, keeping the port (keep) or remapping it (remap). Ordered for the
-    usual case, a port published on every address: one fib lookup, then one map lookup."""
+    usual case, a port published on every address: two fib lookups, then one map lookup."""
     out = _chain("publish", "nat hook prerouting priority dstnat", [
         'iifname "nsw-*" fib daddr type local meta l4proto { udp, tcp } dnat ip to meta l4proto . th dport map @stub4',
         "meta l4proto . th dport != @ports accept",
+        # from outside, one of the host's own addresses as the source is a forgery: IPv4's routing
+        # drops it as a martian after DNAT, IPv6 has no such check (nor rp_filter)
+        'iifname != "lo" fib saddr type local accept',
         "meta nfproto vmap { ipv4 : goto publish4, ipv6 : goto publish6 }",
     ])
     for version, ip in ((4, "ip"), (6, "ip6")):

@@ -15,15 +15,15 @@ import os
 import socket
 import struct
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from nswrap.bpf import elf, syscall
 from nswrap.errors import EXIT_USAGE, NswrapError
 from nswrap.facts import Facts
-from nswrap.fastpath import FAST_OBJECT, FAST_PRIORITY, UPLINK_PROGRAM, VETH_PROGRAM, Endpoint, Fast
+from nswrap.fastpath import FAST_OBJECT, FAST_PRIORITY, UPLINK_PROGRAM, VETH_PROGRAM, Endpoint, Fast, Source
 from nswrap.netlink import tc
 from nswrap.netlink.tc import Tc
-from nswrap.objects import IPAddress, Protocol
+from nswrap.objects import IPAddress, IPNetwork, Protocol
 
 PRIORITY, HANDLE = FAST_PRIORITY, 1
 SECTIONS = {UPLINK_PROGRAM: "tc/uplink", VETH_PROGRAM: "tc/veth"}
@@ -31,7 +31,9 @@ MAPS = ("published", "flows")
 PROTOCOLS: dict[Protocol, int] = {"udp": socket.IPPROTO_UDP, "tcp": socket.IPPROTO_TCP}
 NAMES: dict[int, Protocol] = {number: name for name, number in PROTOCOLS.items()}
 _KEY = struct.Struct("=IBB2s16s")  # struct endpoint_key: the port in network order
-_VALUE = struct.Struct("=II16s2s2x")  # struct endpoint
+_VALUE = struct.Struct("=II16s2s2xI")  # struct endpoint
+_SOURCE = struct.Struct("=II16s")  # struct source_key: prefix length (32 + the address's), ifindex, address
+V4_MAPPED = bytes(10) + b"\xff\xff"
 
 
 # A test seam, not an option: the system tests give nswrap an object the verifier refuses.
@@ -51,19 +53,39 @@ def _addr16(address: IPAddress) -> bytes:
 
 def encode(e: Endpoint, index: dict[str, int]) -> tuple[bytes, bytes]:
     key = _KEY.pack(index[e.uplink], e.address.version, PROTOCOLS[e.proto], e.port.to_bytes(2, "big"), _addr16(e.address))
-    value = _VALUE.pack(index[e.veth], e.mark, _addr16(e.server), e.server_port.to_bytes(2, "big"))
+    value = _VALUE.pack(index[e.veth], e.mark, _addr16(e.server), e.server_port.to_bytes(2, "big"), e.timeout)
     return key, value
+
+
+def encode_source(s: Source, index: dict[str, int]) -> tuple[bytes, bytes]:
+    """An LPM trie key: IPv4 as ::ffff:a.b.c.d, so both families share one trie per uplink."""
+    net = s.network
+    addr = V4_MAPPED + net.network_address.packed if net.version == 4 else net.network_address.packed
+    bits = 96 + net.prefixlen if net.version == 4 else net.prefixlen
+    return _SOURCE.pack(32 + bits, index[s.uplink], addr), bytes([s.allowed])
+
+
+def decode_source(key: bytes, value: bytes, names: dict[int, str]) -> Source | None:
+    prefixlen, ifindex, addr = _SOURCE.unpack(key)
+    if ifindex not in names or not 32 <= prefixlen <= 160:
+        return None
+    bits = prefixlen - 32
+    if addr.startswith(V4_MAPPED) and bits >= 96:
+        network: IPNetwork = ipaddress.IPv4Network((addr[12:], bits - 96))
+    else:
+        network = ipaddress.IPv6Network((addr, bits))
+    return Source(names[ifindex], network, bool(value[0]))
 
 
 def decode(key: bytes, value: bytes, names: dict[int, str]) -> Endpoint | None:
     """An entry as an Endpoint; None if it names an interface that is gone or is not nswrap's."""
     ifindex, family, proto, port, addr = _KEY.unpack(key)
-    veth, mark, server, server_port = _VALUE.unpack(value)
+    veth, mark, server, server_port, timeout = _VALUE.unpack(value)
     if ifindex not in names or veth not in names or proto not in NAMES or family not in (4, 6):
         return None
     size = 4 if family == 4 else 16
     return Endpoint(names[ifindex], ipaddress.ip_address(addr[:size]), NAMES[proto], int.from_bytes(port, "big"),
-                    names[veth], mark, ipaddress.ip_address(server[:size]), int.from_bytes(server_port, "big"))
+                    names[veth], mark, ipaddress.ip_address(server[:size]), int.from_bytes(server_port, "big"), timeout)
 
 
 class Loaded:
@@ -96,14 +118,33 @@ def find(filters: Iterable[tc.Filter]) -> Loaded | None:
             continue
         try:
             programs[f.name] = syscall.prog_fd_by_id(f.prog_id)
-            if not maps:
-                maps = syscall.maps_of(f.prog_id)
+            for name, fd in syscall.maps_of(f.prog_id).items():  # each program uses some of them
+                if name in maps:
+                    os.close(fd)
+                else:
+                    maps[name] = fd
         except OSError:
             continue  # detached meanwhile
-    if "published" not in maps or set(programs) != set(SECTIONS):
+    if set(programs) != set(SECTIONS) or not _current(maps):
         Loaded(programs, maps).close()
-        return None
+        return None  # gone meanwhile, or an older nswrap's layout: loaded anew, every filter replaced
     return Loaded(programs, maps)
+
+
+def _current(maps: dict[str, int]) -> bool:
+    """Are these maps the ones this nswrap's object makes (names, key and value sizes)?"""
+    try:
+        with open(os.environ.get(OBJECT_SEAM) or FAST_OBJECT, "rb") as f:
+            wanted = elf.parse(f.read()).maps
+    except (OSError, NswrapError):
+        return False
+    if set(maps) != set(wanted):
+        return False
+    for name, fd in maps.items():
+        info = syscall.map_info(fd)
+        if (info.key_size, info.value_size) != (wanted[name].key_size, wanted[name].value_size):
+            return False
+    return True
 
 
 def load(path: str | None = None) -> Loaded:
@@ -165,6 +206,7 @@ def read(links: dict[str, int]) -> Fast:
     if loaded is None:
         return Fast(uplinks, veths)
     try:
+        found = {s for s in (decode_source(k, v, names) for k, v in _entries(loaded.maps["sources"])) if s is not None}
         published = loaded.maps["published"]
         endpoints = set()
         stale = 0  # a dead instance's entries (its veth is gone): counted, so that they differ from
@@ -180,7 +222,14 @@ def read(links: dict[str, int]) -> Fast:
                 endpoints.add(e)
     finally:
         loaded.close()
-    return Fast(uplinks, veths, frozenset(endpoints), stale)
+    return Fast(uplinks, veths, frozenset(endpoints), frozenset(found), stale)
+
+
+def _entries(fd: int) -> Iterator[tuple[bytes, bytes]]:
+    for key in syscall.map_keys(fd):
+        value = syscall.map_lookup(fd, key)
+        if value is not None:  # deleted meanwhile
+            yield key, value
 
 
 def remembered(facts: Facts) -> int:
@@ -218,7 +267,9 @@ def apply(want: Fast) -> None:
                     t.ensure_clsact(links[name])
                     t.attach(links[name], "ingress", loaded.programs[program], program, PRIORITY, HANDLE)
             if loaded is not None:  # endpoints through a filter about to go are deleted first
-                _write_endpoints(loaded.maps["published"], want.endpoints, links)
+                _write(loaded.maps["sources"], dict(encode_source(s, links) for s in want.sources if s.uplink in links))
+                _write(loaded.maps["published"], dict(encode(e, links) for e in want.endpoints
+                                                      if e.uplink in links and e.veth in links))
         finally:
             if loaded is not None:
                 loaded.close()
@@ -227,11 +278,13 @@ def apply(want: Fast) -> None:
             t.remove_clsact(links[name])
 
 
-def _write_endpoints(fd: int, endpoints: frozenset[Endpoint], links: dict[str, int]) -> None:
-    wanted = dict(encode(e, links) for e in endpoints if e.uplink in links and e.veth in links)
-    for key in list(syscall.map_keys(fd)):
-        if key not in wanted:
-            syscall.map_delete(fd, key)
+def _write(fd: int, wanted: dict[bytes, bytes]) -> None:
+    """Make a map hold exactly `wanted`: what is not wanted deleted, what differs written. What it
+    holds is read key by key (a lookup in the LPM trie of `sources` is a longest-prefix match: an
+    entry it does not hold can look present through a shorter one)."""
+    have = dict(_entries(fd))
+    for key in have.keys() - wanted.keys():
+        syscall.map_delete(fd, key)
     for key, value in wanted.items():
-        if syscall.map_lookup(fd, key) != value:
+        if have.get(key) != value:
             syscall.map_update(fd, key, value)

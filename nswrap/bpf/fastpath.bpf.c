@@ -49,6 +49,7 @@ struct endpoint {
 	__u8 server[16];
 	__be16 port; /* the server's port (a remapped one differs) */
 	__u16 pad;
+	__u32 timeout; /* seconds a quiet flow is kept to its uplink (--udp-timeout) */
 };
 
 /* flows: what the server's reply is matched by -> where it goes */
@@ -69,6 +70,16 @@ struct flow {
 	__u32 uplink;
 	__u32 mark;
 	__u32 veth;
+	__u32 seen; /* when its client last sent (seconds of CLOCK_MONOTONIC): not part of its identity */
+};
+
+/* sources: which client addresses an uplink may bring (longest prefix wins: 1 allowed, 0 not);
+ * nswrap writes what its routing table for the uplink reaches, less the host's own addresses,
+ * its internal ranges and martians. The kernel's rp_filter never sees the fast path's packets. */
+struct source_key {
+	__u32 prefixlen; /* 32 (the uplink) + the address's bits */
+	__u32 ifindex;
+	__u8 addr[16]; /* IPv4 as ::ffff:a.b.c.d */
 };
 
 /* fragments of a server's reply: a first fragment (it has the ports) finds the flow, and leaves
@@ -87,6 +98,14 @@ struct map_def published SEC("maps") = {
 	.key_size = sizeof(struct endpoint_key),
 	.value_size = sizeof(struct endpoint),
 	.max_entries = 262144,
+	.map_flags = BPF_F_NO_PREALLOC,
+};
+
+struct map_def sources SEC("maps") = {
+	.type = BPF_MAP_TYPE_LPM_TRIE,
+	.key_size = sizeof(struct source_key),
+	.value_size = 1,
+	.max_entries = 16384,
 	.map_flags = BPF_F_NO_PREALLOC,
 };
 
@@ -234,10 +253,28 @@ static __always_inline int same(const struct flow *a, const struct flow *b)
 	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
 
 #pragma unroll
-	for (int i = 0; i < sizeof(struct flow) / 4; i++)
+	for (int i = 0; i < offsetof(struct flow, seen) / 4; i++)
 		if (x[i] != y[i])
 			return 0;
 	return 1;
+}
+
+/* May this uplink bring a packet from `src`? (As strict reverse-path filtering would say with
+ * nswrap's table for the uplink; a packet it may not bring is left to the host's stack.) */
+static __always_inline int source_allowed(struct __sk_buff *skb, __u8 family, const __u8 *src)
+{
+	struct source_key k = {.prefixlen = 32 + 128, .ifindex = skb->ifindex};
+
+	if (family == 4) {
+		k.addr[10] = 0xff;
+		k.addr[11] = 0xff;
+		__builtin_memcpy(&k.addr[12], src, 4);
+	} else {
+		__builtin_memcpy(k.addr, src, 16);
+	}
+	__u8 *allowed = bpf_map_lookup_elem(&sources, &k);
+
+	return allowed && *allowed;
 }
 
 /* The endpoint a packet asks for on this uplink, if it is published. */
@@ -398,7 +435,7 @@ static __always_inline int error_in(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;
 	struct endpoint *ep = endpoint_of(skb, q.family, q.proto, q.qsport, q.qsrc);
 
-	if (!ep)
+	if (!ep || !source_allowed(skb, q.family, q.src))
 		return TC_ACT_UNSPEC;
 	make_flow_key(&fk, q.family, q.proto, q.qdst, q.qdport, ep->server, ep->port);
 	struct flow *f = bpf_map_lookup_elem(&flows, &fk);
@@ -459,7 +496,7 @@ int uplink(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;
 	struct endpoint *ep = endpoint_of(skb, p.family, p.proto, p.dport, p.dst);
 
-	if (!ep)
+	if (!ep || !source_allowed(skb, p.family, p.src))
 		return TC_ACT_UNSPEC;
 	make_flow_key(&fk, p.family, p.proto, p.src, p.sport, ep->server, ep->port);
 	__builtin_memcpy(f.asked, p.dst, 16);
@@ -467,11 +504,24 @@ int uplink(struct __sk_buff *skb)
 	f.uplink = skb->ifindex;
 	f.mark = ep->mark;
 	f.veth = ep->veth;
+	__u32 now = bpf_ktime_get_ns() / 1000000000;
+
+	f.seen = now;
 	/* a lookup refreshes the entry's place in the LRU; write only what changed */
 	struct flow *known = bpf_map_lookup_elem(&flows, &fk);
 
-	if (!known || !same(known, &f))
+	if (known && !same(known, &f)) {
+		/* the same client's tuple through another uplink, or to another address, while its flow
+		 * lives: not taken over (a LAN peer posing as the client would take its answers); the
+		 * host's stack judges it (rp_filter, the nft datapath), as one packet of no flow here */
+		if (now - known->seen < ep->timeout)
+			return TC_ACT_UNSPEC;
+		known = NULL;
+	}
+	if (!known)
 		bpf_map_update_elem(&flows, &fk, &f, BPF_ANY);
+	else if (known->seen != now)
+		known->seen = now;
 	if (rewrite(skb, &p, 0, ep->server, ep->port))
 		return TC_ACT_SHOT;
 	return bpf_redirect_peer(f.veth, 0);

@@ -71,7 +71,7 @@ def test_every_path_is_served_through_the_fast_path_with_no_conntrack_entry(lab,
     loaded = programs(ids)
     assert sorted(p["name"] for p in loaded) == ["nswrap_uplink", "nswrap_veth"], loaded  # loaded once, shared
     maps = {m for p in loaded for m in p["map_ids"]}
-    assert len(maps) == 3, loaded  # published, flows, frags: shared by both
+    assert len(maps) == 4, loaded  # published, sources, flows, frags: shared by both
     assert lab.stop(proc) == 0, output(tmp_path, stream="err")
     for dev in ("eth0", "eth1", "eth2"):
         assert filters(lab, dev) == []  # and the lab fixture: no clsact left either

@@ -97,9 +97,6 @@ def undo(lab):
         raise ExceptionGroup("undoing the test's host changes", errors)
 
 
-@pytest.mark.nft_only(
-    "the fast path answers an IPv4 client on the uplink's own link without a gateway (docs/fastpath.md): nothing to follow"
-)
 def test_a_default_route_that_appears_on_an_uplink_is_followed(lab, tmp_path, serving, undo):
     """eth2 has no gateway: a far client behind c3 is not served, until a default route appears."""
     c3, host = lab.ns("c3"), lab.host

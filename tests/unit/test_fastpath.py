@@ -10,9 +10,9 @@ from nswrap import sync
 from nswrap.changes import FastPath
 from nswrap.datapath import datapath
 from nswrap.datatypes import replace
-from nswrap.fastpath import Endpoint, Fast, host_addresses, wanted
+from nswrap.fastpath import Endpoint, Fast, Source, host_addresses, wanted
 from nswrap.objects import Link
-from tests.unit.hosts import LINKS, MASK, A, fresh, host, instance
+from tests.unit.hosts import LINKS, MASK, A, N, fresh, host, instance
 
 ETHERNET = tuple(replace(link, mac=f"02:00:00:00:00:{link.index:02x}") if link.ifname.startswith("eth") else link
                  for link in LINKS)
@@ -25,7 +25,7 @@ def bpf(**kwargs):
 
 def fast_of(facts, *instances) -> Fast:
     dp = datapath(facts, fresh(facts), instances)
-    return wanted(facts, dp.allocation, instances)
+    return wanted(facts, dp, instances)
 
 
 def test_nft_instances_need_nothing():
@@ -108,10 +108,11 @@ def _struct_size(name: str) -> int:
 
 
 def test_the_endpoint_layout_matches_the_c_structs():
-    from nswrap.bpf.fast import _KEY, _VALUE
+    from nswrap.bpf.fast import _KEY, _SOURCE, _VALUE
 
     assert _KEY.size == _struct_size("endpoint_key") == 24
-    assert _VALUE.size == _struct_size("endpoint") == 28
+    assert _VALUE.size == _struct_size("endpoint") == 32
+    assert _SOURCE.size == _struct_size("source_key") == 24
 
 
 def test_endpoints_encode_and_decode():
@@ -130,3 +131,31 @@ def test_endpoints_encode_and_decode():
 def test_a_port_a_conntrack_helper_follows_stays_on_nft():
     fast = fast_of(host(links=ETHERNET), replace(bpf(ports="69,53", uplinks=("eth1",), ipv6=False), helpers=("tftp",)))
     assert {e.port for e in fast.endpoints} == {53}
+
+
+def test_an_uplink_with_a_default_route_brings_any_source_but_martians_and_the_hosts_own():
+    fast = fast_of(host(links=ETHERNET), bpf(ports="53"))
+    eth0 = {(str(s.network), s.allowed) for s in fast.sources if s.uplink == "eth0"}
+    assert ("0.0.0.0/0", True) in eth0 and ("::/0", True) in eth0  # a default route each
+    for denied in ("192.0.2.10/32", "198.51.100.10/32", "2001:db8:1::10/128", "198.18.0.0/15",
+                   "fd6e:7377:7261::/48", "127.0.0.0/8", "::1/128", "224.0.0.0/4", "fe80::/10"):
+        assert (denied, False) in eth0, denied
+
+
+def test_an_uplink_without_a_gateway_brings_only_what_its_table_reaches():
+    fast = fast_of(host(links=ETHERNET), bpf(ports="53", ipv6=False))
+    eth2 = {(str(s.network), s.allowed) for s in fast.sources if s.uplink == "eth2"}
+    assert ("0.0.0.0/0", False) in eth2 and ("203.0.113.64/26", True) in eth2
+    assert ("203.0.113.65/32", False) in eth2  # its own address, in its own subnet
+
+
+def test_sources_encode_as_one_trie_for_both_families():
+    from nswrap.bpf.fast import decode_source, encode_source
+
+    index = {"eth0": 2}
+    for s in (Source("eth0", N("0.0.0.0/0"), True), Source("eth0", N("192.0.2.10/32"), False),
+              Source("eth0", N("::/0"), True), Source("eth0", N("2001:db8:1::/64"), True)):
+        key, value = encode_source(s, index)
+        assert decode_source(key, value, {2: "eth0"}) == s
+    key, _ = encode_source(Source("eth0", N("192.0.2.0/24"), True), index)
+    assert key[:4] == (32 + 96 + 24).to_bytes(4, "little") and key[8:24] == bytes(10) + b"\xff\xff" + bytes([192, 0, 2, 0])
