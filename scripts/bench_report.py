@@ -2,6 +2,9 @@
 generated from one run's results (a dict, as saved in docs/bench/results.json).
 
     python scripts/bench_report.py [RESULTS_JSON [OUT_DIR]]   # re-render without re-measuring
+    python scripts/bench_report.py --merge PARTIAL [RESULTS_JSON [OUT_DIR]]
+        # put the sections of a `scripts/bench --only ...` run (PARTIAL, a JSON file) into
+        # RESULTS_JSON in place of the same sections, then re-render; the others stay as they were
 """
 
 from __future__ import annotations
@@ -22,7 +25,13 @@ NAMES = {
     "bestalt": "best alternative",
     "direct+conntrack": "direct + stateful firewall",
     "nswrap-global6": "nswrap, --ipv6-forwarding global",
+    "nswrap-bpf": "nswrap --datapath bpf",
 }
+
+# Issue 27's targets for the tc-BPF fast path (--datapath bpf), stated next to the figures (the
+# report judges them; no test asserts them): (key, figure, bound, higher is better)
+FAST_TARGETS = {"p50": ("round trip p50", 1.05, False), "flows": ("new UDP flows/s", 0.9, True),
+                "dns": ("DNS max rate", 0.93, True)}
 
 # What earlier measurements found (issues 7, 11, 12, 13, 15), quoted for the closing note.
 ISSUE_FIGURES = {
@@ -89,6 +98,11 @@ def targets(r: dict) -> list[tuple[str, str, str, str]]:
     row("iperf3 TCP throughput, nswrap ÷ direct", cr["tcp"], ".3f", "≥ 0.9 (aim)", lambda v: v >= 0.9, cp.get("tcp"))
     row("iperf3 UDP throughput, nswrap ÷ direct", cr["udp"], ".3f", "≥ 0.9 (aim)", lambda v: v >= 0.9, cp.get("udp"))
     row("new flows/s, nswrap ÷ direct", cr["flows"], ".3f", "≥ 0.8 (aim)", lambda v: v >= 0.8, cp.get("flows"))
+    for figure, value, pair, key in fast_ratios(r):
+        name, bound, higher = FAST_TARGETS[key]
+        row(f"{figure}, nswrap --datapath bpf ÷ {'best alternative' if key == 'dns' and 'IPv6' not in figure else 'direct'}",
+            value, ".3f", f"{'≥' if higher else '≤'} {bound} (issue 27)",
+            lambda v, bound=bound, higher=higher: v >= bound if higher else v <= bound, pair)
     nm = st["median"]["nswrap"]
     row("launch → first correct answer, IPv4 (ms)", nm["v4_ms"], ".0f", "≤ 300", lambda v: v <= 300)
     row("launch → first correct answer, IPv6 (ms)", nm["v6_ms"], ".0f", "≤ 300", lambda v: v <= 300)
@@ -192,7 +206,8 @@ def glance_table(r: dict) -> list[str]:
 
 def costs_table(r: dict) -> list[str]:
     c, st, d = r["costs"], r["startup"], r["dns"]
-    variants = [v for v in ("direct", "direct+conntrack", "nswrap", "handwritten", "recipe2014", "old") if v in c["median"]]
+    variants = [v for v in ("direct", "direct+conntrack", "nswrap", "nswrap-bpf", "handwritten", "recipe2014", "old")
+                if v in c["median"]]
     m, q = c["median"], c["ratio_to_direct"]
     head = "| what it costs | " + " | ".join(NAMES[v] for v in variants) + " |"
     lines = [head, "|---" * (len(variants) + 1) + "|"]
@@ -268,7 +283,7 @@ def ipv6_table(r: dict) -> list[str]:
     m, d = v6["median"], v6["median"]["direct"]
     lines = [f"| IPv6, c1 → eth0 | DNS queries/s, {v6['clients']} sockets | ÷ direct | paired ÷ direct "
              "| first answer after launch (ms) |", "|---|---|---|---|---|"]
-    for v in ("direct", "nswrap", "nswrap-global6"):
+    for v in [v for v in ("direct", "nswrap", "nswrap-global6", "nswrap-bpf") if v in m]:
         lines.append(f"| {NAMES[v]} | {m[v]['qps6']:,.0f} | {m[v]['qps6'] / d['qps6']:.3f} | "
                      f"{v6['paired_to_direct'][v]:.3f} | {m[v]['first_answer6_ms']:.0f} |")
     return lines
@@ -277,7 +292,7 @@ def ipv6_table(r: dict) -> list[str]:
 def dns_table(r: dict) -> list[str]:
     d = r["dns"]
     few, many = d["clients"]["few"], d["clients"]["many"]
-    variants = [v for v in ("nswrap", "handwritten", "bestalt", "old") if v in d["median"]]
+    variants = [v for v in ("nswrap", "nswrap-bpf", "handwritten", "bestalt", "old") if v in d["median"]]
     m = d["median"]
     lines = [
         f"| DNS max rate (dnsperf, c2 → eth1) | queries/s, {few} sockets | ÷ by hand | ÷ best alternative "
@@ -293,6 +308,76 @@ def dns_table(r: dict) -> list[str]:
                 f"{m[v][k + '_qps'] / m['bestalt'][k + '_qps']:.3f}",
             ]
         lines.append(f"| {NAMES[v]} | " + " | ".join(cells) + f" | {fmt(m[v].get('pss_mb'), '.1f')} |")
+    return lines
+
+
+def fast_ratios(r: dict) -> list[tuple[str, float, float | None, str]]:
+    """(figure, bpf ÷ direct, paired, FAST_TARGETS key) for what this run measured of the fast
+    path; DNS through eth1 divides by the best alternative (the server bound directly, with the
+    `ip rule` per address it needs to answer through eth1 at all)."""
+    out = []
+    c, d, v6 = r.get("costs", {}), r.get("dns", {}), r.get("ipv6") or {}
+    for key in ("p50", "flows"):
+        value = get(c, "ratio_to_direct", "nswrap-bpf", key)
+        if value is not None:
+            out.append((FAST_TARGETS[key][0], value, get(c, "paired_to_direct", "nswrap-bpf", key), key))
+    for k in ("few", "many"):
+        value = get(d, "ratios", "nswrap-bpf_to_bestalt", k)
+        if value is not None:
+            out.append((f"DNS max rate via eth1, {get(d, 'clients', k)} sockets", value,
+                        get(d, "paired", "nswrap-bpf_to_bestalt", k), "dns"))
+    m = v6.get("median", {})
+    if "nswrap-bpf" in m:
+        out.append((f"DNS max rate over IPv6 via eth0, {v6['clients']} sockets", m["nswrap-bpf"]["qps6"] / m["direct"]["qps6"],
+                    get(v6, "paired_to_direct", "nswrap-bpf"), "dns"))
+    return out
+
+
+def fastpath_table(r: dict) -> list[str]:
+    """Issue 27's figures side by side: direct / nft / bpf / by hand, ratios to direct, targets."""
+    c, d, v6 = r.get("costs", {}), r.get("dns", {}), r.get("ipv6") or {}
+    if "nswrap-bpf" not in c.get("median", {}) and "nswrap-bpf" not in d.get("median", {}):
+        return ["(the fast path was not measured in this run)"]
+    columns = ("direct", "nswrap", "nswrap-bpf", "handwritten")
+    lines = ["| figure (÷ the server bound directly) | server bound directly | nswrap (nft) | nswrap --datapath bpf "
+             "| same design by hand | issue 27's target for bpf | bpf meets it |", "|---|---|---|---|---|---|---|"]
+
+    def row(name: str, values: dict, spec: str, key: str, paired: float | None) -> None:
+        base = values.get("direct")
+        cells = []
+        for v in columns:
+            x = values.get(v)
+            if x is None:
+                cells.append("–")
+            elif v == "direct" or not base:
+                cells.append(format(x, spec))
+            else:
+                cells.append(f"{x:{spec}} ({x / base:.2f}×)")
+        _, bound, higher = FAST_TARGETS[key]
+        ratio = values["nswrap-bpf"] / base if base and values.get("nswrap-bpf") is not None else None
+        target = f"{'≥' if higher else '≤'} {bound}×"
+        verdict = ok(ratio, lambda v: v >= bound if higher else v <= bound)
+        if paired is not None:
+            verdict += f" ({fmt(ratio, '.3f')}, paired {paired:.3f})"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {target} | {verdict} |")
+
+    cm = c.get("median", {})
+    if "nswrap-bpf" in cm:
+        row("round trip p50, µs (lower is better)", {v: cm[v]["p50_us"] for v in columns if v in cm}, ".1f", "p50",
+            get(c, "paired_to_direct", "nswrap-bpf", "p50"))
+        row("new UDP flows/s", {v: cm[v]["flows_per_s"] for v in columns if v in cm}, ",.0f", "flows",
+            get(c, "paired_to_direct", "nswrap-bpf", "flows"))
+    dm = d.get("median", {})
+    if "nswrap-bpf" in dm:
+        for k in ("few", "many"):
+            values = {("direct" if v == "bestalt" else v): dm[v][f"{k}_qps"]
+                      for v in ("bestalt", "nswrap", "nswrap-bpf", "handwritten") if v in dm}
+            row(f"DNS queries/s via eth1, {d['clients'][k]} sockets (direct: the best alternative)", values, ",.0f", "dns",
+                get(d, "paired", "nswrap-bpf_to_bestalt", k))
+    vm = v6.get("median", {})
+    if "nswrap-bpf" in vm:
+        row(f"DNS queries/s over IPv6 via eth0, {v6['clients']} sockets", {v: vm[v]["qps6"] for v in columns if v in vm},
+            ",.0f", "dns", get(v6, "paired_to_direct", "nswrap-bpf"))
     return lines
 
 
@@ -487,7 +572,11 @@ def profile_lines(r: dict) -> list[str]:
 
 PLURAL = {"query": "queries", "flow": "flows"}
 AGAINST = {"handwritten": "the same design by hand", "bestalt": "the best alternative",
-           "direct+conntrack": "the server bound directly on a host that tracks connections"}
+           "direct+conntrack": "the server bound directly on a host that tracks connections",
+           "direct": "the server bound directly", "nswrap": "nswrap with the nft datapath"}
+# (variant, base): the differences each CPU profile spells out, when both were profiled
+PROFILE_DIFFS = (("nswrap", "handwritten"), ("nswrap", "bestalt"), ("nswrap", "direct+conntrack"),
+                 ("nswrap-bpf", "bestalt"), ("nswrap-bpf", "direct"), ("nswrap-bpf", "nswrap"))
 
 
 def profile_diff(prof: dict, a: str, b: str) -> tuple[float, dict[str, float]]:
@@ -517,24 +606,25 @@ def cpu_profile_table(prof: dict, what: str = "query") -> list[str]:
     else:
         counts = " | ".join(f"{prof[v]['operations']:,.0f}" for v in variants)
         lines.append(f"| {PLURAL[what]} answered while profiled | {counts} |")
-    for base in ("handwritten", "bestalt", "direct+conntrack"):
-        if "nswrap" not in prof or base not in prof:
+    for variant, base in PROFILE_DIFFS:
+        if variant not in prof or base not in prof:
             continue
-        total, by_group = profile_diff(prof, "nswrap", base)
+        total, by_group = profile_diff(prof, variant, base)
         diff = sorted(((d, g) for g, d in by_group.items()), reverse=True)
         lines += [
             "",
-            f"nswrap against {AGAINST[base]}: {total:+.2f} µs per {what} in all, "
+            f"{NAMES[variant]} against {AGAINST[base]}: {total:+.2f} µs per {what} in all, "
             + ", ".join(f"{g} {d:+.2f}" for d, g in diff if abs(d) >= 0.05)
             + " (differences under ~0.3 µs are within this profile's noise).",
         ]
-    if "nswrap" in prof:
-        lines += [
-            "",
-            f"Hottest functions under nswrap (µs per {what}; kernel and user space): "
-            + ", ".join(f"`{x['symbol']}` {x['us_per_query']:.2f}" for x in prof["nswrap"]["top_symbols"][:10])
-            + ".",
-        ]
+    for variant in ("nswrap", "nswrap-bpf"):
+        if variant in prof:
+            lines += [
+                "",
+                f"Hottest functions under {NAMES[variant]} (µs per {what}; kernel and user space): "
+                + ", ".join(f"`{x['symbol']}` {x['us_per_query']:.2f}" for x in prof[variant]["top_symbols"][:10])
+                + ".",
+            ]
     return lines
 
 
@@ -956,7 +1046,8 @@ def charts(r: dict, out: pathlib.Path) -> None:
         meds = [c["median"][v][key] for v in variants]
         lo = [m - min(x[key] for x in c["runs"][v]) for m, v in zip(meds, variants, strict=True)]
         hi = [max(x[key] for x in c["runs"][v]) - m for m, v in zip(meds, variants, strict=True)]
-        colors = ["tab:orange" if v == "nswrap" else "tab:blue" for v in variants]  # nswrap stands out
+        # nswrap stands out, each datapath in its own colour
+        colors = [{"nswrap": "tab:orange", "nswrap-bpf": "tab:green"}.get(v, "tab:blue") for v in variants]
         bars = ax.bar(range(len(variants)), meds, yerr=[lo, hi], capsize=4, color=colors)
         labelled(ax, bars, inside=True)
         ax.set_xticks(range(len(variants)), wrapped([NAMES[v] for v in variants]), fontsize=8)
