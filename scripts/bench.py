@@ -878,6 +878,7 @@ def main() -> int:
             for name in sections:
                 say(f"--- {name} ({time.monotonic() - started:.0f} s so far)")
                 t0 = time.monotonic()
+                load = os.getloadavg()[0]  # the machine's other work shows here (the bench's own adds ~1-2)
                 try:
                     results[name] = globals()[f"bench_{name}"](b)
                 except BaseException:
@@ -885,6 +886,7 @@ def main() -> int:
                         say("last lines of the servers' log:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-20:]))
                     raise
                 results["meta"].setdefault("section_seconds", {})[name] = round(time.monotonic() - t0, 1)
+                results["meta"].setdefault("loadavg", {})[name] = [load, os.getloadavg()[0]]
     results["meta"]["seconds"] = round(time.monotonic() - started, 1)
     if set(sections) != set(SECTIONS):
         partial = pathlib.Path(tempfile.gettempdir()) / "nswrap-bench-partial.json"
