@@ -837,7 +837,8 @@ def benchmarks_md(r: dict, charts: str = "bench") -> str:
         "",
         "## At a glance",
         "",
-        f"What nswrap costs, from the run of {r['meta']['date']} (tree `{r['meta']['commit']}`): nswrap's figure, then "
+        ("What nswrap costs, from the runs named above" if r["meta"].get("merged") else
+         f"What nswrap costs, from the run of {r['meta']['date']} (tree `{r['meta']['commit']}`)") + ": nswrap's figure, then "
         "each alternative's with nswrap's divided by it. For times (round trip, first answer) below 1× means nswrap is "
         "faster; for rates, above 1× means it does more. *Server bound directly* answers only the paths the main "
         "routing table happens to serve (not eth1, where the DNS figures are taken); *best alternative* helps only "
