@@ -3,12 +3,14 @@
 One run measures everything side by side: the variants of each figure alternate in rounds (order
 rotated), medians are taken over rounds, and every ratio compares figures of the same run.
 
-1. costs: what nswrap costs a user against the server bound directly and the 2014 recipe:
-   round trip (sockperf ping-pong p50/p99) and transactions/s, new UDP flows/s, bulk UDP and TCP
-   throughput (iperf3);
-2. dns: DNS max rate (dnsperf, a few client sockets and many) of unbound under nswrap, under the
-   same design written by hand (scripts/bench_handwritten.sh) and run the best way without a
-   namespace (unbound interface-automatic + `ip rule from ADDR` per address); wrapper memory (PSS);
+1. costs: what nswrap costs a user, with either datapath (nft, and bpf: the tc-BPF fast path of
+   issue 27), against the server bound directly and the 2014 recipe: round trip (sockperf
+   ping-pong p50/p99) and transactions/s, new UDP flows/s (one request and its answer per flow,
+   each from its own source port), bulk UDP and TCP throughput (iperf3);
+2. dns: DNS max rate (dnsperf, a few client sockets and many) of unbound under nswrap (nft and
+   bpf), under the same design written by hand (scripts/bench_handwritten.sh) and run the best
+   way without a namespace (unbound interface-automatic + `ip rule from ADDR` per address: the
+   server bound directly, answering through eth1); wrapper memory (PSS);
 3. startup: launch -> first correct answer over IPv4 and IPv6 (unbound alone as reference), stop
    time, `-- true` start+stop against the hand-written script, and a start-up profile;
 4. scale: round trip of a wrapped server and of unrelated host traffic with 0, 10, 12 and 50 other
@@ -140,12 +142,12 @@ def rotate(items: list, r: int) -> list:
     return items[k:] + items[:k]
 
 
-def adjacent_pair(pair: tuple[str, str], others: list[str], r: int) -> list[str]:
-    """Round *r*'s order: *others* and the *pair* rotated as one unit, the pair's own order
-    alternating, so that the two variants whose ratio a target is judged on always run one right
-    after the other (the machine drifts less in seconds than in minutes)."""
-    first, second = pair if r % 2 == 0 else pair[::-1]
-    return [v for unit in rotate([[first, second], *([o] for o in others)], r) for v in unit]
+def adjacent_pairs(pairs: list[tuple[str, str]], others: list[str], r: int) -> list[str]:
+    """Round *r*'s order: *others* and each of the *pairs* rotated as one unit, each pair's own
+    order alternating, so that the two variants whose ratio a target is judged on always run one
+    right after the other (the machine drifts less in seconds than in minutes)."""
+    units = [list(pair if r % 2 == 0 else pair[::-1]) for pair in pairs]
+    return [v for unit in rotate([*units, *([o] for o in others)], r) for v in unit]
 
 
 @dataclasses.dataclass
@@ -222,7 +224,7 @@ def new_flows(b: Bench, port: int, count: int) -> dict:
     return json.loads(out)
 
 
-COSTS_VARIANTS = ["direct", "direct+conntrack", "nswrap", "handwritten", "recipe2014"]
+COSTS_VARIANTS = ["direct", "direct+conntrack", "nswrap", "nswrap-bpf", "handwritten", "recipe2014"]
 # the processes a new flow runs in: the raw-socket client and the echo server (both Python)
 FLOW_COMMS = "python,python3,ksoftirqd/0,ksoftirqd/1,swapper,swapper/0,swapper/1"
 
@@ -242,7 +244,8 @@ def bench_costs(b: Bench) -> dict:
             yield stack.enter_context(b.serve("direct" if variant.startswith("direct") else variant, server, pin=pin))
 
     for r in range(s.rounds):
-        for variant in rotate(variants, r):
+        # the fast path's targets divide by direct (issue 27): the two always run one after the other
+        for variant in adjacent_pairs([("direct", "nswrap-bpf")], [v for v in variants if v not in ("direct", "nswrap-bpf")], r):
             x: dict = {}
             with serve(variant, Server("sockperf", 11001), SAME_CPU):
                 pingpong(b, "c1", C1_TARGET, 11001, 1)  # warm-up: neighbours, caches
@@ -259,7 +262,7 @@ def bench_costs(b: Bench) -> dict:
             say(f"costs round {r + 1}/{s.rounds} {variant}: p50 {x['p50_us']:.1f} us, {x['transactions_per_s']} tx/s, "
                 f"TCP {x['tcp_gbit_s']:.2f} / UDP {x['udp_gbit_s']:.2f} Gbit/s, {x['flows_per_s']} flows/s")
     profile = {}
-    for variant in ("direct", "direct+conntrack", "nswrap", "handwritten") if shutil.which("perf") else ():
+    for variant in ("direct", "direct+conntrack", "nswrap", "nswrap-bpf", "handwritten") if shutil.which("perf") else ():
         with serve(variant, Server("echo", 7100), SERVER_CPU):
             b.flush_conntrack()
             profile[variant] = perf_profile(b, lambda: new_flows(b, 7100, s.flows)["answered"], FLOW_COMMS)
@@ -354,14 +357,16 @@ def say_profile(section: str, variant: str, profile: dict, unit: str) -> None:
 def bench_dns(b: Bench) -> dict:
     s = b.s
     (b.tmp / "queries.txt").write_text("test.example A\n")
-    variants = ["nswrap", "handwritten", "bestalt", *b.variants_old]
+    variants = ["nswrap", "nswrap-bpf", "handwritten", "bestalt", *b.variants_old]
     few, many = s.dns_clients
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for r in range(s.dns_rounds):
-        for variant in adjacent_pair(("nswrap", "handwritten"), ["bestalt", *b.variants_old], r):
+        # the pairs whose ratios targets are judged on: nft against by hand, bpf against the server
+        # bound directly (issue 27)
+        for variant in adjacent_pairs([("nswrap", "handwritten"), ("nswrap-bpf", "bestalt")], b.variants_old, r):
             with b.serve(variant, Server("unbound", 53, str(b.tmp)), pin=SERVER_CPU) as running:
                 b.dns_ready(running, "c2", C2_TARGET)
-                x = {"memory": running.memory() if variant in ("nswrap", "old", "handwritten") else None}
+                x = {"memory": running.memory() if variant in ("nswrap", "nswrap-bpf", "old", "handwritten") else None}
                 x["few"] = dnsperf(b, few, s.dnsperf_s)
                 x["many"] = dnsperf(b, many, s.dnsperf_s)
             runs[variant].append(x)
@@ -380,15 +385,16 @@ def bench_dns(b: Bench) -> dict:
         return {k: med[a][f"{k}_qps"] / med[base][f"{k}_qps"] for k in ("few", "many")}
 
     profile = {}
-    for variant in ("nswrap", "handwritten", "bestalt") if shutil.which("perf") else ():
+    for variant in ("nswrap", "nswrap-bpf", "handwritten", "bestalt") if shutil.which("perf") else ():
         with b.serve(variant, Server("unbound", 53, str(b.tmp)), pin=SERVER_CPU) as running:
             b.dns_ready(running, "c2", C2_TARGET)
             profile[variant] = perf_profile(b, lambda: dnsperf(b, few, s.dnsperf_s)["qps"] * s.dnsperf_s)
         say_profile("dns", variant, profile[variant], "query")
-    ratios = {"nswrap_to_handwritten": ratio("nswrap", "handwritten"), "nswrap_to_bestalt": ratio("nswrap", "bestalt"),
-              "handwritten_to_bestalt": ratio("handwritten", "bestalt")}
+    compared = (("nswrap", "handwritten"), ("nswrap", "bestalt"), ("handwritten", "bestalt"),
+                ("nswrap-bpf", "bestalt"), ("nswrap-bpf", "handwritten"), ("nswrap-bpf", "nswrap"))
+    ratios = {f"{a}_to_{base}": ratio(a, base) for a, base in compared}
     pairs = {f"{a}_to_{base}": {k: paired(runs[a], runs[base], lambda x, k=k: x[k]["qps"]) for k in ("few", "many")}
-             for a, base in (("nswrap", "handwritten"), ("nswrap", "bestalt"), ("handwritten", "bestalt"))}
+             for a, base in compared}
     if b.old:
         ratios["old_to_handwritten"] = ratio("old", "handwritten")
         ratios["old_to_bestalt"] = ratio("old", "bestalt")
@@ -398,14 +404,14 @@ def bench_dns(b: Bench) -> dict:
 
 # --- 2b. ipv6 -----------------------------------------------------------------------------------
 
-IPV6_VARIANTS = ["direct", "nswrap", "nswrap-global6"]
+IPV6_VARIANTS = ["direct", "nswrap", "nswrap-global6", "nswrap-bpf"]
 
 
 def bench_ipv6(b: Bench) -> dict:
     """IPv6 through the global switch (--ipv6-forwarding global, as on kernels before 6.17)
-    against per-interface forwarding and the server bound directly: DNS max rate over IPv6 from
-    c1 (eth0, the main table's uplink, the one path the direct server answers) and the first
-    answer over IPv6 after launch."""
+    against per-interface forwarding, the fast path (--datapath bpf, which forwards nothing) and
+    the server bound directly: DNS max rate over IPv6 from c1 (eth0, the main table's uplink, the
+    one path the direct server answers) and the first answer over IPv6 after launch."""
     s = b.s
     (b.tmp / "queries.txt").write_text("test.example A\n")
     few = s.dns_clients[0]
@@ -915,6 +921,7 @@ def main() -> int:
             for name in sections:
                 say(f"--- {name} ({time.monotonic() - started:.0f} s so far)")
                 t0 = time.monotonic()
+                load = os.getloadavg()[0]  # the machine's other work shows here (the bench's own adds ~1-2)
                 try:
                     results[name] = globals()[f"bench_{name}"](b)
                 except BaseException:
@@ -922,11 +929,13 @@ def main() -> int:
                         say("last lines of the servers' log:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-20:]))
                     raise
                 results["meta"].setdefault("section_seconds", {})[name] = round(time.monotonic() - t0, 1)
+                results["meta"].setdefault("loadavg", {})[name] = [load, os.getloadavg()[0]]
     results["meta"]["seconds"] = round(time.monotonic() - started, 1)
     if set(sections) != set(SECTIONS):
         partial = pathlib.Path(tempfile.gettempdir()) / "nswrap-bench-partial.json"
         partial.write_text(json.dumps(results, indent=1) + "\n")
-        say(f"done in {results['meta']['seconds']} s: some sections only, results in {partial} (docs untouched)")
+        say(f"done in {results['meta']['seconds']} s: some sections only, results in {partial} (docs untouched; "
+            f"`scripts/bench_report.py --merge {partial}` puts them into docs/bench/results.json in place of those sections)")
         return 0
     # A quick run is a smoke test: its noisy figures never replace the documented ones.
     out = (args.out or (QUICK_OUT if args.quick else OUT)).resolve()

@@ -2,6 +2,9 @@
 generated from one run's results (a dict, as saved in docs/bench/results.json).
 
     python scripts/bench_report.py [RESULTS_JSON [OUT_DIR]]   # re-render without re-measuring
+    python scripts/bench_report.py --merge PARTIAL [--note TEXT] [RESULTS_JSON [OUT_DIR]]
+        # put the sections of a `scripts/bench --only ...` run (PARTIAL, a JSON file) into
+        # RESULTS_JSON in place of the same sections, then re-render; the others stay as they were
 """
 
 from __future__ import annotations
@@ -22,7 +25,13 @@ NAMES = {
     "bestalt": "best alternative",
     "direct+conntrack": "direct + stateful firewall",
     "nswrap-global6": "nswrap, --ipv6-forwarding global",
+    "nswrap-bpf": "nswrap --datapath bpf",
 }
+
+# Issue 27's targets for the tc-BPF fast path (--datapath bpf), stated next to the figures (the
+# report judges them; no test asserts them): (key, figure, bound, higher is better)
+FAST_TARGETS = {"p50": ("round trip p50", 1.05, False), "flows": ("new UDP flows/s", 0.9, True),
+                "dns": ("DNS max rate", 0.93, True)}
 
 # What earlier measurements found (issues 7, 11, 12, 13, 15), quoted for the closing note.
 ISSUE_FIGURES = {
@@ -89,6 +98,11 @@ def targets(r: dict) -> list[tuple[str, str, str, str]]:
     row("iperf3 TCP throughput, nswrap ÷ direct", cr["tcp"], ".3f", "≥ 0.9 (aim)", lambda v: v >= 0.9, cp.get("tcp"))
     row("iperf3 UDP throughput, nswrap ÷ direct", cr["udp"], ".3f", "≥ 0.9 (aim)", lambda v: v >= 0.9, cp.get("udp"))
     row("new flows/s, nswrap ÷ direct", cr["flows"], ".3f", "≥ 0.8 (aim)", lambda v: v >= 0.8, cp.get("flows"))
+    for figure, value, pair, key in fast_ratios(r):
+        name, bound, higher = FAST_TARGETS[key]
+        row(f"{figure}, nswrap --datapath bpf ÷ {'best alternative' if key == 'dns' and 'IPv6' not in figure else 'direct'}",
+            value, ".3f", f"{'≥' if higher else '≤'} {bound} (issue 27)",
+            lambda v, bound=bound, higher=higher: v >= bound if higher else v <= bound, pair)
     nm = st["median"]["nswrap"]
     row("launch → first correct answer, IPv4 (ms)", nm["v4_ms"], ".0f", "≤ 300", lambda v: v <= 300)
     row("launch → first correct answer, IPv6 (ms)", nm["v6_ms"], ".0f", "≤ 300", lambda v: v <= 300)
@@ -192,7 +206,8 @@ def glance_table(r: dict) -> list[str]:
 
 def costs_table(r: dict) -> list[str]:
     c, st, d = r["costs"], r["startup"], r["dns"]
-    variants = [v for v in ("direct", "direct+conntrack", "nswrap", "handwritten", "recipe2014", "old") if v in c["median"]]
+    variants = [v for v in ("direct", "direct+conntrack", "nswrap", "nswrap-bpf", "handwritten", "recipe2014", "old")
+                if v in c["median"]]
     m, q = c["median"], c["ratio_to_direct"]
     head = "| what it costs | " + " | ".join(NAMES[v] for v in variants) + " |"
     lines = [head, "|---" * (len(variants) + 1) + "|"]
@@ -279,7 +294,7 @@ def ipv6_table(r: dict) -> list[str]:
     m, d = v6["median"], v6["median"]["direct"]
     lines = [f"| IPv6, c1 → eth0 | DNS queries/s, {v6['clients']} sockets | ÷ direct | paired ÷ direct "
              "| first answer after launch (ms) |", "|---|---|---|---|---|"]
-    for v in ("direct", "nswrap", "nswrap-global6"):
+    for v in [v for v in ("direct", "nswrap", "nswrap-global6", "nswrap-bpf") if v in m]:
         lines.append(f"| {NAMES[v]} | {m[v]['qps6']:,.0f} | {m[v]['qps6'] / d['qps6']:.3f} | "
                      f"{v6['paired_to_direct'][v]:.3f} | {m[v]['first_answer6_ms']:.0f} |")
     return lines
@@ -288,7 +303,7 @@ def ipv6_table(r: dict) -> list[str]:
 def dns_table(r: dict) -> list[str]:
     d = r["dns"]
     few, many = d["clients"]["few"], d["clients"]["many"]
-    variants = [v for v in ("nswrap", "handwritten", "bestalt", "old") if v in d["median"]]
+    variants = [v for v in ("nswrap", "nswrap-bpf", "handwritten", "bestalt", "old") if v in d["median"]]
     m = d["median"]
     lines = [
         f"| DNS max rate (dnsperf, c2 → eth1) | queries/s, {few} sockets | ÷ by hand | ÷ best alternative "
@@ -304,6 +319,76 @@ def dns_table(r: dict) -> list[str]:
                 f"{m[v][k + '_qps'] / m['bestalt'][k + '_qps']:.3f}",
             ]
         lines.append(f"| {NAMES[v]} | " + " | ".join(cells) + f" | {fmt(m[v].get('pss_mb'), '.1f')} |")
+    return lines
+
+
+def fast_ratios(r: dict) -> list[tuple[str, float, float | None, str]]:
+    """(figure, bpf ÷ direct, paired, FAST_TARGETS key) for what this run measured of the fast
+    path; DNS through eth1 divides by the best alternative (the server bound directly, with the
+    `ip rule` per address it needs to answer through eth1 at all)."""
+    out = []
+    c, d, v6 = r.get("costs", {}), r.get("dns", {}), r.get("ipv6") or {}
+    for key in ("p50", "flows"):
+        value = get(c, "ratio_to_direct", "nswrap-bpf", key)
+        if value is not None:
+            out.append((FAST_TARGETS[key][0], value, get(c, "paired_to_direct", "nswrap-bpf", key), key))
+    for k in ("few", "many"):
+        value = get(d, "ratios", "nswrap-bpf_to_bestalt", k)
+        if value is not None:
+            out.append((f"DNS max rate via eth1, {get(d, 'clients', k)} sockets", value,
+                        get(d, "paired", "nswrap-bpf_to_bestalt", k), "dns"))
+    m = v6.get("median", {})
+    if "nswrap-bpf" in m:
+        out.append((f"DNS max rate over IPv6 via eth0, {v6['clients']} sockets", m["nswrap-bpf"]["qps6"] / m["direct"]["qps6"],
+                    get(v6, "paired_to_direct", "nswrap-bpf"), "dns"))
+    return out
+
+
+def fastpath_table(r: dict) -> list[str]:
+    """Issue 27's figures side by side: direct / nft / bpf / by hand, ratios to direct, targets."""
+    c, d, v6 = r.get("costs", {}), r.get("dns", {}), r.get("ipv6") or {}
+    if "nswrap-bpf" not in c.get("median", {}) and "nswrap-bpf" not in d.get("median", {}):
+        return ["(the fast path was not measured in this run)"]
+    columns = ("direct", "nswrap", "nswrap-bpf", "handwritten")
+    lines = ["| figure (÷ the server bound directly) | server bound directly | nswrap (nft) | nswrap --datapath bpf "
+             "| same design by hand | issue 27's target for bpf | bpf meets it |", "|---|---|---|---|---|---|---|"]
+
+    def row(name: str, values: dict, spec: str, key: str, paired: float | None) -> None:
+        base = values.get("direct")
+        cells = []
+        for v in columns:
+            x = values.get(v)
+            if x is None:
+                cells.append("–")
+            elif v == "direct" or not base:
+                cells.append(format(x, spec))
+            else:
+                cells.append(f"{x:{spec}} ({x / base:.2f}×)")
+        _, bound, higher = FAST_TARGETS[key]
+        ratio = values["nswrap-bpf"] / base if base and values.get("nswrap-bpf") is not None else None
+        target = f"{'≥' if higher else '≤'} {bound}×"
+        verdict = ok(ratio, lambda v: v >= bound if higher else v <= bound)
+        if paired is not None:
+            verdict += f" ({fmt(ratio, '.3f')}, paired {paired:.3f})"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {target} | {verdict} |")
+
+    cm = c.get("median", {})
+    if "nswrap-bpf" in cm:
+        row("round trip p50, µs (lower is better)", {v: cm[v]["p50_us"] for v in columns if v in cm}, ".1f", "p50",
+            get(c, "paired_to_direct", "nswrap-bpf", "p50"))
+        row("new UDP flows/s", {v: cm[v]["flows_per_s"] for v in columns if v in cm}, ",.0f", "flows",
+            get(c, "paired_to_direct", "nswrap-bpf", "flows"))
+    dm = d.get("median", {})
+    if "nswrap-bpf" in dm:
+        for k in ("few", "many"):
+            values = {("direct" if v == "bestalt" else v): dm[v][f"{k}_qps"]
+                      for v in ("bestalt", "nswrap", "nswrap-bpf", "handwritten") if v in dm}
+            row(f"DNS queries/s via eth1, {d['clients'][k]} sockets (direct: the best alternative)", values, ",.0f", "dns",
+                get(d, "paired", "nswrap-bpf_to_bestalt", k))
+    vm = v6.get("median", {})
+    if "nswrap-bpf" in vm:
+        row(f"DNS queries/s over IPv6 via eth0, {v6['clients']} sockets", {v: vm[v]["qps6"] for v in columns if v in vm},
+            ",.0f", "dns", get(v6, "paired_to_direct", "nswrap-bpf"))
     return lines
 
 
@@ -498,7 +583,11 @@ def profile_lines(r: dict) -> list[str]:
 
 PLURAL = {"query": "queries", "flow": "flows"}
 AGAINST = {"handwritten": "the same design by hand", "bestalt": "the best alternative",
-           "direct+conntrack": "the server bound directly on a host that tracks connections"}
+           "direct+conntrack": "the server bound directly on a host that tracks connections",
+           "direct": "the server bound directly", "nswrap": "nswrap with the nft datapath"}
+# (variant, base): the differences each CPU profile spells out, when both were profiled
+PROFILE_DIFFS = (("nswrap", "handwritten"), ("nswrap", "bestalt"), ("nswrap", "direct+conntrack"),
+                 ("nswrap-bpf", "bestalt"), ("nswrap-bpf", "direct"), ("nswrap-bpf", "nswrap"))
 
 
 def profile_diff(prof: dict, a: str, b: str) -> tuple[float, dict[str, float]]:
@@ -528,24 +617,25 @@ def cpu_profile_table(prof: dict, what: str = "query") -> list[str]:
     else:
         counts = " | ".join(f"{prof[v]['operations']:,.0f}" for v in variants)
         lines.append(f"| {PLURAL[what]} answered while profiled | {counts} |")
-    for base in ("handwritten", "bestalt", "direct+conntrack"):
-        if "nswrap" not in prof or base not in prof:
+    for variant, base in PROFILE_DIFFS:
+        if variant not in prof or base not in prof:
             continue
-        total, by_group = profile_diff(prof, "nswrap", base)
+        total, by_group = profile_diff(prof, variant, base)
         diff = sorted(((d, g) for g, d in by_group.items()), reverse=True)
         lines += [
             "",
-            f"nswrap against {AGAINST[base]}: {total:+.2f} µs per {what} in all, "
+            f"{NAMES[variant]} against {AGAINST[base]}: {total:+.2f} µs per {what} in all, "
             + ", ".join(f"{g} {d:+.2f}" for d, g in diff if abs(d) >= 0.05)
             + " (differences under ~0.3 µs are within this profile's noise).",
         ]
-    if "nswrap" in prof:
-        lines += [
-            "",
-            f"Hottest functions under nswrap (µs per {what}; kernel and user space): "
-            + ", ".join(f"`{x['symbol']}` {x['us_per_query']:.2f}" for x in prof["nswrap"]["top_symbols"][:10])
-            + ".",
-        ]
+    for variant in ("nswrap", "nswrap-bpf"):
+        if variant in prof:
+            lines += [
+                "",
+                f"Hottest functions under {NAMES[variant]} (µs per {what}; kernel and user space): "
+                + ", ".join(f"`{x['symbol']}` {x['us_per_query']:.2f}" for x in prof[variant]["top_symbols"][:10])
+                + ".",
+            ]
     return lines
 
 
@@ -605,13 +695,52 @@ def readiness_note(r: dict) -> str:
 # --- documents --------------------------------------------------------------------------------
 
 
+def load_line(loadavg: dict[str, list[float]]) -> str:
+    """The machine's load around each section (the benchmark's own processes add about 1-2)."""
+    return ("Load average (1 min) at the start / end of each section, the benchmark's own processes included: "
+            + ", ".join(f"{k} {a:.1f} / {b:.1f}" for k, (a, b) in loadavg.items()) + ".")
+
+
 def header(r: dict) -> list[str]:
     m = r["meta"]
     tools = ", ".join(v if k.lower() in v.lower() else f"{k} {v.removeprefix('Version ')}" for k, v in m["versions"].items())
-    return [
+    lines = [
         f"Run of {m['date']} ({m['mode']} mode, {m['seconds'] / 60:.0f} min), tree `{m['commit']}`, kernel {m['kernel']}, "
         f"{m['cpus']} CPUs (a VM); {tools}." + (f" Before figures: {m['old']}." if m.get("old") else "")
     ]
+    if m.get("loadavg"):
+        lines.append(load_line(m["loadavg"]))
+    for part in m.get("merged", []):
+        lines.append(
+            f"Sections {', '.join(part['sections'])} come from a later run, of {part['date']} ({part['mode']} mode, "
+            f"{part['seconds'] / 60:.0f} min, `scripts/bench --only`), tree `{part['commit']}`, kernel {part['kernel']}"
+            + (f", before figures {part['old']}" if part.get("old") else ", without the old version")
+            + "; they replaced that run's figures of the same sections, the others are the run above's. Every ratio "
+            "still compares figures of one run (a table may hold rows of both)."
+            + (" " + load_line(part["loadavg"]) if part.get("loadavg") else "")
+            + (f" {part['note']}" if part.get("note") else "")
+        )
+    return lines
+
+
+def merge(base: dict, partial: dict, note: str | None = None) -> dict:
+    """*base* with the sections of *partial* (a `bench.py --only` run) in place of its own; the
+    partial run is recorded in meta["merged"], with *note* (what the reader should know about
+    it, e.g. other work on the machine). Both runs must be of the same mode and settings, or the
+    figures of one page would not be comparable."""
+    bm, pm = base["meta"], partial["meta"]
+    if (bm["mode"], bm["settings"]) != (pm["mode"], pm["settings"]):
+        raise SystemExit(f"cannot merge a {pm['mode']} run into a {bm['mode']} one, or runs of other settings")
+    out = dict(base)
+    out["meta"] = dict(bm)
+    for name in pm["sections"]:
+        out[name] = partial[name]
+        out["meta"].setdefault("section_seconds", {})[name] = pm["section_seconds"][name]
+    earlier = [p for p in bm.get("merged", []) if not set(p["sections"]) <= set(pm["sections"])]
+    keep = ("date", "commit", "kernel", "mode", "seconds", "old", "versions", "loadavg")
+    out["meta"]["merged"] = [*earlier, {"sections": pm["sections"], **{k: pm.get(k) for k in keep},
+                                        **({"note": note} if note else {})}]
+    return out
 
 
 def results_md(r: dict) -> str:
@@ -637,6 +766,10 @@ def results_md(r: dict) -> str:
         "## IPv6: per interface and the global switch",
         "",
         *ipv6_table(r),
+        "",
+        "## The fast path (--datapath bpf, issue 27)",
+        "",
+        *fastpath_table(r),
         "",
         "## Many instances",
         "",
@@ -705,7 +838,9 @@ def benchmarks_md(r: dict, charts: str = "bench") -> str:
         "# nswrap benchmarks",
         "",
         "Generated by `sudo ./scripts/bench` (about 30 minutes; `--quick` for a smoke test of about two minutes, whose "
-        "noisy figures go to /tmp and never here). Every figure below comes from one run, in which the variants of each "
+        "noisy figures go to /tmp and never here). Every figure below comes from one run (or, when a line below says so, "
+        "each section from one run: `scripts/bench --only SECTION` then `scripts/bench_report.py --merge`), in which the "
+        "variants of each "
         "figure alternate round by round; ratios compare figures of that same run. All tables of the run are in "
         "[bench/results.md](bench/results.md), the raw data in [bench/results.json](bench/results.json).",
         "",
@@ -713,7 +848,8 @@ def benchmarks_md(r: dict, charts: str = "bench") -> str:
         "",
         "## At a glance",
         "",
-        f"What nswrap costs, from the run of {r['meta']['date']} (tree `{r['meta']['commit']}`): nswrap's figure, then "
+        ("What nswrap costs, from the runs named above" if r["meta"].get("merged") else
+         f"What nswrap costs, from the run of {r['meta']['date']} (tree `{r['meta']['commit']}`)") + ": nswrap's figure, then "
         "each alternative's with nswrap's divided by it. For times (round trip, first answer) below 1× means nswrap is "
         "faster; for rates, above 1× means it does more. *Server bound directly* answers only the paths the main "
         "routing table happens to serve (not eth1, where the DNS figures are taken); *best alternative* helps only "
@@ -761,6 +897,19 @@ def benchmarks_md(r: dict, charts: str = "bench") -> str:
         "198.18.0.0/15 lookup main suppress_prefixlength 0` rule, a two-rule forward guard; nothing else. *Best "
         "alternative* needs no namespace and no NAT: unbound with `interface-automatic: yes` (IP_PKTINFO) plus one "
         "`ip rule from ADDR lookup <table of its uplink>` per address; it only helps servers that use IP_PKTINFO.",
+        "",
+        "## The fast path: --datapath bpf (issue 27)",
+        "",
+        "nswrap with `--datapath bpf`: tc programs on the uplinks' ingress and the veths' host ends take a published flow "
+        "straight into the server's namespace (`bpf_redirect_peer`) and its answers straight out of their uplink "
+        "(`bpf_redirect_neigh`), past the host's netfilter, conntrack and forwarding (nswrap/fastpath.py, "
+        "nswrap/bpf/fastpath.bpf.c). Issue 27's targets are measured here, not asserted by any test: round trip ≤ "
+        "1.05× direct, DNS max rate ≥ 0.93× direct, new flows ≥ 0.9× direct. The figures are those of the tables above "
+        "(same runs, same rounds); bpf always ran right before or after the variant its target divides by. DNS through "
+        "eth1 divides by the best alternative, the server bound directly with the `ip rule` per address it needs to "
+        "answer through eth1 at all; over IPv6 (eth0) by the server bound directly.",
+        "",
+        *fastpath_table(r),
         "",
         "## Many instances on one host",
         "",
@@ -827,8 +976,9 @@ def benchmarks_md(r: dict, charts: str = "bench") -> str:
         "",
         "## What stands between nswrap and the floor",
         "",
-        "- **Flowtables**: this kernel has no `CONFIG_NF_FLOW_TABLE` (creating a flowtable fails), so there is no fast path "
-        "to measure; none ships (docs/design.md), and these figures say nothing about what one would gain.",
+        "- **Flowtables**: this kernel has no `CONFIG_NF_FLOW_TABLE` (creating a flowtable fails), so there is no "
+        "flowtable fast path to measure; none ships (docs/design.md). The fast path nswrap offers instead is tc-BPF "
+        "(`--datapath bpf`, *The fast path* above), which needs neither flowtables nor conntrack.",
         "- **Readiness**: " + readiness_note(r),
         *floor_note(r),
         "",
@@ -863,7 +1013,9 @@ def benchmarks_md(r: dict, charts: str = "bench") -> str:
         f"- **Rounds**: {s['rounds']} rounds ({s.get('dns_rounds', s['rounds'])} for DNS, whose rates swing most); each "
         "round runs every variant once, in a rotated order, each started alone and stopped before the next (so none "
         "sees another's rules); in the DNS rounds nswrap and the same design by hand always run one right after the "
-        "other (their order alternating), since a target is judged on their ratio. Figures are medians over rounds; "
+        "other (their order alternating), since a target is judged on their ratio, and so do nswrap --datapath bpf and "
+        "the best alternative; in the costs rounds, nswrap --datapath bpf and the server bound directly. Figures are "
+        "medians over rounds; "
         "*paired* ratios are medians of the ratios within each round.",
         "- **Installed as users install it**: scripts/bench pip-installs this checkout (not editable, as scripts/install "
         "does) into a venv of its own and measures that; the old version is installed the same way.",
@@ -969,7 +1121,8 @@ def charts(r: dict, out: pathlib.Path) -> None:
         meds = [c["median"][v][key] for v in variants]
         lo = [m - min(x[key] for x in c["runs"][v]) for m, v in zip(meds, variants, strict=True)]
         hi = [max(x[key] for x in c["runs"][v]) - m for m, v in zip(meds, variants, strict=True)]
-        colors = ["tab:orange" if v == "nswrap" else "tab:blue" for v in variants]  # nswrap stands out
+        # nswrap stands out, each datapath in its own colour
+        colors = [{"nswrap": "tab:orange", "nswrap-bpf": "tab:green"}.get(v, "tab:blue") for v in variants]
         bars = ax.bar(range(len(variants)), meds, yerr=[lo, hi], capsize=4, color=colors)
         labelled(ax, bars, inside=True)
         ax.set_xticks(range(len(variants)), wrapped([NAMES[v] for v in variants]), fontsize=8)
@@ -1072,9 +1225,20 @@ def charts(r: dict, out: pathlib.Path) -> None:
 
 
 def main(argv: list[str]) -> int:
+    partial, note = None, None
+    if argv[:1] == ["--merge"]:
+        if len(argv) < 2:
+            raise SystemExit("usage: bench_report.py --merge PARTIAL [--note TEXT] [RESULTS_JSON [OUT_DIR]]")
+        partial, argv = json.loads(pathlib.Path(argv[1]).read_text()), argv[2:]
+        if argv[:1] == ["--note"] and len(argv) > 1:
+            note, argv = argv[1], argv[2:]
     src = pathlib.Path(argv[0]) if argv else ROOT / "docs" / "bench" / "results.json"
     out = pathlib.Path(argv[1]) if len(argv) > 1 else src.parent
     r = json.loads(src.read_text())
+    if partial is not None:
+        r = merge(r, partial, note)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(r, indent=1) + "\n")
     (out / "results.md").write_text(results_md(r))
     charts(r, out)
     docs = ROOT / "docs" / "benchmarks.md" if out.resolve() == (ROOT / "docs" / "bench").resolve() else out / "benchmarks.md"

@@ -4,7 +4,8 @@ A *variant* is how a server is made reachable on the multihomed lab host:
 
 - ``direct``: the server bound on the host itself, nothing else (unbound with
   ``interface-automatic: yes``, so that it answers from the address asked);
-- ``nswrap``: ``nswrap --ports ... -- SERVER`` (this tree's .venv);
+- ``nswrap``: ``nswrap --ports ... -- SERVER`` (this tree's .venv), nft datapath;
+- ``nswrap-bpf``: the same with ``--datapath bpf``, the tc-BPF fast path (nswrap/fastpath.py, issue 27);
 - ``old``: the same with the nswrap before the shared datapath (``--compare-with``);
 - ``handwritten``: scripts/bench_handwritten.sh, nswrap's design written by hand;
 - ``bestalt``: the best a user could do without a namespace: unbound with
@@ -43,6 +44,8 @@ START_TIMEOUT = 30
 # The old nswrap gives every instance x uplink its own mark: the default mask (15 marks) holds
 # 5 instances on the lab's 3 uplinks, the 6th fails. Where more run, it gets this mask.
 OLD_WIDE_MASK = "0xff000000"
+# The variants that run nswrap (this tree's or the old one): they get --ready-fd
+NSWRAP_VARIANTS = ("nswrap", "nswrap-bpf", "old", "nswrap-global6")
 
 # (ifname, address, gateway) of the lab host's uplinks (tests/lab), for the recipes without nswrap
 LAB_UPLINKS = [("eth0", "192.0.2.10", "192.0.2.1"), ("eth1", "198.51.100.10", "198.51.100.1"),
@@ -252,12 +255,13 @@ class Running:
 
 def wrapper_argv(variant: str, ports: str, *, old: str | None = None, mask: str | None = None,
                  ready_fd: int | None = None) -> list[str]:
-    """The command line that wraps a server for *variant* (nswrap, old, handwritten)."""
-    if variant in ("nswrap", "old", "nswrap-global6"):
+    """The command line that wraps a server for *variant* (nswrap, nswrap-bpf, old, handwritten)."""
+    if variant in NSWRAP_VARIANTS:
         binary = f"{old}/.venv/bin/nswrap" if variant == "old" else NSWRAP
         # global6: the global IPv6 switch, as on a kernel before 6.17 (the test seam of nswrap/facts.py)
         seam = ["env", "NSWRAP_TEST_NO_FORCE_FORWARDING=1"] if variant == "nswrap-global6" else []
-        return [*seam, binary, *(["--ipv6-forwarding", "global"] if seam else []), *(["--mark-mask", mask] if mask else []),
+        return [*seam, binary, *(["--ipv6-forwarding", "global"] if seam else []),
+                *(["--datapath", "bpf"] if variant == "nswrap-bpf" else []), *(["--mark-mask", mask] if mask else []),
                 *(["--ready-fd", str(ready_fd)] if ready_fd is not None else []), "--ports", ports, "--"]
     if variant == "handwritten":
         return ["bash", HANDWRITTEN, *(["-m", mask] if mask else []), ports, "--"]
@@ -282,7 +286,7 @@ def serve(lab: Lab, variant: str, server: Server, *, pin: list[str] = (), old: s
         elif variant == "direct":
             automatic = True
         ready_r = ready_w = None
-        if variant in ("nswrap", "old", "nswrap-global6"):
+        if variant in NSWRAP_VARIANTS:
             ready_r, ready_w = os.pipe()
         argv = [*pin, *wrapper_argv(variant, server.ports, old=old, mask=mask, ready_fd=ready_w),
                 *server.argv(address, automatic)]
