@@ -265,25 +265,27 @@ def costs_table(r: dict) -> list[str]:
     return lines
 
 
+def _budget_line(r: dict, key: str, nothing: str, said: str) -> str:
+    """A startup figure against its budget: `said` with {ms}, {verdict} and {budget} filled in."""
+    figure = r["startup"].get(key)
+    if not figure:
+        return nothing
+    verdict = "within" if figure["within"] else "**over**"
+    return said.format(ms=f"{figure['ms']:.0f}", verdict=verdict, budget=f"{figure['budget_ms']:.0f}")
+
+
 def repair_budget_line(r: dict) -> str:
     """How soon a deleted table is put back, against its budget (scripts/bench.py repair_budget)."""
-    repair = r["startup"].get("repair")
-    if not repair:
-        return "(no firewall-reload repair measured in this run)"
-    verdict = "within" if repair["within"] else "**over**"
-    return (f"A firewall reload that deletes nswrap's table (`nft delete table inet nswrap`) is repaired, the table "
-            f"listed again as it was, {repair['ms']:.0f} ms later (median): {verdict} the budget of "
-            f"{repair['budget_ms']:.0f} ms.")
+    return _budget_line(r, "repair", "(no firewall-reload repair measured in this run)",
+                        "A firewall reload that deletes nswrap's table (`nft delete table inet nswrap`) is repaired, the "
+                        "table listed again as it was, {ms} ms later (median): {verdict} the budget of {budget} ms.")
 
 
 def import_budget_line(r: dict) -> str:
     """The start path's import cost against its budget (scripts/bench.py import_budget)."""
-    imports = r["startup"].get("imports")
-    if not imports:
-        return "(no import budget measured in this run)"
-    verdict = "within" if imports["within"] else "**over**"
-    return (f"The start path's imports (`nswrap.cli`, `nswrap.instance`, `nswrap.commands`) cost "
-            f"{imports['ms']:.0f} ms over a bare interpreter: {verdict} their budget of {imports['budget_ms']:.0f} ms.")
+    return _budget_line(r, "imports", "(no import budget measured in this run)",
+                        "The start path's imports (`nswrap.cli`, `nswrap.instance`, `nswrap.commands`) cost {ms} ms "
+                        "over a bare interpreter: {verdict} their budget of {budget} ms.")
 
 
 def ipv6_table(r: dict) -> list[str]:
