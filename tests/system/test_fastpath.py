@@ -335,3 +335,21 @@ def test_an_nft_instance_and_a_bpf_instance_side_by_side(lab, tmp_path):
     finally:
         lab.stop(bpf)
         assert lab.stop(nft) == 128 + signal.SIGTERM
+
+
+def test_an_unprivileged_user_can_neither_read_nor_change_the_fast_path(lab, tmp_path):
+    """As nobody, on the host: the maps cannot be opened (bpf() needs CAP_BPF or CAP_SYS_ADMIN) and
+    the filters cannot be deleted (CAP_NET_ADMIN); the fast path keeps serving."""
+    proc = serving(lab, tmp_path)
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    try:
+        (prog,) = [f["options"]["prog"]["id"] for f in filters(lab, "eth0") if f["pref"] == PRIORITY]
+        done = lab.exec(lab.host, [*nobody, "bpftool", "-j", "prog", "show", "id", str(prog)], check=False)
+        assert done.returncode != 0 and "Operation not permitted" in done.stdout + done.stderr, done
+        done = lab.exec(lab.host, [*nobody, "tc", "filter", "del", "dev", "eth0", "ingress", "pref", str(PRIORITY)],
+                        check=False)
+        assert done.returncode != 0, done
+        assert any(f["pref"] == PRIORITY for f in filters(lab, "eth0"))
+        assert unanswered(lab, (lab.paths[0], lab.paths6[0]), [PORT]) == []
+    finally:
+        assert lab.stop(proc) == 128 + signal.SIGTERM
