@@ -353,3 +353,21 @@ def test_an_unprivileged_user_can_neither_read_nor_change_the_fast_path(lab, tmp
         assert unanswered(lab, (lab.paths[0], lab.paths6[0]), [PORT]) == []
     finally:
         assert lab.stop(proc) == 128 + signal.SIGTERM
+
+
+def test_doctor_and_list_say_what_the_fast_path_skips(lab, tmp_path):
+    done = nswrap(lab, "doctor", "--datapath", "bpf", env={"NSWRAP_TEST_NO_FORCE_FORWARDING": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    (fast,) = [line for line in lines if line.startswith("ok    fast path (--datapath bpf): ")]
+    assert "skip this host's netfilter" in fast, fast
+    (ipv6,) = [line for line in lines if "IPv6 forwarding" in line]
+    assert "through the fast path" in ipv6, ipv6  # an "old kernel" with forwarding off: served anyway
+    proc = serving(lab, tmp_path)
+    try:
+        assert unanswered(lab, (lab.paths[0],), [PORT]) == []
+        listed = nswrap(lab, "list").stdout
+        (line,) = [line for line in listed.splitlines() if line.startswith("fast path (--datapath bpf) for ")]
+        assert "flows remembered" in line and "skip the host's netfilter" in line, listed
+    finally:
+        assert lab.stop(proc) == 128 + signal.SIGTERM
