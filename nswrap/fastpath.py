@@ -111,7 +111,10 @@ def sources(facts: Facts, dp, instances, uplink, versions) -> set[Source]:
         out.add(Source(uplink.ifname, anywhere, any(d.prefixlen == 0 for d in routed)))
         out.update(Source(uplink.ifname, d, True) for d in routed if d.prefixlen and not d.is_link_local)
         denied = [*internal_ranges(instances)[version], *(n for n in MARTIANS if n.version == version)]
-        denied += [ipaddress.ip_network(a.address.ip) for a in facts.addresses if a.version == version]
+        # (a veth's host end is in the internal ranges: its addresses, which come with each start,
+        # would make every start look like a host change)
+        denied += [ipaddress.ip_network(a.address.ip) for a in facts.addresses
+                   if a.version == version and not a.ifname.startswith(HOST_PREFIX)]
         out.update(Source(uplink.ifname, n, False) for n in denied)
     # a denied network wins over an allowed one of the same prefix
     return {s for s in out if s.allowed is False or Source(s.uplink, s.network, False) not in out}

@@ -11,8 +11,8 @@ from nswrap.changes import FastPath
 from nswrap.datapath import datapath
 from nswrap.datatypes import replace
 from nswrap.fastpath import Endpoint, Fast, Source, host_addresses, wanted
-from nswrap.objects import Link
-from tests.unit.hosts import LINKS, MASK, A, N, fresh, host, instance
+from nswrap.objects import Address, Link
+from tests.unit.hosts import IF, LINKS, MASK, A, N, fresh, host, instance
 
 ETHERNET = tuple(replace(link, mac=f"02:00:00:00:00:{link.index:02x}") if link.ifname.startswith("eth") else link
                  for link in LINKS)
@@ -159,3 +159,12 @@ def test_sources_encode_as_one_trie_for_both_families():
         assert decode_source(key, value, {2: "eth0"}) == s
     key, _ = encode_source(Source("eth0", N("192.0.2.0/24"), True), index)
     assert key[:4] == (32 + 96 + 24).to_bytes(4, "little") and key[8:24] == bytes(10) + b"\xff\xff" + bytes([192, 0, 2, 0])
+
+
+def test_a_new_veths_addresses_change_no_source():
+    """They come with every start; the internal ranges cover them (else each start would be
+    followed by a host change of its own)."""
+    facts = host(links=ETHERNET)
+    more = replace(facts, addresses=(*facts.addresses, Address("nsw-aaaaaa", IF("198.18.0.5/30")),
+                                     Address("nsw-aaaaaa", IF("fd6e:7377:7261:1::1/64"))))
+    assert fast_of(facts, bpf(ports="53")).sources == fast_of(more, bpf(ports="53")).sources
