@@ -78,6 +78,12 @@ def test_a_record_round_trips():
     assert parse_record(plain.to_json(), "abcdef.json") == plain
 
 
+def test_a_record_keeps_the_datapath_and_an_older_one_has_nft():
+    fast = with_(good_record(), datapath="bpf", forwarding6="fast")
+    assert parse_record(fast, "abcdef.json").instance.datapath == "bpf"
+    assert parse_record(with_(good_record(), datapath=DELETE), "abcdef.json").instance.datapath == "nft"
+
+
 def test_a_record_keeps_the_udp_timeout_and_an_older_one_has_the_default():
     longer = record(udp_timeout=300)
     assert parse_record(longer.to_json(), "abcdef.json").instance.udp_timeout == 300
@@ -92,6 +98,9 @@ def test_a_record_keeps_the_udp_timeout_and_an_older_one_has_the_default():
         ({"udp_timeout": "20"}, "udp_timeout"),
         ({"udp_timeout": True}, "udp_timeout"),
         ({"udp_timeout": None}, "udp_timeout"),
+        ({"datapath": "xdp"}, "bad datapath"),
+        ({"datapath": ["bpf"]}, "bad datapath"),
+        ({"forwarding6": "everything"}, "bad forwarding6"),
         ({"id": "../.."}, "not 6 hex digits"),
         ({"id": "../../etc/passwd"}, "not 6 hex digits"),
         ({"id": "ABCDEF"}, "not 6 hex digits"),
