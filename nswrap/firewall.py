@@ -1,6 +1,7 @@
 """Pure: other tools' firewalls on nswrap's path. What would drop its forwarded flows, where to
 make room, and who else uses its mark bits, from the nft JSON ruleset (which includes
-iptables-nft's tables) and `iptables-legacy-save`.
+iptables-nft's tables), `iptables-legacy-save`, and `iptables-nft-save` where the JSON names an xt
+extension without its values.
 
 A drop in any table is final (nftables evaluates every base chain on a hook), so an accept in
 nswrap's own table cannot rescue a flow another table drops. nswrap makes room only where the
@@ -35,6 +36,8 @@ class FirewallFacts:
     nft: tuple[dict[str, Any], ...] = ()  # `nft -j list ruleset` items
     legacy: str = ""  # `iptables-legacy-save`, "" when no legacy table is loaded
     legacy6: str = ""  # `ip6tables-legacy-save`, the same for IPv6
+    xt: str = ""  # `iptables-nft-save`, read only when a rule has an xt extension on marks (XT_MARKS)
+    xt6: str = ""  # `ip6tables-nft-save`, the same for IPv6
 
 
 def _walk(node: Any) -> Iterator[Any]:
@@ -201,21 +204,71 @@ def _uses_mark(stmt: Any) -> bool:
     return '"key": "mark"' in json.dumps(stmt)
 
 
-def mark_users(facts: FirewallFacts, mask: int) -> list[str]:
-    """Other tables' rules and iptables-legacy rules that use a value under our mask."""
-    users = []
+# The xt extensions (iptables-nft's compat expressions) that read or write a packet or connection
+# mark. `nft -j` lists them by name only ({"xt": {"type": "target", "name": "MARK"}}): their
+# values are read from iptables-nft-save, which decodes the same rules with iptables' own code.
+XT_MARKS = {"target": frozenset({"MARK", "CONNMARK", "TPROXY", "HMARK"}), "match": frozenset({"mark", "connmark"})}
+
+
+def _xt_marks(expr: list[Any]) -> list[tuple[str, str]]:
+    """(type, name) of a rule's xt extensions that carry a mark."""
+    return [(x["type"], x["name"]) for x in (s.get("xt") for s in expr)
+            if isinstance(x, dict) and x.get("name") in XT_MARKS.get(x.get("type", ""), ())]
+
+
+def xt_mark_families(nft: tuple[dict[str, Any], ...]) -> set[str]:
+    """The families whose iptables-nft-save nswrap must read: other tables' rules with an xt
+    extension that carries a mark."""
+    return {rule["family"] for _, rule in _other_rules(FirewallFacts(nft)) if _xt_marks(rule["expr"])}
+
+
+def _xt_conflict(facts: FirewallFacts, rule: dict[str, Any], mask: int) -> bool | None:
+    """Do the rule's xt mark extensions use a value under our mask (their lines in
+    iptables-nft-save, judged as iptables-legacy's are)? None: no such line to read."""
+    save = {"ip": facts.xt, "ip6": facts.xt6}.get(rule["family"], "")
+    flags = {f"-j {name}" if kind == "target" else f"-m {name}" for kind, name in _xt_marks(rule["expr"])}
+    lines = [line for table, line in _save_rules(save)
+             if table == rule["table"] and line.split()[1] == rule["chain"] and any(f"{flag} " in f"{line} " for flag in flags)]
+    if not lines:
+        return None
+    return any(v & mask for line in lines for v in _mark_values(line))
+
+
+def _save_rules(save: str) -> Iterator[tuple[str, str]]:
+    """(table, line) of every `-A` line of an iptables-save output."""
+    table = "?"
+    for line in save.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        elif line.startswith("-A ") and len(line.split()) > 1:
+            yield table, line
+
+
+def _other_rules(facts: FirewallFacts) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, rule) of every rule in a table not nswrap's."""
     for item in facts.nft:
         rule = item.get("rule")
-        if rule and rule["table"] != TABLE and any(_uses_mark(s) and _mark_conflict(s, mask) for s in rule["expr"]):
-            users.append(f"nft table {rule['family']} {rule['table']} chain {rule['chain']}")
+        if rule and rule["table"] != TABLE:
+            yield f"nft table {rule['family']} {rule['table']} chain {rule['chain']}", rule
+
+
+def mark_users(facts: FirewallFacts, mask: int) -> list[str]:
+    """Other tables' rules and iptables-legacy rules that use a value under our mask."""
+    users = [where for where, rule in _other_rules(facts)
+             if any(_uses_mark(s) and _mark_conflict(s, mask) for s in rule["expr"])
+             or (_xt_marks(rule["expr"]) and _xt_conflict(facts, rule, mask))]
     for binary, save in (("iptables-legacy", facts.legacy), ("ip6tables-legacy", facts.legacy6)):
-        table = "?"
-        for line in save.splitlines():
-            if line.startswith("*"):
-                table = line[1:]
-            elif line.startswith("-A") and any(v & mask for v in _mark_values(line)):
-                users.append(f"{binary} table {table} chain {line.split()[1]}")
+        users += [f"{binary} table {table} chain {line.split()[1]}"
+                  for table, line in _save_rules(save) if any(v & mask for v in _mark_values(line))]
     return sorted(set(users))
+
+
+def unreadable_marks(facts: FirewallFacts) -> list[str]:
+    """Rules whose xt mark extensions iptables-nft-save does not show (it skips a table it calls
+    incompatible): nswrap cannot tell whether they use its bits, whatever the mask."""
+    return sorted({f"{where} (xt {'/'.join(name for _, name in _xt_marks(rule['expr']))})"
+                   for where, rule in _other_rules(facts)
+                   if _xt_marks(rule["expr"]) and _xt_conflict(facts, rule, 0) is None})
 
 
 # The options of iptables-save's lines that carry a mark value or mask (MARK, CONNMARK, TPROXY,

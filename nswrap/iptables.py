@@ -1,7 +1,8 @@
 """The only module that runs iptables (iptables-nft and iptables-legacy).
 
 Reads the legacy rules nswrap must know about (nftables' own listing already includes
-iptables-nft), and inserts or deletes nswrap's narrow ACCEPT rules. A command that cannot run
+iptables-nft, but shows its xt extensions by name only: their values come from iptables-nft-save),
+and inserts or deletes nswrap's narrow ACCEPT rules. A command that cannot run
 raises (NswrapError): a firewall nswrap could not read is never taken for an empty one.
 """
 
@@ -47,6 +48,15 @@ def legacy_save(binary: str = "iptables-legacy") -> str:
     """`iptables-legacy-save` (or ip6tables') of the loaded tables, "" when none is loaded."""
     if not legacy_loaded(binary):
         return ""
+    done = _run([f"{binary}-save"])
+    if done.returncode != 0:
+        raise NswrapError(f"{binary}-save: {_last_line(done.stderr) or done.returncode}")
+    return done.stdout
+
+
+def nft_save(binary: str = "iptables-nft") -> str:
+    """`iptables-nft-save` (or ip6tables'): the values of the xt extensions that `nft -j` lists
+    by name only."""
     done = _run([f"{binary}-save"])
     if done.returncode != 0:
         raise NswrapError(f"{binary}-save: {_last_line(done.stderr) or done.returncode}")

@@ -53,7 +53,16 @@ from nswrap.datatypes import datatype, replace
 from nswrap.errors import NswrapError
 from nswrap.facts import HOST_PREFIX, Facts, read_sysctl, sysctl_key
 from nswrap.fastpath import Fast
-from nswrap.firewall import FirewallFacts, blockers, how_to_fix, mark_users, rooms
+from nswrap.firewall import (
+    IPTABLES_NFT,
+    FirewallFacts,
+    blockers,
+    how_to_fix,
+    mark_users,
+    rooms,
+    unreadable_marks,
+    xt_mark_families,
+)
 from nswrap.objects import PROTO, Route, Rule
 from nswrap.transaction import Transaction
 
@@ -81,6 +90,10 @@ def wanted_rooms(firewall: FirewallFacts, mode: Firewall, mask: int) -> tuple[Ro
     users = mark_users(firewall, mask)
     if users:
         raise NswrapError(f"fwmark bits {mask:#x} are already used by {users[0]}; choose others with --mark-mask")
+    unreadable = unreadable_marks(firewall)
+    if unreadable:
+        raise NswrapError(f"nswrap cannot tell which fwmark bits {unreadable[0]} uses: iptables-nft-save does not "
+                          "show that rule (a table it calls incompatible); list it with 'nft list ruleset'")
     out: list[Room] = []
     for blocker in blockers(firewall):
         if blocker.backend is None:
@@ -309,12 +322,15 @@ def run(plan_: Plan, tx: Transaction, save: Callable[[Allocation | None], None])
 
 
 def probe_firewall(ruleset: list[dict[str, Any]] | None = None) -> FirewallFacts:
-    """Other tools' firewalls: the whole nft ruleset (*ruleset* if already listed) and
-    iptables-legacy's loaded tables."""
+    """Other tools' firewalls: the whole nft ruleset (*ruleset* if already listed),
+    iptables-legacy's loaded tables, and iptables-nft-save where the ruleset has xt extensions on
+    marks, whose values `nft -j` does not show."""
     from nswrap import iptables
 
-    listed = nft.ruleset() if ruleset is None else ruleset
-    return FirewallFacts(tuple(listed), iptables.legacy_save(), iptables.legacy_save("ip6tables-legacy"))
+    listed = tuple(nft.ruleset() if ruleset is None else ruleset)
+    xt = xt_mark_families(listed)
+    return FirewallFacts(listed, iptables.legacy_save(), iptables.legacy_save("ip6tables-legacy"),
+                         *(iptables.nft_save(IPTABLES_NFT[f]) if f in xt else "" for f in ("ip", "ip6")))
 
 
 def fail_closed(allocation: Allocation | None, read: Callable[[str], str | None] | None = None) -> list[Change]:

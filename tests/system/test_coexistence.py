@@ -44,6 +44,8 @@ REMOVE_ALL = """
 nft delete table ip filter 2>/dev/null || true
 nft delete table inet othertool 2>/dev/null || true
 nft delete table inet mine 2>/dev/null || true
+nft delete table ip mangle 2>/dev/null || true
+nft delete table ip nat 2>/dev/null || true
 ip rule del priority 100 2>/dev/null || true
 ip rule del priority 5210 2>/dev/null || true
 """
@@ -157,6 +159,20 @@ def test_a_foreign_rule_on_our_mark_bits_is_refused_by_name(lab, foreign):
             " nft add rule inet othertool pre meta mark set 0x10000000")
     done = nswrap(lab, "--ports", "53", "--", "true")
     assert done.returncode == 125 and "nft table inet othertool chain pre" in done.stderr, done.stderr
+    assert nswrap(lab, "--mark-mask", "0x0f000000", "--ports", "53", "--", "true").returncode == 0
+
+
+def test_an_iptables_nft_mark_target_on_our_bits_is_refused_by_name(lab, foreign):
+    """iptables-nft's MARK target is an xt extension, which `nft -j` lists without its value:
+    nswrap reads it from iptables-nft-save. kube-proxy's MARK (0x4000) is not in the way."""
+    baseline = foreign("iptables-nft -t nat -N KUBE-MARK-MASQ; iptables-nft -t nat -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000")
+    assert nswrap(lab, "--ports", "53", "--", "true").returncode == 0
+    assert not diff_states(baseline, lab.state()), diff_states(baseline, lab.state())
+    baseline = foreign("iptables-nft -t mangle -A PREROUTING -s 203.0.113.0/26 -j MARK --or-mark 0x20000000")
+    done = nswrap(lab, "--ports", "53", "--", "true")
+    assert done.returncode == 125 and len(done.stderr.splitlines()) == 1, done
+    assert "fwmark bits 0xf0000000 are already used by nft table ip mangle chain PREROUTING" in done.stderr, done.stderr
+    assert not diff_states(baseline, lab.state()), diff_states(baseline, lab.state())
     assert nswrap(lab, "--mark-mask", "0x0f000000", "--ports", "53", "--", "true").returncode == 0
 
 

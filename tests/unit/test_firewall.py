@@ -11,7 +11,16 @@ import pathlib
 import pytest
 
 from nswrap.datapath import Room
-from nswrap.firewall import Blocker, FirewallFacts, blockers, how_to_fix, mark_users, rooms
+from nswrap.firewall import (
+    Blocker,
+    FirewallFacts,
+    blockers,
+    how_to_fix,
+    mark_users,
+    rooms,
+    unreadable_marks,
+    xt_mark_families,
+)
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 MASK = 0xF0000000
@@ -129,10 +138,50 @@ def test_an_iptables_nft_mark_match():
     assert "nft table ip mangle chain OUTPUT" in mark_users(ruleset("marks-iptables-nft"), MASK)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG firewall.mark_users: iptables-nft's `-j MARK --set-xmark 0x20000000` lists as "
-                                       "{'xt': {'type': 'target', 'name': 'MARK'}} without its value: unnoticed")
+def with_xt(name: str) -> FirewallFacts:
+    """A captured ruleset and the iptables-nft-save outputs of the same namespace."""
+    read = (FIXTURES / f"ruleset-{name}.xt").read_text, (FIXTURES / f"ruleset-{name}.xt6").read_text
+    return FirewallFacts(ruleset(name).nft, xt=read[0](), xt6=read[1]())
+
+
+XT_USERS = ["nft table ip mangle chain OUTPUT",  # a mark match: nft -j shows its value
+            "nft table ip mangle chain PREROUTING",  # -j MARK --set-xmark 0x20000000/0xffffffff
+            "nft table ip6 mangle chain POSTROUTING"]  # -j CONNMARK --set-xmark 0x10000000/0x10000000
+
+
 def test_an_iptables_nft_mark_target():
-    assert "nft table ip mangle chain PREROUTING" in mark_users(ruleset("marks-iptables-nft"), MASK)
+    """nft -j lists `-j MARK --set-xmark 0x20000000/0xffffffff` as {'xt': {'type': 'target',
+    'name': 'MARK'}}, without its value: iptables-nft-save's line has it. kube-proxy's `--or-mark
+    0x4000` and a CONNMARK restore through 0xffff leave our bits alone."""
+    assert mark_users(with_xt("marks-iptables-nft"), MASK) == XT_USERS
+    assert unreadable_marks(with_xt("marks-iptables-nft")) == []
+
+
+def test_the_values_of_xt_targets_are_read_not_guessed():
+    """Under another mask the other rules are the users: the values come from the save's lines."""
+    assert mark_users(with_xt("marks-iptables-nft"), 0x0000F000) == [
+        "nft table ip mangle chain PREROUTING",  # its mask 0xffffffff clears every bit
+        "nft table ip nat chain KUBE-MARK-MASQ",  # 0x4000
+        "nft table ip6 mangle chain PREROUTING"]  # --restore-mark --nfmask 0xffff --ctmask 0xffff
+
+
+def test_xt_targets_without_iptables_nft_save_are_unreadable_not_free():
+    """Without the save's lines (iptables-nft-save skips a table it calls incompatible), the xt
+    rules are neither users nor free: unreadable, whatever the mask."""
+    facts = ruleset("marks-iptables-nft")
+    assert xt_mark_families(facts.nft) == {"ip", "ip6"}
+    assert mark_users(facts, MASK) == ["nft table ip mangle chain OUTPUT"]
+    assert unreadable_marks(facts) == [
+        "nft table ip mangle chain PREROUTING (xt MARK)", "nft table ip nat chain KUBE-MARK-MASQ (xt MARK)",
+        "nft table ip6 mangle chain POSTROUTING (xt CONNMARK)", "nft table ip6 mangle chain PREROUTING (xt CONNMARK)"]
+    no_ip6 = FirewallFacts(facts.nft, xt=with_xt("marks-iptables-nft").xt)
+    assert unreadable_marks(no_ip6) == ["nft table ip6 mangle chain POSTROUTING (xt CONNMARK)",
+                                        "nft table ip6 mangle chain PREROUTING (xt CONNMARK)"]
+
+
+def test_only_xt_extensions_on_marks_need_iptables_nft_save():
+    assert xt_mark_families(ruleset("docker").nft) == set()  # xt, but no marks (Docker's filter table)
+    assert xt_mark_families(ruleset("marks-foreign").nft) == set()  # native nft marks
 
 
 def test_legacy_mark_users_read_mark_options_only():

@@ -283,6 +283,22 @@ def test_wanted_rooms_from_captured_firewalls():
     with pytest.raises(NswrapError, match="fwmark bits 0xf0000000 are already used by nft table ip mangle chain PREROUTING"):
         sync.wanted_rooms(marker, "auto", MASK)
     assert sync.wanted_rooms(marker, "auto", 0x0F000000) == ()
+    unreadable = FirewallFacts(({"rule": {"family": "ip", "table": "mangle", "chain": "PREROUTING",
+                                          "expr": [{"xt": {"type": "target", "name": "MARK"}}]}},))
+    with pytest.raises(NswrapError, match=r"cannot tell which fwmark bits nft table ip mangle chain PREROUTING \(xt MARK\) uses"):
+        sync.wanted_rooms(unreadable, "auto", 0x0F000000)
+
+
+def test_probe_firewall_reads_iptables_nft_save_only_for_xt_marks(monkeypatch):
+    from nswrap import iptables
+
+    ran: list[str] = []
+    monkeypatch.setattr(iptables, "legacy_save", lambda binary="iptables-legacy": "")
+    monkeypatch.setattr(iptables, "nft_save", lambda binary="iptables-nft": ran.append(binary) or f"{binary} save")
+    assert sync.probe_firewall([]) == FirewallFacts() and ran == []
+    xt = {"rule": {"family": "ip6", "table": "mangle", "chain": "OUTPUT", "expr": [{"xt": {"type": "match", "name": "mark"}}]}}
+    facts = sync.probe_firewall([xt])
+    assert (facts.xt, facts.xt6, ran) == ("", "ip6tables-nft save", ["ip6tables-nft"])
 
 
 def test_run_saves_the_allocation_around_the_changes(first):
