@@ -92,7 +92,7 @@ def wanted_rooms(firewall: FirewallFacts, mode: Firewall, mask: int) -> tuple[Ro
         raise NswrapError(f"fwmark bits {mask:#x} are already used by {users[0]}; choose others with --mark-mask")
     unreadable = unreadable_marks(firewall)
     if unreadable:
-        raise NswrapError(f"nswrap cannot tell which fwmark bits {unreadable[0]} uses: iptables-nft-save does not "
+        raise NswrapError(f"cannot tell which fwmark bits {unreadable[0]} uses: iptables-nft-save does not "
                           "show that rule (a table it calls incompatible); list it with 'nft list ruleset'")
     out: list[Room] = []
     for blocker in blockers(firewall):

@@ -176,6 +176,18 @@ def test_an_iptables_nft_mark_target_on_our_bits_is_refused_by_name(lab, foreign
     assert nswrap(lab, "--mark-mask", "0x0f000000", "--ports", "53", "--", "true").returncode == 0
 
 
+def test_an_iptables_nft_mark_target_iptables_cannot_show_is_refused_whatever_the_mask(lab, foreign):
+    """A native rule iptables cannot translate (numgen) makes iptables-nft-save skip the whole
+    table ("incompatible"), the MARK rule's value with it."""
+    baseline = foreign("iptables-nft -t mangle -A PREROUTING -j MARK --or-mark 0x20000000;"
+                       " nft add rule ip mangle PREROUTING numgen inc mod 2 0 counter")
+    for mask in ("0xf0000000", "0x0f000000"):
+        done = nswrap(lab, "--mark-mask", mask, "--ports", "53", "--", "true")
+        assert done.returncode == 125 and len(done.stderr.splitlines()) == 1, done
+        assert "cannot tell which fwmark bits nft table ip mangle chain PREROUTING (xt MARK) uses" in done.stderr, done
+    assert not diff_states(baseline, lab.state()), diff_states(baseline, lab.state())
+
+
 def test_the_host_reaches_the_server_on_its_own_addresses_and_loopback(lab, tmp_path):
     proc = start(lab, tmp_path, "--ports", "53,53/tcp", "--", *dual_stack_unbound(tmp_path, 53))
     wait_answered(lab, lab.paths[0])
