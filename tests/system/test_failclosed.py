@@ -1,8 +1,8 @@
 """Fail closed (issue 12, findings 3 and 5): what others break while nswrap serves.
 
 - A firewall reload (`nft flush ruleset`, or a tool deleting nswrap's table or emptying its guard
-  chain): within 1 s nswrap puts its table back as it was, says so on stderr, and every path
-  answers again.
+  chain): nswrap puts its table back as it was, says so on stderr, and every path answers again
+  (how fast is the benchmark's `repair_budget`, not a timed test).
 - If it cannot put it back (here: `nft` fails in nswrap's own mount namespace, as after a broken
   package upgrade), it stops forwarding for others first and exits with a clear error; the host is
   never left routing, and `nswrap cleanup` removes the rest.
@@ -133,7 +133,7 @@ def test_a_deleted_veth_is_made_again_or_nswrap_exits_clearly(lab, tmp_path):
     (veth,) = [link["ifname"] for link in links if link["ifname"].startswith("nsw-")]
     lab.exec(lab.host, ["ip", "link", "del", veth])
     err = lambda: output(tmp_path, stream="err")  # noqa: E731
-    wait_until(lambda: proc.poll() is not None or veth in err(), 5, what=f"nswrap says something about {veth} within 5 s")
+    wait_until(lambda: proc.poll() is not None or veth in err(), 30, what=f"nswrap says something about {veth}")
     if proc.poll() is None:  # repaired: it says so, and serves every path again
         assert f"the veth {veth} was deleted: made it again" in err()
         assert unanswered(lab, everywhere, [PORT]) == []
