@@ -15,7 +15,7 @@ import os
 import socket
 import struct
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from nswrap.bpf import elf, syscall
 from nswrap.errors import EXIT_USAGE, NswrapError
@@ -207,14 +207,10 @@ def read(links: dict[str, int]) -> Fast:
         return Fast(uplinks, veths)
     try:
         found = {s for s in (decode_source(k, v, names) for k, v in _entries(loaded.maps["sources"])) if s is not None}
-        published = loaded.maps["published"]
         endpoints = set()
         stale = 0  # a dead instance's entries (its veth is gone): counted, so that they differ from
         # what is wanted and the next apply deletes them; otherwise its port stays taken, into nowhere
-        for key in syscall.map_keys(published):
-            value = syscall.map_lookup(published, key)
-            if value is None:
-                continue  # deleted meanwhile
+        for key, value in _entries(loaded.maps["published"]):
             e = decode(key, value, names)
             if e is None:
                 stale += 1
@@ -225,11 +221,9 @@ def read(links: dict[str, int]) -> Fast:
     return Fast(uplinks, veths, frozenset(endpoints), frozenset(found), stale)
 
 
-def _entries(fd: int) -> Iterator[tuple[bytes, bytes]]:
-    for key in syscall.map_keys(fd):
-        value = syscall.map_lookup(fd, key)
-        if value is not None:  # deleted meanwhile
-            yield key, value
+def _entries(fd: int) -> list[tuple[bytes, bytes]]:
+    info = syscall.map_info(fd)
+    return syscall.map_items(fd, info.key_size, info.value_size)
 
 
 def remembered(facts: Facts) -> int:
@@ -240,7 +234,7 @@ def remembered(facts: Facts) -> int:
     if loaded is None:
         return 0
     try:
-        return sum(1 for _ in syscall.map_keys(loaded.maps["flows"]))
+        return len(_entries(loaded.maps["flows"]))
     finally:
         loaded.close()
 
@@ -280,11 +274,8 @@ def apply(want: Fast) -> None:
 
 def _write(fd: int, wanted: dict[bytes, bytes]) -> None:
     """Make a map hold exactly `wanted`: what is not wanted deleted, what differs written. What it
-    holds is read key by key (a lookup in the LPM trie of `sources` is a longest-prefix match: an
-    entry it does not hold can look present through a shorter one)."""
+    holds is listed, not looked up (a lookup in the LPM trie of `sources` is a longest-prefix
+    match: an entry it does not hold can look present through a shorter one)."""
     have = dict(_entries(fd))
-    for key in have.keys() - wanted.keys():
-        syscall.map_delete(fd, key)
-    for key, value in wanted.items():
-        if have.get(key) != value:
-            syscall.map_update(fd, key, value)
+    syscall.map_delete_batch(fd, [key for key in have if key not in wanted])
+    syscall.map_update_batch(fd, [(key, value) for key, value in wanted.items() if have.get(key) != value])

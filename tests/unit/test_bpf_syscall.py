@@ -200,3 +200,111 @@ def test_other_errors_of_lookups_are_raised(monkeypatch):
     Kernel(monkeypatch, [(-1, errno.EBADF, "")])
     with pytest.raises(OSError, match="BPF_MAP_LOOKUP_ELEM"):
         syscall.map_lookup(3, bytes(4), value_size=8)
+
+
+# --- batches ---------------------------------------------------------------------------------
+
+
+class FakeMap:
+    """A fake bpf() over one map held in a dict, with the batch commands' rules as
+    kernel/bpf/syscall.c and hashtab.c keep them: a lookup batch fills up to `count` entries
+    (here at most `per_call`: a hash map answers bucket by bucket), writes its position to
+    out_batch, and says ENOENT with the last; a delete batch stops at a key that is gone (ENOENT,
+    count = those deleted before it). batch=False: a map type without them (an LPM trie: 524)."""
+
+    def __init__(self, monkeypatch, entries: dict[bytes, bytes], batch: bool = True, per_call: int = 3):
+        self.map, self.batch, self.per_call, self.calls = dict(entries), batch, per_call, []
+        monkeypatch.setattr(syscall, "_syscall", self)
+
+    def __call__(self, cmd, attr):
+        self.calls.append(cmd)
+        buffer = ctypes.create_string_buffer(attr, syscall.ATTR_SIZE)
+        if cmd in (syscall.BPF_MAP_LOOKUP_BATCH, syscall.BPF_MAP_UPDATE_BATCH, syscall.BPF_MAP_DELETE_BATCH):
+            if not self.batch:
+                return -1, 524, buffer
+            in_batch, out_batch, keys, values, count, _fd, _, _ = syscall.BATCH.unpack_from(attr)
+            done, code = getattr(self, f"_{cmd}")(in_batch, out_batch, keys, values, count)
+            struct.pack_into("=I", buffer, syscall.BATCH_COUNT_OFFSET, done)
+            return (-1 if code else 0), code, buffer
+        _fd, key, value, _ = syscall.ELEM.unpack_from(attr)
+        ordered = sorted(self.map)
+        k = ctypes.string_at(key, KEY) if key else None
+        if cmd == syscall.BPF_MAP_GET_NEXT_KEY:
+            following = [x for x in ordered if k is None or x > k]
+            if not following:
+                return -1, errno.ENOENT, buffer
+            ctypes.memmove(value, following[0], KEY)
+        elif cmd == syscall.BPF_MAP_LOOKUP_ELEM:
+            if k not in self.map:
+                return -1, errno.ENOENT, buffer
+            ctypes.memmove(value, self.map[k], VALUE)
+        elif cmd == syscall.BPF_MAP_UPDATE_ELEM:
+            self.map[k] = ctypes.string_at(value, VALUE)
+        elif cmd == syscall.BPF_MAP_DELETE_ELEM:
+            if self.map.pop(k, None) is None:
+                return -1, errno.ENOENT, buffer
+        return 0, 0, buffer
+
+    def _24(self, in_batch, out_batch, keys, values, count):  # BPF_MAP_LOOKUP_BATCH
+        start = struct.unpack("=I", ctypes.string_at(in_batch, 4))[0] if in_batch else 0
+        taken = sorted(self.map)[start:start + min(count, self.per_call)]
+        for i, k in enumerate(taken):
+            ctypes.memmove(keys + i * KEY, k, KEY)
+            ctypes.memmove(values + i * VALUE, self.map[k], VALUE)
+        ctypes.memmove(out_batch, struct.pack("=I", start + len(taken)), 4)
+        return len(taken), errno.ENOENT if start + len(taken) >= len(self.map) else 0
+
+    def _26(self, in_batch, out_batch, keys, values, count):  # BPF_MAP_UPDATE_BATCH
+        for i in range(count):
+            self.map[ctypes.string_at(keys + i * KEY, KEY)] = ctypes.string_at(values + i * VALUE, VALUE)
+        return count, 0
+
+    def _27(self, in_batch, out_batch, keys, values, count):  # BPF_MAP_DELETE_BATCH
+        for i in range(count):
+            if self.map.pop(ctypes.string_at(keys + i * KEY, KEY), None) is None:
+                return i, errno.ENOENT
+        return count, 0
+
+
+KEY, VALUE = 4, 8
+ENTRIES = {struct.pack(">I", i): struct.pack("=Q", i * 10) for i in range(10)}
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "one-by-one"])
+def test_every_entry_is_read_across_batches_or_one_by_one(monkeypatch, batch):
+    kernel = FakeMap(monkeypatch, ENTRIES, batch=batch)
+    assert syscall.map_items(3, KEY, VALUE) == sorted(ENTRIES.items())
+    if batch:  # 3 + 3 + 3 + the last one with ENOENT
+        assert kernel.calls == [syscall.BPF_MAP_LOOKUP_BATCH] * 4
+    else:  # refused once, then key by key
+        assert kernel.calls[0] == syscall.BPF_MAP_LOOKUP_BATCH and len(kernel.calls) == 1 + 10 * 2 + 1
+
+
+def test_an_empty_map_is_one_call(monkeypatch):
+    kernel = FakeMap(monkeypatch, {})
+    assert syscall.map_items(3, KEY, VALUE) == [] and kernel.calls == [syscall.BPF_MAP_LOOKUP_BATCH]
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "one-by-one"])
+def test_writes_and_deletes_in_batches_or_one_by_one(monkeypatch, batch):
+    monkeypatch.setattr(syscall, "BATCH_SIZE", 4)
+    kernel = FakeMap(monkeypatch, {})
+    kernel.batch = batch
+    syscall.map_update_batch(3, sorted(ENTRIES.items()))
+    assert kernel.map == ENTRIES
+    if batch:
+        assert kernel.calls == [syscall.BPF_MAP_UPDATE_BATCH] * 3  # 4 + 4 + 2
+    gone = struct.pack(">I", 99)
+    kernel.calls.clear()
+    syscall.map_delete_batch(3, [struct.pack(">I", 1), gone, struct.pack(">I", 2), gone, gone, struct.pack(">I", 9)])
+    assert sorted(kernel.map) == [struct.pack(">I", i) for i in (0, 3, 4, 5, 6, 7, 8)]
+    syscall.map_update_batch(3, [])
+    syscall.map_delete_batch(3, [])
+
+
+def test_other_errors_of_batches_are_raised(monkeypatch):
+    for call, args in ((syscall.map_items, (3, KEY, VALUE)), (syscall.map_update_batch, (3, [(bytes(4), bytes(8))])),
+                       (syscall.map_delete_batch, (3, [bytes(4)]))):
+        monkeypatch.setattr(syscall, "_syscall", lambda cmd, attr: (-1, errno.EPERM, ctypes.create_string_buffer(128)))
+        with pytest.raises(OSError, match=r"bpf BPF_MAP_(LOOKUP|UPDATE|DELETE)_BATCH: Operation not permitted"):
+            call(*args)

@@ -18,7 +18,8 @@ MUTATOR = {"changes.py", "transaction.py"}
 ALLOWED = {("doctor.py", "routing.do")}
 WRITES = {"write_sysctl", "do", "undo", "delete", "flush_mark", "apply", "batch", "_server_sysctl",
           # BPF objects and tc (nswrap/bpf, nswrap/netlink/tc.py)
-          "map_create", "map_update", "map_delete", "prog_load", "ensure_clsact", "attach", "detach", "remove_clsact"}
+          "map_create", "map_update", "map_delete", "map_update_batch", "map_delete_batch",
+          "prog_load", "ensure_clsact", "attach", "detach", "remove_clsact"}
 
 
 def called(node: ast.Call) -> str:
