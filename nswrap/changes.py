@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import shlex
 import socket
@@ -281,13 +282,22 @@ class FastPath(Change):
         kernel.fast().apply(self.have)
 
     def render(self) -> str:
-        return self._render(self.have, self.want)
+        return self._render(self.have, self.want, self._counts[0])
 
     def render_undo(self) -> str:
-        return self._render(self.want, self.have)
+        return self._render(self.want, self.have, self._counts[1])
+
+    @functools.cached_property
+    def _counts(self) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+        """(endpoints added, deleted, sources added, deleted) of the change and of its undo: set
+        differences of up to 262,144 endpoints, made once (the transaction renders both)."""
+        endpoints = len(self.want.endpoints - self.have.endpoints), len(self.have.endpoints - self.want.endpoints)
+        sources = len(self.want.sources - self.have.sources), len(self.have.sources - self.want.sources)
+        return (endpoints[0], endpoints[1] + max(self.have.stale - self.want.stale, 0), *sources), \
+            (endpoints[1], endpoints[0] + max(self.want.stale - self.have.stale, 0), sources[1], sources[0])
 
     @staticmethod
-    def _render(have: Fast, want: Fast) -> str:
+    def _render(have: Fast, want: Fast, counts: tuple[int, int, int, int]) -> str:
         lines = []
         for names, section in ((want.uplinks - have.uplinks, "uplink"), (want.veths - have.veths, "veth")):
             for name in sorted(names):
@@ -296,11 +306,10 @@ class FastPath(Change):
                           f"object-file {FAST_OBJECT} section tc/{section}"]
         for name in sorted((have.uplinks | have.veths) - (want.uplinks | want.veths)):
             lines.append(f"tc filter del dev {name} ingress pref {FAST_PRIORITY} handle 1 bpf")
-        added, deleted = len(want.endpoints - have.endpoints), len(have.endpoints - want.endpoints)
-        deleted += max(have.stale - want.stale, 0)  # entries naming an interface that is gone
+        added, deleted, sources_added, sources_deleted = counts  # deleted: with entries naming a gone interface
         if added or deleted:
             lines.append(f"# fast path endpoints: {added} added, {deleted} deleted (map `published`)")
-        added, deleted = len(want.sources - have.sources), len(have.sources - want.sources)
+        added, deleted = sources_added, sources_deleted
         if added or deleted:
             lines.append(f"# fast path sources: {added} added, {deleted} deleted (map `sources`)")
         return "\n".join(lines) or "# fast path: nothing to change"

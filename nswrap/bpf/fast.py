@@ -10,6 +10,7 @@ each uplink and of each `bpf` instance's veth (host end) with one tc priority of
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import socket
@@ -84,8 +85,14 @@ def decode(key: bytes, value: bytes, names: dict[int, str]) -> Endpoint | None:
     if ifindex not in names or veth not in names or proto not in NAMES or family not in (4, 6):
         return None
     size = 4 if family == 4 else 16
-    return Endpoint(names[ifindex], ipaddress.ip_address(addr[:size]), NAMES[proto], int.from_bytes(port, "big"),
-                    names[veth], mark, ipaddress.ip_address(server[:size]), int.from_bytes(server_port, "big"), timeout)
+    return Endpoint(names[ifindex], _address(addr[:size]), NAMES[proto], int.from_bytes(port, "big"),
+                    names[veth], mark, _address(server[:size]), int.from_bytes(server_port, "big"), timeout)
+
+
+@functools.lru_cache(maxsize=4096)
+def _address(packed: bytes) -> IPAddress:
+    """An address from its bytes, made once: a map holds many endpoints of few addresses."""
+    return ipaddress.ip_address(packed)
 
 
 class Loaded:
