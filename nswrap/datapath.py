@@ -471,8 +471,14 @@ def check_marks(facts: Facts, allocation: Allocation) -> None:
     """Marks are shared property: refuse if another tool's rule needs a value under our mask."""
     ours = range(allocation.priority, allocation.priority + PRIORITIES)
     for r in facts.rules:
-        if r.fwmark & r.fwmask & allocation.mark_mask and not (r.proto == PROTO and r.priority in ours):
-            raise NswrapError(f"fwmark bits {allocation.mark_mask:#x} are already used by ip rule {r.priority} "
+        if r.proto == PROTO and r.priority in ours:
+            continue
+        # a value with our bits, or a partial mask that looks at them (`fwmark 0x0/0x10000000`
+        # picks the packets without one); a whole-value match (`fwmark 0x1`) is another tool's
+        # own value, as iptables' `--mark 0x1` is (firewall.py)
+        if r.fwmark & allocation.mark_mask or (r.fwmask != 0xFFFFFFFF and r.fwmask & allocation.mark_mask):
+            command = "ip rule" if r.version == 4 else "ip -6 rule"
+            raise NswrapError(f"fwmark bits {allocation.mark_mask:#010x} are already used by {command} {r.priority} "
                               f"(fwmark {r.fwmark:#x}/{r.fwmask:#x} lookup {r.table}); choose others with --mark-mask")
 
 

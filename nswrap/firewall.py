@@ -36,8 +36,12 @@ class FirewallFacts:
     nft: tuple[dict[str, Any], ...] = ()  # `nft -j list ruleset` items
     legacy: str = ""  # `iptables-legacy-save`, "" when no legacy table is loaded
     legacy6: str = ""  # `ip6tables-legacy-save`, the same for IPv6
-    xt: str = ""  # `iptables-nft-save`, read only when a rule has an xt extension on marks (XT_MARKS)
-    xt6: str = ""  # `ip6tables-nft-save`, the same for IPv6
+    # (family, `iptables-nft-save`, `ip6tables-nft-save` or `ebtables-nft-save`): read only for a
+    # family with an xt extension on marks (XT_MARKS), whose values `nft -j` does not show
+    xt: tuple[tuple[str, str], ...] = ()
+
+    def save(self, family: str) -> str:
+        return next((text for f, text in self.xt if f == family), "")
 
 
 def _walk(node: Any) -> Iterator[Any]:
@@ -132,7 +136,7 @@ def blockers(facts: FirewallFacts) -> list[Blocker]:
     found = []
     for key, chain in chains.items():
         family, table, name = key
-        if chain.get("hook") != "forward" or family not in ("ip", "ip6", "inet") or table == TABLE:
+        if chain.get("hook") != "forward" or family not in ("ip", "ip6", "inet") or (family, table) == ("inet", TABLE):
             continue
         exprs = rules.get(key, [])
         if family in IPTABLES_NFT and _iptables_nft(family, table, name):
@@ -183,13 +187,18 @@ def how_to_fix(blocker: Blocker) -> str:
 def _mark_conflict(node: Any, mask: int, writing: bool = False, masking: bool = False) -> bool:
     """Does a statement read or write a packet or connection mark in a way that meets our bits?
     A value compared or set conflicts if it has our bits; an AND mask conflicts when reading
-    through it sees our bits, or when writing through it clears them."""
+    through it sees our bits, or when writing through it clears them; so does a match nft lists
+    as a prefix (`meta mark and 0xffff0000 == 0x10000` is `0x00010000/16`) whose mask sees them."""
     if isinstance(node, dict):
         if "mangle" in node:
             target = json.dumps(node["mangle"].get("key", {}))
             return '"mark"' in target and _mark_conflict(node["mangle"].get("value"), mask, True)
         if "&" in node:
             return any(_mark_conflict(v, mask, writing, True) for v in node["&"])
+        prefix = node.get("prefix")
+        if isinstance(prefix, dict) and isinstance(prefix.get("addr"), int) and isinstance(prefix.get("len"), int):
+            through = (0xFFFFFFFF << (32 - min(max(prefix["len"], 0), 32))) & 0xFFFFFFFF  # a mark, not an address
+            return bool(prefix["addr"] & mask) or (prefix["len"] < 32 and bool(through & mask))
         return any(_mark_conflict(v, mask, writing, masking) for v in node.values())
     if isinstance(node, list):
         return any(_mark_conflict(v, mask, writing, masking) for v in node)
@@ -204,30 +213,57 @@ def _uses_mark(stmt: Any) -> bool:
     return '"key": "mark"' in json.dumps(stmt)
 
 
-# The xt extensions (iptables-nft's compat expressions) that read or write a packet or connection
-# mark. `nft -j` lists them by name only ({"xt": {"type": "target", "name": "MARK"}}): their
-# values are read from iptables-nft-save, which decodes the same rules with iptables' own code.
-XT_MARKS = {"target": frozenset({"MARK", "CONNMARK", "TPROXY", "HMARK"}), "match": frozenset({"mark", "connmark"})}
+def _named(facts: FirewallFacts) -> dict[tuple[str, str, str], Any]:
+    """(family, table, name) -> the elements of every named set and map, for `@name` in rules."""
+    found = {}
+    for item in facts.nft:
+        for kind in ("set", "map"):
+            if kind in item:
+                s = item[kind]
+                found[(s["family"], s["table"], s["name"])] = s.get("elem", [])
+    return found
 
 
-def _xt_marks(expr: list[Any]) -> list[tuple[str, str]]:
+def _resolved(node: Any, family: str, table: str, named: dict[tuple[str, str, str], Any]) -> Any:
+    """A statement with each `@name` replaced by that set's or map's elements."""
+    if isinstance(node, str) and node.startswith("@"):
+        return named.get((family, table, node[1:]), node)
+    if isinstance(node, dict):
+        return {k: _resolved(v, family, table, named) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolved(v, family, table, named) for v in node]
+    return node
+
+
+# The xt extensions (iptables-nft's and ebtables-nft's compat expressions) that read or write a
+# packet or connection mark, per family, with the word that shows each in its save's lines. `nft
+# -j` lists them by name only ({"xt": {"type": "target", "name": "MARK"}}): their values are read
+# from the family's save command, which decodes the same rules with the tool's own code. (arp:
+# arptables' MARK marks ARP packets, never nswrap's flows.)
+_XT_IP = {("target", "MARK"): "-j MARK", ("target", "CONNMARK"): "-j CONNMARK", ("target", "TPROXY"): "-j TPROXY",
+          ("target", "HMARK"): "-j HMARK", ("match", "mark"): "-m mark", ("match", "connmark"): "-m connmark"}
+XT_MARKS = {"ip": _XT_IP, "ip6": _XT_IP, "bridge": {("target", "mark"): "-j mark", ("match", "mark_m"): "--mark"}}
+XT_SAVE = {"ip": "iptables-nft-save", "ip6": "ip6tables-nft-save", "bridge": "ebtables-nft-save"}
+
+
+def _xt_marks(family: str, expr: list[Any]) -> list[tuple[str, str]]:
     """(type, name) of a rule's xt extensions that carry a mark."""
+    known = XT_MARKS.get(family, {})
     return [(x["type"], x["name"]) for x in (s.get("xt") for s in expr)
-            if isinstance(x, dict) and x.get("name") in XT_MARKS.get(x.get("type", ""), ())]
+            if isinstance(x, dict) and (x.get("type"), x.get("name")) in known]
 
 
 def xt_mark_families(nft: tuple[dict[str, Any], ...]) -> set[str]:
-    """The families whose iptables-nft-save nswrap must read: other tables' rules with an xt
+    """The families whose save command nswrap must read: other tables' rules with an xt
     extension that carries a mark."""
-    return {rule["family"] for _, rule in _other_rules(FirewallFacts(nft)) if _xt_marks(rule["expr"])}
+    return {rule["family"] for _, rule in _other_rules(FirewallFacts(nft)) if _xt_marks(rule["family"], rule["expr"])}
 
 
 def _xt_conflict(facts: FirewallFacts, rule: dict[str, Any], mask: int) -> bool | None:
-    """Do the rule's xt mark extensions use a value under our mask (their lines in
-    iptables-nft-save, judged as iptables-legacy's are)? None: no such line to read."""
-    save = {"ip": facts.xt, "ip6": facts.xt6}.get(rule["family"], "")
-    flags = {f"-j {name}" if kind == "target" else f"-m {name}" for kind, name in _xt_marks(rule["expr"])}
-    lines = [line for table, line in _save_rules(save)
+    """Do the rule's xt mark extensions use a value under our mask (their lines in the family's
+    save, judged as iptables-legacy's are)? None: no such line to read."""
+    flags = {XT_MARKS[rule["family"]][ext] for ext in _xt_marks(rule["family"], rule["expr"])}
+    lines = [line for table, line in _save_rules(facts.save(rule["family"]))
              if table == rule["table"] and line.split()[1] == rule["chain"] and any(f"{flag} " in f"{line} " for flag in flags)]
     if not lines:
         return None
@@ -235,7 +271,7 @@ def _xt_conflict(facts: FirewallFacts, rule: dict[str, Any], mask: int) -> bool 
 
 
 def _save_rules(save: str) -> Iterator[tuple[str, str]]:
-    """(table, line) of every `-A` line of an iptables-save output."""
+    """(table, line) of every `-A` line of an iptables-save (or ebtables-save) output."""
     table = "?"
     for line in save.splitlines():
         if line.startswith("*"):
@@ -245,36 +281,46 @@ def _save_rules(save: str) -> Iterator[tuple[str, str]]:
 
 
 def _other_rules(facts: FirewallFacts) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, rule) of every rule in a table not nswrap's."""
+    """(where, rule) of every rule in a table not nswrap's (`inet nswrap`: another family's table
+    of that name is someone else's)."""
     for item in facts.nft:
         rule = item.get("rule")
-        if rule and rule["table"] != TABLE:
+        if rule and (rule["family"], rule["table"]) != ("inet", TABLE):
             yield f"nft table {rule['family']} {rule['table']} chain {rule['chain']}", rule
 
 
 def mark_users(facts: FirewallFacts, mask: int) -> list[str]:
-    """Other tables' rules and iptables-legacy rules that use a value under our mask."""
+    """Other tables' rules, iptables-legacy rules and xt extensions that use a value under our
+    mask (a named set or map a rule refers to: its elements)."""
+    named = _named(facts)
     users = [where for where, rule in _other_rules(facts)
-             if any(_uses_mark(s) and _mark_conflict(s, mask) for s in rule["expr"])
-             or (_xt_marks(rule["expr"]) and _xt_conflict(facts, rule, mask))]
+             if any(_uses_mark(s) and _mark_conflict(_resolved(s, rule["family"], rule["table"], named), mask)
+                    for s in rule["expr"])
+             or (_xt_marks(rule["family"], rule["expr"]) and _xt_conflict(facts, rule, mask))]
     for binary, save in (("iptables-legacy", facts.legacy), ("ip6tables-legacy", facts.legacy6)):
         users += [f"{binary} table {table} chain {line.split()[1]}"
                   for table, line in _save_rules(save) if any(v & mask for v in _mark_values(line))]
     return sorted(set(users))
 
 
-def unreadable_marks(facts: FirewallFacts) -> list[str]:
-    """Rules whose xt mark extensions iptables-nft-save does not show (it skips a table it calls
-    incompatible): nswrap cannot tell whether they use its bits, whatever the mask."""
-    return sorted({f"{where} (xt {'/'.join(name for _, name in _xt_marks(rule['expr']))})"
+def unreadable_marks(facts: FirewallFacts) -> list[tuple[str, str]]:
+    """(rule, why) of the rules whose xt mark extensions the family's save does not show (it
+    skips a table it calls incompatible): nswrap cannot tell whether they use its bits, whatever
+    the mask."""
+    return sorted({(where, f"{XT_SAVE[rule['family']]} does not show its xt "
+                           f"{'/'.join(name for _, name in _xt_marks(rule['family'], rule['expr']))}")
                    for where, rule in _other_rules(facts)
-                   if _xt_marks(rule["expr"]) and _xt_conflict(facts, rule, 0) is None})
+                   if _xt_marks(rule["family"], rule["expr"]) and _xt_conflict(facts, rule, 0) is None})
 
 
-# The options of iptables-save's lines that carry a mark value or mask (MARK, CONNMARK, TPROXY,
-# HMARK, the mark and connmark matches)
+# The options of iptables-save's (and ebtables-save's) lines that carry a mark value or mask
+# (MARK, CONNMARK, TPROXY, HMARK, the mark and connmark matches; ebtables' mark target and match)
 MARK_OPTIONS = frozenset({"--set-xmark", "--set-mark", "--and-mark", "--or-mark", "--xor-mark", "--mark", "--nfmask",
-                          "--ctmask", "--mask", "--tproxy-mark", "--hmark-offset"})
+                          "--ctmask", "--mask", "--tproxy-mark", "--hmark-offset",
+                          "--mark-set", "--mark-or", "--mark-and", "--mark-xor"})
+AND_OPTIONS = frozenset({"--and-mark", "--mark-and"})  # the bits they keep: what they clear is what counts
+# writes of the whole mark, whatever their value: ebtables' `--mark-set`; HMARK (mark = hash % mod + offset)
+WHOLE_MARK = frozenset({"--mark-set", "--hmark-mod"})
 
 
 def _mark_values(line: str) -> list[int]:
@@ -286,10 +332,13 @@ def _mark_values(line: str) -> list[int]:
         words = line.split()
     values = []
     for option, value in zip(words, words[1:], strict=False):  # each word and the next
+        if option in WHOLE_MARK:
+            values.append(0xFFFFFFFF)
         if option in MARK_OPTIONS:
             for number in value.split("/"):
                 try:
-                    values.append(int(number, 0))
+                    n = int(number, 0)
                 except ValueError:
-                    pass  # `--mask 255.255.255.255` of the recent match, say
+                    continue  # `--mask 255.255.255.255` of the recent match, say
+                values.append(~n & 0xFFFFFFFF if option in AND_OPTIONS else n)
     return values

@@ -54,12 +54,12 @@ def legacy_save(binary: str = "iptables-legacy") -> str:
     return done.stdout
 
 
-def nft_save(binary: str = "iptables-nft") -> str:
-    """`iptables-nft-save` (or ip6tables'): the values of the xt extensions that `nft -j` lists
-    by name only."""
-    done = _run([f"{binary}-save"])
+def nft_save(command: str = "iptables-nft-save") -> str:
+    """`iptables-nft-save` (ip6tables-nft-save, ebtables-nft-save): the values of the xt
+    extensions that `nft -j` lists by name only."""
+    done = _run([command])
     if done.returncode != 0:
-        raise NswrapError(f"{binary}-save: {_last_line(done.stderr) or done.returncode}")
+        raise NswrapError(f"{command}: {_last_line(done.stderr) or done.returncode}")
     return done.stdout
 
 

@@ -54,7 +54,7 @@ from nswrap.errors import NswrapError
 from nswrap.facts import HOST_PREFIX, Facts, read_sysctl, sysctl_key
 from nswrap.fastpath import Fast
 from nswrap.firewall import (
-    IPTABLES_NFT,
+    XT_SAVE,
     FirewallFacts,
     blockers,
     how_to_fix,
@@ -89,11 +89,12 @@ def wanted_rooms(firewall: FirewallFacts, mode: Firewall, mask: int) -> tuple[Ro
     refusal, naming the chain, where nswrap will not edit); and nobody else on our mark bits."""
     users = mark_users(firewall, mask)
     if users:
-        raise NswrapError(f"fwmark bits {mask:#x} are already used by {users[0]}; choose others with --mark-mask")
+        raise NswrapError(f"fwmark bits {mask:#010x} are already used by {users[0]}; choose others with --mark-mask")
     unreadable = unreadable_marks(firewall)
     if unreadable:
-        raise NswrapError(f"cannot tell which fwmark bits {unreadable[0]} uses: iptables-nft-save does not "
-                          "show that rule (a table it calls incompatible); list it with 'nft list ruleset'")
+        where, why = unreadable[0]
+        raise NswrapError(f"cannot tell which fwmark bits {where} uses: {why} (a table it calls incompatible); "
+                          "list it with 'nft list ruleset'")
     out: list[Room] = []
     for blocker in blockers(firewall):
         if blocker.backend is None:
@@ -323,14 +324,13 @@ def run(plan_: Plan, tx: Transaction, save: Callable[[Allocation | None], None])
 
 def probe_firewall(ruleset: list[dict[str, Any]] | None = None) -> FirewallFacts:
     """Other tools' firewalls: the whole nft ruleset (*ruleset* if already listed),
-    iptables-legacy's loaded tables, and iptables-nft-save where the ruleset has xt extensions on
-    marks, whose values `nft -j` does not show."""
+    iptables-legacy's loaded tables, and iptables-nft-save (ip6tables', ebtables') where the
+    ruleset has xt extensions on marks, whose values `nft -j` does not show."""
     from nswrap import iptables
 
     listed = tuple(nft.ruleset() if ruleset is None else ruleset)
-    xt = xt_mark_families(listed)
     return FirewallFacts(listed, iptables.legacy_save(), iptables.legacy_save("ip6tables-legacy"),
-                         *(iptables.nft_save(IPTABLES_NFT[f]) if f in xt else "" for f in ("ip", "ip6")))
+                         tuple((f, iptables.nft_save(XT_SAVE[f])) for f in sorted(xt_mark_families(listed))))
 
 
 def fail_closed(allocation: Allocation | None, read: Callable[[str], str | None] | None = None) -> list[Change]:

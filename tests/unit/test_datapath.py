@@ -331,6 +331,10 @@ def test_foreign_rules_on_our_mark_bits_are_refused():
         check_marks(host(rules=(Rule(4, 900, 77, 0x20000000, 0x20000000, proto=STATIC),)), allocation)
     with pytest.raises(NswrapError, match="ip rule 5002"):  # our priority, another protocol: not ours
         check_marks(host(rules=(Rule(4, 5002, 77, 0x10000000, MASK, proto=STATIC),)), allocation)
+    check_marks(host(rules=(Rule(4, 900, 77, 0x1, 0xFFFFFFFF, proto=STATIC),)), allocation)  # a whole value: theirs
+    for fwmark, fwmask in ((0, 0x10000000), (0, MASK)):  # a partial mask that looks at our bits (found by a review)
+        with pytest.raises(NswrapError, match=f"ip -6 rule 900 \\(fwmark 0x0/{fwmask:#x} lookup 77\\)"):
+            check_marks(host(rules=(Rule(6, 900, 77, fwmark, fwmask, proto=STATIC),)), allocation)
 
 
 # --- sysctls -------------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ def test_legacy_reject_rule():
 def test_only_the_forward_hook_matters():
     facts = FirewallFacts((
         {"chain": {"family": "inet", "table": "filter", "name": "input", "hook": "input", "policy": "drop"}},
-        {"chain": {"family": "ip", "table": "nswrap", "name": "guard", "hook": "forward", "policy": "drop"}},
+        {"chain": {"family": "inet", "table": "nswrap", "name": "guard", "hook": "forward", "policy": "drop"}},
         {"chain": {"family": "inet", "table": "filter", "name": "forward", "hook": "forward", "policy": "accept"}},
         {"rule": {"family": "inet", "table": "filter", "chain": "forward", "expr": [{"counter": None}, {"accept": None}]}},
     ), "*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j DROP\nCOMMIT\n")
@@ -138,10 +138,12 @@ def test_an_iptables_nft_mark_match():
     assert "nft table ip mangle chain OUTPUT" in mark_users(ruleset("marks-iptables-nft"), MASK)
 
 
-def with_xt(name: str) -> FirewallFacts:
-    """A captured ruleset and the iptables-nft-save outputs of the same namespace."""
-    read = (FIXTURES / f"ruleset-{name}.xt").read_text, (FIXTURES / f"ruleset-{name}.xt6").read_text
-    return FirewallFacts(ruleset(name).nft, xt=read[0](), xt6=read[1]())
+def with_xt(name: str, families: tuple[str, ...] = ("ip", "ip6", "bridge")) -> FirewallFacts:
+    """A captured ruleset and the iptables-nft-save (ip6tables', ebtables') outputs of the same
+    namespace."""
+    suffix = {"ip": "xt", "ip6": "xt6", "bridge": "xtbridge"}
+    return FirewallFacts(ruleset(name).nft,
+                         xt=tuple((f, (FIXTURES / f"ruleset-{name}.{suffix[f]}").read_text()) for f in families))
 
 
 XT_USERS = ["nft table ip mangle chain OUTPUT",  # a mark match: nft -j shows its value
@@ -172,11 +174,47 @@ def test_xt_targets_without_iptables_nft_save_are_unreadable_not_free():
     assert xt_mark_families(facts.nft) == {"ip", "ip6"}
     assert mark_users(facts, MASK) == ["nft table ip mangle chain OUTPUT"]
     assert unreadable_marks(facts) == [
-        "nft table ip mangle chain PREROUTING (xt MARK)", "nft table ip nat chain KUBE-MARK-MASQ (xt MARK)",
-        "nft table ip6 mangle chain POSTROUTING (xt CONNMARK)", "nft table ip6 mangle chain PREROUTING (xt CONNMARK)"]
-    no_ip6 = FirewallFacts(facts.nft, xt=with_xt("marks-iptables-nft").xt)
-    assert unreadable_marks(no_ip6) == ["nft table ip6 mangle chain POSTROUTING (xt CONNMARK)",
-                                        "nft table ip6 mangle chain PREROUTING (xt CONNMARK)"]
+        ("nft table ip mangle chain PREROUTING", "iptables-nft-save does not show its xt MARK"),
+        ("nft table ip nat chain KUBE-MARK-MASQ", "iptables-nft-save does not show its xt MARK"),
+        ("nft table ip6 mangle chain POSTROUTING", "ip6tables-nft-save does not show its xt CONNMARK"),
+        ("nft table ip6 mangle chain PREROUTING", "ip6tables-nft-save does not show its xt CONNMARK")]
+    assert [where for where, _ in unreadable_marks(with_xt("marks-iptables-nft", ("ip",)))] == [
+        "nft table ip6 mangle chain POSTROUTING", "nft table ip6 mangle chain PREROUTING"]
+
+
+REVIEW_USERS = [
+    "nft table bridge filter chain FORWARD",  # ebtables-nft: -j mark --mark-or 0x10000000
+    "nft table bridge filter chain INPUT",  # ebtables-nft: --mark 0x20000000/0x20000000
+    "nft table bridge nat chain PREROUTING",  # ebtables-nft: --mark-set 0x1, the whole mark
+    "nft table inet named chain pre",  # meta mark set ip saddr map @marks (0x10000000), @ours, @verdicts
+    "nft table inet prefixes chain fw",  # meta mark and 0xf0000000 == 0: listed as 0/4
+    "nft table ip nswrap chain pre",  # not nswrap's: its table is inet nswrap
+]
+
+
+def test_what_a_hostile_review_found_unnoticed_is_a_user():
+    """Found by a hostile review of the xt work: mark matches nft lists as prefixes, named sets
+    and maps, ebtables-nft's mark target and match, a table named nswrap in another family.
+    arptables' MARK (ARP packets) and a named map of other bits (@theirs, 0x4000) are not users."""
+    facts = with_xt("marks-review")
+    assert xt_mark_families(facts.nft) == {"bridge"}  # arp: never read
+    assert mark_users(facts, MASK) == REVIEW_USERS and unreadable_marks(facts) == []
+    assert mark_users(facts, 0x0000FF00) == [
+        "nft table bridge nat chain PREROUTING",  # the whole mark, whatever the mask
+        "nft table inet named chain other",  # @theirs: 0x4000
+        "nft table inet prefixes chain fw"]  # ct mark and 0xff00 == 0x100
+
+
+@pytest.mark.parametrize(("line", "users"), [
+    ("-A PREROUTING -j HMARK --hmark-tuple src,dst --hmark-mod 2 --hmark-offset 0x1 --hmark-rnd 0x1", True),
+    ("-A PREROUTING -j MARK --and-mark 0x0fffffff", True),  # clears our bits
+    ("-A PREROUTING -j MARK --and-mark 0xffffffff", False),
+    ("-A PREROUTING -j MARK --set-xmark 0x1/0x1", False),
+])
+def test_legacy_whole_and_and_writes(line, users):
+    """HMARK writes the whole mark (hash % mod + offset); an AND clears what it does not keep."""
+    facts = FirewallFacts((), f"*mangle\n{line}\nCOMMIT\n")
+    assert mark_users(facts, MASK) == (["iptables-legacy table mangle chain PREROUTING"] if users else [])
 
 
 def test_only_xt_extensions_on_marks_need_iptables_nft_save():

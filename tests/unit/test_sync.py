@@ -285,7 +285,8 @@ def test_wanted_rooms_from_captured_firewalls():
     assert sync.wanted_rooms(marker, "auto", 0x0F000000) == ()
     unreadable = FirewallFacts(({"rule": {"family": "ip", "table": "mangle", "chain": "PREROUTING",
                                           "expr": [{"xt": {"type": "target", "name": "MARK"}}]}},))
-    with pytest.raises(NswrapError, match=r"cannot tell which fwmark bits nft table ip mangle chain PREROUTING \(xt MARK\) uses"):
+    with pytest.raises(NswrapError, match=r"cannot tell which fwmark bits nft table ip mangle chain PREROUTING uses: "
+                                          r"iptables-nft-save does not show its xt MARK \(a table it calls incompatible\)"):
         sync.wanted_rooms(unreadable, "auto", 0x0F000000)
 
 
@@ -294,11 +295,14 @@ def test_probe_firewall_reads_iptables_nft_save_only_for_xt_marks(monkeypatch):
 
     ran: list[str] = []
     monkeypatch.setattr(iptables, "legacy_save", lambda binary="iptables-legacy": "")
-    monkeypatch.setattr(iptables, "nft_save", lambda binary="iptables-nft": ran.append(binary) or f"{binary} save")
+    monkeypatch.setattr(iptables, "nft_save", lambda command: ran.append(command) or f"{command}'s output")
     assert sync.probe_firewall([]) == FirewallFacts() and ran == []
-    xt = {"rule": {"family": "ip6", "table": "mangle", "chain": "OUTPUT", "expr": [{"xt": {"type": "match", "name": "mark"}}]}}
-    facts = sync.probe_firewall([xt])
-    assert (facts.xt, facts.xt6, ran) == ("", "ip6tables-nft save", ["ip6tables-nft"])
+    xt = [{"rule": {"family": family, "table": "t", "chain": "c", "expr": [{"xt": {"type": kind, "name": name}}]}}
+          for family, kind, name in (("ip6", "match", "mark"), ("bridge", "target", "mark"), ("arp", "target", "MARK"),
+                                     ("ip", "target", "REJECT"))]
+    facts = sync.probe_firewall(xt)
+    assert facts.xt == (("bridge", "ebtables-nft-save's output"), ("ip6", "ip6tables-nft-save's output"))
+    assert ran == ["ebtables-nft-save", "ip6tables-nft-save"]
 
 
 def test_run_saves_the_allocation_around_the_changes(first):
