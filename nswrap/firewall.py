@@ -1,7 +1,7 @@
 """Pure: other tools' firewalls on nswrap's path. What would drop its forwarded flows, where to
 make room, and who else uses its mark bits, from the nft JSON ruleset (which includes
-iptables-nft's tables), `iptables-legacy-save`, and `iptables-nft-save` where the JSON names an xt
-extension without its values.
+iptables-nft's tables), `iptables-legacy-save`, and `iptables-nft-save` (`ip6tables-nft-save`,
+`ebtables-nft-save`) where the JSON names an xt extension on marks without its values.
 
 A drop in any table is final (nftables evaluates every base chain on a hook), so an accept in
 nswrap's own table cannot rescue a flow another table drops. nswrap makes room only where the
