@@ -74,7 +74,8 @@ def _lets_ours_pass(expr: Any) -> bool:
 
 
 def _iptables_nft(family: str, table: str, chain: str) -> bool:
-    return family == "ip" and table == "filter" and chain.isupper()
+    """iptables-nft's or ip6tables-nft's own FORWARD (ufw and Docker set both families' policy)."""
+    return family in IPTABLES_NFT and table == "filter" and chain.isupper()
 
 
 def _legacy_filter(save: str) -> list[str]:

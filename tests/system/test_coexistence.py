@@ -32,6 +32,7 @@ iptables -N ufw-before-forward
 iptables -A FORWARD -j ufw-before-forward
 iptables -A ufw-before-forward -p icmp -j ACCEPT
 """
+UFW6 = UFW + UFW.replace("iptables", "ip6tables").replace("-p icmp", "-p ipv6-icmp")  # ufw's default: IPV6=yes
 OTHER_TOOLS = """
 nft add table inet othertool
 nft add chain inet othertool pre '{ type filter hook prerouting priority -300; }'
@@ -42,6 +43,7 @@ ip rule add fwmark 0xca6c lookup 51820 priority 5210
 NFT_DROP = "nft add table inet mine; nft add chain inet mine fw '{ type filter hook forward priority 0; policy drop; }'"
 REMOVE_ALL = """
 nft delete table ip filter 2>/dev/null || true
+nft delete table ip6 filter 2>/dev/null || true
 nft delete table inet othertool 2>/dev/null || true
 nft delete table inet mine 2>/dev/null || true
 nft delete table ip mangle 2>/dev/null || true
@@ -115,6 +117,21 @@ def test_behind_a_drop_policy_every_path_is_answered_and_foreign_state_kept(lab,
     assert not echo_answered(lab, c3.client, c3.address, 7777)
     assert not echo_answered(lab, c3.client, server_address(lab), 7777)
 
+    assert lab.stop(proc) == 0
+    assert not diff_states(baseline, lab.state()), diff_states(baseline, lab.state())
+
+
+def test_behind_ufw_with_ipv6_every_path_of_both_families_is_answered(lab, tmp_path, foreign):
+    """ufw sets FORWARD's policy to DROP in iptables and ip6tables: nswrap makes room in both,
+    with iptables-nft and ip6tables-nft (a review found the IPv6 one taken for another tool's
+    native nft chain: the start was refused on every ufw host with IPv6)."""
+    baseline = foreign(UFW6)
+    proc = start(lab, tmp_path, "--ports", "53,53/tcp", "--", *dual_stack_unbound(tmp_path, 53))
+    for path in (*lab.paths, *lab.paths6):
+        assert wait_answered(lab, path) == TEST_ANSWER, path.name
+        assert dig(lab, path, tcp=True) == TEST_ANSWER, path.name
+    nswrap_accepts(lab, "iptables", "FORWARD")
+    nswrap_accepts(lab, "ip6tables", "FORWARD")
     assert lab.stop(proc) == 0
     assert not diff_states(baseline, lab.state()), diff_states(baseline, lab.state())
 
