@@ -39,6 +39,7 @@ class FirewallFacts:
     # (family, `iptables-nft-save`, `ip6tables-nft-save` or `ebtables-nft-save`): read only for a
     # family with an xt extension on marks (XT_MARKS), whose values `nft -j` does not show
     xt: tuple[tuple[str, str], ...] = ()
+    xt_failed: tuple[tuple[str, str], ...] = ()  # (family, why its save command could not run)
 
     def save(self, family: str) -> str:
         return next((text for f, text in self.xt if f == family), "")
@@ -185,6 +186,10 @@ def how_to_fix(blocker: Blocker) -> str:
     )
 
 
+# numbers inside a mark statement that are not marks: a set element's counter, a hash's seed
+NOT_MARKS = frozenset({"counter", "seed", "timeout", "expires", "quota", "limit"})
+
+
 def _mark_conflict(node: Any, mask: int, writing: bool = False, masking: bool = False) -> bool:
     """Does a statement read or write a packet or connection mark in a way that meets our bits?
     A value compared or set conflicts if it has our bits; an AND mask conflicts when reading
@@ -200,7 +205,7 @@ def _mark_conflict(node: Any, mask: int, writing: bool = False, masking: bool = 
         if isinstance(prefix, dict) and isinstance(prefix.get("addr"), int) and isinstance(prefix.get("len"), int):
             through = (0xFFFFFFFF << (32 - min(max(prefix["len"], 0), 32))) & 0xFFFFFFFF  # a mark, not an address
             return bool(prefix["addr"] & mask) or (prefix["len"] < 32 and bool(through & mask))
-        return any(_mark_conflict(v, mask, writing, masking) for v in node.values())
+        return any(_mark_conflict(v, mask, writing, masking) for k, v in node.items() if k not in NOT_MARKS)
     if isinstance(node, list):
         return any(_mark_conflict(v, mask, writing, masking) for v in node)
     if isinstance(node, int) and not isinstance(node, bool):
@@ -305,13 +310,18 @@ def mark_users(facts: FirewallFacts, mask: int) -> list[str]:
 
 
 def unreadable_marks(facts: FirewallFacts) -> list[tuple[str, str]]:
-    """(rule, why) of the rules whose xt mark extensions the family's save does not show (it
-    skips a table it calls incompatible): nswrap cannot tell whether they use its bits, whatever
-    the mask."""
-    return sorted({(where, f"{XT_SAVE[rule['family']]} does not show its xt "
-                           f"{'/'.join(name for _, name in _xt_marks(rule['family'], rule['expr']))}")
-                   for where, rule in _other_rules(facts)
-                   if _xt_marks(rule["family"], rule["expr"]) and _xt_conflict(facts, rule, 0) is None})
+    """(rule, why) of the rules whose xt mark extensions the family's save command does not show
+    (it skips a table it calls incompatible, stops at a native rule it cannot parse, is not
+    installed): nswrap cannot tell whether they use its bits, whatever the mask."""
+    failed = dict(facts.xt_failed)
+    found = set()
+    for where, rule in _other_rules(facts):
+        names = "/".join(name for _, name in _xt_marks(rule["family"], rule["expr"]))
+        if names and _xt_conflict(facts, rule, 0) is None:
+            reason = failed.get(rule["family"]) or (f"{XT_SAVE[rule['family']]} does not show it "
+                                                    "(a table it calls incompatible)")
+            found.add((f"{where} (xt {names})", reason))
+    return sorted(found)
 
 
 # The options of iptables-save's (and ebtables-save's) lines that carry a mark value or mask

@@ -58,8 +58,10 @@ def nft_save(command: str = "iptables-nft-save") -> str:
     """`iptables-nft-save` (ip6tables-nft-save, ebtables-nft-save): the values of the xt
     extensions that `nft -j` lists by name only."""
     done = _run([command])
-    if done.returncode != 0:
-        raise NswrapError(f"{command}: {_last_line(done.stderr) or done.returncode}")
+    if done.returncode != 0:  # its stderr ends in "Perhaps ... your kernel needs to be upgraded": not why
+        said = [line.split(": ", 1)[-1] for line in done.stderr.splitlines() if "failed" in line or "rror" in line]
+        raise NswrapError(f"{command} failed (exit {done.returncode}{': ' + said[0] if said else ''}; "
+                          "another tool's native rule in iptables' table?)")
     return done.stdout
 
 

@@ -86,15 +86,14 @@ def _union(a: Allocation, b: Allocation) -> Allocation:
 
 def wanted_rooms(firewall: FirewallFacts, mode: Firewall, mask: int) -> tuple[Room, ...]:
     """Where other firewalls would drop nswrap's flows: the narrow accepts that make room (or a
-    refusal, naming the chain, where nswrap will not edit); and nobody else on our mark bits."""
+    refusal, naming the chain, where nswrap will not edit); and nobody else on our mark bits (a
+    rule whose marks nswrap cannot read is named in a warning)."""
     users = mark_users(firewall, mask)
     if users:
         raise NswrapError(f"fwmark bits {mask:#010x} are already used by {users[0]}; choose others with --mark-mask")
-    unreadable = unreadable_marks(firewall)
-    if unreadable:
-        where, why = unreadable[0]
-        raise NswrapError(f"cannot tell which fwmark bits {where} uses: {why} (a table it calls incompatible); "
-                          "list it with 'nft list ruleset'")
+    for where, why in unreadable_marks(firewall):  # said, not refused (docs/security.md, Limits)
+        log.warning("cannot tell which fwmark bits %s uses: %s; if they meet %#010x, choose other bits with "
+                    "--mark-mask", where, why, mask)
     out: list[Room] = []
     for blocker in blockers(firewall):
         if blocker.backend is None:
@@ -329,8 +328,14 @@ def probe_firewall(ruleset: list[dict[str, Any]] | None = None) -> FirewallFacts
     from nswrap import iptables
 
     listed = tuple(nft.ruleset() if ruleset is None else ruleset)
+    saves, failed = [], []
+    for family in sorted(xt_mark_families(listed)):
+        try:
+            saves.append((family, iptables.nft_save(XT_SAVE[family])))
+        except NswrapError as e:  # not installed, or stopped by another tool's native rule
+            failed.append((family, str(e)))
     return FirewallFacts(listed, iptables.legacy_save(), iptables.legacy_save("ip6tables-legacy"),
-                         tuple((f, iptables.nft_save(XT_SAVE[f])) for f in sorted(xt_mark_families(listed))))
+                         tuple(saves), tuple(failed))
 
 
 def fail_closed(allocation: Allocation | None, read: Callable[[str], str | None] | None = None) -> list[Change]:

@@ -175,13 +175,17 @@ def test_xt_targets_without_iptables_nft_save_are_unreadable_not_free():
     facts = ruleset("marks-iptables-nft")
     assert xt_mark_families(facts.nft) == {"ip", "ip6"}
     assert mark_users(facts, MASK) == ["nft table ip mangle chain OUTPUT"]
+    hidden = "iptables-nft-save does not show it (a table it calls incompatible)"
     assert unreadable_marks(facts) == [
-        ("nft table ip mangle chain PREROUTING", "iptables-nft-save does not show its xt MARK"),
-        ("nft table ip nat chain KUBE-MARK-MASQ", "iptables-nft-save does not show its xt MARK"),
-        ("nft table ip6 mangle chain POSTROUTING", "ip6tables-nft-save does not show its xt CONNMARK"),
-        ("nft table ip6 mangle chain PREROUTING", "ip6tables-nft-save does not show its xt CONNMARK")]
-    assert [where for where, _ in unreadable_marks(with_xt("marks-iptables-nft", ("ip",)))] == [
-        "nft table ip6 mangle chain POSTROUTING", "nft table ip6 mangle chain PREROUTING"]
+        ("nft table ip mangle chain PREROUTING (xt MARK)", hidden),
+        ("nft table ip nat chain KUBE-MARK-MASQ (xt MARK)", hidden),
+        ("nft table ip6 mangle chain POSTROUTING (xt CONNMARK)", "ip6" + hidden[2:]),
+        ("nft table ip6 mangle chain PREROUTING (xt CONNMARK)", "ip6" + hidden[2:])]
+    failed = FirewallFacts(facts.nft, xt=with_xt("marks-iptables-nft", ("ip",)).xt,
+                           xt_failed=(("ip6", "ip6tables-nft-save: Parsing nftables rule failed"),))
+    assert unreadable_marks(failed) == [
+        ("nft table ip6 mangle chain POSTROUTING (xt CONNMARK)", "ip6tables-nft-save: Parsing nftables rule failed"),
+        ("nft table ip6 mangle chain PREROUTING (xt CONNMARK)", "ip6tables-nft-save: Parsing nftables rule failed")]
 
 
 REVIEW_USERS = [
@@ -205,6 +209,20 @@ def test_what_a_hostile_review_found_unnoticed_is_a_user():
         "nft table bridge nat chain PREROUTING",  # the whole mark, whatever the mask
         "nft table inet named chain other",  # @theirs: 0x4000
         "nft table inet prefixes chain fw"]  # ct mark and 0xff00 == 0x100
+
+
+def test_counters_and_seeds_in_a_mark_statement_are_not_marks():
+    """A named map's element counter (bytes 400,000,000 = 0x17d78400) and jhash's seed are
+    numbers inside the statement, not values it reads or writes (found by a review)."""
+    mangle = {"mangle": {"key": {"meta": {"key": "mark"}}, "value": {"map": {"key": "x", "data": "@m"}}}}
+    element = [[{"elem": {"val": "192.0.2.50", "counter": {"packets": 300000, "bytes": 400000000}}}, 1]]
+    facts = FirewallFacts(({"map": {"family": "ip", "table": "acct", "name": "m", "elem": element}},
+                           {"rule": {"family": "ip", "table": "acct", "chain": "pre", "expr": [mangle]}}))
+    assert mark_users(facts, MASK) == []
+    jhash = {"mangle": {"key": {"meta": {"key": "mark"}},
+                        "value": {"jhash": {"expr": "x", "mod": 2, "seed": 0xDEADBEEF, "offset": 0x100}}}}
+    facts = FirewallFacts(({"rule": {"family": "ip", "table": "t", "chain": "c", "expr": [jhash]}},))
+    assert mark_users(facts, MASK) == [] and mark_users(facts, 0xF00) == ["nft table ip t chain c"]
 
 
 @pytest.mark.parametrize(("line", "users"), [

@@ -7,6 +7,8 @@ converge: planning again on the result asks for nothing.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from nswrap import nft, ruleset, sync
@@ -268,7 +270,7 @@ def test_rooms_go_when_no_longer_needed(first):
     assert [type(c) for c in again.changes] == [DeleteRoom, DeleteRoom] and again.after.rooms == ()
 
 
-def test_wanted_rooms_from_captured_firewalls():
+def test_wanted_rooms_from_captured_firewalls(caplog):
     assert sync.wanted_rooms(FirewallFacts(), "auto", MASK) == ()
     forward = {"family": "ip", "table": "filter", "name": "FORWARD", "hook": "forward", "policy": "drop"}
     docker = FirewallFacts(({"chain": forward}, {"chain": {"family": "ip", "table": "filter", "name": "DOCKER-USER"}}))
@@ -285,9 +287,11 @@ def test_wanted_rooms_from_captured_firewalls():
     assert sync.wanted_rooms(marker, "auto", 0x0F000000) == ()
     unreadable = FirewallFacts(({"rule": {"family": "ip", "table": "mangle", "chain": "PREROUTING",
                                           "expr": [{"xt": {"type": "target", "name": "MARK"}}]}},))
-    with pytest.raises(NswrapError, match=r"cannot tell which fwmark bits nft table ip mangle chain PREROUTING uses: "
-                                          r"iptables-nft-save does not show its xt MARK \(a table it calls incompatible\)"):
-        sync.wanted_rooms(unreadable, "auto", 0x0F000000)
+    with caplog.at_level(logging.WARNING, logger="nswrap"):
+        assert sync.wanted_rooms(unreadable, "auto", 0x0F000000) == ()
+    assert caplog.messages == ["cannot tell which fwmark bits nft table ip mangle chain PREROUTING (xt MARK) uses: "
+                               "iptables-nft-save does not show it (a table it calls incompatible); if they meet "
+                               "0x0f000000, choose other bits with --mark-mask"]
 
 
 def test_probe_firewall_reads_iptables_nft_save_only_for_xt_marks(monkeypatch):
@@ -303,6 +307,14 @@ def test_probe_firewall_reads_iptables_nft_save_only_for_xt_marks(monkeypatch):
     facts = sync.probe_firewall(xt)
     assert facts.xt == (("bridge", "ebtables-nft-save's output"), ("ip6", "ip6tables-nft-save's output"))
     assert ran == ["ebtables-nft-save", "ip6tables-nft-save"]
+
+    def failing(command):
+        raise NswrapError(f"{command}: Parsing nftables rule failed")
+
+    monkeypatch.setattr(iptables, "nft_save", failing)  # e.g. Tailscale's native rules in iptables' tables
+    facts = sync.probe_firewall(xt)
+    assert facts.xt == () and facts.xt_failed == (("bridge", "ebtables-nft-save: Parsing nftables rule failed"),
+                                                  ("ip6", "ip6tables-nft-save: Parsing nftables rule failed"))
 
 
 def test_run_saves_the_allocation_around_the_changes(first):
