@@ -1,7 +1,7 @@
 """Pure: other tools' firewalls on nswrap's path. What would drop its forwarded flows, where to
 make room, and who else uses its mark bits, from the nft JSON ruleset (which includes
-iptables-nft's tables), `iptables-legacy-save`, and `iptables-nft-save` (`ip6tables-nft-save`,
-`ebtables-nft-save`) where the JSON names an xt extension on marks without its values.
+iptables-nft's tables), `iptables-legacy-save`, and, where the JSON names an xt extension on
+marks without its values, those read from the kernel (nftrules.py).
 
 A drop in any table is final (nftables evaluates every base chain on a hook), so an accept in
 nswrap's own table cannot rescue a flow another table drops. nswrap makes room only where the
@@ -14,11 +14,13 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import struct
 from collections.abc import Iterator
 from typing import Any
 
 from nswrap.datapath import Room
 from nswrap.datatypes import datatype
+from nswrap.netlink.nftrules import Xt
 from nswrap.ruleset import TABLE
 
 TAG = "nswrap"  # the comment on nswrap's iptables rules
@@ -36,13 +38,10 @@ class FirewallFacts:
     nft: tuple[dict[str, Any], ...] = ()  # `nft -j list ruleset` items
     legacy: str = ""  # `iptables-legacy-save`, "" when no legacy table is loaded
     legacy6: str = ""  # `ip6tables-legacy-save`, the same for IPv6
-    # (family, `iptables-nft-save`, `ip6tables-nft-save` or `ebtables-nft-save`): read only for a
-    # family with an xt extension on marks (XT_MARKS), whose values `nft -j` does not show
-    xt: tuple[tuple[str, str], ...] = ()
-    xt_failed: tuple[tuple[str, str], ...] = ()  # (family, why its save command could not run)
-
-    def save(self, family: str) -> str:
-        return next((text for f, text in self.xt if f == family), "")
+    # the xt extensions of every rule, read over netlink (nftrules.py) only when `nft -j` shows one
+    # on marks (XT_MARKS), since it does not show their values; `xt_error`: why they could not be
+    xt: tuple[Xt, ...] = ()
+    xt_error: str = ""
 
 
 def _walk(node: Any) -> Iterator[Any]:
@@ -242,38 +241,72 @@ def _resolved(node: Any, family: str, table: str, named: dict[tuple[str, str, st
 
 
 # The xt extensions (iptables-nft's and ebtables-nft's compat expressions) that read or write a
-# packet or connection mark, per family, with the word that shows each in its save's lines. `nft
-# -j` lists them by name only ({"xt": {"type": "target", "name": "MARK"}}): their values are read
-# from the family's save command, which decodes the same rules with the tool's own code. (arp:
-# arptables' MARK marks ARP packets, never nswrap's flows.)
-_XT_IP = {("target", "MARK"): "-j MARK", ("target", "CONNMARK"): "-j CONNMARK", ("target", "TPROXY"): "-j TPROXY",
-          ("target", "HMARK"): "-j HMARK", ("match", "mark"): "-m mark", ("match", "connmark"): "-m connmark"}
-XT_MARKS = {"ip": _XT_IP, "ip6": _XT_IP, "bridge": {("target", "mark"): "-j mark", ("match", "mark_m"): "--mark"}}
-XT_SAVE = {"ip": "iptables-nft-save", "ip6": "ip6tables-nft-save", "bridge": "ebtables-nft-save"}
+# packet or connection mark, per family. `nft -j` lists them by name only ({"xt": {"type":
+# "target", "name": "MARK"}}): their values are read from the kernel (nftrules.py) and decoded by
+# `xt_values`. (arp: arptables' MARK marks ARP packets, never nswrap's flows.)
+_XT_IP = frozenset({("target", "MARK"), ("target", "CONNMARK"), ("target", "TPROXY"), ("target", "HMARK"),
+                    ("match", "mark"), ("match", "connmark")})
+XT_MARKS = {"ip": _XT_IP, "ip6": _XT_IP, "bridge": frozenset({("target", "mark"), ("match", "mark_m")})}
+# ebtables' mark target (include/uapi/linux/netfilter_bridge/ebt_mark_t.h): the operation, in
+# `target & -16`
+XT_CONNMARK_SET = 0  # CONNMARK's mode: --set-xmark uses ctmark/ctmask; --save-mark, --restore-mark the masks
+EBT_MARK_SET, EBT_MARK_OR, EBT_MARK_AND, EBT_MARK_XOR = 0xFFFFFFF0, 0xFFFFFFE0, 0xFFFFFFD0, 0xFFFFFFC0
+
+
+def xt_values(x: Xt) -> list[int] | None:
+    """The numbers an xt extension's struct gives the mark, as iptables-save would print them and
+    judged the same way (`_mark_values`): a value and its mask; the bits an AND clears; 0xffffffff
+    for a write of the whole mark (HMARK, ebtables' --mark-set). None: a layout nswrap does not
+    know (another revision)."""
+    def words(n: int, layout: str = "=") -> tuple[int, ...]:
+        return struct.unpack_from(f"{layout}{n}{'L' if layout == '@' else 'I'}", x.info)
+
+    try:
+        match (x.type, x.name, x.rev):
+            case ("target", "MARK", 2) | ("match", "mark", 1) | ("match", "connmark", 1):
+                return list(words(2))  # xt_mark_tginfo2, xt_mark_mtinfo1, xt_connmark_mtinfo1: mark, mask
+            case ("target", "CONNMARK", 1 | 2):  # xt_connmark_tginfo1/2: ctmark, ctmask, nfmask, ..., mode
+                ctmark, ctmask, nfmask = words(3)
+                mode = x.info[12 if x.rev == 1 else 14]  # after rev 2's shift_dir and shift_bits
+                return [ctmark, ctmask] if mode == XT_CONNMARK_SET else [ctmask, nfmask]  # --save/--restore-mark
+            case ("target", "TPROXY", 0 | 1):
+                return list(words(2))  # xt_tproxy_target_info(_v1): mark_mask, mark_value
+            case ("target", "HMARK", _):
+                return [0xFFFFFFFF]  # mark = hash % mod + offset
+            case ("target", "mark", 0):  # ebt_mark_t_info: unsigned long mark; int target
+                (mark,) = words(1, "@")
+                action = struct.unpack_from("@i", x.info, struct.calcsize("@L"))[0] & -16 & 0xFFFFFFFF
+                return {EBT_MARK_SET: [0xFFFFFFFF, mark & 0xFFFFFFFF],
+                        EBT_MARK_AND: [~mark & 0xFFFFFFFF]}.get(action, [mark & 0xFFFFFFFF])
+            case ("match", "mark_m", 0):  # ebt_mark_m_info: unsigned long mark, mask
+                return [w & 0xFFFFFFFF for w in words(2, "@")]
+    except (struct.error, IndexError):
+        return None  # shorter than its struct
+    return None
 
 
 def _xt_marks(family: str, expr: list[Any]) -> list[tuple[str, str]]:
     """(type, name) of a rule's xt extensions that carry a mark."""
-    known = XT_MARKS.get(family, {})
+    known = XT_MARKS.get(family, frozenset())
     return [(x["type"], x["name"]) for x in (s.get("xt") for s in expr)
             if isinstance(x, dict) and (x.get("type"), x.get("name")) in known]
 
 
-def xt_mark_families(nft: tuple[dict[str, Any], ...]) -> set[str]:
-    """The families whose save command nswrap must read: other tables' rules with an xt
-    extension that carries a mark."""
-    return {rule["family"] for _, rule in _other_rules(FirewallFacts(nft)) if _xt_marks(rule["family"], rule["expr"])}
+def needs_xt(nft: tuple[dict[str, Any], ...]) -> bool:
+    """Does another table have an xt extension on marks, whose values must be read?"""
+    return any(_xt_marks(rule["family"], rule["expr"]) for _, rule in _other_rules(FirewallFacts(nft)))
 
 
 def _xt_conflict(facts: FirewallFacts, rule: dict[str, Any], mask: int) -> bool | None:
-    """Do the rule's xt mark extensions use a value under our mask (their lines in the family's
-    save, judged as iptables-legacy's are)? None: no such line to read."""
-    flags = {XT_MARKS[rule["family"]][ext] for ext in _xt_marks(rule["family"], rule["expr"])}
-    lines = [line for table, line in _save_rules(facts.save(rule["family"]))
-             if table == rule["table"] and line.split()[1] == rule["chain"] and any(f"{flag} " in f"{line} " for flag in flags)]
-    if not lines:
+    """Do the rule's xt mark extensions use a value under our mask? None: not read (the rule
+    came after the dump, or a layout nswrap does not know)."""
+    marks = set(_xt_marks(rule["family"], rule["expr"]))
+    found = [xt_values(x) for x in facts.xt
+             if (x.family, x.table, x.chain, x.handle) == (rule["family"], rule["table"], rule["chain"],
+                                                            rule.get("handle")) and (x.type, x.name) in marks]
+    if not found or any(values is None for values in found):
         return None
-    return any(v & mask for line in lines for v in _mark_values(line))
+    return any(v & mask for values in found for v in values or ())
 
 
 def _save_rules(save: str) -> Iterator[tuple[str, str]]:
@@ -310,17 +343,14 @@ def mark_users(facts: FirewallFacts, mask: int) -> list[str]:
 
 
 def unreadable_marks(facts: FirewallFacts) -> list[tuple[str, str]]:
-    """(rule, why) of the rules whose xt mark extensions the family's save command does not show
-    (it skips a table it calls incompatible, stops at a native rule it cannot parse, is not
-    installed): nswrap cannot tell whether they use its bits, whatever the mask."""
-    failed = dict(facts.xt_failed)
+    """(rule, why) of the rules whose xt mark extensions were not read: nswrap cannot tell
+    whether they use its bits, whatever the mask."""
     found = set()
     for where, rule in _other_rules(facts):
         names = "/".join(name for _, name in _xt_marks(rule["family"], rule["expr"]))
         if names and _xt_conflict(facts, rule, 0) is None:
-            reason = failed.get(rule["family"]) or (f"{XT_SAVE[rule['family']]} does not show it "
-                                                    "(a table it calls incompatible)")
-            found.add((f"{where} (xt {names})", reason))
+            found.add((f"{where} (xt {names})", facts.xt_error or "its values could not be read (a revision nswrap "
+                                                                  "does not know, or the rule changed meanwhile)"))
     return sorted(found)
 
 

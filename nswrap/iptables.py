@@ -1,9 +1,9 @@
 """The only module that runs iptables (iptables-nft and iptables-legacy).
 
 Reads the legacy rules nswrap must know about (nftables' own listing already includes
-iptables-nft, but shows its xt extensions by name only: their values come from iptables-nft-save),
-and inserts or deletes nswrap's narrow ACCEPT rules. A command that cannot run
-raises (NswrapError): a firewall nswrap could not read is never taken for an empty one.
+iptables-nft; the values of its xt extensions come from the kernel, netlink/nftrules.py), and
+inserts or deletes nswrap's narrow ACCEPT rules. A command that cannot run raises (NswrapError):
+a firewall nswrap could not read is never taken for an empty one.
 """
 
 from __future__ import annotations
@@ -51,17 +51,6 @@ def legacy_save(binary: str = "iptables-legacy") -> str:
     done = _run([f"{binary}-save"])
     if done.returncode != 0:
         raise NswrapError(f"{binary}-save: {_last_line(done.stderr) or done.returncode}")
-    return done.stdout
-
-
-def nft_save(command: str = "iptables-nft-save") -> str:
-    """`iptables-nft-save` (ip6tables-nft-save, ebtables-nft-save): the values of the xt
-    extensions that `nft -j` lists by name only."""
-    done = _run([command])
-    if done.returncode != 0:  # its stderr ends in "Perhaps ... your kernel needs to be upgraded": not why
-        said = [line.split(": ", 1)[-1] for line in done.stderr.splitlines() if "failed" in line or "rror" in line]
-        raise NswrapError(f"{command} failed (exit {done.returncode}{': ' + said[0] if said else ''}; "
-                          "another tool's native rule in iptables' table?)")
     return done.stdout
 
 

@@ -54,14 +54,13 @@ from nswrap.errors import NswrapError
 from nswrap.facts import HOST_PREFIX, Facts, read_sysctl, sysctl_key
 from nswrap.fastpath import Fast
 from nswrap.firewall import (
-    XT_SAVE,
     FirewallFacts,
     blockers,
     how_to_fix,
     mark_users,
+    needs_xt,
     rooms,
     unreadable_marks,
-    xt_mark_families,
 )
 from nswrap.objects import PROTO, Route, Rule
 from nswrap.transaction import Transaction
@@ -323,19 +322,20 @@ def run(plan_: Plan, tx: Transaction, save: Callable[[Allocation | None], None])
 
 def probe_firewall(ruleset: list[dict[str, Any]] | None = None) -> FirewallFacts:
     """Other tools' firewalls: the whole nft ruleset (*ruleset* if already listed),
-    iptables-legacy's loaded tables, and iptables-nft-save (ip6tables', ebtables') where the
-    ruleset has xt extensions on marks, whose values `nft -j` does not show."""
+    iptables-legacy's loaded tables, and the xt extensions of every rule, read from the kernel
+    where the ruleset has one on marks (`nft -j` does not show their values)."""
     from nswrap import iptables
+    from nswrap.netlink import nftrules
 
     listed = tuple(nft.ruleset() if ruleset is None else ruleset)
-    saves, failed = [], []
-    for family in sorted(xt_mark_families(listed)):
+    xt: tuple[nftrules.Xt, ...] = ()
+    error = ""
+    if needs_xt(listed):
         try:
-            saves.append((family, iptables.nft_save(XT_SAVE[family])))
-        except NswrapError as e:  # not installed, or stopped by another tool's native rule
-            failed.append((family, str(e)))
-    return FirewallFacts(listed, iptables.legacy_save(), iptables.legacy_save("ip6tables-legacy"),
-                         tuple(saves), tuple(failed))
+            xt = tuple(nftrules.xt_extensions())
+        except OSError as e:
+            error = f"its rules could not be read over netlink ({e.strerror or e})"
+    return FirewallFacts(listed, iptables.legacy_save(), iptables.legacy_save("ip6tables-legacy"), xt, error)
 
 
 def fail_closed(allocation: Allocation | None, read: Callable[[str], str | None] | None = None) -> list[Change]:

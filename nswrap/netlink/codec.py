@@ -75,20 +75,24 @@ def text(kind: int, value: str) -> bytes:
     return attr(kind, value.encode() + b"\0")
 
 
-def spans(data: bytes, start: int = 0, end: int | None = None) -> dict[int, tuple[int, int]]:
-    """{type: (start, end) of its payload} of the attributes in data[start:end], without copying
-    (nesting flags stripped; the last of a type wins)."""
+def walk(data: bytes, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, int]]:
+    """(type, start, end of its payload) of each attribute in data[start:end], in order, repeats
+    kept (a list's elements), nesting flags stripped."""
     end = len(data) if end is None else end
-    found = {}
     while start < end:
         if end - start < _ATTR.size:
             raise Malformed(f"{end - start} bytes left where an attribute starts")
         length, kind = _ATTR.unpack_from(data, start)
         if length < _ATTR.size or start + length > end:
             raise Malformed(f"attribute {kind & 0x3FFF} of length {length} at {start} in {end} bytes")
-        found[kind & 0x3FFF] = (start + _ATTR.size, start + length)
+        yield kind & 0x3FFF, start + _ATTR.size, start + length
         start += align(length)
-    return found
+
+
+def spans(data: bytes, start: int = 0, end: int | None = None) -> dict[int, tuple[int, int]]:
+    """{type: (start, end) of its payload} of the attributes in data[start:end], without copying
+    (nesting flags stripped; the last of a type wins)."""
+    return {kind: (first, last) for kind, first, last in walk(data, start, end)}
 
 
 def parse_attrs(data: bytes, offset: int = 0) -> dict[int, bytes]:

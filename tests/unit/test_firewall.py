@@ -11,16 +11,19 @@ import pathlib
 import pytest
 
 from nswrap.datapath import Room
+from nswrap.datatypes import replace
 from nswrap.firewall import (
     Blocker,
     FirewallFacts,
     blockers,
     how_to_fix,
     mark_users,
+    needs_xt,
     rooms,
     unreadable_marks,
-    xt_mark_families,
 )
+from nswrap.netlink.codec import Message
+from nswrap.netlink.nftrules import parse_rule
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 MASK = 0xF0000000
@@ -140,12 +143,12 @@ def test_an_iptables_nft_mark_match():
     assert "nft table ip mangle chain OUTPUT" in mark_users(ruleset("marks-iptables-nft"), MASK)
 
 
-def with_xt(name: str, families: tuple[str, ...] = ("ip", "ip6", "bridge")) -> FirewallFacts:
-    """A captured ruleset and the iptables-nft-save (ip6tables', ebtables') outputs of the same
-    namespace."""
-    suffix = {"ip": "xt", "ip6": "xt6", "bridge": "xtbridge"}
-    return FirewallFacts(ruleset(name).nft,
-                         xt=tuple((f, (FIXTURES / f"ruleset-{name}.{suffix[f]}").read_text()) for f in families))
+def with_xt(name: str) -> FirewallFacts:
+    """A captured ruleset and the xt extensions the kernel sent for the same namespace
+    (tests/unit/test_netlink_nftrules.py checks those against iptables-nft-save)."""
+    bodies = json.loads((FIXTURES / f"ruleset-{name}.xt.json").read_text())["messages"]
+    xt = tuple(x for body in bodies for x in parse_rule(Message(0xA06, 0, bytes.fromhex(body))))
+    return FirewallFacts(ruleset(name).nft, xt=xt)
 
 
 XT_USERS = ["nft table ip mangle chain OUTPUT",  # a mark match: nft -j shows its value
@@ -155,37 +158,38 @@ XT_USERS = ["nft table ip mangle chain OUTPUT",  # a mark match: nft -j shows it
 
 def test_an_iptables_nft_mark_target():
     """nft -j lists `-j MARK --set-xmark 0x20000000/0xffffffff` as {'xt': {'type': 'target',
-    'name': 'MARK'}}, without its value: iptables-nft-save's line has it. kube-proxy's `--or-mark
+    'name': 'MARK'}}, without its value: the kernel's rule has it. kube-proxy's `--or-mark
     0x4000` and a CONNMARK restore through 0xffff leave our bits alone."""
     assert mark_users(with_xt("marks-iptables-nft"), MASK) == XT_USERS
     assert unreadable_marks(with_xt("marks-iptables-nft")) == []
 
 
 def test_the_values_of_xt_targets_are_read_not_guessed():
-    """Under another mask the other rules are the users: the values come from the save's lines."""
+    """Under another mask the other rules are the users: the values are read, not guessed."""
     assert mark_users(with_xt("marks-iptables-nft"), 0x0000F000) == [
         "nft table ip mangle chain PREROUTING",  # its mask 0xffffffff clears every bit
         "nft table ip nat chain KUBE-MARK-MASQ",  # 0x4000
         "nft table ip6 mangle chain PREROUTING"]  # --restore-mark --nfmask 0xffff --ctmask 0xffff
 
 
-def test_xt_targets_without_iptables_nft_save_are_unreadable_not_free():
-    """Without the save's lines (iptables-nft-save skips a table it calls incompatible), the xt
-    rules are neither users nor free: unreadable, whatever the mask."""
+def test_xt_targets_not_read_are_unreadable_not_free():
+    """Without their values (the dump failed, or the rule came after it), the xt rules are
+    neither users nor free: unreadable, whatever the mask."""
     facts = ruleset("marks-iptables-nft")
-    assert xt_mark_families(facts.nft) == {"ip", "ip6"}
+    assert needs_xt(facts.nft)
     assert mark_users(facts, MASK) == ["nft table ip mangle chain OUTPUT"]
-    hidden = "iptables-nft-save does not show it (a table it calls incompatible)"
+    unknown = "its values could not be read (a revision nswrap does not know, or the rule changed meanwhile)"
     assert unreadable_marks(facts) == [
-        ("nft table ip mangle chain PREROUTING (xt MARK)", hidden),
-        ("nft table ip nat chain KUBE-MARK-MASQ (xt MARK)", hidden),
-        ("nft table ip6 mangle chain POSTROUTING (xt CONNMARK)", "ip6" + hidden[2:]),
-        ("nft table ip6 mangle chain PREROUTING (xt CONNMARK)", "ip6" + hidden[2:])]
-    failed = FirewallFacts(facts.nft, xt=with_xt("marks-iptables-nft", ("ip",)).xt,
-                           xt_failed=(("ip6", "ip6tables-nft-save: Parsing nftables rule failed"),))
-    assert unreadable_marks(failed) == [
-        ("nft table ip6 mangle chain POSTROUTING (xt CONNMARK)", "ip6tables-nft-save: Parsing nftables rule failed"),
-        ("nft table ip6 mangle chain PREROUTING (xt CONNMARK)", "ip6tables-nft-save: Parsing nftables rule failed")]
+        ("nft table ip mangle chain PREROUTING (xt MARK)", unknown),
+        ("nft table ip nat chain KUBE-MARK-MASQ (xt MARK)", unknown),
+        ("nft table ip6 mangle chain POSTROUTING (xt CONNMARK)", unknown),
+        ("nft table ip6 mangle chain PREROUTING (xt CONNMARK)", unknown)]
+    failed = FirewallFacts(facts.nft, xt_error="its rules could not be read over netlink (Operation not permitted)")
+    assert {why for _, why in unreadable_marks(failed)} == {failed.xt_error}
+    older = with_xt("marks-iptables-nft")  # a MARK of a revision nswrap does not know
+    older = FirewallFacts(older.nft, xt=tuple(replace(x, rev=1) if x.name == "MARK" else x for x in older.xt))
+    assert [where for where, _ in unreadable_marks(older)] == [
+        "nft table ip mangle chain PREROUTING (xt MARK)", "nft table ip nat chain KUBE-MARK-MASQ (xt MARK)"]
 
 
 REVIEW_USERS = [
@@ -203,7 +207,7 @@ def test_what_a_hostile_review_found_unnoticed_is_a_user():
     and maps, ebtables-nft's mark target and match, a table named nswrap in another family.
     arptables' MARK (ARP packets) and a named map of other bits (@theirs, 0x4000) are not users."""
     facts = with_xt("marks-review")
-    assert xt_mark_families(facts.nft) == {"bridge"}  # arp: never read
+    assert needs_xt(facts.nft)  # bridge (arp: never judged)
     assert mark_users(facts, MASK) == REVIEW_USERS and unreadable_marks(facts) == []
     assert mark_users(facts, 0x0000FF00) == [
         "nft table bridge nat chain PREROUTING",  # the whole mark, whatever the mask
@@ -237,9 +241,9 @@ def test_legacy_whole_and_and_writes(line, users):
     assert mark_users(facts, MASK) == (["iptables-legacy table mangle chain PREROUTING"] if users else [])
 
 
-def test_only_xt_extensions_on_marks_need_iptables_nft_save():
-    assert xt_mark_families(ruleset("docker").nft) == set()  # xt, but no marks (Docker's filter table)
-    assert xt_mark_families(ruleset("marks-foreign").nft) == set()  # native nft marks
+def test_only_xt_extensions_on_marks_are_read():
+    assert not needs_xt(ruleset("docker").nft)  # xt, but no marks (Docker's filter table)
+    assert not needs_xt(ruleset("marks-foreign").nft)  # native nft marks
 
 
 def test_legacy_mark_users_read_mark_options_only():

@@ -290,31 +290,30 @@ def test_wanted_rooms_from_captured_firewalls(caplog):
     with caplog.at_level(logging.WARNING, logger="nswrap"):
         assert sync.wanted_rooms(unreadable, "auto", 0x0F000000) == ()
     assert caplog.messages == ["cannot tell which fwmark bits nft table ip mangle chain PREROUTING (xt MARK) uses: "
-                               "iptables-nft-save does not show it (a table it calls incompatible); if they meet "
-                               "0x0f000000, choose other bits with --mark-mask"]
+                               "its values could not be read (a revision nswrap does not know, or the rule changed "
+                               "meanwhile); if they meet 0x0f000000, choose other bits with --mark-mask"]
 
 
-def test_probe_firewall_reads_iptables_nft_save_only_for_xt_marks(monkeypatch):
+def test_probe_firewall_reads_xt_extensions_only_for_xt_marks(monkeypatch):
     from nswrap import iptables
+    from nswrap.netlink import nftrules
 
-    ran: list[str] = []
+    dumps: list[int] = []
+    made = nftrules.Xt("bridge", "t", "c", 3, "target", "mark", 0, bytes(16))
     monkeypatch.setattr(iptables, "legacy_save", lambda binary="iptables-legacy": "")
-    monkeypatch.setattr(iptables, "nft_save", lambda command: ran.append(command) or f"{command}'s output")
-    assert sync.probe_firewall([]) == FirewallFacts() and ran == []
-    xt = [{"rule": {"family": family, "table": "t", "chain": "c", "expr": [{"xt": {"type": kind, "name": name}}]}}
-          for family, kind, name in (("ip6", "match", "mark"), ("bridge", "target", "mark"), ("arp", "target", "MARK"),
-                                     ("ip", "target", "REJECT"))]
-    facts = sync.probe_firewall(xt)
-    assert facts.xt == (("bridge", "ebtables-nft-save's output"), ("ip6", "ip6tables-nft-save's output"))
-    assert ran == ["ebtables-nft-save", "ip6tables-nft-save"]
+    monkeypatch.setattr(nftrules, "xt_extensions", lambda: dumps.append(1) or [made])
+    assert sync.probe_firewall([]) == FirewallFacts() and dumps == []
+    rejecting = {"rule": {"family": "ip", "table": "t", "chain": "c", "expr": [{"xt": {"type": "target", "name": "REJECT"}}]}}
+    assert sync.probe_firewall([rejecting]).xt == () and dumps == []  # xt, not on marks
+    marking = {"rule": {"family": "bridge", "table": "t", "chain": "c", "expr": [{"xt": {"type": "target", "name": "mark"}}]}}
+    assert sync.probe_firewall([rejecting, marking]).xt == (made,) and dumps == [1]
 
-    def failing(command):
-        raise NswrapError(f"{command}: Parsing nftables rule failed")
+    def failing():
+        raise PermissionError(1, "Operation not permitted")
 
-    monkeypatch.setattr(iptables, "nft_save", failing)  # e.g. Tailscale's native rules in iptables' tables
-    facts = sync.probe_firewall(xt)
-    assert facts.xt == () and facts.xt_failed == (("bridge", "ebtables-nft-save: Parsing nftables rule failed"),
-                                                  ("ip6", "ip6tables-nft-save: Parsing nftables rule failed"))
+    monkeypatch.setattr(nftrules, "xt_extensions", failing)
+    facts = sync.probe_firewall([marking])
+    assert facts.xt == () and facts.xt_error == "its rules could not be read over netlink (Operation not permitted)"
 
 
 def test_run_saves_the_allocation_around_the_changes(first):
