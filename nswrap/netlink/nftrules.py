@@ -43,6 +43,8 @@ class Xt:
 def parse_rule(m: Message) -> list[Xt]:
     """The xt extensions of one rule (NFT_MSG_NEWRULE, as a dump sends them)."""
     family = NFPROTO.get(codec.unpack(NFGEN, m.body)[0], "")
+    if b"target\0" not in m.body and b"match\0" not in m.body:
+        return []  # most rules of a big ruleset (kube-proxy's): no expression named so, nothing to parse
     a = codec.parse_attrs(m.body, NFGEN.size)
     table, chain = codec.string(a.get(NFTA_RULE_TABLE)), codec.string(a.get(NFTA_RULE_CHAIN))
     handle = int.from_bytes(a.get(NFTA_RULE_HANDLE, b""), "big")
