@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import pathlib
 import re
+import struct
 
 import pytest
 
@@ -76,3 +77,28 @@ def test_a_cut_message_is_malformed_never_a_short_list():
     body = bytes.fromhex(json.loads((FIXTURES / "ruleset-marks-review.xt.json").read_text())["messages"][0])
     with pytest.raises(Malformed):
         parse_rule(Message(0xA06, 0, body[:-3]))
+
+
+@pytest.mark.parametrize("name", ["marks-iptables-nft", "marks-review"])
+def test_pyroute2_decodes_the_same(name):
+    """pyroute2 (a test dependency only) reads the same messages: the same rules, xt names,
+    revisions and info bytes."""
+    pyroute2 = pytest.importorskip("pyroute2")
+    from pyroute2.netlink.nfnetlink.nftsocket import nft_rule_msg
+
+    assert pyroute2
+    bodies = json.loads((FIXTURES / f"ruleset-{name}.xt.json").read_text())["messages"]
+    theirs = []
+    for body in map(bytes.fromhex, bodies):
+        m = nft_rule_msg(struct.pack("=IHHII", 16 + len(body), 10 << 8 | 6, 2, 0, 0) + body)
+        m.decode()
+        for e in m.get_attr("NFTA_RULE_EXPRESSIONS") or []:
+            kind = e.get_attr("NFTA_EXPR_NAME")
+            if kind in ("target", "match"):
+                data = dict(e.get_attr("NFTA_EXPR_DATA")["attrs"])
+                prefix = f"NFTA_{kind.upper()}_"
+                theirs.append((m.get_attr("NFTA_RULE_TABLE"), m.get_attr("NFTA_RULE_CHAIN"), m.get_attr("NFTA_RULE_HANDLE"),
+                               kind, data[prefix + "NAME"], data[prefix + "REV"],
+                               bytes.fromhex(data[prefix + "INFO"].replace(":", ""))))
+    ours = [(x.table, x.chain, x.handle, x.type, x.name, x.rev, x.info) for x in captured(name)]
+    assert ours == theirs and len(ours) >= 4
