@@ -247,10 +247,16 @@ def _resolved(node: Any, family: str, table: str, named: dict[tuple[str, str, st
 _XT_IP = frozenset({("target", "MARK"), ("target", "CONNMARK"), ("target", "TPROXY"), ("target", "HMARK"),
                     ("match", "mark"), ("match", "connmark")})
 XT_MARKS = {"ip": _XT_IP, "ip6": _XT_IP, "bridge": frozenset({("target", "mark"), ("match", "mark_m")})}
+XT_CONNMARK_SET = 0  # CONNMARK's mode: --set-xmark uses ctmark/ctmask; --save-mark, --restore-mark the masks
 # ebtables' mark target (include/uapi/linux/netfilter_bridge/ebt_mark_t.h): the operation, in
 # `target & -16`
-XT_CONNMARK_SET = 0  # CONNMARK's mode: --set-xmark uses ctmark/ctmask; --save-mark, --restore-mark the masks
 EBT_MARK_SET, EBT_MARK_OR, EBT_MARK_AND, EBT_MARK_XOR = 0xFFFFFFF0, 0xFFFFFFE0, 0xFFFFFFD0, 0xFFFFFFC0
+
+
+def _match(mark: int, mask: int) -> list[int]:
+    """A match's numbers: a whole-value match (`--mark 0x1`, the full mask iptables-save leaves
+    unsaid) is another tool's own value, judged by its value alone."""
+    return [mark] if mask & 0xFFFFFFFF == 0xFFFFFFFF else [mark, mask]
 
 
 def xt_values(x: Xt) -> list[int] | None:
@@ -263,8 +269,10 @@ def xt_values(x: Xt) -> list[int] | None:
 
     try:
         match (x.type, x.name, x.rev):
-            case ("target", "MARK", 2) | ("match", "mark", 1) | ("match", "connmark", 1):
-                return list(words(2))  # xt_mark_tginfo2, xt_mark_mtinfo1, xt_connmark_mtinfo1: mark, mask
+            case ("target", "MARK", 2):
+                return list(words(2))  # xt_mark_tginfo2: mark, mask (mark = mark & ~mask ^ value)
+            case ("match", "mark", 1) | ("match", "connmark", 1):
+                return _match(*words(2))  # xt_mark_mtinfo1, xt_connmark_mtinfo1: mark, mask
             case ("target", "CONNMARK", 1 | 2):  # xt_connmark_tginfo1/2: ctmark, ctmask, nfmask, ..., mode
                 ctmark, ctmask, nfmask = words(3)
                 mode = x.info[12 if x.rev == 1 else 14]  # after rev 2's shift_dir and shift_bits
@@ -279,7 +287,7 @@ def xt_values(x: Xt) -> list[int] | None:
                 return {EBT_MARK_SET: [0xFFFFFFFF, mark & 0xFFFFFFFF],
                         EBT_MARK_AND: [~mark & 0xFFFFFFFF]}.get(action, [mark & 0xFFFFFFFF])
             case ("match", "mark_m", 0):  # ebt_mark_m_info: unsigned long mark, mask
-                return [w & 0xFFFFFFFF for w in words(2, "@")]
+                return _match(*(w & 0xFFFFFFFF for w in words(2, "@")))
     except (struct.error, IndexError):
         return None  # shorter than its struct
     return None

@@ -67,6 +67,15 @@ def test_ebtables_operations():
                         ("filter", "INPUT"): [0x20000000, 0x20000000]}
 
 
+def test_a_whole_value_match_is_judged_by_its_value():
+    """`-m mark --mark 0x1` (an xt match where iptables translates it no longer natively) is the
+    other tool's own value, as iptables-save prints it: `--mark 0x1`, no mask."""
+    whole = struct.pack("=IIB", 0x1, 0xFFFFFFFF, 0)
+    assert xt_values(Xt("ip", "t", "c", 1, "match", "mark", 1, whole)) == [0x1]
+    assert xt_values(Xt("ip", "t", "c", 1, "match", "connmark", 1, struct.pack("=IIB", 0, 0x10000000, 1))) == [
+        0, 0x10000000]
+
+
 def test_an_unknown_revision_or_a_short_struct_is_not_read():
     assert xt_values(Xt("ip", "t", "c", 1, "target", "MARK", 1, bytes(16))) is None
     assert xt_values(Xt("ip", "t", "c", 1, "target", "MARK", 2, bytes(4))) is None
