@@ -305,13 +305,23 @@ def needs_xt(nft: tuple[dict[str, Any], ...]) -> bool:
     return any(_xt_marks(rule["family"], rule["expr"]) for _, rule in _other_rules(FirewallFacts(nft)))
 
 
-def _xt_conflict(facts: FirewallFacts, rule: dict[str, Any], mask: int) -> bool | None:
+XtIndex = dict[tuple[str, str, str, int | None], list[Xt]]
+
+
+def _xt_index(facts: FirewallFacts) -> XtIndex:
+    """The xt extensions by rule: (family, table, chain, handle), as `nft -j` names the rule."""
+    index: XtIndex = {}
+    for x in facts.xt:
+        index.setdefault((x.family, x.table, x.chain, x.handle), []).append(x)
+    return index
+
+
+def _xt_conflict(xts: XtIndex, rule: dict[str, Any], mask: int) -> bool | None:
     """Do the rule's xt mark extensions use a value under our mask? None: not read (the rule
     came after the dump, or a layout nswrap does not know)."""
     marks = set(_xt_marks(rule["family"], rule["expr"]))
-    found = [xt_values(x) for x in facts.xt
-             if (x.family, x.table, x.chain, x.handle) == (rule["family"], rule["table"], rule["chain"],
-                                                            rule.get("handle")) and (x.type, x.name) in marks]
+    found = [xt_values(x) for x in xts.get((rule["family"], rule["table"], rule["chain"], rule.get("handle")), ())
+             if (x.type, x.name) in marks]
     if not found or any(values is None for values in found):
         return None
     return any(v & mask for values in found for v in values or ())
@@ -339,11 +349,11 @@ def _other_rules(facts: FirewallFacts) -> Iterator[tuple[str, dict[str, Any]]]:
 def mark_users(facts: FirewallFacts, mask: int) -> list[str]:
     """Other tables' rules, iptables-legacy rules and xt extensions that use a value under our
     mask (a named set or map a rule refers to: its elements)."""
-    named = _named(facts)
+    named, xts = _named(facts), _xt_index(facts)
     users = [where for where, rule in _other_rules(facts)
              if any(_uses_mark(s) and _mark_conflict(_resolved(s, rule["family"], rule["table"], named), mask)
                     for s in rule["expr"])
-             or (_xt_marks(rule["family"], rule["expr"]) and _xt_conflict(facts, rule, mask))]
+             or (_xt_marks(rule["family"], rule["expr"]) and _xt_conflict(xts, rule, mask))]
     for binary, save in (("iptables-legacy", facts.legacy), ("ip6tables-legacy", facts.legacy6)):
         users += [f"{binary} table {table} chain {line.split()[1]}"
                   for table, line in _save_rules(save) if any(v & mask for v in _mark_values(line))]
@@ -353,10 +363,10 @@ def mark_users(facts: FirewallFacts, mask: int) -> list[str]:
 def unreadable_marks(facts: FirewallFacts) -> list[tuple[str, str]]:
     """(rule, why) of the rules whose xt mark extensions were not read: nswrap cannot tell
     whether they use its bits, whatever the mask."""
-    found = set()
+    found, xts = set(), _xt_index(facts)
     for where, rule in _other_rules(facts):
         names = "/".join(name for _, name in _xt_marks(rule["family"], rule["expr"]))
-        if names and _xt_conflict(facts, rule, 0) is None:
+        if names and _xt_conflict(xts, rule, 0) is None:
             found.add((f"{where} (xt {names})", facts.xt_error or "its values could not be read (a revision nswrap "
                                                                   "does not know, or the rule changed meanwhile)"))
     return sorted(found)
