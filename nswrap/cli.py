@@ -173,7 +173,8 @@ def cli() -> None:
 
     \b
       nswrap --ports 53,53/tcp -- unbound -d -c examples/unbound.conf
-      nswrap --ports 123 --uplink eth0 --uplink eth1=198.51.100.1 -- chronyd -d
+      nswrap --ports 123 --uplink eth0 --uplink eth1=198.51.100.1 -- \\
+          chronyd -d 'pool 2.debian.pool.ntp.org iburst' allow
       nswrap --config /etc/nswrap/dns.toml
 
     Without a command name, the options go to `run`: its options are in `nswrap run --help`.

@@ -20,7 +20,7 @@ from nswrap import legacy, namespaces, netlink, nft, sync
 from nswrap.changes import DeleteLink, ServerNetwork
 from nswrap.config import DEFAULT_MARK_MASK, Config
 from nswrap.datapath import instance_uplinks
-from nswrap.errors import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, NswrapError, UsageError, quoted
+from nswrap.errors import EXIT_FAILED, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, NswrapError, UsageError, quoted
 from nswrap.facts import Facts, gather, netns_id
 from nswrap.precheck import check_start, new_instance, require_capabilities
 from nswrap.state import RUN_DIR, Record, State, StateDir, existing, readable, remove_dir, vanished
@@ -32,14 +32,15 @@ log = logging.getLogger("nswrap")
 LIST_FLOWS_SECONDS = 1.0  # counting live flows on a full conntrack table: bounded
 
 
-def _needs_root(what: str) -> None:
+def _needs_root(what: str, code: int = 1) -> None:
     if os.geteuid() != 0 or not readable():
-        raise NswrapError(f"{what} needs root: nswrap's state (/run/nswrap) and the kernel's tables are root's only", 1)
+        raise NswrapError(f"{what} needs root: nswrap's state (/run/nswrap) and the kernel's tables are root's only",
+                          code)
 
 
 def dry_run(config: Config) -> int:
     """What a start would do here, as shell lines; nothing is changed."""
-    _needs_root("--dry-run")
+    _needs_root("--dry-run", EXIT_FAILED)  # the code a start would exit with
     state = existing(netns_id())
     with netlink.Routing() as routing:
         facts = gather(routing)

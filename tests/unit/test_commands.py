@@ -22,7 +22,7 @@ from tests.unit.test_life import StubSupervisor, assert_holds_the_plan
 @pytest.fixture
 def kernel(monkeypatch, tmp_path) -> FakeKernel:
     fake = install(monkeypatch, tmp_path)
-    monkeypatch.setattr(commands, "_needs_root", lambda what: None)
+    monkeypatch.setattr(commands, "_needs_root", lambda what, code=1: None)
     return fake
 
 

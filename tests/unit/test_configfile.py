@@ -10,6 +10,7 @@ import ipaddress
 import logging
 import os
 import pathlib
+import re
 import threading
 import time
 
@@ -24,7 +25,8 @@ from nswrap.config import parse_ports, parse_uplink
 from nswrap.errors import UsageError
 from tests.unit.clirun import invoke, one_line_usage_error
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
 
 EVERY_OPTION_TOML = """\
 ports = ["53,69", "53/tcp"]
@@ -384,6 +386,20 @@ def test_every_option_has_a_variable_and_a_key():
                          "helper", "user", "stop-timeout", "udp-timeout", "ready-fd", "take-over", "dry-run", "verbose",
                          "ipv6-forwarding", "datapath"}
 
+
+
+def test_the_reference_names_each_keys_type():
+    """docs/reference.md's sentence on TOML types names every number, integer and boolean key."""
+    text = " ".join((ROOT / "docs" / "reference.md").read_text().split())
+    sentence = text[text.index("Each key takes one TOML type"):].split("the others a string")[0]
+    said = {kind: set(re.findall(r"`([a-z-]+)`", keys)) for keys, kind in
+            re.findall(r"((?:`[a-z-]+`(?:, | and )?)+) (a number|an integer|true or false)", sentence)}
+    kinds = {"number": "a number", "int": "an integer", "bool": "true or false"}
+    wanted: dict[str, set[str]] = {word: set() for word in kinds.values()}
+    for key, (_, kind) in cli.config_keys().items():
+        if kind in kinds:
+            wanted[kinds[kind]].add(key)
+    assert said == wanted
 
 # --- errors through the command line (in-process: exit 2, one line) -------------------------------
 
