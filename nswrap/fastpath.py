@@ -18,7 +18,7 @@ import ipaddress
 import os
 
 from nswrap.config import DEFAULT_UDP_TIMEOUT, Protocol
-from nswrap.datatypes import datatype
+from nswrap.datatypes import datatype, replace
 from nswrap.facts import HOST_PREFIX, Facts
 from nswrap.objects import SCOPE_UNIVERSE, IPAddress, IPNetwork
 
@@ -153,6 +153,26 @@ def wanted(facts: Facts, dp, instances) -> Fast:
     for ifname, versions in uplinks.items():
         allowed |= sources(facts, dp, instances, dp.allocation.uplink(ifname), sorted(versions))
     return Fast(frozenset(uplinks), frozenset(veths), frozenset(endpoints), frozenset(allowed))
+
+
+def fit(want: Fast, have: Fast | None) -> tuple[Fast, int]:
+    """`want` cut to what the map holds, and how many endpoints it left out. A start is refused
+    beyond it (precheck.check_endpoints); the host may grow past it while serving (new addresses):
+    the endpoints already in the map stay, the others, in a fixed order, until it is full. What is
+    left out takes the nft datapath beneath."""
+    spill = len(want.endpoints) - MAX_ENDPOINTS
+    if spill <= 0:
+        return want, 0
+    kept = want.endpoints & have.endpoints if have else frozenset()
+    rest = sorted(want.endpoints - kept, key=lambda e: (e.address.version, e.uplink, int(e.address), e.proto, e.port))
+    kept = frozenset(list(kept)[:MAX_ENDPOINTS]) | frozenset(rest[:max(MAX_ENDPOINTS - len(kept), 0)])
+    return replace(want, endpoints=kept), spill
+
+
+def spilled(count: int) -> str:
+    return (f"the fast path holds {MAX_ENDPOINTS} endpoints, {count} fewer than the live bpf instances publish on "
+            "this host's addresses now: those take the nft datapath (IPv6 ones are served only where the host "
+            "forwards IPv6); publish fewer with --uplink or --address")
 
 
 def endpoint_count(facts: Facts, instance) -> int:

@@ -188,9 +188,20 @@ def check_start(facts: Facts, instance: Instance, live: list[Record], take_over:
         owner = next(r for r in live if r.id in clash)
         raise NswrapError(f"{clash} (pid {owner.pid}: {cut(' '.join(owner.command), 200)})")
     check_host_sockets(facts, instance, take_over)
-    if instance.datapath == "bpf" and (count := endpoint_count(facts, instance)) > MAX_ENDPOINTS:
-        raise UsageError(f"--datapath bpf: {count} endpoints (ports x addresses x uplinks) are more than the fast path "
-                         f"holds ({MAX_ENDPOINTS}): publish fewer with --uplink or --address, or use --datapath nft")
+    if instance.datapath == "bpf":
+        check_endpoints(facts, instance, others)
+
+
+def check_endpoints(facts: Facts, instance: Instance, others: tuple[Instance, ...]) -> None:
+    """The fast path's map of published endpoints is shared: this instance's and the live `bpf`
+    instances' must fit it together."""
+    count = endpoint_count(facts, instance)
+    taken = sum(endpoint_count(facts, other) for other in others if other.datapath == "bpf")
+    if count + taken <= MAX_ENDPOINTS:
+        return
+    beside = f" beside the {taken} of the live bpf instances" if taken else ""
+    raise UsageError(f"--datapath bpf: {count} endpoints (ports x addresses x uplinks){beside} are more than the fast "
+                     f"path holds ({MAX_ENDPOINTS}): publish fewer with --uplink or --address, or use --datapath nft")
 
 
 MORE_SOCKETS = 3  # named besides the first, in the one line that says which host sockets are taken

@@ -255,8 +255,10 @@ def plan(facts: Facts, table: nft.Table | None, allocation: Allocation | None, i
     rule_dels = [DeleteRule(r) for r in sorted(have_rules - dp.rules, key=_order)]
     nft_changes = _nft_changes(table, dp, instances)
     # the fast path redirects through the uplinks' tables: it comes after them and goes before them
-    fast_want = fastpath.wanted(facts, dp, instances) if instances else Fast()
     fast_have = facts.fast or Fast()
+    fast_want, spill = fastpath.fit(fastpath.wanted(facts, dp, instances) if instances else Fast(), facts.fast)
+    if spill:
+        dp = replace(dp, warnings=(*dp.warnings, fastpath.spilled(spill)))
     fast_changes: list[Change] = [FastPath(fast_want, fast_have)] if fast_want != fast_have else []
     flushes: list[Change] = [FlushMark(current.mark(u.index), current.mark_mask) for u in current.uplinks
                              if not any(t.ifname == u.ifname for t in target.uplinks)]

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.lab import TEST_ANSWER, dig, wait_answered, wait_until
+from tests.lab.topology import Path as LabPath
 from tests.system.common import dual_stack_unbound, nswrap, output, spoofing_client, start
 from tests.system.udpmany import COMMAND as UDPMANY, unanswered
 
@@ -312,6 +313,82 @@ def test_more_endpoints_than_the_map_holds_are_refused_before_any_change(lab):
                   "--ipv6-forwarding", "off", "--dry-run")
     assert done.returncode == 0, done.stderr  # narrowed: 65,535 endpoints fit
 
+
+
+# 24 endpoints per port on the lab host (4 IPv4 and 4 IPv6 addresses x 3 uplinks): 10,900 ports fill
+# 261,600 of the map's 262,144
+MANY = (20000, 30899)
+
+
+def published_holds(lab, ifname: str, address: str, port: int) -> bool:
+    """Does the fast path's `published` map hold (ifname, address, udp, port)? Asked with bpftool,
+    the key built from nswrap/bpf/fastpath.bpf.c's struct endpoint_key."""
+    shown = json.loads(lab.exec(lab.host, ["tc", "-j", "filter", "show", "dev", ifname, "ingress"]).stdout or "[]")
+    (prog,) = [f["options"]["prog"]["id"] for f in shown if f.get("options", {}).get("bpf_name") == "nswrap_uplink"]
+    ids = json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "id", str(prog)], capture_output=True,
+                                    text=True, check=True).stdout)["map_ids"]
+    (map_id,) = [i for i in ids if json.loads(subprocess.run(["bpftool", "-j", "map", "show", "id", str(i)],
+                                                             capture_output=True, text=True,
+                                                             check=True).stdout)["name"] == "published"]
+    (link,) = json.loads(lab.exec(lab.host, ["ip", "-j", "link", "show", "dev", ifname]).stdout)
+    key = (link["ifindex"].to_bytes(4, "little") + bytes([4, 17]) + port.to_bytes(2, "big")
+           + bytes(map(int, address.split("."))) + bytes(12))
+    done = subprocess.run(["bpftool", "map", "lookup", "id", str(map_id), "key", "hex", *(f"{b:02x}" for b in key)],
+                          capture_output=True, text=True)
+    return done.returncode == 0
+
+
+def many(lab, tmp_path):
+    """An instance publishing MANY, its server listening on the range's first and last ports."""
+    proc = start(lab, tmp_path, "--datapath", "bpf", "--ports", "%d-%d" % MANY, "--",
+                 *UDPMANY, "serve", "--tag", str(tmp_path), *map(str, MANY))
+    wait_until(lambda: "ready" in output(tmp_path) or proc.poll() is not None, 120, what="the server is ready")
+    assert proc.poll() is None, output(tmp_path, stream="err")
+    return proc
+
+
+def test_instances_that_fit_the_map_alone_but_not_together_are_refused(lab, tmp_path):
+    """The map of published endpoints is shared: the second of two instances that each fit alone
+    is refused in one line naming both counts, exit 2 (before: a map write failed mid-start with
+    E2BIG, exit 125); the lab fixture compares the host, and the first keeps serving."""
+    first = many(lab, tmp_path)
+    try:
+        done = nswrap(lab, "--datapath", "bpf", "--ports", "40000-40099", "--", "true")
+        assert done.returncode == 2, done.stderr
+        line = done.stderr.splitlines()[-1]
+        assert line == ("nswrap: --datapath bpf: 2400 endpoints (ports x addresses x uplinks) beside the 261600 of "
+                        "the live bpf instances are more than the fast path holds (262144): publish fewer with "
+                        "--uplink or --address, or use --datapath nft"), line
+        assert unanswered(lab, (*lab.paths, *lab.paths6), [MANY[0]]) == []
+    finally:
+        assert lab.stop(first) == 128 + signal.SIGTERM
+
+
+def test_a_host_that_grows_past_the_map_keeps_its_endpoints_and_the_rest_take_nft(lab, tmp_path):
+    """A new address on eth0 while 261,600 endpoints are published asks for 32,700 more. The
+    endpoints in the map stay (no flow changes path), the new ones fill it in a fixed order
+    (eth0's new address, lowest ports first), the rest take the nft datapath: answered too, with
+    a conntrack entry. One warning says so, once."""
+    proc = many(lab, tmp_path)
+    new = LabPath("c1 -> 192.0.2.12 (eth0, added)", lab.paths[0].client, "192.0.2.12", "eth0")
+    try:
+        lab.exec(lab.host, ["ip", "addr", "add", "192.0.2.12/24", "dev", "eth0"])
+        warning = ("nswrap: the fast path holds 262144 endpoints, 32156 fewer than the live bpf instances publish "
+                   "on this host's addresses now")
+        wait_until(lambda: warning in output(tmp_path, stream="err") or proc.poll() is not None, 120,
+                   what="the warning on the endpoints left out")
+        assert proc.poll() is None
+        wait_until(lambda: published_holds(lab, "eth0", "192.0.2.12", MANY[0]), 60, what="the new address's first port")
+        assert not published_holds(lab, "eth0", "192.0.2.12", MANY[1]) and published_holds(lab, "eth0", "192.0.2.10",
+                                                                                              MANY[1])
+        assert unanswered(lab, (*lab.paths, *lab.paths6, new), [MANY[0], MANY[1]]) == []
+        tracked = lab.exec(lab.host, ["conntrack", "-L", "-p", "udp", "-d", "192.0.2.12"], check=False).stdout
+        assert f"dport={MANY[1]} " in tracked and f"dport={MANY[0]} " not in tracked, tracked
+        assert conntrack_entries(lab, MANY[0]) == []  # the first port: on the fast path everywhere
+        assert output(tmp_path, stream="err").count(warning) == 1
+    finally:
+        lab.exec(lab.host, ["ip", "addr", "del", "192.0.2.12/24", "dev", "eth0"], check=False)
+        assert lab.stop(proc) == 128 + signal.SIGTERM
 
 def test_an_nft_instance_and_a_bpf_instance_side_by_side(lab, tmp_path):
     """One host, both datapaths: each serves every path; only the nft instance's flows are in

@@ -6,10 +6,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from nswrap import sync
+import pytest
+
+from nswrap import fastpath, precheck, sync
 from nswrap.changes import FastPath
+from nswrap.config import parse_ports
 from nswrap.datapath import datapath
 from nswrap.datatypes import replace
+from nswrap.errors import UsageError
 from nswrap.fastpath import Endpoint, Fast, Source, host_addresses, wanted
 from nswrap.objects import Address, Link
 from tests.unit.hosts import IF, LINKS, MASK, A, N, fresh, host, instance
@@ -168,3 +172,36 @@ def test_a_new_veths_addresses_change_no_source():
     more = replace(facts, addresses=(*facts.addresses, Address("nsw-aaaaaa", IF("198.18.0.5/30")),
                                      Address("nsw-aaaaaa", IF("fd6e:7377:7261:1::1/64"))))
     assert fast_of(facts, bpf(ports="53")).sources == fast_of(more, bpf(ports="53")).sources
+
+
+def test_what_does_not_fit_the_map_is_left_out_keeping_what_it_holds(monkeypatch):
+    """fit: the endpoints the kernel holds stay; the others fill the map in a fixed order (family,
+    uplink, address, protocol, port); the count left out is said in one warning."""
+    monkeypatch.setattr(fastpath, "MAX_ENDPOINTS", 5)
+    facts = host(links=ETHERNET)
+    want = fast_of(facts, bpf(ports="7000-7002", uplinks=("eth0", "eth1"), addresses=("192.0.2.10",), ipv6=False))
+    assert len(want.endpoints) == 6
+    held = {e for e in want.endpoints if e.uplink == "eth1" and e.port == 7002}
+    cut, spill = fastpath.fit(want, Fast(endpoints=frozenset(held)))
+    assert spill == 1 and held <= cut.endpoints
+    assert sorted((e.uplink, e.port) for e in cut.endpoints) == [("eth0", 7000), ("eth0", 7001), ("eth0", 7002),
+                                                                ("eth1", 7000), ("eth1", 7002)]
+    fresh_cut, spill = fastpath.fit(want, None)  # nothing held: the first five in that order
+    assert spill == 1 and sorted((e.uplink, e.port) for e in fresh_cut.endpoints) == [
+        ("eth0", 7000), ("eth0", 7001), ("eth0", 7002), ("eth1", 7000), ("eth1", 7001)]
+    assert fastpath.fit(cut, None) == (cut, 0)
+    plan = sync.plan(facts, None, None, (bpf(ports="7000-7002", uplinks=("eth0", "eth1"), addresses=("192.0.2.10",),
+                                             ipv6=False),), MASK)
+    assert fastpath.spilled(1) in plan.datapath.warnings
+
+
+def test_a_start_beside_live_bpf_instances_must_fit_the_map_with_theirs(monkeypatch):
+    monkeypatch.setattr(precheck, "MAX_ENDPOINTS", 5)
+    facts = host(links=ETHERNET)
+    first = bpf(ports="7000-7002", uplinks=("eth0",), addresses=("192.0.2.10",), ipv6=False)
+    second = replace(first, id="bbbbbb", ports=first.ports[:0] + parse_ports(["7100-7102"]))
+    precheck.check_endpoints(facts, first, ())
+    precheck.check_endpoints(facts, first, (replace(second, datapath="nft"),))  # nft instances take no entry
+    with pytest.raises(UsageError, match=r"^--datapath bpf: 3 endpoints \(ports x addresses x uplinks\) beside the 3 "
+                                         r"of the live bpf instances are more than the fast path holds \(5\)"):
+        precheck.check_endpoints(facts, first, (second,))
