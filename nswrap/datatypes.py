@@ -7,7 +7,7 @@ fresh object per instance), equality and hashing by its fields and its exact cla
 dataclasses does).
 
 Why not dataclasses: it compiles each of those methods with `exec`, about 1 ms per class on a
-2-CPU VM, and nswrap defines ~40 classes, all imported on every start. Measured with
+2-CPU VM, and nswrap defines ~60 classes, all imported on every start. Measured with
 `python -X importtime` on `nswrap --ports 53 -- true`, nswrap's own imports took 155 ms with
 dataclasses and 75 ms with this module, of a start of about 280 ms. Here `__init__` alone is
 compiled, since it must bind arguments as fast as Python can; the other methods are shared

@@ -894,7 +894,8 @@ def benchmarks_md(r: dict, charts: str = "bench") -> str:
         "",
         *ipv6_table(r),
         "",
-        "*Same design by hand* is `scripts/bench_handwritten.sh`: one nft table with the same DNAT map, verdict maps and "
+        "*Same design by hand* is `scripts/bench_handwritten.sh`: one nft table with DNAT maps keyed by uplink and address "
+        "(as nswrap's `keep` maps; nswrap's own instance uses `any`, behind a fib lookup), verdict maps and "
         "per-uplink chains as nswrap's for one instance, one routing table and fwmark rule per uplink, the `to "
         "198.18.0.0/15 lookup main suppress_prefixlength 0` rule, a two-rule forward guard; nothing else. *Best "
         "alternative* needs no namespace and no NAT: unbound with `interface-automatic: yes` (IP_PKTINFO) plus one "
