@@ -662,8 +662,9 @@ def floor_note(r: dict) -> list[str]:
         "crosses no namespace and whose host tracks no connection. Against direct, in this run: conntrack alone "
         f"(*direct + stateful firewall*) {cells('direct+conntrack')}; the same design by hand (a second network "
         f"stack, a veth, DNAT and the marks) {cells('handwritten')}; nswrap {cells('nswrap')}. What nswrap adds to "
-        f"the design by hand is in the profiles below: on an established packet the forward guard's interface tests "
-        f"and the clearing of nswrap's mark bits{nft_note}, which the hand-written guard skips (it accepts any "
+        f"the design by hand is in the profiles below: on an established packet the check of the server's source, "
+        f"the forward guard's interface tests, the check of an answer's uplink and the clearing of nswrap's mark "
+        f"bits{nft_note}, which the hand-written guard skips (it accepts any "
         "DNATed flow, and so a forged reply, and leaves its marks on: docs/design.md), and on the first packet of a "
         "flow the checks the hand-written recipe leaves out "
         "(docs/design.md, \"The packet path\").",
