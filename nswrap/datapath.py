@@ -228,6 +228,12 @@ class Datapath:
         return {u.ifname: self.allocation.mark(u.index) for u in self.allocation.uplinks}
 
 
+def topic(warning: str) -> str:
+    """A datapath warning's words before its first colon: what it is about (its details, a count,
+    may change while it lasts; follow.py says each topic once)."""
+    return warning.partition(":")[0]
+
+
 @datatype(frozen=False)
 class _Builder:
     facts: Facts

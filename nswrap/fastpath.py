@@ -14,6 +14,7 @@ names here; the adapter (nswrap/bpf/fast.py) resolves their indexes when it writ
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import os
 
@@ -155,24 +156,41 @@ def wanted(facts: Facts, dp, instances) -> Fast:
     return Fast(frozenset(uplinks), frozenset(veths), frozenset(endpoints), frozenset(allowed))
 
 
+SPILLED = "the fast path's map of published endpoints is full"  # the warning's fixed part: said once
+
+
+def _key(e: Endpoint) -> tuple:
+    """What the map is keyed by: an endpoint with another value is the same entry, rewritten."""
+    return (e.uplink, e.address, e.proto, e.port)
+
+
+def _fill_order(e: Endpoint) -> tuple:
+    """IPv6 first (the nft datapath beneath serves IPv6 only where the host forwards it; IPv4 it
+    always serves), then uplink, address, protocol, port."""
+    return (-e.address.version, e.uplink, int(e.address), e.proto, e.port)
+
+
 def fit(want: Fast, have: Fast | None) -> tuple[Fast, int]:
     """`want` cut to what the map holds, and how many endpoints it left out. A start is refused
     beyond it (precheck.check_endpoints); the host may grow past it while serving (new addresses):
-    the endpoints already in the map stay, the others, in a fixed order, until it is full. What is
-    left out takes the nft datapath beneath."""
+    the entries the map holds that are still wanted stay, with their wanted values, so no flow
+    changes path; the others fill it in _fill_order. What is left out takes the nft datapath."""
     spill = len(want.endpoints) - MAX_ENDPOINTS
     if spill <= 0:
         return want, 0
-    kept = want.endpoints & have.endpoints if have else frozenset()
-    rest = sorted(want.endpoints - kept, key=lambda e: (e.address.version, e.uplink, int(e.address), e.proto, e.port))
-    kept = frozenset(list(kept)[:MAX_ENDPOINTS]) | frozenset(rest[:max(MAX_ENDPOINTS - len(kept), 0)])
-    return replace(want, endpoints=kept), spill
+    held = {_key(e) for e in have.endpoints} if have else set()
+    kept = [e for e in want.endpoints if _key(e) in held]
+    kept = heapq.nsmallest(MAX_ENDPOINTS, kept, key=_fill_order) if len(kept) > MAX_ENDPOINTS else kept
+    room = MAX_ENDPOINTS - len(kept)
+    new = heapq.nsmallest(room, (e for e in want.endpoints if _key(e) not in held), key=_fill_order)
+    return replace(want, endpoints=frozenset(kept) | frozenset(new)), spill
 
 
 def spilled(count: int) -> str:
-    return (f"the fast path holds {MAX_ENDPOINTS} endpoints, {count} fewer than the live bpf instances publish on "
-            "this host's addresses now: those take the nft datapath (IPv6 ones are served only where the host "
-            "forwards IPv6); publish fewer with --uplink or --address")
+    """The warning: its words before the first colon are SPILLED alone (datapath.topic)."""
+    return (f"{SPILLED}: {count} endpoints the live bpf instances publish on this host's addresses now, beyond its "
+            f"{MAX_ENDPOINTS}, take the nft datapath (IPv6 ones are served only where the host forwards IPv6), and a "
+            "bpf start is refused until fewer are published (--uplink, --address)")
 
 
 def endpoint_count(facts: Facts, instance) -> int:
@@ -184,5 +202,7 @@ def endpoint_count(facts: Facts, instance) -> int:
     for version in instance.families:
         addresses = len([a for a in _addresses(instance, version) if a is not None]) or len(host_addresses(facts, version))
         uplinks = [u for u in instance_uplinks(facts, instance, version) if ethernet(facts, u)]
-        total += sum(p.count for p in instance.ports) * addresses * len(uplinks)
+        ports = sum(p.count for p in instance.ports) - sum(
+            1 for p in instance.ports if p.outer_lo <= 69 < p.outer_lo + p.count and helped(instance, p.proto, 69))
+        total += ports * addresses * len(uplinks)
     return total

@@ -28,9 +28,10 @@ from typing import Literal
 
 from nswrap import netlink, nft, sync
 from nswrap.changes import NftBatch, one_line
-from nswrap.datapath import Allocation
+from nswrap.datapath import Allocation, topic
 from nswrap.errors import FailClosed, TryAgain
 from nswrap.facts import HOST_PREFIX, gather, read_sysctl
+from nswrap.fastpath import SPILLED
 from nswrap.objects import PROTO
 from nswrap.ruleset import TABLE
 from nswrap.transaction import Transaction
@@ -201,7 +202,7 @@ class Follower:
             except Exception as e:
                 self._fail_closed_if(not guarded, allocation, e)
                 raise TryAgain(str(e) or type(e).__name__) from None
-            self._say_lost_gateways(plan.datapath.warnings)
+            self._say_once(plan.datapath.warnings)
             if plan.before is not None:
                 state.save_allocation(plan.before)
             tx = Transaction(kernel, say=lambda line: log.warning("following the host: %s", one_line(line)))
@@ -224,14 +225,18 @@ class Follower:
         Transaction(self.life.kernel, say=lambda line: log.info("fail closed: %s", line)).run_each(changes, "fail closed")
         return [c.render().splitlines()[0].removeprefix("sysctl -w ") for c in changes]
 
-    def _say_lost_gateways(self, warnings: tuple[str, ...]) -> None:
-        """An uplink whose gateway went while serving (its default route deleted): one line that
-        names it and --uplink IFACE=GATEWAY, once per loss however many events follow; said
-        again only after the gateway came back and went again."""
+    def _say_once(self, warnings: tuple[str, ...]) -> None:
+        """The datapath's warnings on the host as it is now (an uplink whose gateway went, the fast
+        path's map full), each said once while it lasts, however many events follow: a warning is
+        known by its words before the first colon (the rest may name a count that changes); said
+        again only after it went and came back. The map's having room again is said too."""
+        topics = {topic(w) for w in warnings}
         for warning in warnings:
-            if warning not in self.life.said:
+            if topic(warning) not in self.life.said:
                 log.warning("%s", warning)
-        self.life.said = set(warnings)
+        if SPILLED in self.life.said and SPILLED not in topics:
+            log.warning("the fast path's map of published endpoints has room again: every endpoint is on it")
+        self.life.said = topics
 
     def _fail_closed_if(self, table_lost: bool, allocation: Allocation | None, error: Exception) -> None:
         if table_lost:

@@ -25,7 +25,7 @@ import time
 from nswrap import flows, legacy, namespaces, netlink, nft, sync
 from nswrap.changes import DeleteLink, ForgetFlows, Forwarding6, ServerNetwork, SetSysctl, one_line, read_only_message
 from nswrap.config import Config
-from nswrap.datapath import Allocation, Instance, veth_forwarding6, veth_mtu
+from nswrap.datapath import Allocation, Instance, topic, veth_forwarding6, veth_mtu
 from nswrap.errors import NswrapError, listed
 from nswrap.facts import Facts, conntrack_count, gather, netns_id, proc_sys_read_only
 from nswrap.follow import Follower
@@ -65,7 +65,7 @@ class Life:
         self.live_fd: int | None = None
         self.facts: Facts | None = None
         self.follower: Follower | None = None
-        self.said: set[str] = set()  # the datapath's warnings (uplinks without a gateway) said so far
+        self.said: set[str] = set()  # the datapath's warnings said so far, by topic (follow.py, _say_once)
 
     @property
     def instance(self) -> Instance:
@@ -147,7 +147,7 @@ class Life:
             check_fast()
         for warning in plan.datapath.warnings:
             log.warning("%s", warning)
-        self.said = set(plan.datapath.warnings)
+        self.said = {topic(w) for w in plan.datapath.warnings}
         return instance, plan
 
     def _sweep_dead(self, facts: Facts, allocation: Allocation) -> None:

@@ -139,7 +139,8 @@ def find(filters: Iterable[tc.Filter]) -> Loaded | None:
 
 
 def _current(maps: dict[str, int]) -> bool:
-    """Are these maps the ones this nswrap's object makes (names, key and value sizes)?"""
+    """Are these maps the ones this nswrap's object makes (names, key and value sizes, how many
+    entries they hold: fastpath.fit cuts to MAX_ENDPOINTS)?"""
     try:
         with open(os.environ.get(OBJECT_SEAM) or FAST_OBJECT, "rb") as f:
             wanted = elf.parse(f.read()).maps
@@ -149,7 +150,8 @@ def _current(maps: dict[str, int]) -> bool:
         return False
     for name, fd in maps.items():
         info = syscall.map_info(fd)
-        if (info.key_size, info.value_size) != (wanted[name].key_size, wanted[name].value_size):
+        if (info.key_size, info.value_size, info.max_entries) != (wanted[name].key_size, wanted[name].value_size,
+                                                                  wanted[name].max_entries):
             return False
     return True
 

@@ -11,10 +11,10 @@ import pytest
 from nswrap import fastpath, precheck, sync
 from nswrap.changes import FastPath
 from nswrap.config import parse_ports
-from nswrap.datapath import datapath
+from nswrap.datapath import datapath, topic
 from nswrap.datatypes import replace
 from nswrap.errors import UsageError
-from nswrap.fastpath import Endpoint, Fast, Source, host_addresses, wanted
+from nswrap.fastpath import Endpoint, Fast, Source, endpoint_count, host_addresses, wanted
 from nswrap.objects import Address, Link
 from tests.unit.hosts import IF, LINKS, MASK, A, N, fresh, host, instance
 
@@ -175,33 +175,54 @@ def test_a_new_veths_addresses_change_no_source():
 
 
 def test_what_does_not_fit_the_map_is_left_out_keeping_what_it_holds(monkeypatch):
-    """fit: the endpoints the kernel holds stay; the others fill the map in a fixed order (family,
-    uplink, address, protocol, port); the count left out is said in one warning."""
-    monkeypatch.setattr(fastpath, "MAX_ENDPOINTS", 5)
-    facts = host(links=ETHERNET)
-    want = fast_of(facts, bpf(ports="7000-7002", uplinks=("eth0", "eth1"), addresses=("192.0.2.10",), ipv6=False))
-    assert len(want.endpoints) == 6
-    held = {e for e in want.endpoints if e.uplink == "eth1" and e.port == 7002}
-    cut, spill = fastpath.fit(want, Fast(endpoints=frozenset(held)))
-    assert spill == 1 and held <= cut.endpoints
-    assert sorted((e.uplink, e.port) for e in cut.endpoints) == [("eth0", 7000), ("eth0", 7001), ("eth0", 7002),
-                                                                ("eth1", 7000), ("eth1", 7002)]
-    fresh_cut, spill = fastpath.fit(want, None)  # nothing held: the first five in that order
-    assert spill == 1 and sorted((e.uplink, e.port) for e in fresh_cut.endpoints) == [
-        ("eth0", 7000), ("eth0", 7001), ("eth0", 7002), ("eth1", 7000), ("eth1", 7001)]
-    assert fastpath.fit(cut, None) == (cut, 0)
-    plan = sync.plan(facts, None, None, (bpf(ports="7000-7002", uplinks=("eth0", "eth1"), addresses=("192.0.2.10",),
-                                             ipv6=False),), MASK)
-    assert fastpath.spilled(1) in plan.datapath.warnings
+    """fit: the entries the map holds stay, by key, with their wanted values (no flow changes
+    path); the others fill it IPv6 first (the nft datapath beneath serves IPv6 only where the host
+    forwards it), then by uplink, address (as a number), protocol, port; the count left out is
+    said in one warning, and the plan writes only what fits."""
+    monkeypatch.setattr(fastpath, "MAX_ENDPOINTS", 6)
+    facts = host(links=ETHERNET, addresses=(*host().addresses, Address("eth0", IF("192.0.2.9/24"))))
+    spec = bpf(ports="7000,7000/tcp", uplinks=("eth0", "eth1"), addresses=("192.0.2.9", "192.0.2.10", "2001:db8:1::10"))
+    want = fast_of(facts, spec)
+    assert len(want.endpoints) == 10  # IPv6 only on eth0, the uplink with a global IPv6 address
+    kept = {(e.uplink, str(e.address), e.proto) for e in fastpath.fit(want, None)[0].endpoints}
+    assert kept == {("eth0", "2001:db8:1::10", "tcp"), ("eth0", "2001:db8:1::10", "udp"),
+                    ("eth0", "192.0.2.9", "tcp"), ("eth0", "192.0.2.9", "udp"),  # .9 before .10: by number
+                    ("eth0", "192.0.2.10", "tcp"), ("eth0", "192.0.2.10", "udp")}
+    monkeypatch.setattr(fastpath, "MAX_ENDPOINTS", 3)  # tcp before udp, IPv6 before IPv4
+    assert {(str(e.address), e.proto) for e in fastpath.fit(want, None)[0].endpoints} == {
+        ("2001:db8:1::10", "tcp"), ("2001:db8:1::10", "udp"), ("192.0.2.9", "tcp")}
+    monkeypatch.setattr(fastpath, "MAX_ENDPOINTS", 6)
+    # held: eth1's IPv4 entries, one of them with an old value (another mark): rewritten, not dropped
+    held = {e for e in want.endpoints if e.uplink == "eth1" and e.address.version == 4}
+    stale = {replace(e, mark=0x70000000) if e.proto == "tcp" else e for e in held}
+    cut, spill = fastpath.fit(want, Fast(endpoints=frozenset(stale)))
+    assert spill == 4 and len(cut.endpoints) == 6 and held <= cut.endpoints
+    assert {(e.address.version, e.uplink) for e in cut.endpoints - held} == {(6, "eth0")}
+    assert fastpath.fit(cut, Fast(endpoints=cut.endpoints)) == (cut, 0)
+    plan = sync.plan(facts, None, None, (spec,), MASK)
+    assert fastpath.spilled(4) in plan.datapath.warnings and topic(fastpath.spilled(4)) == fastpath.SPILLED
+    (change,) = [c for c in plan.changes if isinstance(c, FastPath)]
+    assert len(change.want.endpoints) == 6
 
 
 def test_a_start_beside_live_bpf_instances_must_fit_the_map_with_theirs(monkeypatch):
-    monkeypatch.setattr(precheck, "MAX_ENDPOINTS", 5)
+    """precheck.check_endpoints: this instance's endpoints and the live bpf instances' (not nft
+    ones') against the map, the boundary included; a port the tftp helper follows takes none."""
+    monkeypatch.setattr(precheck, "MAX_ENDPOINTS", 6)
     facts = host(links=ETHERNET)
     first = bpf(ports="7000-7002", uplinks=("eth0",), addresses=("192.0.2.10",), ipv6=False)
-    second = replace(first, id="bbbbbb", ports=first.ports[:0] + parse_ports(["7100-7102"]))
-    precheck.check_endpoints(facts, first, ())
-    precheck.check_endpoints(facts, first, (replace(second, datapath="nft"),))  # nft instances take no entry
-    with pytest.raises(UsageError, match=r"^--datapath bpf: 3 endpoints \(ports x addresses x uplinks\) beside the 3 "
-                                         r"of the live bpf instances are more than the fast path holds \(5\)"):
-        precheck.check_endpoints(facts, first, (second,))
+    second = replace(first, id="bbbbbb", ports=parse_ports(["7100-7102"]))
+    precheck.check_endpoints(facts, first, (replace(second, datapath="nft"),))
+    precheck.check_endpoints(facts, first, (second,))  # 3 + 3: exactly full
+    with pytest.raises(UsageError, match=r"^--datapath bpf: 4 endpoints \(ports x addresses x uplinks\) beside the 3 "
+                                         r"of the live bpf instances are more than the fast path holds \(6\)"):
+        precheck.check_endpoints(facts, replace(first, ports=parse_ports(["7000-7003"])), (second,))
+    tftp = replace(first, ports=parse_ports(["68-71"]), helpers=("tftp",))
+    assert endpoint_count(facts, tftp) == 3 == len(fast_of(facts, tftp).endpoints)
+
+
+def test_the_map_size_is_the_objects():
+    """MAX_ENDPOINTS is the `published` map's max_entries in nswrap/bpf/fastpath.bpf.c."""
+    source = SOURCE.read_text()
+    published = source[source.index("struct map_def published"):]
+    assert int(re.search(r"\.max_entries = (\d+)", published).group(1)) == fastpath.MAX_ENDPOINTS
