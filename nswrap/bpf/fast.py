@@ -10,8 +10,10 @@ each uplink and of each `bpf` instance's veth (host end) with one tc priority of
 
 from __future__ import annotations
 
+import errno
 import functools
 import ipaddress
+import logging
 import os
 import socket
 import struct
@@ -27,6 +29,8 @@ from nswrap.netlink.tc import Tc
 from nswrap.objects import IPAddress, IPNetwork, Protocol
 
 PRIORITY, HANDLE = FAST_PRIORITY, 1
+log = logging.getLogger("nswrap")
+
 SECTIONS = {UPLINK_PROGRAM: "tc/uplink", VETH_PROGRAM: "tc/veth"}
 MAPS = ("published", "flows")
 PROTOCOLS: dict[Protocol, int] = {"udp": socket.IPPROTO_UDP, "tcp": socket.IPPROTO_TCP}
@@ -110,7 +114,13 @@ def attached(t: Tc, links: dict[str, int]) -> dict[str, tc.Filter]:
     """Interface name -> nswrap's filter on its ingress, for every link that has one."""
     found = {}
     for name, ifindex in links.items():
-        ours = [f for f in t.filters(ifindex, "ingress") if f.priority == PRIORITY and f.name in SECTIONS]
+        try:
+            listed = t.filters(ifindex, "ingress")
+        except OSError as e:
+            if e.errno != errno.ENODEV:
+                raise
+            continue  # gone since the links were listed
+        ours = [f for f in listed if f.priority == PRIORITY and f.name in SECTIONS]
         if ours:
             found[name] = ours[0]
     return found
@@ -263,7 +273,11 @@ def apply(want: Fast) -> None:
         try:
             for name, program in sorted(wanted.items()):
                 if name not in links:
-                    raise FastPathError(f"--datapath bpf: no interface {name} to attach the fast path to")
+                    # gone since the facts were read (a dying instance's veth, an uplink deleted):
+                    # its endpoints are not written either, and the event of its going brings the
+                    # next sync. Stopping here would leave every other interface's change undone.
+                    log.debug("fast path: %s is gone, skipped", name)
+                    continue
                 current = have.get(name)
                 if fresh or current is None or current.name != program:
                     assert loaded is not None
@@ -277,8 +291,12 @@ def apply(want: Fast) -> None:
             if loaded is not None:
                 loaded.close()
         for name in sorted(set(have) - set(wanted)):
-            t.detach(links[name], "ingress", PRIORITY, HANDLE)
-            t.remove_clsact(links[name])
+            try:
+                t.detach(links[name], "ingress", PRIORITY, HANDLE)
+                t.remove_clsact(links[name])
+            except OSError as e:
+                if e.errno != errno.ENODEV:
+                    raise  # gone meanwhile (a dead instance's veth): its filter went with it
 
 
 def _write(fd: int, wanted: dict[bytes, bytes]) -> None:

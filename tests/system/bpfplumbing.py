@@ -10,6 +10,8 @@ Each step prints one JSON line. A step that needs the maps finds them again thro
     set IFNAME VALUE    settings[0] = VALUE (0: deleted): 1 makes the program drop IPv4
     detach IFNAME       the filter and then clsact removed; what is left
     refused             a program the verifier refuses; its LoadError
+    fast UPLINK VETH    nswrap's fast path applied with UPLINK and VETH (VETH may not exist: a dying
+                        instance's), one endpoint through lo and one through VETH; "none": detach all
     receive ADDR PORT   prints "ready", then each datagram's payload, until one says "stop"
     send ADDR PORT TEXT one datagram
 """
@@ -101,6 +103,23 @@ def refused() -> dict[str, object]:
     return {"error": None}
 
 
+def fast_step(uplink: str, veth: str) -> dict[str, object]:
+    """nswrap.bpf.fast.apply as a sync makes it (the test reads tc and the map with its oracles)."""
+    import ipaddress
+
+    from nswrap.bpf import fast
+    from nswrap.fastpath import Endpoint, Fast
+
+    if uplink == "none":
+        fast.apply(Fast())
+        return {"applied": True}
+    server = ipaddress.ip_address("198.18.0.2")
+    endpoints = frozenset(Endpoint(uplink, ipaddress.ip_address("192.0.2.1"), "udp", port, v, 0x10000000, server, port)
+                          for port, v in ((7000, "lo"), (7001, veth)))  # one through an interface that exists
+    fast.apply(Fast(frozenset({uplink}), frozenset({veth}), endpoints))
+    return {"applied": True}
+
+
 def receive(address: str, port: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind((address, port))
@@ -121,7 +140,7 @@ def main(step: str, *args: str) -> None:
         return None
     result = {"attach": lambda: attach(args[0]), "maps": lambda: read_maps(args[0]),
               "set": lambda: set_setting(args[0], int(args[1])), "detach": lambda: detach(args[0]),
-              "refused": refused}[step]()
+              "refused": refused, "fast": lambda: fast_step(args[0], args[1] if len(args) > 1 else "")}[step]()
     print(json.dumps(result))
     return None
 

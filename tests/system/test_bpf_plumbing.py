@@ -215,3 +215,22 @@ def test_batches_write_read_and_delete_what_bpftool_sees(kind):
         assert dumped() == left and dict(syscall.map_items(fd, 8, 8)) == left
     finally:
         os.close(fd)
+
+
+def test_a_veth_gone_before_the_fast_path_is_applied_leaves_the_rest_applied(pair):
+    """A sync's facts name a veth that is gone by the time it applies (an instance dying while
+    another syncs, as 30 instances stopping together do): the uplink's filter is attached and the
+    endpoints through interfaces that exist are written all the same (before, the whole apply
+    stopped at the missing veth, and every other change waited for a retry). Oracles: tc, and the
+    map read back in another process."""
+    assert pair.step(pair.a, "fast", "veth0", "nsw-gone") == {"applied": True}
+    [entry] = tc_filters(pair)
+    assert entry["options"]["bpf_name"] == "nswrap_uplink"
+    prog = bpftool("prog", "show", "id", str(entry["options"]["prog"]["id"]))
+    assert isinstance(prog, dict)
+    (published,) = [i for i in prog["map_ids"] if (bpftool("map", "show", "id", str(i)) or {}).get("name") == "published"]
+    dumped = bpftool("map", "dump", "id", str(published))
+    assert isinstance(dumped, list)  # struct endpoint_key: ifindex, family, proto, port (network order)
+    assert [int(e["key"][6], 16) << 8 | int(e["key"][7], 16) for e in dumped] == [7000]
+    assert pair.step(pair.a, "fast", "none") == {"applied": True}
+    assert tc_filters(pair) == []
