@@ -68,7 +68,7 @@ def server_address(lab, marker: str, version: int) -> str:
     """The private address nswrap gave a server (read in its namespace, with iproute2)."""
     from tests.system.common import processes_running
 
-    (pid,) = [p.pid for p in processes_running(marker) if "nswrap" not in p.cmdline()]
+    (pid,) = [p.pid for p in processes_running(marker) if "nswrap" not in (p.info["cmdline"] or ())]
     out = lab.exec(lab.host, ["nsenter", "-t", str(pid), "-n", "ip", "-json", f"-{version}", "addr", "show", "eth0"]).stdout
     return next(a["local"] for link in json.loads(out) for a in link["addr_info"] if a.get("scope") == "global")
 

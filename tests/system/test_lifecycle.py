@@ -193,7 +193,7 @@ def test_a_daemonizing_server_keeps_the_instance_until_it_exits(lab, tmp_path):
         assert wait_answered(lab, path) == TEST_ANSWER, path.name
         assert dig(lab, path, tcp=True) == TEST_ANSWER, path.name
     assert proc.poll() is None, "the first process exited, the daemon still serves"
-    assert [p for p in processes_running(conf) if p.name() == "unbound"]
+    assert [p for p in processes_running(conf) if p.info["name"] == "unbound"]
     assert lab.stop(proc) == 0
     assert not processes_running(conf)
 
@@ -215,7 +215,7 @@ def test_user_nobody_serves_port_53_without_capabilities(lab, tmp_path, world_re
     proc = start(lab, tmp_path, "--user", "nobody", "--ports", "53,53/tcp", "--", "unbound", "-d", "-c", conf)
     for path in lab.paths:
         assert wait_answered(lab, path) == TEST_ANSWER, path.name
-    (server,) = [p for p in processes_running(conf) if p.name() == "unbound"]
+    (server,) = [p for p in processes_running(conf) if p.info["name"] == "unbound"]
     assert server.uids().effective == 65534
     capabilities = [line for line in open(f"/proc/{server.pid}/status") if line.startswith("CapEff:")]
     assert capabilities == ["CapEff:\t0000000000000000\n"]

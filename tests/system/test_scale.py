@@ -118,7 +118,7 @@ def kill_hard(proc) -> None:
 
 
 def servers_gone(tmp_path: Path, ports) -> bool:
-    alive = {arg for p in processes_running(str(tmp_path)) for arg in p.cmdline() if arg.isdigit()}
+    alive = {arg for p in processes_running(str(tmp_path)) for arg in p.info["cmdline"] or () if arg.isdigit()}
     return not alive & {str(port) for port in ports}
 
 
