@@ -178,6 +178,11 @@ class Follower:
         nswrap turned on is restored before anything else, and turned on again only once the
         table is back (the plan's order); a table that cannot be put back, or cannot even be
         read, stops nswrap with the forwarding restored (fail closed), whatever the error."""
+        if self.life.server_gone():
+            # stopping: its veth may be gone already while its record is still live, and a sync
+            # now would announce changes for it (attaching the fast path to that veth, say); the
+            # teardown syncs without it
+            return
         state, kernel, mark_mask = self.life.state, self.life.kernel, self.life.config.mark_mask
         with state.dir.lock():
             allocation = state.allocation()

@@ -220,6 +220,12 @@ class Life:
         ready = Readiness(self.instance, self.supervisor.init_pid or 0, self.config.ready_fd)
         return self.supervisor.wait(follower.filenos(), lambda fds: _min(ready.poll(), follower.on_ready(fds)))
 
+    def server_gone(self) -> bool:
+        """Has the server's init exited (its namespace with it)? Then this instance is stopping,
+        and its teardown brings the shared datapath in line."""
+        pid = self.supervisor.init_pid
+        return bool(pid) and not os.path.exists(f"/proc/{pid}/ns/net")
+
     def repair(self) -> None:
         """Someone deleted our veth: make it again, into the server's namespace (its sockets
         survive), or stop."""

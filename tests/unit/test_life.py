@@ -233,6 +233,25 @@ def test_the_follower_polls_the_settings_without_events(kernel, monkeypatch):
     life.stop()
 
 
+def test_an_instance_whose_server_exited_does_not_follow_the_host(kernel, monkeypatch, caplog):
+    """Its veth is gone while its record is still live (the race run 13 of the loaded suite hit:
+    a follow announced attaching the fast path to it): nothing is changed or said; its teardown
+    syncs."""
+    life = started(kernel)
+    kernel.delete_route(Route(N("0.0.0.0/0"), "eth1", A("198.51.100.1"), metric=200, proto=BOOT))
+    kernel.add_route(Route(N("0.0.0.0/0"), "eth1", A("198.51.100.254"), metric=200, proto=BOOT))
+    before = kernel.snapshot()
+    monkeypatch.setattr(life, "server_gone", lambda: True)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, "nswrap"):
+        life.follower.follow("host")
+    assert kernel.snapshot() == before and caplog.text == ""
+    monkeypatch.setattr(life, "server_gone", lambda: False)
+    life.follower.follow("host")
+    assert kernel.snapshot() != before  # the same follow, the server alive: the gateway followed
+    life.stop()
+
+
 def test_a_deleted_veth_is_made_again(kernel, caplog):
     life = started(kernel)
     life.start_server(None)
