@@ -83,10 +83,13 @@ def ethernet(facts: Facts, ifname: str) -> bool:
     return link is not None and bool(link.mac)
 
 
+TFTP: tuple[Protocol, int] = ("udp", 69)  # the port --helper tftp follows
+
+
 def helped(instance, proto: str, port: int) -> bool:
     """A port whose flows a conntrack helper follows (TFTP's data from a new port of the server
     is expected from the request's entry): conntrack must see them, so they stay on nft."""
-    return "tftp" in instance.helpers and proto == "udp" and port == 69
+    return "tftp" in instance.helpers and (proto, port) == TFTP
 
 
 # Sources no uplink brings: martians (RFC 6890's, as the kernel's own checks have them) and
@@ -179,8 +182,7 @@ def fit(want: Fast, have: Fast | None) -> tuple[Fast, int]:
     if spill <= 0:
         return want, 0
     held = {_key(e) for e in have.endpoints} if have else set()
-    kept = [e for e in want.endpoints if _key(e) in held]
-    kept = heapq.nsmallest(MAX_ENDPOINTS, kept, key=_fill_order) if len(kept) > MAX_ENDPOINTS else kept
+    kept = [e for e in want.endpoints if _key(e) in held]  # at most the map's size (bpf/fast._current)
     room = MAX_ENDPOINTS - len(kept)
     new = heapq.nsmallest(room, (e for e in want.endpoints if _key(e) not in held), key=_fill_order)
     return replace(want, endpoints=frozenset(kept) | frozenset(new)), spill
@@ -203,6 +205,6 @@ def endpoint_count(facts: Facts, instance) -> int:
         addresses = len([a for a in _addresses(instance, version) if a is not None]) or len(host_addresses(facts, version))
         uplinks = [u for u in instance_uplinks(facts, instance, version) if ethernet(facts, u)]
         ports = sum(p.count for p in instance.ports) - sum(
-            1 for p in instance.ports if p.outer_lo <= 69 < p.outer_lo + p.count and helped(instance, p.proto, 69))
+            1 for p in instance.ports if p.outer_lo <= TFTP[1] < p.outer_lo + p.count and helped(instance, p.proto, TFTP[1]))
         total += ports * addresses * len(uplinks)
     return total

@@ -256,7 +256,7 @@ def plan(facts: Facts, table: nft.Table | None, allocation: Allocation | None, i
     nft_changes = _nft_changes(table, dp, instances)
     # the fast path redirects through the uplinks' tables: it comes after them and goes before them
     fast_have = facts.fast or Fast()
-    fast_want, spill = fastpath.fit(fastpath.wanted(facts, dp, instances) if instances else Fast(), facts.fast)
+    fast_want, spill = fastpath.fit(fastpath.wanted(facts, dp, instances) if instances else Fast(), fast_have)
     if spill:
         dp = replace(dp, warnings=(*dp.warnings, fastpath.spilled(spill)))
     fast_changes: list[Change] = [FastPath(fast_want, fast_have)] if fast_want != fast_have else []

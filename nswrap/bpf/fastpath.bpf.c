@@ -12,8 +12,9 @@
  *     with the uplink's mark (nswrap's table for that uplink, its gateway or on-link).
  *
  * Everything else (a client's fragments, IPv4 options, IPv6 extension headers, ICMP that is
- * about no fast-path flow, a flow the map does not hold) is TC_ACT_UNSPEC: the next tc filter of another tool, if any, then the host's stack
- * and nswrap's nftables datapath handle it as without the fast path.
+ * about no fast-path flow, a flow the map does not hold) is TC_ACT_UNSPEC: the next tc filter of
+ * another tool, if any, then the host's stack and nswrap's nftables datapath handle it as without
+ * the fast path.
  *
  * The maps are created by nswrap's loader (nswrap/bpf/), not by libbpf: legacy definitions in a
  * section named "maps", whose layout the loader reads. Keys and values are written by
