@@ -67,7 +67,7 @@ struct flow_key {
 struct flow {
 	__u8 asked[16];
 	__be16 asked_port;
-	__u16 pad;
+	__be16 client_port; /* the client's own: its key's differs when the flow was given another (OTHER_PORTS) */
 	__u32 uplink;
 	__u32 mark;
 	__u32 veth;
@@ -216,15 +216,27 @@ static __always_inline __u32 l4_csum_off(const struct packet *p)
 	return p->l4 + (p->proto == IPPROTO_UDP ? offsetof(struct udphdr, check) : offsetof(struct tcphdr, check));
 }
 
-/* Rewrite one address (destination or source) and one port, checksums kept right. UDP over
- * IPv4 may carry no checksum (zero): BPF_F_MARK_MANGLED_0 leaves it so. */
+/* Rewrite one port (source or destination), the checksum kept right. UDP over IPv4 may carry no
+ * checksum (zero): BPF_F_MARK_MANGLED_0 leaves it so. */
+static __always_inline int rewrite_port(struct __sk_buff *skb, const struct packet *p, int source, __be16 port)
+{
+	__u64 mangled = p->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+	__be16 old_port = source ? p->sport : p->dport;
+
+	if (port == old_port)
+		return 0;
+	if (bpf_l4_csum_replace(skb, l4_csum_off(p), old_port, port, mangled | 2) ||
+	    bpf_skb_store_bytes(skb, p->l4 + (source ? 0 : 2), &port, 2, 0))
+		return -1;
+	return 0;
+}
+
+/* Rewrite one address (destination or source) and its port, checksums kept right. */
 static __always_inline int rewrite(struct __sk_buff *skb, const struct packet *p, int source, const __u8 *addr,
 				   __be16 port)
 {
 	__u32 csum = l4_csum_off(p);
 	__u64 mangled = p->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
-	__be16 old_port = source ? p->sport : p->dport;
-	__u32 port_off = p->l4 + (source ? 0 : 2);
 
 	if (p->family == 4) {
 		__be32 old, new;
@@ -242,11 +254,7 @@ static __always_inline int rewrite(struct __sk_buff *skb, const struct packet *p
 		    bpf_skb_store_bytes(skb, source ? IP6_SRC_OFF : IP6_DST_OFF, addr, 16, 0))
 			return -1;
 	}
-	if (port != old_port &&
-	    (bpf_l4_csum_replace(skb, csum, old_port, port, mangled | 2) ||
-	     bpf_skb_store_bytes(skb, port_off, &port, 2, 0)))
-		return -1;
-	return 0;
+	return rewrite_port(skb, p, source, port);
 }
 
 static __always_inline int same(const struct flow *a, const struct flow *b)
@@ -258,6 +266,60 @@ static __always_inline int same(const struct flow *a, const struct flow *b)
 		if (x[i] != y[i])
 			return 0;
 	return 1;
+}
+
+/* A client that asks two addresses of the host from one port (an NTP client sends from 123
+ * whatever it asks) makes two flows the server cannot tell apart, nor its answers: they would all
+ * leave from the address asked first. So a flow whose client tuple a live flow already holds gets
+ * another client port toward the server, one of OTHER_PORTS candidates drawn from what the flow
+ * is (its client, its port, the address and port asked, the uplink): its next packets draw the
+ * same ones and find it, and its answers get the client's port back. Conntrack does the same on
+ * the nft datapath (its clash resolution gives such a flow another source port). */
+#define OTHER_PORTS 4
+enum { NO_PORT, MINE, FREE };
+
+static __always_inline __be16 other_port(const struct flow_key *fk, const struct flow *f, __u32 i)
+{
+	__u32 c[4], a[4], h = (0x9e3779b9 * (i + 1)) ^ f->uplink;
+
+	__builtin_memcpy(c, fk->client, 16);
+	__builtin_memcpy(a, f->asked, 16);
+#pragma unroll
+	for (int j = 0; j < 4; j++) {
+		h = (h ^ c[j]) * 0x85ebca6b;
+		h = (h ^ a[j]) * 0xc2b2ae35;
+		h ^= h >> 15;
+	}
+	h = (h ^ ((__u32)f->client_port << 16 | f->asked_port)) * 0x85ebca6b;
+	h ^= h >> 13;
+	return bpf_htons(1024 + h % (65536 - 1024));
+}
+
+/* Point `fk` at the flow `f` was given another port for (MINE), else at the first candidate no
+ * live flow holds (FREE: quiet for `timeout` seconds, or none), else NO_PORT (`fk` as it was). */
+static __always_inline int other_flow(struct flow_key *fk, const struct flow *f, __u32 now, __u32 timeout)
+{
+	struct flow_key k = *fk;
+	__be16 free = 0;
+
+#pragma unroll
+	for (__u32 i = 0; i < OTHER_PORTS; i++) {
+		k.client_port = other_port(fk, f, i);
+		if (k.client_port == f->client_port)
+			continue;
+		struct flow *o = bpf_map_lookup_elem(&flows, &k);
+
+		if (o && same(o, f)) {
+			fk->client_port = k.client_port;
+			return MINE;
+		}
+		if (!free && (!o || now - o->seen >= timeout))
+			free = k.client_port;
+	}
+	if (!free)
+		return NO_PORT;
+	fk->client_port = free;
+	return FREE;
 }
 
 /* May this uplink bring a packet from `src`? (As strict reverse-path filtering would say with
@@ -441,6 +503,14 @@ static __always_inline int error_in(struct __sk_buff *skb)
 	make_flow_key(&fk, q.family, q.proto, q.qdst, q.qdport, ep->server, ep->port);
 	struct flow *f = bpf_map_lookup_elem(&flows, &fk);
 
+	if (f && !(same_address(f->asked, q.qsrc) && f->asked_port == q.qsport)) {
+		/* the client's tuple is another flow's: this one's was given another port, if any */
+		struct flow mine = {.asked_port = q.qsport, .client_port = q.qdport, .uplink = skb->ifindex,
+				    .mark = ep->mark, .veth = ep->veth};
+
+		__builtin_memcpy(mine.asked, q.qsrc, 16);
+		f = other_flow(&fk, &mine, 0, 0) == MINE ? bpf_map_lookup_elem(&flows, &fk) : NULL;
+	}
 	if (!f || f->uplink != skb->ifindex) /* no such flow here: the host's own, or a forgery */
 		return TC_ACT_UNSPEC;
 	__u32 veth = ep->veth;
@@ -450,7 +520,7 @@ static __always_inline int error_in(struct __sk_buff *skb)
 	__builtin_memcpy(server, ep->server, 16);
 	if (quote_addr(skb, &q, 1, addr_off(&q, 1, 0), q.dst, server) ||
 	    quote_addr(skb, &q, 0, addr_off(&q, 0, 1), q.qsrc, server) ||
-	    quote_port(skb, &q, q.ports, q.qsport, port))
+	    quote_port(skb, &q, q.ports, q.qsport, port) || quote_port(skb, &q, q.ports + 2, q.qdport, fk.client_port))
 		return TC_ACT_SHOT;
 	return bpf_redirect_peer(veth, 0);
 }
@@ -473,12 +543,12 @@ static __always_inline int error_out(struct __sk_buff *skb)
 	__u32 uplink = f->uplink;
 	__u32 mark = f->mark;
 	__u8 asked[16];
-	__be16 asked_port = f->asked_port;
+	__be16 asked_port = f->asked_port, client_port = f->client_port;
 
 	__builtin_memcpy(asked, f->asked, 16);
 	if (quote_addr(skb, &q, 1, addr_off(&q, 1, 1), q.src, asked) ||
 	    quote_addr(skb, &q, 0, addr_off(&q, 0, 0), q.qdst, asked) ||
-	    quote_port(skb, &q, q.ports + 2, q.qdport, asked_port))
+	    quote_port(skb, &q, q.ports + 2, q.qdport, asked_port) || quote_port(skb, &q, q.ports, q.qsport, client_port))
 		return TC_ACT_SHOT;
 	skb->mark = mark;
 	return bpf_redirect_neigh(uplink, NULL, 0, 0);
@@ -502,6 +572,7 @@ int uplink(struct __sk_buff *skb)
 	make_flow_key(&fk, p.family, p.proto, p.src, p.sport, ep->server, ep->port);
 	__builtin_memcpy(f.asked, p.dst, 16);
 	f.asked_port = p.dport;
+	f.client_port = p.sport;
 	f.uplink = skb->ifindex;
 	f.mark = ep->mark;
 	f.veth = ep->veth;
@@ -512,18 +583,27 @@ int uplink(struct __sk_buff *skb)
 	struct flow *known = bpf_map_lookup_elem(&flows, &fk);
 
 	if (known && !same(known, &f)) {
-		/* the same client's tuple through another uplink, or to another address, while its flow
-		 * lives: not taken over (a LAN peer posing as the client would take its answers); the
-		 * host's stack judges it (rp_filter, the nft datapath), as one packet of no flow here */
-		if (now - known->seen < ep->timeout)
-			return TC_ACT_UNSPEC;
-		known = NULL;
+		/* the client's tuple is another flow's (through another uplink, or asking another
+		 * address): a live one is not taken over (a LAN peer posing as the client would take its
+		 * answers), this flow gets another port toward the server (OTHER_PORTS) */
+		int other = other_flow(&fk, &f, now, ep->timeout);
+
+		if (other == MINE) {
+			known = bpf_map_lookup_elem(&flows, &fk);
+		} else if (now - known->seen >= ep->timeout) {
+			fk.client_port = p.sport; /* a quiet flow's tuple is taken */
+			known = NULL;
+		} else if (other == FREE) {
+			known = NULL;
+		} else {
+			return TC_ACT_UNSPEC; /* every candidate is busy: the host's stack judges it */
+		}
 	}
 	if (!known)
 		bpf_map_update_elem(&flows, &fk, &f, BPF_ANY);
 	else if (known->seen != now)
 		known->seen = now;
-	if (rewrite(skb, &p, 0, ep->server, ep->port))
+	if (rewrite(skb, &p, 0, ep->server, ep->port) || rewrite_port(skb, &p, 1, fk.client_port))
 		return TC_ACT_SHOT;
 	return bpf_redirect_peer(f.veth, 0);
 }
@@ -578,7 +658,10 @@ int veth(struct __sk_buff *skb)
 	__be16 asked_port = f->asked_port;
 
 	__builtin_memcpy(asked, f->asked, 16);
-	if (p.frag == LATER ? rewrite_source_address(skb, &p, asked) : rewrite(skb, &p, 1, asked, asked_port))
+	__be16 client_port = f->client_port;
+
+	if (p.frag == LATER ? rewrite_source_address(skb, &p, asked)
+			    : rewrite(skb, &p, 1, asked, asked_port) || rewrite_port(skb, &p, 0, client_port))
 		return TC_ACT_SHOT;
 	skb->mark = mark;
 	return bpf_redirect_neigh(uplink, NULL, 0, 0);

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import select
@@ -65,6 +66,17 @@ def fast_flows(lab, uplink: str = "eth0") -> list[dict]:
         if bpftool("map", "show", "id", str(map_id))["name"] == "flows":
             return bpftool("map", "dump", "id", str(map_id))
     return []
+
+
+def fast_flow(entry: dict) -> dict:
+    """One entry of fast_flows, decoded by this test's own reading of the layout in
+    nswrap/bpf/fastpath.bpf.c (struct flow_key -> struct flow): the client's address, the client
+    port the server sees (the key's) and the client's own (the value's), the address and port asked."""
+    key, value = (bytes(int(b, 16) for b in entry[part]) for part in ("key", "value"))
+    size = 4 if key[36] == 4 else 16
+    return {"client": str(ipaddress.ip_address(key[:size])), "port_seen": int.from_bytes(key[32:34], "big"),
+            "client_port": int.from_bytes(value[18:20], "big"), "asked": str(ipaddress.ip_address(value[:size])),
+            "asked_port": int.from_bytes(value[16:18], "big")}
 
 
 def nswrap(lab, *args, timeout=60, env: dict[str, str] | None = None):

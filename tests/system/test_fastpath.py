@@ -225,6 +225,8 @@ REFUSED_CLIENT = r"""
 import socket, sys
 address, port = sys.argv[1], int(sys.argv[2])
 s = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("", int(sys.argv[3]) if len(sys.argv) > 3 else 0))
 s.connect((address, port))  # an error is reported only if it quotes this socket's own datagram
 s.settimeout(1)
 for _ in range(5):
@@ -252,6 +254,11 @@ def test_a_closed_port_is_refused_from_the_asked_address(lab, tmp_path):
         for path in (*lab.paths, *lab.paths6):
             got = lab.exec(path.client, [sys.executable, "-c", REFUSED_CLIENT, path.address, str(PORT + 1)]).stdout
             assert got.strip() == "refused", path.name
+        # c1 asks its two addresses from one port: the second flow gets another port toward the
+        # server (docs/fastpath.md), which the quote of its refusal must give back
+        for path in (lab.paths[0], lab.paths[1], lab.paths6[0], lab.paths6[1]):
+            got = lab.exec(path.client, [sys.executable, "-c", REFUSED_CLIENT, path.address, str(PORT + 1), "4124"]).stdout
+            assert got.strip() == "refused", f"{path.name}, from port 4124"
         assert conntrack_entries(lab, PORT + 1) == []
     finally:
         assert lab.stop(proc) == 128 + signal.SIGTERM
@@ -274,7 +281,11 @@ while True:
 BULK_CLIENT = r"""
 import socket, sys
 address, port = sys.argv[1], int(sys.argv[2])
-s = socket.create_connection((address, port), timeout=10)
+s = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("", int(sys.argv[3]) if len(sys.argv) > 3 else 0))
+s.settimeout(10)
+s.connect((address, port))
 got = 0
 try:
     while chunk := s.recv(65536):
@@ -297,6 +308,27 @@ def test_a_path_with_a_smaller_mtu_gets_every_byte_over_tcp(lab, tmp_path):
         for path in (lab.paths[0], lab.paths[1], lab.paths6[0], lab.paths6[1]):  # c1, behind r1
             got = lab.exec(path.client, [sys.executable, "-c", BULK_CLIENT, path.address, str(PORT)], timeout=60).stdout
             assert got.strip() == str(BULK), path.name
+    finally:
+        assert lab.stop(proc) == 128 + signal.SIGTERM
+
+
+def test_a_second_flow_of_one_client_port_gets_every_byte_over_a_smaller_mtu(lab, tmp_path):
+    """c1 fetches from its first address with the full MTU, then from the second from the same
+    port while the first flow lives, over r1's link shrunk to 1280: the second flow has another
+    port toward the server (docs/fastpath.md), and r1's "too big" errors, which quote the client's
+    own port, must find it (the server's namespace learned no smaller MTU from the first)."""
+    proc = start(lab, tmp_path, "--datapath", "bpf", "--ports", f"{PORT}/tcp", "--",
+                 sys.executable, "-c", BULK_SERVER, str(PORT))
+    r1 = lab.ns("r1")
+    try:
+        wait_until(lambda: "ready" in output(tmp_path) or proc.poll() is not None, 30, what="the server is ready")
+        for first, second in ((lab.paths[0], lab.paths[1]), (lab.paths6[0], lab.paths6[1])):
+            lab.exec(r1, ["ip", "link", "set", "dev", "eth1", "mtu", "1500"])
+            for path in (first, second):
+                got = lab.exec(path.client, [sys.executable, "-c", BULK_CLIENT, path.address, str(PORT), "4125"],
+                               timeout=60).stdout
+                assert got.strip() == str(BULK), path.name
+                lab.exec(r1, ["ip", "link", "set", "dev", "eth1", "mtu", "1280"])
     finally:
         assert lab.stop(proc) == 128 + signal.SIGTERM
 

@@ -14,6 +14,7 @@ import signal
 import pytest
 
 from tests.lab import TEST_ANSWER, diff_states, dig, wait_answered, wait_until
+from tests.system import common
 from tests.system.common import SIGECHO, UDPECHO, Held, echo_answered, nswrap, output, setup_steps, start, wait_ready
 
 MARK_MASK = 0xF0000000
@@ -46,6 +47,28 @@ def test_every_path_is_answered_from_the_asked_address_udp_and_tcp(lab, tmp_path
 
     assert lab.stop(proc) == 0, stderr_of(tmp_path)  # unbound exits 0 on SIGTERM
     assert "Traceback" not in stderr_of(tmp_path)
+
+
+def test_one_client_port_asking_two_addresses_is_answered_from_each(lab, tmp_path):
+    """An NTP client sends from port 123 whatever it asks (ntpd; chronyd with `port 123`): asking
+    two addresses of the host from one port, the second while the first's flow lives, it gets
+    each answer from the address it asked, and the first flow keeps working. The server sees two
+    flows: the second's client port is another (conntrack gives it one on the nft datapath, the
+    fast path does likewise: docs/fastpath.md)."""
+    proc = start(lab, tmp_path, "--ports", "5300", "--", *UDPECHO, "serve", "5300")
+    wait_ready(tmp_path)
+    for first, second in ((lab.paths[0], lab.paths[1]), (lab.paths6[0], lab.paths6[1])):
+        assert (first.client, first.uplink) == (second.client, second.uplink) and first.address != second.address
+        for path in (first, second, first, second):
+            assert echo_answered(lab, path.client, path.address, 5300, sport=4123), path.name
+    if common.datapath() == "bpf":  # the fast path carried both (bpftool): two flows, the second on another port
+        flows = [f for f in map(common.fast_flow, common.fast_flows(lab)) if f["client_port"] == 4123]
+        assert len(flows) == 4, flows
+        for version in (4, 6):
+            mine = [f for f in flows if (":" in f["client"]) == (version == 6)]
+            assert len({f["asked"] for f in mine}) == 2 and len({f["port_seen"] for f in mine}) == 2, mine
+            assert 4123 in {f["port_seen"] for f in mine}, mine
+    assert lab.stop(proc) == 128 + signal.SIGTERM, stderr_of(tmp_path)
 
 
 def conntrack_timeouts(lab, port: int) -> list[int]:
