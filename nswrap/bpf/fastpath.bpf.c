@@ -138,6 +138,7 @@ enum { WHOLE, FIRST, LATER };
 
 struct packet {
 	__u8 family, proto, frag;
+	__u8 midflow; /* a TCP segment without SYN: of a connection under way */
 	__u32 l4; /* offset of the UDP/TCP header (in a FIRST fragment too) */
 	__u32 id;
 	__u8 src[16], dst[16];
@@ -208,6 +209,13 @@ static __always_inline int parse(struct __sk_buff *skb, struct packet *p)
 		return 0;
 	p->sport = ports[0];
 	p->dport = ports[1];
+	if (p->proto == IPPROTO_TCP) {
+		__u8 *flags = data + p->l4 + 13;
+
+		if ((void *)(flags + 1) > end)
+			return 0;
+		p->midflow = !(*flags & 0x02);
+	}
 	return 1;
 }
 
@@ -292,6 +300,14 @@ static __always_inline __be16 other_port(const struct flow_key *fk, const struct
 	}
 	h = (h ^ ((__u32)f->client_port << 16 | f->asked_port)) * 0x85ebca6b;
 	h ^= h >> 13;
+	/* of the client port's own class, as conntrack keeps it (nf_nat_l4proto_unique_tuple): a
+	 * server may trust a port below 1024 (NFS's `secure`) */
+	__u16 own = bpf_ntohs(f->client_port);
+
+	if (own < 512)
+		return bpf_htons(1 + h % 511);
+	if (own < 1024)
+		return bpf_htons(600 + h % 424);
 	return bpf_htons(1024 + h % (65536 - 1024));
 }
 
@@ -502,15 +518,12 @@ static __always_inline int error_in(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;
 	make_flow_key(&fk, q.family, q.proto, q.qdst, q.qdport, ep->server, ep->port);
 	struct flow *f = bpf_map_lookup_elem(&flows, &fk);
+	struct flow mine = {.asked_port = q.qsport, .client_port = q.qdport, .uplink = skb->ifindex,
+			    .mark = ep->mark, .veth = ep->veth};
 
-	if (f && !(same_address(f->asked, q.qsrc) && f->asked_port == q.qsport)) {
-		/* the client's tuple is another flow's: this one's was given another port, if any */
-		struct flow mine = {.asked_port = q.qsport, .client_port = q.qdport, .uplink = skb->ifindex,
-				    .mark = ep->mark, .veth = ep->veth};
-
-		__builtin_memcpy(mine.asked, q.qsrc, 16);
+	__builtin_memcpy(mine.asked, q.qsrc, 16);
+	if (!f || !same(f, &mine)) /* the client's tuple is another flow's, or none: this one may have another port */
 		f = other_flow(&fk, &mine, 0, 0) == MINE ? bpf_map_lookup_elem(&flows, &fk) : NULL;
-	}
 	if (!f || f->uplink != skb->ifindex) /* no such flow here: the host's own, or a forgery */
 		return TC_ACT_UNSPEC;
 	__u32 veth = ep->veth;
@@ -582,7 +595,14 @@ int uplink(struct __sk_buff *skb)
 	/* a lookup refreshes the entry's place in the LRU; write only what changed */
 	struct flow *known = bpf_map_lookup_elem(&flows, &fk);
 
-	if (known && !same(known, &f)) {
+	if (!known && p.midflow) {
+		/* a connection's segment whose tuple no flow holds (the entry evicted, or the flow that
+		 * held the tuple when this one began is gone): it may have been given another port */
+		if (other_flow(&fk, &f, now, ep->timeout) == MINE)
+			known = bpf_map_lookup_elem(&flows, &fk);
+		else
+			fk.client_port = p.sport;
+	} else if (known && !same(known, &f)) {
 		/* the client's tuple is another flow's (through another uplink, or asking another
 		 * address): a live one is not taken over (a LAN peer posing as the client would take its
 		 * answers), this flow gets another port toward the server (OTHER_PORTS) */
@@ -593,10 +613,12 @@ int uplink(struct __sk_buff *skb)
 		} else if (now - known->seen >= ep->timeout) {
 			fk.client_port = p.sport; /* a quiet flow's tuple is taken */
 			known = NULL;
-		} else if (other == FREE) {
+		} else if (other == FREE && !p.midflow) {
 			known = NULL;
 		} else {
-			return TC_ACT_UNSPEC; /* every candidate is busy: the host's stack judges it */
+			/* every candidate is busy, or a connection under way lost its entry (it would land
+			 * on another port): the host's stack judges it */
+			return TC_ACT_UNSPEC;
 		}
 	}
 	if (!known)

@@ -60,14 +60,15 @@ def test_one_client_port_asking_two_addresses_is_answered_from_each(lab, tmp_pat
     for first, second in ((lab.paths[0], lab.paths[1]), (lab.paths6[0], lab.paths6[1])):
         assert (first.client, first.uplink) == (second.client, second.uplink) and first.address != second.address
         for path in (first, second, first, second):
-            assert echo_answered(lab, path.client, path.address, 5300, sport=4123), path.name
+            assert echo_answered(lab, path.client, path.address, 5300, sport=123), path.name
     if common.datapath() == "bpf":  # the fast path carried both (bpftool): two flows, the second on another port
-        flows = [f for f in map(common.fast_flow, common.fast_flows(lab)) if f["client_port"] == 4123]
+        flows = [f for f in map(common.fast_flow, common.fast_flows(lab)) if f["client_port"] == 123]
         assert len(flows) == 4, flows
-        for version in (4, 6):
+        for version in (4, 6):  # the other port is privileged too, as conntrack keeps it
             mine = [f for f in flows if (":" in f["client"]) == (version == 6)]
-            assert len({f["asked"] for f in mine}) == 2 and len({f["port_seen"] for f in mine}) == 2, mine
-            assert 4123 in {f["port_seen"] for f in mine}, mine
+            assert len({f["asked"] for f in mine}) == 2, mine
+            assert sorted(f["port_seen"] == 123 for f in mine) == [False, True], mine
+            assert all(0 < f["port_seen"] < 512 for f in mine), mine
     assert lab.stop(proc) == 128 + signal.SIGTERM, stderr_of(tmp_path)
 
 
