@@ -189,6 +189,8 @@ def load(path: str | None = None) -> Loaded:
     try:
         for name, d in obj.maps.items():
             maps[name] = syscall.map_create(d.type, d.key_size, d.value_size, d.max_entries, d.flags, name)
+        if "secret" in maps:  # what the other ports a flow may get are drawn with (fastpath.bpf.c, OTHER_PORTS)
+            syscall.map_update(maps["secret"], bytes(4), os.urandom(4))
         for name, section in SECTIONS.items():
             programs[name] = syscall.prog_load(syscall.BPF_PROG_TYPE_SCHED_CLS, elf.link(obj.programs[section], maps),
                                                obj.license, name)

@@ -124,6 +124,15 @@ struct map_def frags SEC("maps") = {
 	.max_entries = 4096,
 };
 
+/* secret: a random number nswrap's loader writes once (nswrap/bpf/fast.py), which the other
+ * ports a flow may get are drawn with (OTHER_PORTS): nobody outside can compute them */
+struct map_def secret SEC("maps") = {
+	.type = BPF_MAP_TYPE_ARRAY,
+	.key_size = sizeof(__u32),
+	.value_size = sizeof(__u32),
+	.max_entries = 1,
+};
+
 #define IP_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
 #define IP_DST_OFF (ETH_HLEN + offsetof(struct iphdr, daddr))
 #define IP_SRC_OFF (ETH_HLEN + offsetof(struct iphdr, saddr))
@@ -280,15 +289,15 @@ static __always_inline int same(const struct flow *a, const struct flow *b)
  * whatever it asks) makes two flows the server cannot tell apart, nor its answers: they would all
  * leave from the address asked first. So a flow whose client tuple a live flow already holds gets
  * another client port toward the server, one of OTHER_PORTS candidates drawn from what the flow
- * is (its client, its port, the address and port asked, the uplink): its next packets draw the
- * same ones and find it, and its answers get the client's port back. Conntrack does the same on
+ * is (its client, its port, the address and port asked, the uplink) and `secret`: its next
+ * packets draw the same ones and find it, and its answers get the client's port back. Conntrack does the same on
  * the nft datapath (its clash resolution gives such a flow another source port). */
 #define OTHER_PORTS 4
 enum { NO_PORT, MINE, FREE };
 
-static __always_inline __be16 other_port(const struct flow_key *fk, const struct flow *f, __u32 i)
+static __always_inline __be16 other_port(const struct flow_key *fk, const struct flow *f, __u32 seed, __u32 i)
 {
-	__u32 c[4], a[4], h = (0x9e3779b9 * (i + 1)) ^ f->uplink;
+	__u32 c[4], a[4], h = (seed + 0x9e3779b9 * (i + 1)) ^ f->uplink;
 
 	__builtin_memcpy(c, fk->client, 16);
 	__builtin_memcpy(a, f->asked, 16);
@@ -317,10 +326,13 @@ static __always_inline int other_flow(struct flow_key *fk, const struct flow *f,
 {
 	struct flow_key k = *fk;
 	__be16 free = 0;
+	__u32 zero = 0, *seed = bpf_map_lookup_elem(&secret, &zero);
 
+	if (!seed)
+		return NO_PORT;
 #pragma unroll
 	for (__u32 i = 0; i < OTHER_PORTS; i++) {
-		k.client_port = other_port(fk, f, i);
+		k.client_port = other_port(fk, f, *seed, i);
 		if (k.client_port == f->client_port)
 			continue;
 		struct flow *o = bpf_map_lookup_elem(&flows, &k);

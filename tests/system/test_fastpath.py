@@ -72,7 +72,10 @@ def test_every_path_is_served_through_the_fast_path_with_no_conntrack_entry(lab,
     loaded = programs(ids)
     assert sorted(p["name"] for p in loaded) == ["nswrap_uplink", "nswrap_veth"], loaded  # loaded once, shared
     maps = {m for p in loaded for m in p["map_ids"]}
-    assert len(maps) == 4, loaded  # published, sources, flows, frags: shared by both
+    assert len(maps) == 5, loaded  # published, sources, flows, frags, secret: shared by both
+    (secret,) = [m["id"] for m in bpf_maps(maps) if m["name"] == "secret"]
+    (entry,) = bpftool("map", "dump", "id", str(secret))
+    assert any(int(b, 16) for b in entry["value"]), entry  # written at load, at random (2^-32: zero)
     assert lab.stop(proc) == 0, output(tmp_path, stream="err")
     for dev in ("eth0", "eth1", "eth2"):
         assert filters(lab, dev) == []  # and the lab fixture: no clsact left either
