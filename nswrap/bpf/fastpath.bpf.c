@@ -4,11 +4,12 @@
  *
  *   uplink ingress (tc/uplink): a UDP or TCP packet to a published (uplink, address, protocol,
  *     port) is remembered in `flows` (the client's tuple -> the address and port asked, the
- *     uplink, its mark), its destination rewritten to the server's, and handed to the server's
- *     namespace with bpf_redirect_peer.
+ *     uplink, its mark), its destination rewritten to the server's (and its source port, if that
+ *     tuple is another live flow's: OTHER_PORTS), and handed to the server's namespace with
+ *     bpf_redirect_peer.
  *   the host end of a server's veth, ingress (tc/veth): a packet of a remembered flow, from the
  *     veth that flow was published to, gets its source rewritten back to the address and port
- *     asked and leaves through the flow's uplink with bpf_redirect_neigh: the route is looked up
+ *     asked (and its destination port to the client's own) and leaves through the flow's uplink with bpf_redirect_neigh: the route is looked up
  *     with the uplink's mark (nswrap's table for that uplink, its gateway or on-link).
  *
  * Everything else (a client's fragments, IPv4 options, IPv6 extension headers, ICMP that is
@@ -57,7 +58,7 @@ struct endpoint {
 struct flow_key {
 	__u8 client[16];
 	__u8 server[16];
-	__be16 client_port;
+	__be16 client_port; /* as the server sees it: the client's own, or another (OTHER_PORTS) */
 	__be16 server_port;
 	__u8 family;
 	__u8 proto;
