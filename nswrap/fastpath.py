@@ -182,7 +182,7 @@ def fit(want: Fast, have: Fast | None) -> tuple[Fast, int]:
     if spill <= 0:
         return want, 0
     held = {_key(e) for e in have.endpoints} if have else set()
-    kept = [e for e in want.endpoints if _key(e) in held]  # at most the map's size (bpf/fast._current)
+    kept = [e for e in want.endpoints if _key(e) in held]  # at most the map's size (bpf/fast.usable)
     room = MAX_ENDPOINTS - len(kept)
     new = heapq.nsmallest(room, (e for e in want.endpoints if _key(e) not in held), key=_fill_order)
     return replace(want, endpoints=frozenset(kept) | frozenset(new)), spill

@@ -4,8 +4,9 @@ What is understood, and nothing more: programs are the executable sections with 
 (`SEC("tc/uplink")`; `.text`, where a static function that was not inlined would go, is not a
 program), maps are the legacy definitions of a section named `maps` (each symbol there is a
 `struct { __u32 type, key_size, value_size, max_entries, map_flags; }`), the license is the string
-of the `license` section. A program's relocations (`.rel<section>`) may only be R_BPF_64_64 against
-a map, on an ld_imm64 instruction: `link` makes it load the map's fd (src_reg BPF_PSEUDO_MAP_FD).
+of the `license` section, the generation the __u32 of a `generation` section (0 without one). A
+program's relocations (`.rel<section>`) may only be R_BPF_64_64 against a map, on an ld_imm64
+instruction: `link` makes it load the map's fd (src_reg BPF_PSEUDO_MAP_FD).
 
 Anything else is refused by `parse` with one line (`ElfError`): global data (.data, .rodata,
 .bss), BPF-to-BPF calls, BTF-defined maps (`.maps`), other relocation types, a missing license,
@@ -66,6 +67,7 @@ class Object:
     programs: dict[str, Program]  # by section name
     maps: dict[str, MapDef]
     license: str
+    generation: int  # the `generation` section's __u32; 0 for an object without one
 
 
 @datatype
@@ -143,6 +145,11 @@ def parse(data: bytes) -> Object:
     if "license" not in by_name or not by_name["license"].data.rstrip(b"\0"):
         raise ElfError("BPF object without a license (a SEC(\"license\") string)")
     license = _string(by_name["license"].data, 0)
+    generation = 0
+    if "generation" in by_name:
+        if len(by_name["generation"].data) != 4:
+            raise ElfError(f"BPF object: a generation of {len(by_name['generation'].data)} bytes, not a __u32")
+        (generation,) = struct.unpack("<I", by_name["generation"].data)
     maps_section = by_name.get("maps")
     maps, at = _maps(maps_section, symbols) if maps_section else ({}, {})
     programs = {}
@@ -163,7 +170,7 @@ def parse(data: bytes) -> Object:
             raise ElfError(f"BPF object: relocations in {target.name} (BPF-to-BPF calls are not supported)")
     if not programs:
         raise ElfError("BPF object without a program (an executable SEC(\"...\") section)")
-    return Object(programs, maps, license)
+    return Object(programs, maps, license, generation)
 
 
 def _maps(section: _Section, symbols: list[_Symbol]) -> tuple[dict[str, MapDef], dict[int, str]]:

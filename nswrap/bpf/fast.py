@@ -6,6 +6,8 @@ Nothing is pinned (bpffs is often not mounted, and `ip netns exec` gives each pr
 again through those filters (filter -> program -> its maps). The programs are loaded once per
 network namespace, from the object built from fastpath.bpf.c, and attached to the ingress of
 each uplink and of each `bpf` instance's veth (host end) with one tc priority of nswrap's own.
+Programs an older nswrap loaded are replaced by this one's; a newer one's are used as they are
+(`usable`, docs/fastpath.md *Upgrades*).
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ log = logging.getLogger("nswrap")
 
 SECTIONS = {UPLINK_PROGRAM: "tc/uplink", VETH_PROGRAM: "tc/veth"}
 MAPS = ("published", "flows")
+# What an nswrap writes through another generation's programs: these keep their layout (fastpath.bpf.c).
+SHARED_MAPS = ("published", "sources")
+Layout = tuple[int, int, int]  # a map's key size, value size, entries (fastpath.fit cuts to MAX_ENDPOINTS)
 PROTOCOLS: dict[Protocol, int] = {"udp": socket.IPPROTO_UDP, "tcp": socket.IPPROTO_TCP}
 NAMES: dict[int, Protocol] = {number: name for name, number in PROTOCOLS.items()}
 _KEY = struct.Struct("=IBB2s16s")  # struct endpoint_key: the port in network order
@@ -100,10 +105,11 @@ def _address(packed: bytes) -> IPAddress:
 
 
 class Loaded:
-    """The programs and maps of this namespace's fast path, found or loaded (file descriptors)."""
+    """The programs and maps of this namespace's fast path, found or loaded (file descriptors), and
+    the generation of the object they came from (`meta`[1]; 0 for programs from before generations)."""
 
-    def __init__(self, programs: dict[str, int], maps: dict[str, int]):
-        self.programs, self.maps = programs, maps
+    def __init__(self, programs: dict[str, int], maps: dict[str, int], generation: int = 0):
+        self.programs, self.maps, self.generation = programs, maps, generation
 
     def close(self) -> None:
         for fd in (*self.programs.values(), *self.maps.values()):
@@ -127,7 +133,9 @@ def attached(t: Tc, links: dict[str, int]) -> dict[str, tc.Filter]:
 
 
 def find(filters: Iterable[tc.Filter]) -> Loaded | None:
-    """The programs and maps behind filters already attached (another instance loaded them)."""
+    """The programs and maps behind filters already attached (another instance loaded them), if
+    this nswrap may use them as they are (`usable`); None if they are gone meanwhile or must be
+    replaced by its own, on every filter."""
     programs: dict[str, int] = {}
     maps: dict[str, int] = {}
     for f in filters:
@@ -142,28 +150,51 @@ def find(filters: Iterable[tc.Filter]) -> Loaded | None:
                     maps[name] = fd
         except OSError:
             continue  # detached meanwhile
-    if set(programs) != set(SECTIONS) or not _current(maps):
-        Loaded(programs, maps).close()
-        return None  # gone meanwhile, or an older nswrap's layout: loaded anew, every filter replaced
-    return Loaded(programs, maps)
+    loaded = Loaded(programs, maps, _generation(maps))
+    if set(programs) != set(SECTIONS) or not usable(loaded.generation, _layouts(maps), _own()):
+        loaded.close()
+        return None
+    return loaded
 
 
-def _current(maps: dict[str, int]) -> bool:
-    """Are these maps the ones this nswrap's object makes (names, key and value sizes, how many
-    entries they hold: fastpath.fit cuts to MAX_ENDPOINTS)?"""
+def _generation(maps: dict[str, int]) -> int:
+    """What the loader wrote to `meta`[1]; 0 where there is none (an object from before generations)."""
+    try:
+        value = syscall.map_lookup(maps["meta"], struct.pack("=I", 1)) if "meta" in maps else None
+    except OSError:
+        value = None  # gone meanwhile: find's caller loads anew, as for a detached filter
+    return struct.unpack("=I", value)[0] if value is not None and len(value) == 4 else 0
+
+
+def _layouts(maps: dict[str, int]) -> dict[str, Layout]:
+    infos = {name: syscall.map_info(fd) for name, fd in maps.items()}
+    return {name: (i.key_size, i.value_size, i.max_entries) for name, i in infos.items()}
+
+
+def _own() -> elf.Object | None:
+    """This nswrap's object, parsed (None if it cannot be read: then nothing loaded is usable,
+    and loading its own says why)."""
     try:
         with open(os.environ.get(OBJECT_SEAM) or FAST_OBJECT, "rb") as f:
-            wanted = elf.parse(f.read()).maps
+            return elf.parse(f.read())
     except (OSError, NswrapError):
+        return None
+
+
+def usable(generation: int, layouts: dict[str, Layout], own: elf.Object | None) -> bool:
+    """May an nswrap whose object is `own` use loaded programs of `generation` whose maps have
+    `layouts` as they are (docs/fastpath.md, *Upgrades*)? Those of its own generation with its own
+    maps, yes. Those of a newer generation, yes if it can write their `published` and `sources`
+    (the newer programs stay: an older nswrap never replaces them). Those of an older generation,
+    no: it replaces them with its own, so that an upgrade's fix to the programs serves at once."""
+    if own is None or generation < own.generation:
         return False
-    if set(maps) != set(wanted):
+    if generation == own.generation and set(layouts) != set(own.maps):
         return False
-    for name, fd in maps.items():
-        info = syscall.map_info(fd)
-        if (info.key_size, info.value_size, info.max_entries) != (wanted[name].key_size, wanted[name].value_size,
-                                                                  wanted[name].max_entries):
-            return False
-    return True
+    names = own.maps if generation == own.generation else SHARED_MAPS
+    return all(name in layouts and name in own.maps
+               and layouts[name] == (own.maps[name].key_size, own.maps[name].value_size, own.maps[name].max_entries)
+               for name in names)
 
 
 def load(path: str | None = None) -> Loaded:
@@ -189,8 +220,9 @@ def load(path: str | None = None) -> Loaded:
     try:
         for name, d in obj.maps.items():
             maps[name] = syscall.map_create(d.type, d.key_size, d.value_size, d.max_entries, d.flags, name)
-        if "secret" in maps:  # what the other ports a flow may get are drawn with (fastpath.bpf.c, OTHER_PORTS)
-            syscall.map_update(maps["secret"], bytes(4), os.urandom(4))
+        if "meta" in maps:  # [0]: what the other ports a flow may get are drawn with (OTHER_PORTS); [1]: find
+            syscall.map_update(maps["meta"], struct.pack("=I", 0), os.urandom(4))
+            syscall.map_update(maps["meta"], struct.pack("=I", 1), struct.pack("=I", obj.generation))
         for name, section in SECTIONS.items():
             programs[name] = syscall.prog_load(syscall.BPF_PROG_TYPE_SCHED_CLS, elf.link(obj.programs[section], maps),
                                                obj.license, name)
@@ -205,7 +237,7 @@ def load(path: str | None = None) -> Loaded:
     except BaseException:
         Loaded(programs, maps).close()
         raise
-    return Loaded(programs, maps)
+    return Loaded(programs, maps, obj.generation)
 
 
 def probe() -> None:
@@ -272,6 +304,9 @@ def apply(want: Fast) -> None:
         fresh = loaded is None and bool(wanted)
         if fresh:
             loaded = load()
+            if have:  # the flows the old maps remembered are lost: their next packets are remembered anew
+                log.info("fast path: programs of generation %d loaded, replacing those attached "
+                         "(an older nswrap's, or detached meanwhile)", loaded.generation)
         try:
             for name, program in sorted(wanted.items()):
                 if name not in links:

@@ -125,14 +125,22 @@ struct map_def frags SEC("maps") = {
 	.max_entries = 4096,
 };
 
-/* secret: a random number nswrap's loader writes once (nswrap/bpf/fast.py), which the other
- * ports a flow may get are drawn with (OTHER_PORTS): nobody outside can compute them */
-struct map_def secret SEC("maps") = {
+/* meta: what nswrap's loader writes once (nswrap/bpf/fast.py, load). [0]: a random number the
+ * other ports a flow may get are drawn with (OTHER_PORTS): nobody outside can compute them.
+ * [1]: GENERATION, below; the programs never read it, a later nswrap does. */
+struct map_def meta SEC("maps") = {
 	.type = BPF_MAP_TYPE_ARRAY,
 	.key_size = sizeof(__u32),
 	.value_size = sizeof(__u32),
-	.max_entries = 1,
+	.max_entries = 2,
 };
+
+/* This object's generation: raised by one with every change to what the programs do or to the
+ * maps (tests/unit/test_bpf_generation.py holds it to a digest of this file). nswrap replaces
+ * loaded programs of an older generation with its own and never those of a newer one
+ * (docs/fastpath.md, *Upgrades*); `published` and `sources` keep their layout from one
+ * generation to the next, since an older nswrap writes them through a newer one's programs. */
+__u32 GENERATION SEC("generation") = 1;
 
 #define IP_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
 #define IP_DST_OFF (ETH_HLEN + offsetof(struct iphdr, daddr))
@@ -290,7 +298,7 @@ static __always_inline int same(const struct flow *a, const struct flow *b)
  * whatever it asks) makes two flows the server cannot tell apart, nor its answers: they would all
  * leave from the address asked first. So a flow whose client tuple a live flow already holds gets
  * another client port toward the server, one of OTHER_PORTS candidates drawn from what the flow
- * is (its client, its port, the address and port asked, the uplink) and `secret`: its next
+ * is (its client, its port, the address and port asked, the uplink) and the secret in `meta`: its next
  * packets draw the same ones and find it, and its answers get the client's port back. Conntrack does the same on
  * the nft datapath (its clash resolution gives such a flow another source port). */
 #define OTHER_PORTS 4
@@ -327,7 +335,7 @@ static __always_inline int other_flow(struct flow_key *fk, const struct flow *f,
 {
 	struct flow_key k = *fk;
 	__be16 free = 0;
-	__u32 zero = 0, *seed = bpf_map_lookup_elem(&secret, &zero);
+	__u32 zero = 0, *seed = bpf_map_lookup_elem(&meta, &zero);
 
 	if (!seed)
 		return NO_PORT;

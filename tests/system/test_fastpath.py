@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -19,18 +21,21 @@ from tests.lab import TEST_ANSWER, dig, wait_answered, wait_until
 from tests.lab.topology import Path as LabPath
 from tests.system.common import dual_stack_unbound, nswrap, output, spoofing_client, start
 from tests.system.udpmany import COMMAND as UDPMANY, unanswered
+from tests.unit.fixtures.bpf import sections
 
 pytestmark = pytest.mark.bpf_only("the fast path's own tests (each gives --datapath bpf)")
 PORT = 5300
 BENCH_TRAFFIC = [sys.executable, str(Path(__file__).parents[2] / "scripts" / "bench_traffic.py")]
 PRIORITY = 65001
+ROOT = Path(__file__).parents[2]
+BPF_MAP_TYPE_LRU_HASH = 9
 
 
-def serving(lab, tmp_path, *options: str, port: int = PORT, env=None):
+def serving(lab, tmp_path, *options: str, port: int = PORT, env=None, name: str = "nswrap"):
     proc = start(lab, tmp_path, "--datapath", "bpf", "--ports", f"{port},{port}/tcp", *options, "--",
-                 *UDPMANY, "serve", "--tag", str(tmp_path), str(port), env=env)
-    wait_until(lambda: "ready" in output(tmp_path) or proc.poll() is not None, 30, what="the server is ready")
-    assert proc.poll() is None, output(tmp_path, stream="err")
+                 *UDPMANY, "serve", "--tag", str(tmp_path / name), str(port), env=env, name=name)
+    wait_until(lambda: "ready" in output(tmp_path, name) or proc.poll() is not None, 30, what="the server is ready")
+    assert proc.poll() is None, output(tmp_path, name, stream="err")
     return proc
 
 
@@ -72,10 +77,10 @@ def test_every_path_is_served_through_the_fast_path_with_no_conntrack_entry(lab,
     loaded = programs(ids)
     assert sorted(p["name"] for p in loaded) == ["nswrap_uplink", "nswrap_veth"], loaded  # loaded once, shared
     maps = {m for p in loaded for m in p["map_ids"]}
-    assert len(maps) == 5, loaded  # published, sources, flows, frags, secret: shared by both
-    (secret,) = [m["id"] for m in bpf_maps(maps) if m["name"] == "secret"]
-    (entry,) = bpftool("map", "dump", "id", str(secret))
-    assert any(int(b, 16) for b in entry["value"]), entry  # written at load, at random (2^-32: zero)
+    assert len(maps) == 5, loaded  # published, sources, flows, frags, meta: shared by both
+    meta = meta_of(maps)
+    assert meta[0] != 0, meta  # the secret: written at load, at random (2^-32: zero)
+    assert meta[1] == GENERATION, meta
     assert lab.stop(proc) == 0, output(tmp_path, stream="err")
     for dev in ("eth0", "eth1", "eth2"):
         assert filters(lab, dev) == []  # and the lab fixture: no clsact left either
@@ -178,6 +183,41 @@ def programs(ids: set[int]) -> list[dict]:
 
 def bpf_maps(ids: set[int]) -> list[dict]:
     return [m for m in bpftool("map", "show") if m["id"] in ids]
+
+
+def meta_of(maps: set[int]) -> dict[int, int]:
+    """The `meta` map among `maps`, as bpftool dumps it: index -> __u32 (little-endian here)."""
+    (meta,) = [m["id"] for m in bpf_maps(maps) if m["name"] == "meta"]
+    dumped = bpftool("map", "dump", "id", str(meta))
+    return {int.from_bytes(bytes(int(b, 16) for b in e["key"]), "little"):
+            int.from_bytes(bytes(int(b, 16) for b in e["value"]), "little") for e in dumped}
+
+
+GENERATION = int(re.search(r'GENERATION SEC\("generation"\) = (\d+);', (ROOT / "nswrap/bpf/fastpath.bpf.c").read_text())[1])
+
+
+def older(tmp_path, flows: int | None = None) -> Path:
+    """nswrap's object made one generation older (its `generation` section's __u32 lowered), its
+    `flows` map given another size if asked: what an nswrap of before an upgrade loads."""
+    data = bytearray((ROOT / "nswrap/bpf/fastpath.bpf.o").read_bytes())
+    found = sections(bytes(data))
+    _h, at, _size = found["generation"]
+    struct.pack_into("<I", data, at, struct.unpack_from("<I", data, at)[0] - 1)
+    if flows is not None:
+        _h, at, size = found["maps"]  # struct map_def: type, key_size, value_size, max_entries, map_flags
+        defs = [struct.unpack_from("<5I", data, offset) for offset in range(at, at + size, 20)]
+        (index,) = [i for i, d in enumerate(defs) if d[0] == BPF_MAP_TYPE_LRU_HASH and d[3] == 65536]
+        struct.pack_into("<I", data, at + index * 20 + 12, flows)
+    path = tmp_path / f"older-{flows}.bpf.o"
+    path.write_bytes(data)
+    return path
+
+
+def loaded_programs(lab) -> set[int]:
+    """The ids of the programs on nswrap's filters, on the uplinks and on every server's veth."""
+    links = json.loads(lab.exec(lab.host, ["ip", "-j", "link", "show"]).stdout)
+    devices = [link["ifname"] for link in links if link["ifname"].startswith(("eth", "nsw-"))]
+    return {f["options"]["prog"]["id"] for dev in devices for f in filters(lab, dev) if f["pref"] == PRIORITY}
 
 
 BIG = 4000  # bytes of each answer: fragmented by the server's namespace (the veth's MTU is 1500)
@@ -460,6 +500,42 @@ def test_an_nft_instance_and_a_bpf_instance_side_by_side(lab, tmp_path):
     finally:
         lab.stop(bpf)
         assert lab.stop(nft) == 128 + signal.SIGTERM
+
+
+def test_an_upgrade_replaces_older_programs_and_an_older_nswrap_keeps_newer_ones(lab, tmp_path):
+    """docs/fastpath.md, *Upgrades*. An instance of before the upgrade (an object one generation
+    older, its maps as this one's) serves; this nswrap starts beside it and replaces its programs
+    with its own at once, on every filter, and both serve. An older instance whose own `flows` map
+    differs starts next, and later puts back a filter an admin deleted after the newer instance
+    stopped: the newer programs stay, and every instance is served through them."""
+    seam = "NSWRAP_TEST_BPF_OBJECT"
+    everywhere = (*lab.paths, *lab.paths6)
+    procs = {"before": serving(lab, tmp_path, port=PORT, name="before", env={**os.environ, seam: str(older(tmp_path))})}
+    try:
+        first = loaded_programs(lab)
+        assert len(first) == 2, first  # tc/uplink and tc/veth, loaded once
+        assert meta_of({m for p in programs(first) for m in p["map_ids"]})[1] == GENERATION - 1
+
+        procs["upgraded"] = serving(lab, tmp_path, port=PORT + 1, name="upgraded")
+        newer = loaded_programs(lab)
+        assert len(newer) == 2 and not newer & first, (first, newer)
+        assert meta_of({m for p in programs(newer) for m in p["map_ids"]})[1] == GENERATION
+        wait_until(lambda: not programs(first), 10, what="the older programs freed")
+        assert unanswered(lab, everywhere, [PORT, PORT + 1]) == []
+
+        env = {**os.environ, seam: str(older(tmp_path, flows=1024))}
+        procs["downgraded"] = serving(lab, tmp_path, port=PORT + 2, name="downgraded", env=env)
+        assert loaded_programs(lab) == newer
+        assert unanswered(lab, everywhere, [PORT, PORT + 1, PORT + 2]) == []
+
+        assert lab.stop(procs.pop("upgraded")) == 128 + signal.SIGTERM
+        lab.exec(lab.host, ["tc", "filter", "del", "dev", "eth1", "ingress", "pref", str(PRIORITY)])
+        wait_until(lambda: any(f["pref"] == PRIORITY for f in filters(lab, "eth1")), 20, what="eth1's filter back")
+        assert loaded_programs(lab) == newer
+        assert unanswered(lab, everywhere, [PORT, PORT + 2]) == []
+    finally:
+        for name, proc in procs.items():
+            assert lab.stop(proc) == 128 + signal.SIGTERM, output(tmp_path, name, stream="err")
 
 
 def test_an_unprivileged_user_can_neither_read_nor_change_the_fast_path(lab, tmp_path):

@@ -15,7 +15,7 @@ import pytest
 
 from nswrap.bpf import elf
 from nswrap.errors import NswrapError
-from tests.unit.fixtures.bpf import COMPILE, OBJECT, SOURCE
+from tests.unit.fixtures.bpf import COMPILE, OBJECT, SOURCE, sections
 
 DATA = OBJECT.read_bytes()
 needs_clang = pytest.mark.skipif(shutil.which("clang") is None, reason="clang is not installed")
@@ -67,6 +67,26 @@ def test_the_committed_object_is_what_its_source_compiles_to(tmp_path):
     assert fresh.programs == committed.programs, f"rebuild {OBJECT.name}: {' '.join(COMPILE)} {SOURCE.name} -o {OBJECT.name}"
 
 
+@needs_clang
+@pytest.mark.parametrize(("declared", "generation"), [
+    ('unsigned int g __attribute__((section("generation"), used)) = 7;', 7),
+    ("", 0),  # an object from before generations: the oldest
+])
+def test_the_generation_is_the_objects_u32_or_0(tmp_path, declared, generation):
+    body = "__attribute__((section(\"tc/x\"), used)) int f(void *ctx) { __u32 k = 0; return lookup(&m, &k) != 0; }"
+    license = 'char l[] __attribute__((section("license"), used)) = "GPL";'
+    assert elf.parse(compiled(tmp_path, "\n".join((PRELUDE, body, license, declared)))).generation == generation
+
+
+@needs_clang
+def test_a_generation_that_is_no_u32_is_refused(tmp_path):
+    body = "__attribute__((section(\"tc/x\"), used)) int f(void *ctx) { __u32 k = 0; return lookup(&m, &k) != 0; }"
+    source = "\n".join((PRELUDE, body, 'char l[] __attribute__((section("license"), used)) = "GPL";',
+                        'unsigned long long g __attribute__((section("generation"), used)) = 7;'))
+    with pytest.raises(elf.ElfError, match=r"^BPF object: a generation of 8 bytes, not a __u32$"):
+        elf.parse(compiled(tmp_path, source))
+
+
 # --- refused: what the loader does not do ----------------------------------------------------
 
 PRELUDE = """
@@ -103,21 +123,9 @@ def test_what_is_not_supported_is_refused_in_one_line(tmp_path, case):
     assert isinstance(caught.value, NswrapError)
 
 
-def _sections(data: bytes) -> dict[str, tuple[int, int, int]]:
-    """{name: (header offset, data offset, size)} of the fixture's sections."""
-    shoff, shnum, shstrndx = struct.unpack_from("<Q", data, 0x28)[0], *struct.unpack_from("<HH", data, 0x3C)
-    headers = [shoff + i * 64 for i in range(shnum)]
-    names = struct.unpack_from("<QQ", data, headers[shstrndx] + 24)
-    out = {}
-    for h in headers:
-        name, offset, size = struct.unpack_from("<I", data, h)[0], *struct.unpack_from("<QQ", data, h + 24)
-        out[data[names[0] + name:].split(b"\0", 1)[0].decode()] = (h, offset, size)
-    return out
-
-
 def test_another_relocation_type_is_refused():
     data = bytearray(DATA)
-    _h, offset, _size = _sections(DATA)[".reltc/egress"]
+    _h, offset, _size = sections(DATA)[".reltc/egress"]
     struct.pack_into("<I", data, offset + 8, 10)  # R_BPF_64_32, what a call to a function gets
     with pytest.raises(elf.ElfError, match=r"tc/egress instruction 4: relocation type 10 \(only R_BPF_64_64"):
         elf.parse(bytes(data))
@@ -125,7 +133,7 @@ def test_another_relocation_type_is_refused():
 
 def test_a_map_reference_on_another_instruction_is_refused():
     data = bytearray(DATA)
-    _h, offset, _size = _sections(DATA)[".reltc/egress"]
+    _h, offset, _size = sections(DATA)[".reltc/egress"]
     struct.pack_into("<Q", data, offset, 8)  # instruction 1, a store
     with pytest.raises(elf.ElfError, match="instruction 1: a map relocation on something other than an ld_imm64"):
         elf.parse(bytes(data))
@@ -133,7 +141,7 @@ def test_a_map_reference_on_another_instruction_is_refused():
 
 def test_a_map_of_another_layout_is_refused():
     data = bytearray(DATA)
-    h, offset, size = _sections(DATA)[".symtab"]
+    h, offset, size = sections(DATA)[".symtab"]
     for at in range(offset, offset + size, 24):  # the symbol `settings` said to be 28 bytes
         if struct.unpack_from("<Q", data, at + 16)[0] == 20 and struct.unpack_from("<Q", data, at + 8)[0] == 20:
             struct.pack_into("<Q", data, at + 16, 28)
