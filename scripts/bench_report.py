@@ -713,14 +713,22 @@ def header(r: dict) -> list[str]:
     ]
     if m.get("loadavg"):
         lines.append(load_line(m["loadavg"]))
-    for part in m.get("merged", []):
+    parts = m.get("merged", [])
+    for i, part in enumerate(parts):
+        later = {name for p in parts[i + 1:] for name in p["sections"]}
+        still = [name for name in part["sections"] if name not in later]  # merge keeps a part while one is left
+        gone = [name for name in part["sections"] if name in later]
+        loads = {k: v for k, v in part.get("loadavg", {}).items() if k in still}
         lines.append(
-            f"Sections {', '.join(part['sections'])} come from a later run, of {part['date']} ({part['mode']} mode, "
+            f"Section{'s' if len(still) > 1 else ''} {', '.join(still)} come{'' if len(still) > 1 else 's'} from a later "
+            f"run, of {part['date']} ({part['mode']} mode, "
             f"{part['seconds'] / 60:.0f} min, `scripts/bench --only`), tree `{part['commit']}`, kernel {part['kernel']}"
             + (f", before figures {part['old']}" if part.get("old") else ", without the old version")
-            + "; they replaced that run's figures of the same sections, the others are the run above's. Every ratio "
+            + f"; {'they' if len(still) > 1 else 'it'} replaced that run's figures of the same "
+            f"section{'s' if len(still) > 1 else ''}, the others are the run above's. Every ratio "
             "still compares figures of one run (a table may hold rows of both)."
-            + (" " + load_line(part["loadavg"]) if part.get("loadavg") else "")
+            + (" " + load_line(loads) if loads else "")
+            + (f" (Its figures of {', '.join(gone)} were replaced again, by the run below.)" if gone else "")
             + (f" {part['note']}" if part.get("note") else "")
         )
     return lines
