@@ -299,6 +299,9 @@ class FastPath(Change):
     @staticmethod
     def _render(have: Fast, want: Fast, counts: tuple[int, int, int, int]) -> str:
         lines = []
+        if have.outdated and not want.outdated and (want.uplinks or want.veths):
+            lines.append("# fast path: the programs attached are an older nswrap's (or a replacement was cut short): "
+                         "this one's loaded, on every filter")
         for names, section in ((want.uplinks - have.uplinks, "uplink"), (want.veths - have.veths, "veth")):
             for name in sorted(names):
                 lines += [f"tc qdisc add dev {name} clsact 2>/dev/null",

@@ -213,7 +213,9 @@ def list_instances(as_json: bool) -> int:
     if fast:
         from nswrap.bpf.fast import remembered
 
-        print(f"fast path (--datapath bpf) for {', '.join(fast)}: {remembered(facts)} flows remembered; their packets "
+        count = remembered(facts)
+        flows = f"{count} flows remembered" if count is not None else "its programs are a newer nswrap's"
+        print(f"fast path (--datapath bpf) for {', '.join(fast)}: {flows}; their packets "
               "skip the host's netfilter (firewall rules, conntrack: not in the counts above) and forwarding")
     if state is not None and (allocation := state.allocation()) is not None and allocation.switch6 is not None:
         needing = [r["id"] for r in rows if r["forwarding6"] == "global"]

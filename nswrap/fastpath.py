@@ -62,9 +62,11 @@ class Fast:
     endpoints: frozenset[Endpoint] = frozenset()
     sources: frozenset[Source] = frozenset()
     stale: int = 0  # entries of `published` naming an interface that is gone (a dead instance's veth)
+    # the programs attached are to be replaced: an older nswrap's, or of two loads (bpf/fast.py, judge)
+    outdated: bool = False
 
     def __bool__(self) -> bool:
-        return bool(self.uplinks or self.veths or self.endpoints or self.sources or self.stale)
+        return bool(self.uplinks or self.veths or self.endpoints or self.sources or self.stale or self.outdated)
 
 
 def host_addresses(facts: Facts, version: int) -> list[IPAddress]:
@@ -182,7 +184,7 @@ def fit(want: Fast, have: Fast | None) -> tuple[Fast, int]:
     if spill <= 0:
         return want, 0
     held = {_key(e) for e in have.endpoints} if have else set()
-    kept = [e for e in want.endpoints if _key(e) in held]  # at most the map's size (bpf/fast.usable)
+    kept = [e for e in want.endpoints if _key(e) in held]  # at most the map's size (the permanent `published`: bpf/fast.py)
     room = MAX_ENDPOINTS - len(kept)
     new = heapq.nsmallest(room, (e for e in want.endpoints if _key(e) not in held), key=_fill_order)
     return replace(want, endpoints=frozenset(kept) | frozenset(new)), spill

@@ -7,7 +7,7 @@ again through those filters (filter -> program -> its maps). The programs are lo
 network namespace, from the object built from fastpath.bpf.c, and attached to the ingress of
 each uplink and of each `bpf` instance's veth (host end) with one tc priority of nswrap's own.
 Programs an older nswrap loaded are replaced by this one's; a newer one's are used as they are
-(`usable`, docs/fastpath.md *Upgrades*).
+(`judge`, docs/fastpath.md *Upgrades*).
 """
 
 from __future__ import annotations
@@ -35,9 +35,12 @@ log = logging.getLogger("nswrap")
 
 SECTIONS = {UPLINK_PROGRAM: "tc/uplink", VETH_PROGRAM: "tc/veth"}
 MAPS = ("published", "flows")
-# What an nswrap writes through another generation's programs: these keep their layout (fastpath.bpf.c).
+# What every nswrap reads and writes through any generation's programs: permanent (fastpath.bpf.c;
+# tests/unit/test_bpf_generation.py pins them).
 SHARED_MAPS = ("published", "sources")
 Layout = tuple[int, int, int]  # a map's key size, value size, entries (fastpath.fit cuts to MAX_ENDPOINTS)
+# What this nswrap does with the programs it finds attached (`judge`; docs/fastpath.md, *Upgrades*)
+USE, REPLACE, FOREIGN = "use", "replace", "foreign"
 PROTOCOLS: dict[Protocol, int] = {"udp": socket.IPPROTO_UDP, "tcp": socket.IPPROTO_TCP}
 NAMES: dict[int, Protocol] = {number: name for name, number in PROTOCOLS.items()}
 _KEY = struct.Struct("=IBB2s16s")  # struct endpoint_key: the port in network order
@@ -105,11 +108,12 @@ def _address(packed: bytes) -> IPAddress:
 
 
 class Loaded:
-    """The programs and maps of this namespace's fast path, found or loaded (file descriptors), and
-    the generation of the object they came from (`meta`[1]; 0 for programs from before generations)."""
+    """The programs and maps of this namespace's fast path, found or loaded (file descriptors): the
+    generation of the object they came from (`meta`[1]; 0 for programs from before generations)
+    and what this nswrap does with them (`judge`)."""
 
-    def __init__(self, programs: dict[str, int], maps: dict[str, int], generation: int = 0):
-        self.programs, self.maps, self.generation = programs, maps, generation
+    def __init__(self, programs: dict[str, int], maps: dict[str, int], generation: int = 0, verdict: str = USE):
+        self.programs, self.maps, self.generation, self.verdict = programs, maps, generation, verdict
 
     def close(self) -> None:
         for fd in (*self.programs.values(), *self.maps.values()):
@@ -133,36 +137,44 @@ def attached(t: Tc, links: dict[str, int]) -> dict[str, tc.Filter]:
 
 
 def find(filters: Iterable[tc.Filter]) -> Loaded | None:
-    """The programs and maps behind filters already attached (another instance loaded them), if
-    this nswrap may use them as they are (`usable`); None if they are gone meanwhile or must be
-    replaced by its own, on every filter."""
-    programs: dict[str, int] = {}
-    maps: dict[str, int] = {}
+    """The programs and maps behind filters already attached (another instance, or an older or
+    newer nswrap, loaded them), judged. None when they cannot be used at all: a program without
+    a filter (detached meanwhile), or filters of two loads (a replacement cut short by a kill):
+    then every filter is made anew."""
+    ids: dict[str, set[int]] = {}
     for f in filters:
-        if f.name in programs:
-            continue
-        try:
-            programs[f.name] = syscall.prog_fd_by_id(f.prog_id)
-            for name, fd in syscall.maps_of(f.prog_id).items():  # each program uses some of them
-                if name in maps:
+        ids.setdefault(f.name, set()).add(f.prog_id)
+    if set(ids) != set(SECTIONS) or any(len(found) > 1 for found in ids.values()):
+        return None
+    loaded = Loaded({}, {})
+    map_ids: dict[str, int] = {}
+    try:
+        for name, (prog_id,) in ids.items():
+            loaded.programs[name] = syscall.prog_fd_by_id(prog_id)
+            for map_name, fd in syscall.maps_of(prog_id).items():  # each program uses some of them
+                info = syscall.map_info(fd)
+                if map_ids.setdefault(map_name, info.id) != info.id:
+                    os.close(fd)
+                    raise _TwoLoads()
+                if map_name in loaded.maps:
                     os.close(fd)
                 else:
-                    maps[name] = fd
-        except OSError:
-            continue  # detached meanwhile
-    loaded = Loaded(programs, maps, _generation(maps))
-    if set(programs) != set(SECTIONS) or not usable(loaded.generation, _layouts(maps), _own()):
+                    loaded.maps[map_name] = fd
+    except (OSError, _TwoLoads):  # detached meanwhile, or programs of two loads
         loaded.close()
         return None
+    loaded.generation = _generation(loaded.maps)
+    loaded.verdict = judge(loaded.generation, _layouts(loaded.maps), _own())
     return loaded
+
+
+class _TwoLoads(Exception):
+    """A program's map is another load's than the other program's (a replacement cut short)."""
 
 
 def _generation(maps: dict[str, int]) -> int:
     """What the loader wrote to `meta`[1]; 0 where there is none (an object from before generations)."""
-    try:
-        value = syscall.map_lookup(maps["meta"], struct.pack("=I", 1)) if "meta" in maps else None
-    except OSError:
-        value = None  # gone meanwhile: find's caller loads anew, as for a detached filter
+    value = syscall.map_lookup(maps["meta"], struct.pack("=I", 1)) if "meta" in maps else None
     return struct.unpack("=I", value)[0] if value is not None and len(value) == 4 else 0
 
 
@@ -172,8 +184,7 @@ def _layouts(maps: dict[str, int]) -> dict[str, Layout]:
 
 
 def _own() -> elf.Object | None:
-    """This nswrap's object, parsed (None if it cannot be read: then nothing loaded is usable,
-    and loading its own says why)."""
+    """This nswrap's object, parsed (None if it cannot be read: loading it says why)."""
     try:
         with open(os.environ.get(OBJECT_SEAM) or FAST_OBJECT, "rb") as f:
             return elf.parse(f.read())
@@ -181,20 +192,27 @@ def _own() -> elf.Object | None:
         return None
 
 
-def usable(generation: int, layouts: dict[str, Layout], own: elf.Object | None) -> bool:
-    """May an nswrap whose object is `own` use loaded programs of `generation` whose maps have
-    `layouts` as they are (docs/fastpath.md, *Upgrades*)? Those of its own generation with its own
-    maps, yes. Those of a newer generation, yes if it can write their `published` and `sources`
-    (the newer programs stay: an older nswrap never replaces them). Those of an older generation,
-    no: it replaces them with its own, so that an upgrade's fix to the programs serves at once."""
+def judge(generation: int, layouts: dict[str, Layout], own: elf.Object | None) -> str:
+    """What an nswrap whose object is `own` does with attached programs of `generation` whose maps
+    have `layouts` (docs/fastpath.md, *Upgrades*):
+      USE      its own generation with its own maps, or a newer one (an older nswrap never
+               replaces newer programs: two versions never take turns) whose `published` and
+               `sources` it writes, permanent as they are;
+      REPLACE  an older generation: its own programs are loaded and attached on every filter,
+               so that an upgrade's fix serves at once (or its object cannot be read: loading it
+               says why);
+      FOREIGN  a newer one whose shared maps it cannot write (the permanence broken): left as
+               they are, written by the newer nswrap's instances only."""
     if own is None or generation < own.generation:
-        return False
-    if generation == own.generation and set(layouts) != set(own.maps):
-        return False
-    names = own.maps if generation == own.generation else SHARED_MAPS
-    return all(name in layouts and name in own.maps
-               and layouts[name] == (own.maps[name].key_size, own.maps[name].value_size, own.maps[name].max_entries)
-               for name in names)
+        return REPLACE
+
+    def same(name: str) -> bool:
+        d = own.maps.get(name)
+        return d is not None and layouts.get(name) == (d.key_size, d.value_size, d.max_entries)
+
+    if generation == own.generation:
+        return USE if set(layouts) == set(own.maps) and all(same(name) for name in own.maps) else REPLACE
+    return USE if all(same(name) for name in SHARED_MAPS) else FOREIGN
 
 
 def load(path: str | None = None) -> Loaded:
@@ -256,8 +274,10 @@ def read(links: dict[str, int]) -> Fast:
     uplinks = frozenset(n for n, f in filters.items() if f.name == UPLINK_PROGRAM)
     veths = frozenset(n for n, f in filters.items() if f.name == VETH_PROGRAM)
     loaded = find(filters.values())
-    if loaded is None:
-        return Fast(uplinks, veths)
+    if loaded is None or loaded.verdict == FOREIGN:
+        if loaded is not None:
+            loaded.close()
+        return Fast(uplinks, veths, outdated=loaded is None)
     try:
         found = {s for s in (decode_source(k, v, names) for k, v in _entries(loaded.maps["sources"])) if s is not None}
         endpoints = set()
@@ -271,7 +291,7 @@ def read(links: dict[str, int]) -> Fast:
                 endpoints.add(e)
     finally:
         loaded.close()
-    return Fast(uplinks, veths, frozenset(endpoints), frozenset(found), stale)
+    return Fast(uplinks, veths, frozenset(endpoints), frozenset(found), stale, outdated=loaded.verdict == REPLACE)
 
 
 def _entries(fd: int) -> list[tuple[bytes, bytes]]:
@@ -279,15 +299,16 @@ def _entries(fd: int) -> list[tuple[bytes, bytes]]:
     return syscall.map_items(fd, info.key_size, info.value_size)
 
 
-def remembered(facts: Facts) -> int:
-    """How many flows the fast path remembers now (`nswrap list`): the keys of its LRU map."""
+def remembered(facts: Facts) -> int | None:
+    """How many flows the fast path remembers now (`nswrap list`): the keys of its LRU map (None:
+    a newer nswrap's programs, which may keep them otherwise)."""
     with Tc() as t:
         filters = attached(t, {link.ifname: link.index for link in facts.links})
     loaded = find(filters.values())
     if loaded is None:
         return 0
     try:
-        return len(_entries(loaded.maps["flows"]))
+        return len(_entries(loaded.maps["flows"])) if "flows" in loaded.maps else None
     finally:
         loaded.close()
 
@@ -301,12 +322,16 @@ def apply(want: Fast) -> None:
     with Tc() as t:
         have = attached(t, links)
         loaded = find(have.values()) if have else None
-        fresh = loaded is None and bool(wanted)
+        fresh = bool(wanted) and (loaded is None or loaded.verdict == REPLACE)
         if fresh:
+            if loaded is not None:
+                loaded.close()
             loaded = load()
             if have:  # the flows the old maps remembered are lost: their next packets are remembered anew
                 log.info("fast path: programs of generation %d loaded, replacing those attached "
-                         "(an older nswrap's, or detached meanwhile)", loaded.generation)
+                         "(an older nswrap's, or cut short)", loaded.generation)
+        elif loaded is not None and loaded.verdict == FOREIGN:
+            _foreign(loaded.generation)
         try:
             for name, program in sorted(wanted.items()):
                 if name not in links:
@@ -318,9 +343,14 @@ def apply(want: Fast) -> None:
                 current = have.get(name)
                 if fresh or current is None or current.name != program:
                     assert loaded is not None
-                    t.ensure_clsact(links[name])
-                    t.attach(links[name], "ingress", loaded.programs[program], program, PRIORITY, HANDLE)
-            if loaded is not None:  # endpoints through a filter about to go are deleted first
+                    try:
+                        t.ensure_clsact(links[name])
+                        t.attach(links[name], "ingress", loaded.programs[program], program, PRIORITY, HANDLE)
+                    except OSError as e:
+                        if e.errno != errno.ENODEV:
+                            raise
+                        log.debug("fast path: %s went while it was attached to, skipped", name)
+            if loaded is not None and loaded.verdict != FOREIGN:  # endpoints through a filter about to go are deleted first
                 _write(loaded.maps["sources"], dict(encode_source(s, links) for s in want.sources if s.uplink in links))
                 _write(loaded.maps["published"], dict(encode(e, links) for e in want.endpoints
                                                       if e.uplink in links and e.veth in links))
@@ -334,6 +364,14 @@ def apply(want: Fast) -> None:
             except OSError as e:
                 if e.errno != errno.ENODEV:
                     raise  # gone meanwhile (a dead instance's veth): its filter went with it
+
+
+@functools.cache
+def _foreign(generation: int) -> None:
+    """Said once per process: the fast path is a newer nswrap's that this one cannot write."""
+    log.warning("the fast path's programs here are a newer nswrap's (generation %d), whose maps this one cannot "
+                "write: its endpoints are written by that nswrap's instances only; restart this instance with it",
+                generation)
 
 
 def _write(fd: int, wanted: dict[bytes, bytes]) -> None:

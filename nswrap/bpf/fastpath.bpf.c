@@ -135,11 +135,11 @@ struct map_def meta SEC("maps") = {
 	.max_entries = 2,
 };
 
-/* This object's generation: raised by one with every change to what the programs do or to the
- * maps (tests/unit/test_bpf_generation.py holds it to a digest of this file). nswrap replaces
+/* This object's generation: raised by one with every change to the code below or to how it is
+ * compiled (tests/unit/test_bpf_generation.py holds it to a digest of both). nswrap replaces
  * loaded programs of an older generation with its own and never those of a newer one
- * (docs/fastpath.md, *Upgrades*); `published` and `sources` keep their layout from one
- * generation to the next, since an older nswrap writes them through a newer one's programs. */
+ * (docs/fastpath.md, *Upgrades*). `published`, `sources` and `meta` are permanent, their structs
+ * included: an older nswrap reads and writes them through a newer one's programs. */
 __u32 GENERATION SEC("generation") = 1;
 
 #define IP_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))

@@ -28,7 +28,8 @@ PORT = 5300
 BENCH_TRAFFIC = [sys.executable, str(Path(__file__).parents[2] / "scripts" / "bench_traffic.py")]
 PRIORITY = 65001
 ROOT = Path(__file__).parents[2]
-BPF_MAP_TYPE_LRU_HASH = 9
+BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH = 1, 9
+SEAM = "NSWRAP_TEST_BPF_OBJECT"
 
 
 def serving(lab, tmp_path, *options: str, port: int = PORT, env=None, name: str = "nswrap"):
@@ -196,19 +197,19 @@ def meta_of(maps: set[int]) -> dict[int, int]:
 GENERATION = int(re.search(r'GENERATION SEC\("generation"\) = (\d+);', (ROOT / "nswrap/bpf/fastpath.bpf.c").read_text())[1])
 
 
-def older(tmp_path, flows: int | None = None) -> Path:
-    """nswrap's object made one generation older (its `generation` section's __u32 lowered), its
-    `flows` map given another size if asked: what an nswrap of before an upgrade loads."""
+def variant(tmp_path, generations: int, resize: tuple[int, int, int] | None = None) -> Path:
+    """nswrap's object `generations` older (< 0: newer; its `generation` section's __u32 moved),
+    and if asked the map of (type, entries) given other entries: what another nswrap loads."""
     data = bytearray((ROOT / "nswrap/bpf/fastpath.bpf.o").read_bytes())
     found = sections(bytes(data))
     _h, at, _size = found["generation"]
-    struct.pack_into("<I", data, at, struct.unpack_from("<I", data, at)[0] - 1)
-    if flows is not None:
+    struct.pack_into("<I", data, at, struct.unpack_from("<I", data, at)[0] - generations)
+    if resize is not None:
         _h, at, size = found["maps"]  # struct map_def: type, key_size, value_size, max_entries, map_flags
         defs = [struct.unpack_from("<5I", data, offset) for offset in range(at, at + size, 20)]
-        (index,) = [i for i, d in enumerate(defs) if d[0] == BPF_MAP_TYPE_LRU_HASH and d[3] == 65536]
-        struct.pack_into("<I", data, at + index * 20 + 12, flows)
-    path = tmp_path / f"older-{flows}.bpf.o"
+        (index,) = [i for i, d in enumerate(defs) if (d[0], d[3]) == resize[:2]]
+        struct.pack_into("<I", data, at + index * 20 + 12, resize[2])
+    path = tmp_path / f"variant-{generations}-{resize and resize[2]}.bpf.o"
     path.write_bytes(data)
     return path
 
@@ -508,9 +509,8 @@ def test_an_upgrade_replaces_older_programs_and_an_older_nswrap_keeps_newer_ones
     with its own at once, on every filter, and both serve. An older instance whose own `flows` map
     differs starts next, and later puts back a filter an admin deleted after the newer instance
     stopped: the newer programs stay, and every instance is served through them."""
-    seam = "NSWRAP_TEST_BPF_OBJECT"
     everywhere = (*lab.paths, *lab.paths6)
-    procs = {"before": serving(lab, tmp_path, port=PORT, name="before", env={**os.environ, seam: str(older(tmp_path))})}
+    procs = {"before": serving(lab, tmp_path, port=PORT, name="before", env={**os.environ, SEAM: str(variant(tmp_path, 1))})}
     try:
         first = loaded_programs(lab)
         assert len(first) == 2, first  # tc/uplink and tc/veth, loaded once
@@ -523,7 +523,7 @@ def test_an_upgrade_replaces_older_programs_and_an_older_nswrap_keeps_newer_ones
         wait_until(lambda: not programs(first), 10, what="the older programs freed")
         assert unanswered(lab, everywhere, [PORT, PORT + 1]) == []
 
-        env = {**os.environ, seam: str(older(tmp_path, flows=1024))}
+        env = {**os.environ, SEAM: str(variant(tmp_path, 1, (BPF_MAP_TYPE_LRU_HASH, 65536, 1024)))}
         procs["downgraded"] = serving(lab, tmp_path, port=PORT + 2, name="downgraded", env=env)
         assert loaded_programs(lab) == newer
         assert unanswered(lab, everywhere, [PORT, PORT + 1, PORT + 2]) == []
@@ -536,6 +536,61 @@ def test_an_upgrade_replaces_older_programs_and_an_older_nswrap_keeps_newer_ones
     finally:
         for name, proc in procs.items():
             assert lab.stop(proc) == 128 + signal.SIGTERM, output(tmp_path, name, stream="err")
+
+
+def test_a_newer_nswraps_programs_whose_maps_this_one_cannot_write_are_left_as_they_are(lab, tmp_path):
+    """Were the permanent maps ever changed (tests/unit/test_bpf_generation.py forbids it), an
+    older nswrap still would not replace the newer programs: here a newer object whose `published`
+    holds one entry more. This nswrap starts beside it, says so once, and neither replaces nor
+    writes them; every path is served (its own flows by the newer instance's entries or the nft
+    datapath), also after the newer instance stops and eth1's filter is put back."""
+    everywhere = (*lab.paths, *lab.paths6)
+    newer = variant(tmp_path, -1, (BPF_MAP_TYPE_HASH, 262144, 262145))
+    procs = {"newer": serving(lab, tmp_path, port=PORT, name="newer", env={**os.environ, SEAM: str(newer)})}
+    try:
+        programs_of_newer = loaded_programs(lab)
+        procs["this"] = serving(lab, tmp_path, port=PORT + 1, name="this")
+        assert loaded_programs(lab) == programs_of_newer
+        assert unanswered(lab, everywhere, [PORT, PORT + 1]) == []
+        assert lab.stop(procs.pop("newer")) == 128 + signal.SIGTERM
+        lab.exec(lab.host, ["tc", "filter", "del", "dev", "eth1", "ingress", "pref", str(PRIORITY)])
+        wait_until(lambda: any(f["pref"] == PRIORITY for f in filters(lab, "eth1")), 20, what="eth1's filter back")
+        assert loaded_programs(lab) == programs_of_newer
+        assert unanswered(lab, everywhere, [PORT + 1]) == []
+        warned = [line for line in output(tmp_path, "this", stream="err").splitlines() if "a newer nswrap's" in line]
+        assert len(warned) == 1 and f"(generation {GENERATION + 1})" in warned[0], warned
+    finally:
+        for name, proc in procs.items():
+            assert lab.stop(proc) == 128 + signal.SIGTERM, output(tmp_path, name, stream="err")
+
+
+# A replacement cut short (a kill between two filters): the server's veth holds the veth program
+# of another load, whose maps know none of the flows the uplinks' program remembers.
+CUT_SHORT = """
+import socket, sys
+from nswrap.bpf import fast
+from nswrap.netlink.tc import Tc
+loaded = fast.load()
+with Tc() as t:
+    t.attach(socket.if_nametoindex(sys.argv[1]), "ingress", loaded.programs["nswrap_veth"], "nswrap_veth", 65001, 1)
+"""
+
+
+def test_filters_of_two_loads_are_made_anew_on_one_load(lab, tmp_path):
+    """Filters left on two loads of the programs (a replacement cut short: done here by loading a
+    second copy and attaching its veth program to the server's veth) are all made anew on one
+    load at nswrap's next look (here: an admin deletes eth2's filter), and every path is served."""
+    proc = serving(lab, tmp_path)
+    try:
+        before = loaded_programs(lab)
+        lab.exec(lab.host, [sys.executable, "-c", CUT_SHORT, "nsw-" + instance_id(lab)])
+        lab.exec(lab.host, ["tc", "filter", "del", "dev", "eth2", "ingress", "pref", str(PRIORITY)])
+        wait_until(lambda: any(f["pref"] == PRIORITY for f in filters(lab, "eth2")), 20, what="eth2's filter back")
+        wait_until(lambda: len(after := loaded_programs(lab)) == 2 and not after & before, 20,
+                   what="every filter on one new load")
+        assert unanswered(lab, (*lab.paths, *lab.paths6), [PORT]) == []
+    finally:
+        assert lab.stop(proc) == 128 + signal.SIGTERM
 
 
 def test_an_unprivileged_user_can_neither_read_nor_change_the_fast_path(lab, tmp_path):

@@ -99,6 +99,18 @@ def test_the_rendering_names_tc_and_counts_endpoints():
     assert "tc filter del dev eth1 ingress pref 65001" in FastPath(fast, Fast()).render_undo()
 
 
+def test_programs_to_replace_are_a_change_even_when_nothing_else_differs():
+    facts = host(links=ETHERNET)
+    start = sync.plan(facts, None, None, (bpf(ports="53"),), MASK)
+    (change,) = [c for c in start.changes if isinstance(c, FastPath)]
+    outdated = replace(change.want, outdated=True)  # an older nswrap's programs, holding just what is wanted
+    again = sync.plan(replace(facts, fast=outdated), None, start.after, (bpf(ports="53"),), MASK, ())
+    (change,) = [c for c in again.changes if isinstance(c, FastPath)]
+    assert change.want == replace(outdated, outdated=False)
+    assert change.render() == ("# fast path: the programs attached are an older nswrap's (or a replacement was cut "
+                               "short): this one's loaded, on every filter")
+
+
 def _struct_size(name: str) -> int:
     """The size of a struct of fastpath.bpf.c, from its members (all naturally aligned)."""
     body = re.search(r"struct %s \{(.*?)\};" % name, SOURCE.read_text(), re.S).group(1)
