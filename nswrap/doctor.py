@@ -174,5 +174,7 @@ def _fast_path() -> str:
     from nswrap.bpf import fast
 
     fast.probe()
+    here = fast.loaded_here()
     return ("the kernel loads it (bpf_redirect_peer, bpf_redirect_neigh): published flows will skip this host's "
-            "netfilter (its firewall rules and conntrack) and forwarding; IPv6 needs no forwarding switch")
+            "netfilter (its firewall rules and conntrack) and forwarding; IPv6 needs no forwarding switch"
+            + (f"; {here}" if here else ""))

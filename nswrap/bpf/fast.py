@@ -313,6 +313,27 @@ def remembered(facts: Facts) -> int | None:
         loaded.close()
 
 
+def loaded_here() -> str | None:
+    """What `doctor` says about the programs attached in this namespace, if any: whose they are
+    and what a start of this nswrap does with them (`judge`)."""
+    own = _own()
+    with Tc() as t:
+        filters = attached(t, {name: index for index, name in socket.if_nameindex()})
+    if not filters:
+        return None
+    loaded = find(filters.values())
+    if loaded is None:
+        return ("nswrap's filters here are incomplete or hold programs of two loads (a replacement cut short): the "
+                "next start makes them anew")
+    loaded.close()
+    ours = own.generation if own is not None else "?"
+    return {USE: f"programs of generation {loaded.generation} are attached here (this nswrap's: {ours}): used as they are",
+            REPLACE: f"programs of generation {loaded.generation} are attached here, an older nswrap's (this one's: "
+                     f"{ours}): the next start replaces them, and the flows they remember take the nft datapath once",
+            FOREIGN: f"programs of generation {loaded.generation} are attached here, a newer nswrap's whose maps this one "
+                     f"(generation {ours}) cannot write: its instances would not write them"}[loaded.verdict]
+
+
 def apply(want: Fast) -> None:
     """Make the kernel hold `want`: load the programs if no filter holds them (then every filter
     is made anew, on the new maps), attach and detach, then write and delete endpoints. What is

@@ -214,6 +214,13 @@ def variant(tmp_path, generations: int, resize: tuple[int, int, int] | None = No
     return path
 
 
+def doctor_fast_path(lab) -> str:
+    """`nswrap doctor --datapath bpf`'s line on the fast path."""
+    done = nswrap(lab, "doctor", "--datapath", "bpf")
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith("ok    fast path (--datapath bpf): ")]
+    return line
+
+
 def loaded_programs(lab) -> set[int]:
     """The ids of the programs on nswrap's filters, on the uplinks and on every server's veth."""
     links = json.loads(lab.exec(lab.host, ["ip", "-j", "link", "show"]).stdout)
@@ -515,12 +522,16 @@ def test_an_upgrade_replaces_older_programs_and_an_older_nswrap_keeps_newer_ones
         first = loaded_programs(lab)
         assert len(first) == 2, first  # tc/uplink and tc/veth, loaded once
         assert meta_of({m for p in programs(first) for m in p["map_ids"]})[1] == GENERATION - 1
+        assert (f"programs of generation {GENERATION - 1} are attached here, an older nswrap's (this one's: "
+                f"{GENERATION}): the next start replaces them") in doctor_fast_path(lab)
 
         procs["upgraded"] = serving(lab, tmp_path, port=PORT + 1, name="upgraded")
         newer = loaded_programs(lab)
         assert len(newer) == 2 and not newer & first, (first, newer)
         assert meta_of({m for p in programs(newer) for m in p["map_ids"]})[1] == GENERATION
         wait_until(lambda: not programs(first), 10, what="the older programs freed")
+        assert f"programs of generation {GENERATION} are attached here (this nswrap's: {GENERATION}): used as they are" \
+            in doctor_fast_path(lab)
         assert unanswered(lab, everywhere, [PORT, PORT + 1]) == []
 
         env = {**os.environ, SEAM: str(variant(tmp_path, 1, (BPF_MAP_TYPE_LRU_HASH, 65536, 1024)))}
@@ -549,6 +560,8 @@ def test_a_newer_nswraps_programs_whose_maps_this_one_cannot_write_are_left_as_t
     procs = {"newer": serving(lab, tmp_path, port=PORT, name="newer", env={**os.environ, SEAM: str(newer)})}
     try:
         programs_of_newer = loaded_programs(lab)
+        assert (f"programs of generation {GENERATION + 1} are attached here, a newer nswrap's whose maps this one "
+                f"(generation {GENERATION}) cannot write") in doctor_fast_path(lab)
         procs["this"] = serving(lab, tmp_path, port=PORT + 1, name="this")
         assert loaded_programs(lab) == programs_of_newer
         assert unanswered(lab, everywhere, [PORT, PORT + 1]) == []
@@ -616,7 +629,7 @@ def test_doctor_and_list_say_what_the_fast_path_skips(lab, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     (fast,) = [line for line in lines if line.startswith("ok    fast path (--datapath bpf): ")]
-    assert "skip this host's netfilter" in fast, fast
+    assert "skip this host's netfilter" in fast and "attached here" not in fast, fast  # none loaded yet
     (ipv6,) = [line for line in lines if "IPv6 forwarding" in line]
     assert "through the fast path" in ipv6, ipv6  # an "old kernel" with forwarding off: served anyway
     proc = serving(lab, tmp_path)
