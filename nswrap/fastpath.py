@@ -64,9 +64,12 @@ class Fast:
     stale: int = 0  # entries of `published` naming an interface that is gone (a dead instance's veth)
     # the programs attached are to be replaced: an older nswrap's, or of two loads (bpf/fast.py, judge)
     outdated: bool = False
+    # they are a newer nswrap's whose maps this one cannot write: only the filters are its to change
+    foreign: bool = False
 
     def __bool__(self) -> bool:
-        return bool(self.uplinks or self.veths or self.endpoints or self.sources or self.stale or self.outdated)
+        return bool(self.uplinks or self.veths or self.endpoints or self.sources or self.stale or self.outdated
+                    or self.foreign)
 
 
 def host_addresses(facts: Facts, version: int) -> list[IPAddress]:
@@ -179,7 +182,11 @@ def fit(want: Fast, have: Fast | None) -> tuple[Fast, int]:
     """`want` cut to what the map holds, and how many endpoints it left out. A start is refused
     beyond it (precheck.check_endpoints); the host may grow past it while serving (new addresses):
     the entries the map holds that are still wanted stay, with their wanted values, so no flow
-    changes path; the others fill it in _fill_order. What is left out takes the nft datapath."""
+    changes path; the others fill it in _fill_order. What is left out takes the nft datapath.
+    Beside a newer nswrap's programs whose maps this one cannot write (`Fast.foreign`), only the
+    filters are wanted: that nswrap's instances write the maps."""
+    if have is not None and have.foreign:  # a newer nswrap's maps, which this one cannot write (nor read)
+        return replace(want, endpoints=frozenset(), sources=frozenset(), foreign=True), 0
     spill = len(want.endpoints) - MAX_ENDPOINTS
     if spill <= 0:
         return want, 0

@@ -114,6 +114,8 @@ class Loaded:
 
     def __init__(self, programs: dict[str, int], maps: dict[str, int], generation: int = 0, verdict: str = USE):
         self.programs, self.maps, self.generation, self.verdict = programs, maps, generation, verdict
+        self.layouts: dict[str, Layout] = {}
+        self.two_loads = False  # its filters hold programs of two loads (find)
 
     def close(self) -> None:
         for fd in (*self.programs.values(), *self.maps.values()):
@@ -138,38 +140,45 @@ def attached(t: Tc, links: dict[str, int]) -> dict[str, tc.Filter]:
 
 def find(filters: Iterable[tc.Filter]) -> Loaded | None:
     """The programs and maps behind filters already attached (another instance, or an older or
-    newer nswrap, loaded them), judged. None when they cannot be used at all: a program without
-    a filter (detached meanwhile), or filters of two loads (a replacement cut short by a kill):
-    then every filter is made anew."""
+    newer nswrap, loaded them), judged. None when a program has no filter (detached meanwhile, or
+    none wanted): what is wanted is then loaded anew. Filters of two loads (a replacement cut short
+    by a kill) give the uplink program's load, judged REPLACE at best: every filter is made anew."""
     ids: dict[str, set[int]] = {}
     for f in filters:
         ids.setdefault(f.name, set()).add(f.prog_id)
-    if set(ids) != set(SECTIONS) or any(len(found) > 1 for found in ids.values()):
+    if set(ids) != set(SECTIONS):
         return None
+    two_loads = any(len(found) > 1 for found in ids.values())
     loaded = Loaded({}, {})
-    map_ids: dict[str, int] = {}
+    spare: list[int] = []  # a second program's fds of maps the first one's already gave
     try:
-        for name, (prog_id,) in ids.items():
+        for name in SECTIONS:  # the uplink program first: its maps are the ones read and written
+            prog_id = min(ids[name])
             loaded.programs[name] = syscall.prog_fd_by_id(prog_id)
+            again = []
             for map_name, fd in syscall.maps_of(prog_id).items():  # each program uses some of them
-                info = syscall.map_info(fd)
-                if map_ids.setdefault(map_name, info.id) != info.id:
-                    os.close(fd)
-                    raise _TwoLoads()
                 if map_name in loaded.maps:
-                    os.close(fd)
+                    spare.append(fd)
+                    again.append((map_name, fd))
                 else:
                     loaded.maps[map_name] = fd
-    except (OSError, _TwoLoads):  # detached meanwhile, or programs of two loads
+            two_loads |= any(syscall.map_info(fd).id != syscall.map_info(loaded.maps[n]).id for n, fd in again)
+        loaded.generation = _generation(loaded.maps)
+        loaded.layouts = _layouts(loaded.maps)
+        loaded.verdict = judge(loaded.generation, loaded.layouts, _own())
+    except OSError:  # detached meanwhile
         loaded.close()
         return None
-    loaded.generation = _generation(loaded.maps)
-    loaded.verdict = judge(loaded.generation, _layouts(loaded.maps), _own())
+    except BaseException:
+        loaded.close()
+        raise
+    finally:
+        for fd in spare:
+            os.close(fd)
+    loaded.two_loads = two_loads
+    if two_loads and loaded.verdict == USE:
+        loaded.verdict = REPLACE
     return loaded
-
-
-class _TwoLoads(Exception):
-    """A program's map is another load's than the other program's (a replacement cut short)."""
 
 
 def _generation(maps: dict[str, int]) -> int:
@@ -201,18 +210,20 @@ def judge(generation: int, layouts: dict[str, Layout], own: elf.Object | None) -
       REPLACE  an older generation: its own programs are loaded and attached on every filter,
                so that an upgrade's fix serves at once (or its object cannot be read: loading it
                says why);
-      FOREIGN  a newer one whose shared maps it cannot write (the permanence broken): left as
-               they are, written by the newer nswrap's instances only."""
+      FOREIGN  a newer one whose shared maps it cannot write (the permanence broken): neither
+               replaced nor written; the newer nswrap's instances write them."""
     if own is None or generation < own.generation:
         return REPLACE
-
-    def same(name: str) -> bool:
-        d = own.maps.get(name)
-        return d is not None and layouts.get(name) == (d.key_size, d.value_size, d.max_entries)
-
     if generation == own.generation:
-        return USE if set(layouts) == set(own.maps) and all(same(name) for name in own.maps) else REPLACE
-    return USE if all(same(name) for name in SHARED_MAPS) else FOREIGN
+        return USE if set(layouts) == set(own.maps) and fits(layouts, own, own.maps) else REPLACE
+    return USE if fits(layouts, own, SHARED_MAPS) else FOREIGN
+
+
+def fits(layouts: dict[str, Layout], own: elf.Object | None, names: Iterable[str]) -> bool:
+    """Do the maps `names` have the layouts `own` gives them?"""
+    return own is not None and all(
+        (d := own.maps.get(name)) is not None and layouts.get(name) == (d.key_size, d.value_size, d.max_entries)
+        for name in names)
 
 
 def load(path: str | None = None) -> Loaded:
@@ -274,10 +285,14 @@ def read(links: dict[str, int]) -> Fast:
     uplinks = frozenset(n for n, f in filters.items() if f.name == UPLINK_PROGRAM)
     veths = frozenset(n for n, f in filters.items() if f.name == VETH_PROGRAM)
     loaded = find(filters.values())
-    if loaded is None or loaded.verdict == FOREIGN:
+    if loaded is None or not fits(loaded.layouts, _own(), SHARED_MAPS):
+        # none to read (then what is wanted is loaded anew), or maps this nswrap cannot read: a
+        # newer one's (FOREIGN: only the filters are this one's to change, fastpath.fit) or from a
+        # development tree of before the permanent layout (REPLACE)
         if loaded is not None:
             loaded.close()
-        return Fast(uplinks, veths, outdated=loaded is None)
+        return Fast(uplinks, veths, outdated=loaded is not None and loaded.verdict == REPLACE,
+                    foreign=loaded is not None and loaded.verdict == FOREIGN)
     try:
         found = {s for s in (decode_source(k, v, names) for k, v in _entries(loaded.maps["sources"])) if s is not None}
         endpoints = set()
@@ -314,19 +329,18 @@ def remembered(facts: Facts) -> int | None:
 
 
 def loaded_here() -> str | None:
-    """What `doctor` says about the programs attached in this namespace, if any: whose they are
-    and what a start of this nswrap does with them (`judge`)."""
+    """What `doctor` says about the programs attached in this namespace, if both are: whose they
+    are and what a start of this nswrap does with them (`judge`)."""
     own = _own()
     with Tc() as t:
         filters = attached(t, {name: index for index, name in socket.if_nameindex()})
-    if not filters:
-        return None
-    loaded = find(filters.values())
+    loaded = find(filters.values()) if filters else None
     if loaded is None:
-        return ("nswrap's filters here are incomplete or hold programs of two loads (a replacement cut short): the "
-                "next start makes them anew")
+        return None
     loaded.close()
     ours = own.generation if own is not None else "?"
+    if loaded.two_loads:
+        return "nswrap's filters here hold programs of two loads (a replacement cut short): the next start makes them anew"
     return {USE: f"programs of generation {loaded.generation} are attached here (this nswrap's: {ours}): used as they are",
             REPLACE: f"programs of generation {loaded.generation} are attached here, an older nswrap's (this one's: "
                      f"{ours}): the next start replaces them, and the flows they remember take the nft datapath once",

@@ -577,6 +577,32 @@ def test_a_newer_nswraps_programs_whose_maps_this_one_cannot_write_are_left_as_t
             assert lab.stop(proc) == 128 + signal.SIGTERM, output(tmp_path, name, stream="err")
 
 
+def test_an_instance_whose_uplink_is_no_ethernet_keeps_its_one_program(lab, tmp_path):
+    """A bpf instance whose only uplink is a tun device (no Ethernet frames: nft datapath) has the
+    veth program alone: one program of a load, which every sync keeps (another instance's start
+    and stop here), not loads anew."""
+    for step in (["tuntap", "add", "dev", "tun7", "mode", "tun"], ["addr", "add", "203.0.113.1/24", "dev", "tun7"],
+                 ["link", "set", "tun7", "up"]):
+        lab.exec(lab.host, ["ip", *step])
+    procs = {}
+    try:
+        procs["tun"] = serving(lab, tmp_path, "--uplink", "tun7", name="tun")
+        first = loaded_programs(lab)
+        assert len(first) == 1, first  # the veth's
+        other = start(lab, tmp_path, "--datapath", "nft", "--ports", str(PORT + 1), "--", *UDPMANY, "serve", str(PORT + 1),
+                      name="other")
+        procs["other"] = other
+        wait_until(lambda: "ready" in output(tmp_path, "other") or other.poll() is not None, 30, what="the nft instance")
+        assert loaded_programs(lab) == first
+        assert lab.stop(procs.pop("other")) == 128 + signal.SIGTERM
+        assert loaded_programs(lab) == first
+        assert "older nswrap" not in output(tmp_path, "tun", stream="err") + output(tmp_path, "other", stream="err")
+    finally:
+        for name, proc in procs.items():
+            assert lab.stop(proc) == 128 + signal.SIGTERM, output(tmp_path, name, stream="err")
+        lab.exec(lab.host, ["ip", "link", "del", "tun7"], check=False)
+
+
 # A replacement cut short (a kill between two filters): the server's veth holds the veth program
 # of another load, whose maps know none of the flows the uplinks' program remembers.
 CUT_SHORT = """

@@ -111,6 +111,18 @@ def test_programs_to_replace_are_a_change_even_when_nothing_else_differs():
                                "short): this one's loaded, on every filter")
 
 
+def test_beside_a_newer_nswraps_maps_only_the_filters_are_planned():
+    facts = host(links=ETHERNET)
+    start = sync.plan(facts, None, None, (bpf(ports="53"),), MASK)
+    (change,) = [c for c in start.changes if isinstance(c, FastPath)]
+    foreign = Fast(change.want.uplinks, frozenset(), foreign=True)  # its veth's filter missing, maps unreadable
+    again = sync.plan(replace(facts, fast=foreign), None, start.after, (bpf(ports="53"),), MASK, ())
+    (change,) = [c for c in again.changes if isinstance(c, FastPath)]
+    assert change.want == replace(foreign, veths=change.want.veths) and change.want.veths
+    held = sync.plan(replace(facts, fast=change.want), None, start.after, (bpf(ports="53"),), MASK, ())
+    assert not any(isinstance(c, FastPath) for c in held.changes)  # converged: nothing to write
+
+
 def _struct_size(name: str) -> int:
     """The size of a struct of fastpath.bpf.c, from its members (all naturally aligned)."""
     body = re.search(r"struct %s \{(.*?)\};" % name, SOURCE.read_text(), re.S).group(1)
