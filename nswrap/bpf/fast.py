@@ -336,10 +336,11 @@ def loaded_here() -> str | None:
         filters = attached(t, {name: index for index, name in socket.if_nameindex()})
     loaded = find(filters.values()) if filters else None
     if loaded is None:
-        return None
+        return ("nswrap's filters here hold one of its two programs (no instance has an Ethernet uplink): a start "
+                "that needs the other loads both anew") if filters else None
     loaded.close()
     ours = own.generation if own is not None else "?"
-    if loaded.two_loads:
+    if loaded.two_loads and loaded.verdict != FOREIGN:
         return "nswrap's filters here hold programs of two loads (a replacement cut short): the next start makes them anew"
     return {USE: f"programs of generation {loaded.generation} are attached here (this nswrap's: {ours}): used as they are",
             REPLACE: f"programs of generation {loaded.generation} are attached here, an older nswrap's (this one's: "
@@ -385,7 +386,9 @@ def apply(want: Fast) -> None:
                         if e.errno != errno.ENODEV:
                             raise
                         log.debug("fast path: %s went while it was attached to, skipped", name)
-            if loaded is not None and loaded.verdict != FOREIGN:  # endpoints through a filter about to go are deleted first
+            # endpoints through a filter about to go are deleted first; a newer nswrap's maps, never
+            # (as judged now, or when `want` was planned: the object on disk may change between)
+            if loaded is not None and loaded.verdict != FOREIGN and not want.foreign:
                 _write(loaded.maps["sources"], dict(encode_source(s, links) for s in want.sources if s.uplink in links))
                 _write(loaded.maps["published"], dict(encode(e, links) for e in want.endpoints
                                                       if e.uplink in links and e.veth in links))
@@ -405,7 +408,7 @@ def apply(want: Fast) -> None:
 def _foreign(generation: int) -> None:
     """Said once per process: the fast path is a newer nswrap's that this one cannot write."""
     log.warning("the fast path's programs here are a newer nswrap's (generation %d), whose maps this one cannot "
-                "write: its endpoints are written by that nswrap's instances only; restart this instance with it",
+                "write: that nswrap's instances write them; run this one's instances with the newer nswrap too",
                 generation)
 
 

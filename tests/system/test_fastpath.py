@@ -589,6 +589,7 @@ def test_an_instance_whose_uplink_is_no_ethernet_keeps_its_one_program(lab, tmp_
         procs["tun"] = serving(lab, tmp_path, "--uplink", "tun7", name="tun")
         first = loaded_programs(lab)
         assert len(first) == 1, first  # the veth's
+        assert "filters here hold one of its two programs (no instance has an Ethernet uplink)" in doctor_fast_path(lab)
         other = start(lab, tmp_path, "--datapath", "nft", "--ports", str(PORT + 1), "--", *UDPMANY, "serve", str(PORT + 1),
                       name="other")
         procs["other"] = other
