@@ -116,6 +116,7 @@ class Loaded:
         self.programs, self.maps, self.generation, self.verdict = programs, maps, generation, verdict
         self.layouts: dict[str, Layout] = {}
         self.two_loads = False  # its filters hold programs of two loads (find)
+        self.readable = True  # its `published` and `sources` have this nswrap's layout (find)
 
     def close(self) -> None:
         for fd in (*self.programs.values(), *self.maps.values()):
@@ -165,7 +166,9 @@ def find(filters: Iterable[tc.Filter]) -> Loaded | None:
             two_loads |= any(syscall.map_info(fd).id != syscall.map_info(loaded.maps[n]).id for n, fd in again)
         loaded.generation = _generation(loaded.maps)
         loaded.layouts = _layouts(loaded.maps)
-        loaded.verdict = judge(loaded.generation, loaded.layouts, _own())
+        own = _own()
+        loaded.verdict = judge(loaded.generation, loaded.layouts, own)
+        loaded.readable = fits(loaded.layouts, own, SHARED_MAPS)
     except OSError:  # detached meanwhile
         loaded.close()
         return None
@@ -285,7 +288,7 @@ def read(links: dict[str, int]) -> Fast:
     uplinks = frozenset(n for n, f in filters.items() if f.name == UPLINK_PROGRAM)
     veths = frozenset(n for n, f in filters.items() if f.name == VETH_PROGRAM)
     loaded = find(filters.values())
-    if loaded is None or not fits(loaded.layouts, _own(), SHARED_MAPS):
+    if loaded is None or not loaded.readable:
         # none to read (then what is wanted is loaded anew), or maps this nswrap cannot read: a
         # newer one's (FOREIGN: only the filters are this one's to change, fastpath.fit) or from a
         # development tree of before the permanent layout (REPLACE)
